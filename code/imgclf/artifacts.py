@@ -1,0 +1,96 @@
+"""The model directory contract (weights + config.json) shared by training and serving, and atomic writes.
+
+config.json carries everything serving needs to rebuild the model and prepare images exactly as
+evaluation did: architecture, class names in index order, image size, resize size, normalisation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from imgclf.errors import WeightsError
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+FORMAT_VERSION = 1
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike):
+    """Yield a temporary name beside `path`; rename it over `path` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_json(path: str | os.PathLike, data) -> None:
+    write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+def save_model(model_dir: str | os.PathLike, model: nn.Module, config: dict) -> None:
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    with atomic_path(Path(model_dir) / WEIGHTS_FILE) as tmp:
+        save_file(state, str(tmp))
+    write_json(Path(model_dir) / CONFIG_FILE, {"format_version": FORMAT_VERSION, **config})
+
+
+def read_config(model_dir: str | os.PathLike) -> dict:
+    path = Path(model_dir) / CONFIG_FILE
+    try:
+        config = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise WeightsError(f"{path} is missing: the model directory must be a training output "
+                           f"({CONFIG_FILE} + {WEIGHTS_FILE}) or model.tar.gz extracted") from None
+    except json.JSONDecodeError as e:
+        raise WeightsError(f"{path} is not valid JSON ({e})") from None
+    required = ("architecture", "class_names", "image_size", "resize_size", "mean", "std")
+    missing = [k for k in required if k not in config]
+    if missing:
+        raise WeightsError(f"{path} lacks {', '.join(missing)}; retrain with this version of the training code")
+    return config
+
+
+def load_model(model_dir: str | os.PathLike) -> tuple[nn.Module, dict]:
+    """Rebuild the architecture from config.json and load the safetensors weights (no pickle), in eval mode."""
+    from imgclf.models import build_model
+
+    config = read_config(model_dir)
+    model, _ = build_model(config["architecture"], len(config["class_names"]))
+    path = Path(model_dir) / WEIGHTS_FILE
+    try:
+        state = load_file(str(path))
+    except FileNotFoundError:
+        raise WeightsError(f"{path} is missing next to {CONFIG_FILE}") from None
+    except Exception as e:
+        raise WeightsError(f"cannot read {path}: {e}") from None
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise WeightsError(f"{path} does not match config.json (architecture {config['architecture']}, "
+                           f"{len(config['class_names'])} classes): {str(e).splitlines()[0]}") from None
+    return model.eval(), config
+
+
+def torch_save(path: str | os.PathLike, obj) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)

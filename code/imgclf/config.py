@@ -1,0 +1,160 @@
+"""Hyperparameter schema, metric definitions and the SageMaker paths: the facts every other module reads.
+
+Hyperparameters are kebab-case, as SageMaker passes them. The toolkit json-decodes each value, falling back
+to the raw string, so "0.01" arrives as 0.01 and "vgg16" as "vgg16"; `parse_hyperparameters` checks names,
+types, ranges and choices and returns a `Hyperparameters` mapping with attribute access (hp.batch_size).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from imgclf.errors import HyperparameterError
+
+FREEZE_MODES = ("head", "none", "head-then-all")
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULERS = ("cosine", "step", "none")
+AMP_MODES = ("auto", "bf16", "fp16", "off")
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    type: type
+    default: Any
+    help: str
+    choices: tuple | None = None
+    min: float | None = None
+    max: float | None = None
+
+
+# The one schema: README's table, the tuning scripts and validation all read it.
+SCHEMA: tuple[Param, ...] = (
+    Param("lr", float, 0.001, "learning rate of the new head (and of the backbone, times backbone-lr-factor)",
+          min=1e-7, max=10.0),
+    Param("batch-size", int, 32, "images per optimizer step", min=1, max=4096),
+    Param("epochs", int, 7, "training epochs", min=1, max=1000),
+    Param("model", str, "vgg16", "any torchvision classification model: vgg16, resnet50, efficientnet_v2_s, "
+          "convnext_tiny, vit_b_16, ..."),
+    Param("pretrained", bool, True, "start from ImageNet weights (weights channel, TORCH_HOME cache, or download)"),
+    Param("download-weights", bool, False, "let torchvision download pretrained weights when none are found "
+          "offline (needs internet; off so that a missing file is a clear error)"),
+    Param("freeze", str, "head", "head: train only the new head; none: fine-tune everything; head-then-all: "
+          "head for head-epochs, then everything", choices=FREEZE_MODES),
+    Param("head-epochs", int, 1, "with freeze=head-then-all: epochs that train only the head", min=0, max=1000),
+    Param("backbone-lr-factor", float, 1.0, "backbone learning rate = lr x this factor when it trains",
+          min=0.0, max=100.0),
+    Param("optimizer", str, "adam", "optimizer", choices=OPTIMIZERS),
+    Param("momentum", float, 0.9, "momentum for sgd", min=0.0, max=1.0),
+    Param("weight-decay", float, 0.0, "weight decay (L2 for adam/sgd, decoupled for adamw)", min=0.0, max=1.0),
+    Param("label-smoothing", float, 0.0, "label smoothing of the cross-entropy loss", min=0.0, max=0.99),
+    Param("lr-scheduler", str, "cosine", "learning-rate schedule over the epochs", choices=SCHEDULERS),
+    Param("image-size", int, 224, "side of the square crop the model sees (pixels)", min=16, max=1024),
+    Param("augment", bool, True, "random resized crop + horizontal flip on the training split"),
+    Param("num-workers", int, -1, "DataLoader worker processes; -1 = one per CPU, up to 8", min=-1, max=64),
+    Param("seed", int, 42, "seed for weights of the new head, data order and augmentation", min=0),
+    Param("early-stopping-patience", int, 0, "stop after this many epochs without a better validation "
+          "accuracy; 0 = off", min=0),
+)
+_BY_NAME = {p.name: p for p in SCHEMA}
+
+# SageMaker metric definitions: the training loop prints lines these match; scripts read them from here.
+_NUMBER = r"([0-9]+\.?[0-9]*(?:[eE][-+]?[0-9]+)?)"
+METRIC_DEFINITIONS: tuple[dict[str, str], ...] = tuple(
+    {"Name": name, "Regex": rf"{key}={_NUMBER}"}
+    for name, key in (
+        ("train:loss", "train_loss"),
+        ("train:accuracy", "train_accuracy"),
+        ("valid:loss", "valid_loss"),
+        ("valid:accuracy", "valid_accuracy"),
+        ("test:loss", "test_loss"),
+        ("test:accuracy", "test_accuracy"),
+    )
+)
+
+
+class Hyperparameters(dict):
+    """Validated hyperparameters; `hp.batch_size` reads `hp["batch-size"]`."""
+
+    def __getattr__(self, attr: str) -> Any:
+        try:
+            return self[attr.replace("_", "-")]
+        except KeyError as e:
+            raise AttributeError(attr) from e
+
+
+def _coerce(param: Param, value: Any) -> Any:
+    bad = HyperparameterError(
+        f"hyperparameter {param.name}={value!r}: expected {param.type.__name__}"
+        + (f", one of {', '.join(param.choices)}" if param.choices else "")
+        + f" ({param.help}); default {param.default!r}"
+    )
+    if param.type is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        if value in (0, 1):
+            return bool(value)
+        raise bad
+    if param.type is int:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, int):
+            return value
+        try:
+            return int(str(value))
+        except ValueError:
+            raise bad from None
+    if param.type is float:
+        if isinstance(value, bool):
+            raise bad
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise bad from None
+    if not isinstance(value, str):
+        value = str(value)
+    return value.strip().lower()
+
+
+def parse_hyperparameters(raw: dict[str, Any]) -> Hyperparameters:
+    """Validate `raw` against SCHEMA; every problem is reported at once."""
+    problems = []
+    unknown = sorted(k for k in raw if k not in _BY_NAME)
+    if unknown:
+        problems.append(
+            f"unknown hyperparameter(s) {', '.join(unknown)}; known: {', '.join(p.name for p in SCHEMA)}"
+        )
+    hp = Hyperparameters((p.name, p.default) for p in SCHEMA)
+    for name, value in raw.items():
+        param = _BY_NAME.get(name)
+        if param is None:
+            continue
+        try:
+            value = _coerce(param, value)
+        except HyperparameterError as e:
+            problems.append(str(e))
+            continue
+        if param.choices and value not in param.choices:
+            problems.append(f"hyperparameter {name}={value!r}: choose one of {', '.join(param.choices)}")
+        elif (param.min is not None and value < param.min) or (param.max is not None and value > param.max):
+            problems.append(f"hyperparameter {name}={value!r}: must be between {param.min} and {param.max}")
+        else:
+            hp[name] = value
+    if problems:
+        raise HyperparameterError("; ".join(problems))
+    return hp
+
+
+def base_dir() -> str:
+    return os.environ.get("SAGEMAKER_BASE_DIR", "/opt/ml")
+
+
+def checkpoint_dir() -> str:
+    """SageMaker syncs /opt/ml/checkpoints (outside the base dir); local mode moves it with IMGCLF_CHECKPOINT_DIR."""
+    return os.environ.get("IMGCLF_CHECKPOINT_DIR", "/opt/ml/checkpoints")

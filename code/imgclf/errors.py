@@ -1,0 +1,34 @@
+"""Errors a user can meet. Each message names the file, field or value and says what to do.
+
+They subclass the training toolkit's ClientError when it is installed, so that `train` reports them as
+a user error (failure file = our message, no traceback) instead of a "Framework Error".
+"""
+
+try:
+    from sagemaker_training.errors import ClientError as _Base
+except ImportError:  # serving image: no training toolkit
+    _Base = Exception
+
+
+class UserError(_Base):
+    """Base class: something the user can fix (data, hyperparameters, weights, request)."""
+
+
+class HyperparameterError(UserError):
+    pass
+
+
+class DataError(UserError):
+    pass
+
+
+class WeightsError(UserError):
+    pass
+
+
+class CheckpointError(UserError):
+    pass
+
+
+class TrainingInterrupted(UserError):
+    """SIGTERM arrived (spot interruption, StopTrainingJob); a checkpoint was saved."""

@@ -1,0 +1,141 @@
+"""Local mode without Docker: the images' real `train` and `serve` entrypoints as host processes.
+
+    python -m imgclf.local train --data DIR --output DIR [--hp lr=0.001 ...] [--weights FILE]
+
+`train` lays out a temporary /opt/ml tree (config JSONs, channels linked to DIR's train/valid/test,
+resourceconfig for one host), runs the toolkit's `train` command with SAGEMAKER_BASE_DIR pointing at it,
+then packs /opt/ml/model as OUTPUT/model.tar.gz like SageMaker does. OUTPUT also receives model/ (the same
+files, unpacked), reports/ (metrics, confusion matrix, ...) and checkpoints/: running the same command
+again after an interruption resumes from them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+from imgclf import artifacts, data
+
+TRAINING_MODULE = "imgclf.train:main"
+
+
+def venv_bin(name: str) -> str:
+    """A console script of this Python's environment (works without an activated venv)."""
+    candidate = Path(sys.executable).parent / name
+    return str(candidate) if candidate.exists() else name
+
+
+def parse_hp(pairs: list[str]) -> dict[str, str]:
+    hps = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--hp {pair!r}: write NAME=VALUE, e.g. --hp lr=0.001")
+        hps[key.strip()] = value.strip()
+    return hps
+
+
+def channels_from(data_dir: Path) -> dict[str, Path]:
+    """train/valid/test sub-folders become channels; a folder without them is an error that shows the layout."""
+    found = {}
+    for split in data.SPLITS:
+        for alias in data.SPLIT_ALIASES.get(split, (split,)):
+            if (data_dir / alias).is_dir():
+                found[split] = data_dir / alias
+                break
+    if "train" not in found:
+        raise SystemExit(f"--data {data_dir}: expected sub-folders train/, valid/ (and test/), each holding "
+                         "one folder per class, e.g. train/001.Affenpinscher/*.jpg")
+    return found
+
+
+def write_tree(base: Path, hps: dict[str, str], channels: dict[str, Path]) -> None:
+    """The /opt/ml layout SageMaker gives a training container, channels as symlinks (no copy)."""
+    cfg = base / "input" / "config"
+    cfg.mkdir(parents=True)
+    # SageMaker passes every hyperparameter value as a string.
+    (cfg / "hyperparameters.json").write_text(json.dumps({k: str(v) for k, v in hps.items()}))
+    (cfg / "inputdataconfig.json").write_text(json.dumps({
+        name: {"TrainingInputMode": "File", "S3DistributionType": "FullyReplicated", "RecordWrapperType": "None"}
+        for name in channels}))
+    (cfg / "resourceconfig.json").write_text(json.dumps({
+        "current_host": "algo-1", "hosts": ["algo-1"], "current_instance_type": "local",
+        "network_interface_name": "lo"}))
+    for name, path in channels.items():
+        target = base / "input" / "data" / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.symlink_to(path.resolve(), target_is_directory=path.is_dir())
+    for d in ("model", "output/data", "output/intermediate"):
+        (base / d).mkdir(parents=True, exist_ok=True)
+
+
+def pack_model(model_dir: Path, tarball: Path) -> None:
+    with artifacts.atomic_path(tarball) as tmp, tarfile.open(tmp, "w:gz") as tar:
+        for item in sorted(model_dir.iterdir()):
+            tar.add(item, arcname=item.name)
+
+
+def train(data_dir: Path, output: Path, hps: dict[str, str], weights: Path | None = None,
+          extra_env: dict[str, str] | None = None) -> int:
+    """Run the real `train` entrypoint over a temporary /opt/ml tree; return its exit code."""
+    channels = channels_from(data_dir)
+    if weights is not None:
+        if not weights.exists():
+            raise SystemExit(f"--weights {weights}: no such file")
+        channels["weights"] = weights.parent if weights.is_dir() else weights
+    output.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="opt_ml.") as tmp:
+        base = Path(tmp)
+        write_tree(base, hps, channels)
+        if weights is not None and weights.is_file():  # the channel is a folder holding the file
+            link = base / "input" / "data" / "weights"
+            link.unlink()
+            link.mkdir()
+            (link / weights.name).symlink_to(weights.resolve())
+        env = {**os.environ, "SAGEMAKER_BASE_DIR": str(base), "SAGEMAKER_TRAINING_MODULE": TRAINING_MODULE,
+               "IMGCLF_CHECKPOINT_DIR": str(output / "checkpoints"), "PYTHONUNBUFFERED": "1",
+               **(extra_env or {})}
+        code = subprocess.call([venv_bin("train")], env=env)
+        reports = output / "reports"
+        if reports.exists():
+            shutil.rmtree(reports)
+        shutil.copytree(base / "output" / "data", reports)
+        failure = base / "output" / "failure"
+        if code != 0 or failure.exists():
+            shutil.copy(failure, output / "failure") if failure.exists() else None
+            reason = failure.read_text().strip().splitlines()[0] if failure.exists() else "no failure file"
+            print(f"training failed (exit {code}): {reason}", file=sys.stderr)
+            return code or 1
+        (output / "failure").unlink(missing_ok=True)
+        if (output / "model").exists():
+            shutil.rmtree(output / "model")
+        shutil.copytree(base / "model", output / "model")
+        pack_model(base / "model", output / "model.tar.gz")
+    print(f"model: {output / 'model.tar.gz'} (unpacked in {output / 'model'}); reports: {reports}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m imgclf.local", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train with the real `train` entrypoint over a temporary /opt/ml tree")
+    t.add_argument("--data", type=Path, required=True, help="folder with train/, valid/ (and test/) sub-folders")
+    t.add_argument("--output", type=Path, required=True, help="where model.tar.gz, reports and checkpoints go")
+    t.add_argument("--hp", action="append", default=[], metavar="NAME=VALUE", help="a hyperparameter (repeat)")
+    t.add_argument("--weights", type=Path, help="pretrained backbone weights (torchvision state_dict file)")
+    args = parser.parse_args(argv)
+    if args.command == "train":
+        return train(args.data, args.output, parse_hp(args.hp), args.weights)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

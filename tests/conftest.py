@@ -1,0 +1,50 @@
+"""Shared fixtures: a generated dataset and a model trained once per session by the real `train` entrypoint."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from imgclf import sample_data
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+PHOTOS = SHARED / "samples" / "photos"
+# Small and fast on 2 CPU cores, and learns the sample data well above chance.
+FAST_HPS = {"model": "resnet18", "pretrained": "false", "freeze": "none", "augment": "false",
+            "image-size": "64", "epochs": "4", "batch-size": "16", "num-workers": "0", "lr": "0.001"}
+
+
+def local_train(data: Path, output: Path, hps: dict[str, str], weights: Path | None = None,
+                timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
+    """Run `python -m imgclf.local train` (the real CLI, which runs the real `train` entrypoint)."""
+    cmd = [sys.executable, "-m", "imgclf.local", "train", "--data", str(data), "--output", str(output)]
+    for key, value in hps.items():
+        cmd += ["--hp", f"{key}={value}"]
+    if weights is not None:
+        cmd += ["--weights", str(weights)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kwargs)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def sample_dataset(tmp_path_factory) -> Path:
+    return sample_data.generate(tmp_path_factory.mktemp("data") / "sample", classes=5)
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, sample_dataset) -> tuple[Path, subprocess.CompletedProcess]:
+    """(output folder, completed process) of one real training run on the sample data."""
+    out = tmp_path_factory.mktemp("trained")
+    result = local_train(sample_dataset, out, FAST_HPS)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return out, result
