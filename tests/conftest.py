@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from imgclf import sample_data
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,3 +47,27 @@ def trained(tmp_path_factory, sample_dataset) -> tuple[Path, subprocess.Complete
     result = local_train(sample_dataset, out, FAST_HPS)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return out, result
+
+
+@pytest.fixture(scope="session")
+def moto_server():
+    """A real moto HTTP server on 127.0.0.1; yields its URL. Scripts reach it through AWS_ENDPOINT_URL."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port())
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def aws_env(moto_server, monkeypatch) -> dict[str, str]:
+    """Environment for a script subprocess talking to the moto server with dummy credentials."""
+    import os
+
+    env = {"AWS_ENDPOINT_URL": moto_server, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1"}
+    for key in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(key, raising=False)
+    return {**os.environ, **env}
