@@ -1,0 +1,268 @@
+"""The training capability through the real `train` entrypoint (toolkit + SAGEMAKER_TRAINING_MODULE)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from imgclf import artifacts, config, data, local, models
+from imgclf.errors import DataError, HyperparameterError
+from safetensors.torch import load_file
+
+from tests.conftest import FAST_HPS, local_train
+
+
+def test_trained_artifacts(trained):
+    out, result = trained
+    model_dir = out / "model"
+    cfg = json.loads((model_dir / "config.json").read_text())
+    assert cfg["architecture"] == "resnet18"
+    assert cfg["class_names"] == sorted(cfg["class_names"]) and len(cfg["class_names"]) == 5
+    assert cfg["image_size"] == 64 and cfg["resize_size"] == data.resize_size(64)
+    state = load_file(str(model_dir / "model.safetensors"))
+    assert state["fc.weight"].shape == (5, 512)
+    model, _ = artifacts.load_model(model_dir)  # rebuilt from config.json alone
+    assert not model.training
+
+    import tarfile
+
+    with tarfile.open(out / "model.tar.gz") as tar:
+        assert sorted(tar.getnames()) == ["config.json", "model.safetensors"]
+
+    metrics = json.loads((out / "reports" / "metrics.json").read_text())
+    assert [h["epoch"] for h in metrics["history"]] == [1, 2, 3, 4]
+    assert metrics["test_accuracy"] >= 0.6, metrics  # 5 classes: chance is 0.2
+    assert set(metrics["per_class_accuracy"]) == {"split", *cfg["class_names"]}
+    best = max(metrics["history"], key=lambda h: h["valid_accuracy"])
+    assert metrics["best_epoch"] == best["epoch"]
+    confusion = (out / "reports" / "confusion_matrix_test.csv").read_text().splitlines()
+    assert len(confusion) == 6 and sum(int(v) for row in confusion[1:] for v in row.split(",")[1:]) == 40
+
+
+def test_metric_lines_match_the_exported_definitions(trained):
+    _, result = trained
+    found = {d["Name"]: re.findall(d["Regex"], result.stdout) for d in config.METRIC_DEFINITIONS}
+    assert len(found["valid:accuracy"]) == 4 and len(found["train:loss"]) == 4
+    assert len(found["test:accuracy"]) == 1
+    assert all(0.0 <= float(v) <= 1.0 for v in found["valid:accuracy"])
+    assert re.search(r"^epoch=1 train_loss=\S+ train_accuracy=\S+ valid_loss=\S+ valid_accuracy=\S+$",
+                     result.stdout, re.M)
+
+
+def test_hyperparameter_validation():
+    hp = config.parse_hyperparameters({"lr": "0.01", "batch-size": 256.0, "augment": "false", "model": "ResNet50"})
+    assert hp.lr == 0.01 and hp.batch_size == 256 and hp.augment is False and hp.model == "resnet50"
+    with pytest.raises(HyperparameterError, match=r"unknown hyperparameter\(s\) learning-rate; known: lr, batch-size"):
+        config.parse_hyperparameters({"learning-rate": 0.1})
+    with pytest.raises(HyperparameterError, match="batch-size='big': expected int"):
+        config.parse_hyperparameters({"batch-size": "big"})
+    with pytest.raises(HyperparameterError, match="freeze='some': choose one of head, none, head-then-all"):
+        config.parse_hyperparameters({"freeze": "some"})
+    with pytest.raises(HyperparameterError, match="lr=-1.0: must be between"):
+        config.parse_hyperparameters({"lr": -1})
+    with pytest.raises(HyperparameterError, match="not a torchvision classification model"):
+        models.check_model_name("resnet9000")
+
+
+def _failure(out: Path, result: subprocess.CompletedProcess) -> str:
+    assert result.returncode != 0, result.stdout[-2000:]
+    text = (out / "failure").read_text()
+    assert "Traceback" not in text.splitlines()[0]
+    return text
+
+
+def test_bad_hyperparameter_fails_the_job_clearly(tmp_path, sample_dataset):
+    result = local_train(sample_dataset, tmp_path, {**FAST_HPS, "epochs": "zero", "colour": "red"})
+    text = _failure(tmp_path, result)
+    assert text.startswith("HyperparameterError: unknown hyperparameter(s) colour; known: lr, batch-size")
+    assert "epochs='zero': expected int" in text
+    assert "training failed" in result.stderr
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _break_empty_class(root: Path) -> str:
+    folder = root / "valid" / "003.Ringed_retriever"
+    for f in folder.iterdir():
+        f.unlink()
+    return f"empty class folder {folder}"
+
+
+def _break_corrupt_file(root: Path) -> str:
+    bad = root / "train" / "001.Spotted_pointer" / "not_really.jpg"
+    bad.write_bytes(b"this is not a JPEG")
+    return f"{bad}: cannot decode"
+
+
+def _break_truncated_file(root: Path) -> str:
+    victim = next((root / "test" / "002.Striped_terrier").iterdir())
+    victim.write_bytes(victim.read_bytes()[:600])
+    return f"{victim}: cannot decode"
+
+
+def _break_class_sets(root: Path) -> str:
+    (root / "test" / "005.Triangle_spaniel").rename(root / "test" / "005.Triangle_spaniels")
+    return "only in test: 005.Triangle_spaniels; missing from test: 005.Triangle_spaniel"
+
+
+def _break_empty_split(root: Path) -> str:
+    shutil.rmtree(root / "valid")
+    (root / "valid").mkdir()
+    return f"valid split {root / 'valid'}: no class folders"
+
+
+@pytest.mark.parametrize("breaker", [_break_empty_class, _break_corrupt_file, _break_truncated_file,
+                                     _break_class_sets, _break_empty_split])
+def test_bad_data_is_reported_by_path_before_training(tmp_path, sample_dataset, breaker):
+    root = _copy(sample_dataset, tmp_path / "data")
+    expected = breaker(root)
+    # The validator names the real path; the job names the path as its channel sees it.
+    with pytest.raises(DataError) as err:
+        data.validate_splits(data.find_split_dirs({s: str(root / s) for s in data.SPLITS}))
+    assert expected in str(err.value)
+    out = tmp_path / "out"
+    result = local_train(root, out, FAST_HPS)
+    text = _failure(out, result)
+    assert text.startswith("DataError: dataset is not usable")
+    assert not (out / "model.tar.gz").exists()
+    assert "epoch=1" not in result.stdout  # nothing trained
+
+
+def test_missing_split_names_the_channels(tmp_path, sample_dataset):
+    with pytest.raises(DataError, match="missing data split.s. valid: give channels train, valid"):
+        data.find_split_dirs({"train": str(sample_dataset / "train")})
+
+
+def _random_resnet18_weights(path: Path) -> Path:
+    """A file in torchvision's format (1000-class state_dict) with random tensors: no download needed."""
+    torch.manual_seed(0)
+    torch.save(models.build_backbone("resnet18").state_dict(), path)
+    return path
+
+
+def test_pretrained_weights_missing_offline(tmp_path, sample_dataset, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    result = local_train(sample_dataset, tmp_path / "out", {**FAST_HPS, "pretrained": "true"},
+                         env={**os.environ, "TORCH_HOME": str(tmp_path / "torch_home")})
+    text = _failure(tmp_path / "out", result)
+    assert text.startswith("WeightsError: pretrained weights for resnet18 not found offline; looked in:")
+    assert str(tmp_path / "torch_home" / "hub" / "checkpoints" / "resnet18-f37072fd.pth") in text
+    assert "--weights FILE" in text and "pretrained=false" in text
+
+
+def test_pretrained_weights_from_channel_and_torch_home(tmp_path, sample_dataset):
+    weights = _random_resnet18_weights(tmp_path / "resnet18-random.pth")
+    hps = {**FAST_HPS, "pretrained": "true", "freeze": "head", "epochs": "1", "image-size": "32"}
+    result = local_train(sample_dataset, tmp_path / "a", hps, weights=weights)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert re.search(r"pretrained resnet18 weights loaded from \S+/input/data/weights/resnet18-random.pth",
+                     result.stdout)
+    # frozen backbone: every backbone tensor is still the file's
+    trained = load_file(str(tmp_path / "a" / "model" / "model.safetensors"))
+    original = torch.load(weights, weights_only=True)
+    assert torch.equal(trained["layer1.0.conv1.weight"], original["layer1.0.conv1.weight"])
+    assert not torch.equal(trained["fc.bias"][:5], torch.zeros(5))
+
+    home = tmp_path / "torch_home"
+    cache = models.torch_home_weights("resnet18").relative_to(Path(torch.hub.get_dir()).parent)
+    (home / cache).parent.mkdir(parents=True)
+    shutil.copy(weights, home / cache)
+    result = local_train(sample_dataset, tmp_path / "b", hps, env={**os.environ, "TORCH_HOME": str(home)})
+    assert result.returncode == 0, result.stdout[-2000:]
+    assert f"loaded from {home / cache}" in result.stdout
+
+
+def test_weights_of_another_architecture_are_refused(tmp_path, sample_dataset):
+    weights = _random_resnet18_weights(tmp_path / "resnet18.pth")
+    result = local_train(sample_dataset, tmp_path / "out", {**FAST_HPS, "pretrained": "true", "model": "resnet34"},
+                         weights=weights)
+    text = _failure(tmp_path / "out", result)
+    assert "does not fit architecture resnet34" in text
+
+
+def test_training_channel_layout(tmp_path, sample_dataset):
+    """One `training` channel holding train/valid/test, as the reference project uploaded dogImages."""
+    base = tmp_path / "opt_ml"
+    local.write_tree(base, {**FAST_HPS, "epochs": "1"}, {"training": sample_dataset})
+    env = {**os.environ, "SAGEMAKER_BASE_DIR": str(base), "SAGEMAKER_TRAINING_MODULE": local.TRAINING_MODULE,
+           "IMGCLF_CHECKPOINT_DIR": str(tmp_path / "ckpt")}
+    result = subprocess.run([local.venv_bin("train")], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "Reporting training SUCCESS" in result.stdout + result.stderr
+    assert (base / "output" / "success").exists()
+    assert (base / "model" / "model.safetensors").exists()
+    assert "test_accuracy=" in result.stdout
+
+
+def _start(data_dir: Path, out: Path, hps: dict) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "imgclf.local", "train", "--data", str(data_dir), "--output", str(out)]
+    for k, v in hps.items():
+        cmd += ["--hp", f"{k}={v}"]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for(proc: subprocess.Popen, marker: str, timeout: float = 300) -> str:
+    seen, deadline = [], time.monotonic() + timeout
+    for line in proc.stdout:
+        seen.append(line)
+        if marker in line or time.monotonic() > deadline:
+            break
+    return "".join(seen)
+
+
+def test_sigterm_checkpoints_and_resume_matches_uninterrupted_run(tmp_path, sample_dataset, trained):
+    out = tmp_path / "out"
+    proc = _start(sample_dataset, out, FAST_HPS)
+    before = _wait_for(proc, "epoch=1 ")
+    assert "epoch=1 " in before
+    proc.send_signal(signal.SIGTERM)  # forwarded by local mode to `train`, as SageMaker signals a spot stop
+    rest = proc.communicate(timeout=300)[0]
+    assert proc.returncode != 0
+    assert "TrainingInterrupted: stopped by SIGTERM in epoch" in (out / "failure").read_text()
+    assert (out / "checkpoints" / "checkpoint.pt").exists()
+    assert "epoch=4" not in rest
+
+    result = local_train(sample_dataset, out, FAST_HPS)  # same command again: resumes
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "resuming from checkpoint" in result.stdout
+    assert "epoch=1 " not in result.stdout
+    assert not (out / "failure").exists()
+    resumed = json.loads((out / "reports" / "metrics.json").read_text())
+    reference = json.loads((trained[0] / "reports" / "metrics.json").read_text())
+    assert [h["epoch"] for h in resumed["history"]] == [1, 2, 3, 4]
+    for got, want in zip(resumed["history"], reference["history"], strict=True):
+        for key in ("train_loss", "train_accuracy", "valid_loss", "valid_accuracy", "lr"):
+            assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-5), (key, got, want)
+    assert resumed["test_accuracy"] == pytest.approx(reference["test_accuracy"])
+
+
+def test_killed_run_resumes_from_the_last_epoch(tmp_path, sample_dataset):
+    out = tmp_path / "out"
+    hps = {**FAST_HPS, "epochs": "3"}
+    proc = _start(sample_dataset, out, hps)
+    _wait_for(proc, "epoch=1 ")
+    time.sleep(0.5)  # the checkpoint is written right after the metrics line
+    subprocess.run(["pkill", "-KILL", "-P", str(proc.pid)])  # kill `train` outright: no chance to save
+    proc.kill()
+    proc.wait(timeout=60)
+    ckpt = torch.load(out / "checkpoints" / "checkpoint.pt", weights_only=True)
+    done = ckpt["state"]["epoch"]
+    assert done >= 1
+    result = local_train(sample_dataset, out, hps)
+    assert result.returncode == 0, result.stdout[-3000:]
+    epochs = [int(m) for m in re.findall(r"^epoch=(\d+) ", result.stdout, re.M)]
+    assert epochs == list(range(done + 1, 4))
+    metrics = json.loads((out / "reports" / "metrics.json").read_text())
+    assert [h["epoch"] for h in metrics["history"]] == [1, 2, 3]
