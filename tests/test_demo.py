@@ -1,0 +1,49 @@
+"""`make demo`'s script end to end (data -> train -> serve -> predict -> stop), and a failing step."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import REPO
+
+DEMO = [sys.executable, str(REPO / "scripts" / "demo.py")]
+
+
+def test_demo_end_to_end(tmp_path):
+    result = subprocess.run([*DEMO, "--output", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    out = result.stdout
+    assert result.returncode == 0, out[-4000:] + result.stderr[-4000:]
+    for step in ("[1/5] data", "[2/5] train", "[3/5] serve", "[4/5] predict", "[5/5] stop the server"):
+        assert step in out
+    accuracy = float(re.search(r"test accuracy (\d\.\d+)", out).group(1))
+    assert accuracy >= 0.5  # 5 breeds: chance is 0.2
+    # three images, each with a top-3 table from the real server
+    assert len(re.findall(r"\(true breed: \d{3}\.\w+\)", out)) == 3
+    assert (tmp_path / "train" / "model.tar.gz").is_file()
+    assert "demo finished: every step worked" in out
+    # the server is gone: nothing listens on its port any more
+    port = int(re.search(r"server ready at http://127.0.0.1:(\d+)", out).group(1))
+    import socket
+
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_demo_names_the_failing_step(tmp_path, sample_dataset):
+    bad = tmp_path / "nodata"
+    (bad / "train").mkdir(parents=True)
+    result = subprocess.run([*DEMO, "--output", str(tmp_path / "a"), "--data", str(bad)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert "demo failed at step 1/5 (data):" in result.stderr and "valid" in result.stderr
+
+    result = subprocess.run([*DEMO, "--output", str(tmp_path / "b"), "--data", str(sample_dataset),
+                             "--model", "resnet18", "--hp", "epochs=zero"], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 2
+    assert "demo failed at step 2/5 (train): HyperparameterError:" in result.stderr
+    assert "epochs='zero': expected int" in result.stderr
+    assert not Path(tmp_path / "b" / "train" / "model.tar.gz").exists()
