@@ -17,6 +17,7 @@ FREEZE_MODES = ("head", "none", "head-then-all")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULERS = ("cosine", "step", "none")
 AMP_MODES = ("auto", "bf16", "fp16", "off")
+AUTO_ON_OFF = ("auto", "on", "off")
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,37 @@ SCHEMA: tuple[Param, ...] = (
     Param("seed", int, 42, "seed for weights of the new head, data order and augmentation", min=0),
     Param("early-stopping-patience", int, 0, "stop after this many epochs without a better validation "
           "accuracy; 0 = off", min=0),
+    # Debugging and profiling (imgclf.debugger): tensor collection, rules, system monitor, profiler, report.
+    Param("debugging", bool, True, "tensor collection, rules, system monitor, profiler capture and the profiler "
+          "report; false turns all of it off"),
+    Param("rules", str, "all", "rules to evaluate: all, none, or a comma list (loss_not_decreasing, overfit, "
+          "overtraining, poor_weight_initialization, vanishing_gradient, exploding_tensor, low_gpu_utilization, "
+          "cpu_bottleneck, dataloader_wait)"),
+    Param("rules-config", str, "", 'rule parameters: a JSON object or JSON file path, e.g. {"overfit": '
+          '{"ratio_threshold": 0.5, "stop": true}}'),
+    Param("rules-stop", str, "", "comma list of rules that stop the job when they find an issue"),
+    Param("collect-train-interval", int, 10, "save the training loss every N steps", min=1),
+    Param("collect-eval-interval", int, 1, "save the evaluation loss every N evaluation steps", min=1),
+    Param("collect-stats-interval", int, 100, "save weight/gradient norms and activation statistics every N "
+          "training steps (and at step 0)", min=1),
+    Param("monitor-interval-ms", int, 500, "system monitor sampling interval (ms)", min=50, max=60000),
+    Param("profiler-steps", int, 10, "training steps captured by torch.profiler; 0 = off", min=0, max=1000),
+    Param("profiler-start-step", int, 5, "first training step of the profiler capture (after warm-up); a capture "
+          "ends with its epoch", min=0),
+    Param("init-scale", float, 1.0, "debugging aid: multiply the initial conv/linear weights by this factor "
+          "(1 = unchanged); shows what poor_weight_initialization catches", min=1e-6, max=1e6),
+    # Throughput (imgclf.accel, imgclf.features): `auto` picks what is faster where the job runs.
+    Param("amp", str, "auto", "mixed precision: auto = bf16 on GPUs and CPUs with native bf16 (fp16 on older "
+          "GPUs), fp32 elsewhere; bf16/fp16 force it; off = fp32", choices=AMP_MODES),
+    Param("channels-last", str, "auto", "NHWC memory format; auto = on for convolutional networks",
+          choices=AUTO_ON_OFF),
+    Param("compile", str, "auto", "torch.compile the model; auto = on with a GPU and a C compiler, off on CPU",
+          choices=AUTO_ON_OFF),
+    Param("feature-cache", str, "auto", "while the backbone is frozen, compute its features once per image and "
+          "train the head on them (same metrics, epochs in milliseconds); auto = on when augment=false and the "
+          "backbone stays frozen for 2+ epochs; with augment=true it falls back to the normal loop",
+          choices=AUTO_ON_OFF),
+    Param("prefetch-factor", int, 4, "batches each DataLoader worker prepares ahead", min=1, max=64),
 )
 _BY_NAME = {p.name: p for p in SCHEMA}
 
@@ -158,3 +190,20 @@ def base_dir() -> str:
 def checkpoint_dir() -> str:
     """SageMaker syncs /opt/ml/checkpoints (outside the base dir); local mode moves it with IMGCLF_CHECKPOINT_DIR."""
     return os.environ.get("IMGCLF_CHECKPOINT_DIR", "/opt/ml/checkpoints")
+
+
+def markdown_tables() -> str:
+    """README's hyperparameter and metric tables, generated from SCHEMA and METRIC_DEFINITIONS."""
+    rows = ["| hyperparameter | default | values | what it does |", "|---|---|---|---|"]
+    for p in SCHEMA:
+        values = " / ".join(p.choices) if p.choices else p.type.__name__ + (
+            f" {p.min:g}..{p.max:g}" if p.min is not None and p.max is not None else "")
+        default = str(p.default).lower() if isinstance(p.default, bool) else p.default
+        rows.append(f"| `{p.name}` | `{default}` | {values} | {p.help.replace('|', '/')} |")
+    rows += ["", "| metric | regex |", "|---|---|"]
+    rows += [f"| `{d['Name']}` | `{d['Regex']}` |" for d in METRIC_DEFINITIONS]
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":  # python -m imgclf.config: print README's tables
+    print(markdown_tables())

@@ -32,3 +32,7 @@ class CheckpointError(UserError):
 
 class TrainingInterrupted(UserError):
     """SIGTERM arrived (spot interruption, StopTrainingJob); a checkpoint was saved."""
+
+
+class RuleStop(UserError):
+    """A debugging rule configured to stop the job (rules-stop) found its issue."""

@@ -1,12 +1,16 @@
 """Local mode without Docker: the images' real `train` and `serve` entrypoints as host processes.
 
     python -m imgclf.local train --data DIR --output DIR [--hp lr=0.001 ...] [--weights FILE]
+    python -m imgclf.local serve --model model.tar.gz|DIR [--port 8080] [--workers N]
 
 `train` lays out a temporary /opt/ml tree (config JSONs, channels linked to DIR's train/valid/test,
 resourceconfig for one host), runs the toolkit's `train` command with SAGEMAKER_BASE_DIR pointing at it,
 then packs /opt/ml/model as OUTPUT/model.tar.gz like SageMaker does. OUTPUT also receives model/ (the same
 files, unpacked), reports/ (metrics, confusion matrix, ...) and checkpoints/: running the same command
 again after an interruption resumes from them.
+
+`serve` puts the model (a training output folder, or model.tar.gz extracted as SageMaker does) in a temporary
+/opt/ml/model and runs the serving image's `serve` entrypoint on it until Ctrl-C.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -76,6 +81,18 @@ def write_tree(base: Path, hps: dict[str, str], channels: dict[str, Path]) -> No
         (base / d).mkdir(parents=True, exist_ok=True)
 
 
+def run_forwarding_signals(cmd: list[str], env: dict[str, str]) -> int:
+    """Run `cmd`; SIGTERM/SIGINT sent to this process go to it too (so it can checkpoint and stop cleanly)."""
+    proc = subprocess.Popen(cmd, env=env)
+    previous = {sig: signal.signal(sig, lambda signum, _: proc.send_signal(signum))
+                for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def pack_model(model_dir: Path, tarball: Path) -> None:
     with artifacts.atomic_path(tarball) as tmp, tarfile.open(tmp, "w:gz") as tar:
         for item in sorted(model_dir.iterdir()):
@@ -102,7 +119,7 @@ def train(data_dir: Path, output: Path, hps: dict[str, str], weights: Path | Non
         env = {**os.environ, "SAGEMAKER_BASE_DIR": str(base), "SAGEMAKER_TRAINING_MODULE": TRAINING_MODULE,
                "IMGCLF_CHECKPOINT_DIR": str(output / "checkpoints"), "PYTHONUNBUFFERED": "1",
                **(extra_env or {})}
-        code = subprocess.call([venv_bin("train")], env=env)
+        code = run_forwarding_signals([venv_bin("train")], env)
         reports = output / "reports"
         if reports.exists():
             shutil.rmtree(reports)
@@ -122,6 +139,31 @@ def train(data_dir: Path, output: Path, hps: dict[str, str], weights: Path | Non
     return 0
 
 
+def serve(model: Path, port: int = 8080, workers: int | None = None, extra_env: dict[str, str] | None = None) -> int:
+    """Run the real `serve` entrypoint over a temporary /opt/ml tree holding `model`; return its exit code."""
+    if not model.exists():
+        raise SystemExit(f"--model {model}: no such file or folder (give model.tar.gz or a training output folder)")
+    if not 0 < port < 32768:
+        raise SystemExit(f"--port {port}: multi-model-server takes ports 1-32767")
+    with tempfile.TemporaryDirectory(prefix="opt_ml.") as tmp:
+        target = Path(tmp) / "model"
+        target.mkdir()
+        if model.is_dir():
+            for item in model.iterdir():  # links, not copies: weights can be large
+                (target / item.name).symlink_to(item.resolve())
+        else:
+            try:
+                with tarfile.open(model) as tar:
+                    tar.extractall(target, filter="data")
+            except (tarfile.TarError, OSError) as e:
+                raise SystemExit(f"--model {model}: not a readable model.tar.gz ({e})") from None
+        env = {**os.environ, "SAGEMAKER_BASE_DIR": tmp, "SAGEMAKER_BIND_TO_PORT": str(port), "PYTHONUNBUFFERED": "1",
+               **({"SAGEMAKER_MODEL_SERVER_WORKERS": str(workers)} if workers else {}), **(extra_env or {})}
+        print(f"serving {model} on http://127.0.0.1:{port} (GET /ping, POST /invocations); Ctrl-C stops it",
+              file=sys.stderr, flush=True)
+        return run_forwarding_signals([venv_bin("serve")], env)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m imgclf.local", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -131,9 +173,15 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--output", type=Path, required=True, help="where model.tar.gz, reports and checkpoints go")
     t.add_argument("--hp", action="append", default=[], metavar="NAME=VALUE", help="a hyperparameter (repeat)")
     t.add_argument("--weights", type=Path, help="pretrained backbone weights (torchvision state_dict file)")
+    srv = sub.add_parser("serve", help="serve a model with the real `serve` entrypoint over a temporary /opt/ml tree")
+    srv.add_argument("--model", type=Path, required=True, help="model.tar.gz or a training output folder (model/)")
+    srv.add_argument("--port", type=int, default=8080, help="port for /ping and /invocations (default 8080)")
+    srv.add_argument("--workers", type=int, help="model server workers (default: one per CPU)")
     args = parser.parse_args(argv)
     if args.command == "train":
         return train(args.data, args.output, parse_hp(args.hp), args.weights)
+    if args.command == "serve":
+        return serve(args.model, args.port, args.workers)
     return 2
 
 

@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from imgclf import artifacts, config, data, models
+from imgclf import accel, artifacts, config, data, features, models
+from imgclf.debugger import Debugger
 from imgclf.errors import CheckpointError, TrainingInterrupted, UserError
 from imgclf.evaluate import Evaluation, evaluate
 
@@ -110,6 +111,7 @@ def make_loader(dataset, hp, sampler=None, batch_size=None) -> torch.utils.data.
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size or hp.batch_size, sampler=sampler, num_workers=workers,
         pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0,
+        prefetch_factor=hp.prefetch_factor if workers > 0 else None,
     )
 
 
@@ -169,6 +171,13 @@ def load_checkpoint(paths: Paths, fingerprint: dict) -> dict | None:
 
 
 def run(hp, paths: Paths, device: torch.device | None = None) -> dict:
+    """Train under the Debugger: rules.json and the profiler report are written however training ends."""
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    with Debugger(hp, paths.output_data.parent, device) as dbg:
+        return train_job(hp, paths, device, dbg)
+
+
+def train_job(hp, paths: Paths, device: torch.device, dbg: Debugger) -> dict:
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     models.check_model_name(hp.model)
     splits = data.validate_splits(data.find_split_dirs(paths.channels), workers=max(2, num_workers(hp)))
@@ -182,9 +191,13 @@ def run(hp, paths: Paths, device: torch.device | None = None) -> dict:
         models.load_pretrained(model, hp.model, Path(weights) if weights else None, hp.download_weights)
     head = models.replace_head(model, len(classes))
     model.to(device)
+    acc = accel.from_hyperparameters(hp, model, device)
+    acc.prepare(model)  # channels_last, compile
+    log.info("speed settings: %s", acc.describe())
     optimizer = make_optimizer(hp, models.param_groups(model, head, hp.lr, hp.backbone_lr_factor))
     scheduler = make_scheduler(hp, optimizer)
     criterion = nn.CrossEntropyLoss(label_smoothing=hp.label_smoothing)
+    dbg.attach(model, optimizer, criterion)  # debugging: init-scale, layer statistics, smdebug
 
     size = hp.image_size
     draft = data.resize_size(size)
@@ -194,6 +207,7 @@ def run(hp, paths: Paths, device: torch.device | None = None) -> dict:
     eval_tf = data.eval_transform(size)
     eval_loaders = {name: make_loader(data.ImageDataset(s.samples, eval_tf, draft), hp)
                     for name, s in splits.items() if name != "train"}
+    cache = features.FrozenFeatures(hp, model, head, acc, splits, sampler, lambda ds: make_loader(ds, hp))
 
     fingerprint = _fingerprint(hp, classes)
     state, best = State(), None
@@ -220,24 +234,35 @@ def run(hp, paths: Paths, device: torch.device | None = None) -> dict:
         sampler.set_epoch(epoch, skip=state.batches_done * hp.batch_size)
         started = time.monotonic()
         run_ = state.running
-        for images, labels in train_loader:
-            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        # Frozen backbone + cache: the head trains on cached features, same batches as the normal loop.
+        step_model, loader, valid_loader = cache.for_epoch(trains_backbone) or (model, train_loader,
+                                                                                 eval_loaders["valid"])
+        dbg.epoch_begin(epoch)
+        for images, labels in loader:
+            images, labels = acc.inputs(images), labels.to(device, non_blocking=True)
+            dbg.step_begin()  # debugging: data wait ends
             optimizer.zero_grad(set_to_none=True)
-            logits = model(images)
-            loss = criterion(logits, labels)
-            loss.backward()
-            optimizer.step()
+            with acc.autocast():
+                logits = step_model(images)
+                loss = criterion(logits, labels)
+            dbg.mark("forward")
+            acc.backward(loss)
+            dbg.mark("backward")
+            acc.step(optimizer)
+            dbg.mark("optimizer")
             run_["loss"] += loss.item() * labels.numel()
             run_["correct"] += int((logits.argmax(1) == labels).sum())
             run_["seen"] += labels.numel()
             state.batches_done += 1
+            dbg.step_end(loss.item())  # debugging: collection and rules; may raise RuleStop
             if stop.requested:
                 save_checkpoint(paths, model, optimizer, scheduler, state, fingerprint, best)
                 raise TrainingInterrupted(
                     f"stopped by SIGTERM in epoch {epoch + 1}, batch {state.batches_done}; checkpoint saved in "
                     f"{paths.checkpoints}: run the same job again to resume"
                 )
-        valid = evaluate(model, eval_loaders["valid"], len(classes), device)
+        with acc.autocast():
+            valid = evaluate(step_model, valid_loader, len(classes), device, on_batch=dbg.eval_batch)
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
         record = {
@@ -248,6 +273,7 @@ def run(hp, paths: Paths, device: torch.device | None = None) -> dict:
         state.history.append(record)
         print(metrics_line({"epoch": epoch + 1}, **{k: record[k] for k in
               ("train_loss", "train_accuracy", "valid_loss", "valid_accuracy")}), flush=True)
+        dbg.epoch_end(state.history)  # debugging: epoch rules, rules.json; may raise RuleStop
         if valid.accuracy > state.best_accuracy:
             state.best_accuracy, state.best_epoch = valid.accuracy, epoch + 1
             state.epochs_without_improvement = 0
@@ -258,11 +284,11 @@ def run(hp, paths: Paths, device: torch.device | None = None) -> dict:
         state.running = {"loss": 0.0, "correct": 0, "seen": 0}
         save_checkpoint(paths, model, optimizer, scheduler, state, fingerprint, best)
         if hp.early_stopping_patience and state.epochs_without_improvement >= hp.early_stopping_patience:
-            log.info("early stopping: no better valid_accuracy for %d epochs", state.epochs_without_improvement)
+            log.info("early stopping: no better validation accuracy for %d epochs", state.epochs_without_improvement)
             break
 
     model.load_state_dict(best)
-    log.info("best epoch %d (valid_accuracy=%.4f)", state.best_epoch, state.best_accuracy)
+    log.info("best epoch %d (validation accuracy %.4f)", state.best_epoch, state.best_accuracy)
     return finish(hp, paths, model, classes, state, eval_loaders, device)
 
 

@@ -13,13 +13,21 @@ from typing import Any
 
 import boto3
 import botocore.exceptions
+from botocore.config import Config
 from botocore.validate import validate_parameters
 
 from imgclf.errors import UserError
 
+# Enough pooled connections for parallel uploads (s3sync uses up to 32 threads); retries with backoff.
+CLIENT_CONFIG = Config(max_pool_connections=32, retries={"mode": "standard"})
+
 
 class AwsError(UserError):
     """Credentials, region, role or a resource is missing or wrong; the message says which and what to do."""
+
+    def __init__(self, message: str, code: str | None = None):
+        super().__init__(message)
+        self.code = code  # the AWS error code (e.g. ValidationException) when the service answered one
 
 
 def make_session(region: str | None = None, profile: str | None = None) -> boto3.Session:
@@ -43,6 +51,8 @@ def make_session(region: str | None = None, profile: str | None = None) -> boto3
 def _json_default(value: Any):
     if isinstance(value, bytes | bytearray):
         return f"<{len(value)} bytes>"
+    if hasattr(value, "read") and hasattr(value, "name"):  # an open file as a request body
+        return f"<file {value.name}>"
     return str(value)
 
 
@@ -61,7 +71,8 @@ class Api:
                 self._clients[service] = boto3.client(
                     service, region_name="us-east-1", aws_access_key_id="dry-run", aws_secret_access_key="dry-run")
             else:
-                self._clients[service] = self.session.client(service, endpoint_url=self.endpoint_url)
+                self._clients[service] = self.session.client(service, endpoint_url=self.endpoint_url,
+                                                             config=CLIENT_CONFIG)
         return self._clients[service]
 
     def validate(self, service: str, operation: str, params: dict) -> None:
@@ -86,7 +97,8 @@ class Api:
             raise AwsError("no AWS credentials: run `aws configure`, set AWS_PROFILE, or pass --profile") from None
         except botocore.exceptions.ClientError as e:
             err = e.response.get("Error", {})
-            raise AwsError(f"{service} {operation} failed: {err.get('Code')}: {err.get('Message')}") from None
+            raise AwsError(f"{service} {operation} failed: {err.get('Code')}: {err.get('Message')}",
+                           code=err.get("Code")) from None
 
 
 def _snake(client, operation: str) -> str:

@@ -1,0 +1,217 @@
+"""What every AWS script shares: the common flags, the Api they send through, names, exit codes, progress.
+
+Exit codes (scripts and CI can rely on them):
+    0  done (or, with --no-wait, the request was accepted)
+    1  the job or endpoint ended Failed or Stopped (the reason is printed)
+    2  bad arguments or input: nothing was sent
+    3  AWS refused or is unreachable: credentials, region, role, permissions, a missing resource
+    4  --timeout passed while waiting; the job or endpoint carries on in AWS
+  130  interrupted (Ctrl-C) while waiting; the job or endpoint carries on in AWS
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import sys
+import time
+from collections.abc import Callable
+
+import botocore.exceptions
+
+from imgclf.aws.session import Api, AwsError, make_session
+from imgclf.errors import UserError
+
+log = logging.getLogger("imgclf.aws")
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_AWS, EXIT_TIMEOUT, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
+EXIT_CODES_HELP = """exit status: 0 done (with --no-wait: accepted); 1 the job or endpoint ended Failed/Stopped
+or rolled back; 2 bad arguments or input, nothing sent; 3 AWS refused or unreachable (credentials, region,
+role, permissions, missing resource); 4 --timeout passed (it carries on in AWS); 130 interrupted."""
+ROLE_ENV = "SAGEMAKER_ROLE"
+# The account shown in a dry run that has no AWS access (nothing is sent, so nothing needs the real one).
+PLACEHOLDER_ACCOUNT = "000000000000"
+
+
+class JobFailed(Exception):
+    """The job or endpoint ended in a failed state; the message holds SageMaker's reason."""
+
+
+class WaitTimeout(Exception):
+    """--timeout passed while waiting."""
+
+
+def add_common_args(parser: argparse.ArgumentParser, role: bool = False) -> None:
+    group = parser.add_argument_group("AWS")
+    group.add_argument("--region", help="AWS region (default: AWS_REGION / AWS_DEFAULT_REGION / the profile's)")
+    group.add_argument("--profile", help="named profile from ~/.aws (default: AWS_PROFILE)")
+    if role:
+        group.add_argument("--role", default=os.environ.get(ROLE_ENV),
+                           help=f"SageMaker execution role, ARN or name (default: ${ROLE_ENV})")
+    group.add_argument("--endpoint-url", default=os.environ.get("AWS_ENDPOINT_URL"),
+                       help="send requests to this URL instead of AWS (e.g. a moto server; default: AWS_ENDPOINT_URL)")
+    group.add_argument("--dry-run", action="store_true",
+                       help="validate the requests against the service model and print them as JSON; send nothing "
+                            "that creates, changes or deletes (describe/list calls still read when credentials exist)")
+    group.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def add_wait_args(parser: argparse.ArgumentParser, what: str) -> None:
+    group = parser.add_argument_group("waiting")
+    group.add_argument("--no-wait", action="store_true", help=f"return once the {what} is accepted")
+    group.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                       help=f"stop waiting after this long (exit 4); the {what} carries on (default: no limit)")
+    group.add_argument("--poll-interval", type=float, default=15.0, metavar="SECONDS", help="seconds between polls")
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    args = parser.parse_args(argv)
+    if getattr(args, "verbose", False):
+        logging.getLogger().setLevel(logging.DEBUG)
+    return args
+
+
+def make_api(args: argparse.Namespace) -> Api:
+    """Session from the flags/environment. A dry run without AWS access still works: it reads nothing."""
+    try:
+        session = make_session(args.region, args.profile)
+    except AwsError as e:
+        if not args.dry_run:
+            raise
+        log.warning("dry run without AWS access (%s): assuming no resource exists yet", e)
+        session = None
+    return Api(session, dry_run=args.dry_run, endpoint_url=args.endpoint_url)
+
+
+def is_offline(api: Api) -> bool:
+    return api.session is None
+
+
+def region_of(api: Api, args: argparse.Namespace) -> str:
+    return api.session.region_name if api.session else (args.region or "us-east-1")
+
+
+def account_of(api: Api) -> str:
+    if is_offline(api):
+        return PLACEHOLDER_ACCOUNT
+    return api.call("sts", "GetCallerIdentity", mutates=False)["Account"]
+
+
+def role_arn(api: Api, role: str | None) -> str:
+    """An ARN as given; a bare name becomes arn:aws:iam::<account>:role/<name>."""
+    if not role:
+        raise AwsError(f"no SageMaker execution role: pass --role (ARN or name) or set {ROLE_ENV}; "
+                       "docs/readme/aws.md lists the permissions it needs")
+    if role.startswith("arn:"):
+        if not re.fullmatch(r"arn:aws[a-z-]*:iam::\d{12}:role/[\w+=,.@/-]+", role):
+            raise UserError(f"--role {role!r} is not an IAM role ARN (arn:aws:iam::<12-digit account>:role/<name>)")
+        return role
+    if not re.fullmatch(r"[\w+=,.@-]{1,64}", role):
+        raise UserError(f"--role {role!r} is neither a role ARN nor a role name")
+    region = api.session.region_name if api.session else ""
+    partition = "aws-cn" if region.startswith("cn-") else "aws-us-gov" if region.startswith("us-gov-") else "aws"
+    return f"arn:{partition}:iam::{account_of(api)}:role/{role}"
+
+
+def describe_or_none(api: Api, service: str, operation: str, params: dict) -> dict | None:
+    """The description, or None when the resource does not exist (or a dry run cannot read)."""
+    if is_offline(api):
+        return None
+    try:
+        return api.call(service, operation, params, mutates=False)
+    except AwsError as e:
+        # SageMaker answers a missing resource with a ValidationException "Could not find ...".
+        if e.code in ("ValidationException", "ResourceNotFound", "NoSuchKey", "404") and (
+            e.code != "ValidationException" or "could not find" in str(e).lower()
+        ):
+            return None
+        raise
+
+
+def resource_name(*parts: str, max_len: int = 63, suffix: str = "") -> str:
+    """A SageMaker name ([a-zA-Z0-9-], no leading/trailing/double hyphens) of at most max_len characters.
+
+    The suffix (timestamp or hash) is kept whole, so names stay unique when the parts are truncated.
+    """
+    base = re.sub(r"[^a-zA-Z0-9]+", "-", "-".join(p for p in parts if p)).strip("-")
+    room = max_len - (len(suffix) + 1 if suffix else 0)
+    base = base[:room].strip("-")
+    return f"{base}-{suffix}" if suffix else base
+
+
+def timestamp() -> str:
+    return time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+
+
+def key_value(text: str) -> tuple[str, str]:
+    """argparse type for KEY=VALUE."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key.strip(), value.strip()
+
+
+def tags_from(pairs: list[tuple[str, str]] | None) -> list[dict[str, str]]:
+    return [{"Key": k, "Value": v} for k, v in (pairs or [])]
+
+
+def wait_for(describe: Callable[[], dict], status_of: Callable[[dict], str], done: set[str],
+             interval: float, timeout: float | None, on_poll: Callable[[dict], None] | None = None,
+             sleep: Callable[[float], None] = time.sleep) -> dict:
+    """Poll `describe` until its status is in `done`; raise WaitTimeout after `timeout` seconds."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        description = describe()
+        if on_poll:
+            on_poll(description)
+        if status_of(description) in done:
+            return description
+        if deadline is not None and time.monotonic() >= deadline:
+            raise WaitTimeout(f"still {status_of(description)} after {timeout:g} s")
+        sleep(interval if deadline is None else max(0.0, min(interval, deadline - time.monotonic())))
+
+
+def progress_bar(total: int | None, desc: str, unit: str = "it"):
+    """A tqdm bar on an interactive terminal; None otherwise (logs carry the progress)."""
+    if not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr)
+
+
+def run(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> None:
+    """Run a script's main with the documented exit codes and one-line error messages (no tracebacks)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S",
+                        stream=sys.stderr)
+    for noisy in ("botocore", "boto3", "urllib3", "s3transfer"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        code = main(argv)
+    except JobFailed as e:
+        log.error("%s", e)
+        code = EXIT_FAILED
+    except WaitTimeout as e:
+        log.error("%s; it carries on in AWS (run again with --attach to keep waiting)", e)
+        code = EXIT_TIMEOUT
+    except KeyboardInterrupt:
+        log.error("interrupted; anything already started carries on in AWS")
+        code = EXIT_INTERRUPTED
+    except botocore.exceptions.ParamValidationError as e:
+        log.error("invalid request: %s", e)
+        code = EXIT_USAGE
+    except AwsError as e:
+        log.error("%s", e)
+        code = EXIT_AWS
+    except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as e:
+        log.error("AWS: %s", e)
+        code = EXIT_AWS
+    except UserError as e:
+        log.error("%s", e)
+        code = EXIT_USAGE
+    except OSError as e:  # a local file or folder: unreadable input, unwritable output
+        log.error("%s", e)
+        code = EXIT_USAGE
+    sys.exit(code)

@@ -1,0 +1,151 @@
+"""Request builders for serving: model -> endpoint config -> endpoint, autoscaling, and deletion.
+
+Model and endpoint-config names end in a hash of what they contain, so deploying the same artifact with the
+same settings twice reuses them, and any change gives new names: the endpoint then moves to the new
+config with UpdateEndpoint (SageMaker's blue/green: the old fleet serves until the new one is healthy).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+from imgclf.aws.cli import resource_name
+from imgclf.errors import UserError
+
+VARIANT = "AllTraffic"
+SCALABLE_DIMENSION = "sagemaker:variant:DesiredInstanceCount"
+SERVERLESS_MEMORY_MB = (1024, 2048, 3072, 4096, 5120, 6144)
+
+
+def content_hash(*parts: object, length: int = 8) -> str:
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
+@dataclass
+class ServingSpec:
+    name: str  # the endpoint's name; the model and config names derive from it
+    image: str
+    model_data: str  # s3://.../model.tar.gz
+    role_arn: str
+    environment: dict[str, str] = field(default_factory=dict)
+    instance_type: str | None = "ml.m5.large"
+    instance_count: int = 1
+    serverless_memory_mb: int | None = None
+    serverless_concurrency: int = 5
+    data_capture_uri: str | None = None
+    data_capture_percent: int = 100
+    suffix: str | None = None  # e.g. a timestamp; default: a hash of the contents
+
+    def check(self) -> None:
+        problems = []
+        if resource_name(self.name) != self.name or len(self.name) > 50:
+            problems.append(f"endpoint name {self.name!r}: use letters, digits and single hyphens, at most 50 "
+                            "characters (e.g. dog-breeds)")
+        if not (self.model_data.startswith("s3://") and self.model_data.endswith(".tar.gz")):
+            problems.append(f"model data {self.model_data!r}: expected s3://.../model.tar.gz (train.py prints it)")
+        if self.serverless_memory_mb is not None:
+            if self.serverless_memory_mb not in SERVERLESS_MEMORY_MB:
+                problems.append(f"serverless memory {self.serverless_memory_mb} MB: choose one of "
+                                + ", ".join(map(str, SERVERLESS_MEMORY_MB)))
+            if not 1 <= self.serverless_concurrency <= 200:
+                problems.append(f"serverless concurrency {self.serverless_concurrency}: must be 1-200")
+        else:
+            if not (self.instance_type or "").startswith("ml."):
+                problems.append(f"instance type {self.instance_type!r}: SageMaker types start with ml. (ml.m5.large)")
+            if self.instance_count < 1:
+                problems.append(f"instance count {self.instance_count}: must be at least 1")
+        if self.data_capture_uri is not None:
+            if not self.data_capture_uri.startswith("s3://"):
+                problems.append(f"data capture destination {self.data_capture_uri!r} is not an s3:// URI")
+            if not 0 <= self.data_capture_percent <= 100:
+                problems.append(f"data capture sampling {self.data_capture_percent}%: must be 0-100")
+        if problems:
+            raise UserError("; ".join(problems))
+
+    def model_request(self) -> dict:
+        container = {"Image": self.image, "ModelDataUrl": self.model_data, "Environment": dict(self.environment)}
+        name = resource_name(self.name, suffix=self.suffix or content_hash(container, self.role_arn))
+        return {"ModelName": name, "ExecutionRoleArn": self.role_arn, "PrimaryContainer": container}
+
+    def endpoint_config_request(self, model_name: str) -> dict:
+        variant: dict = {"VariantName": VARIANT, "ModelName": model_name}
+        if self.serverless_memory_mb is not None:
+            variant["ServerlessConfig"] = {"MemorySizeInMB": self.serverless_memory_mb,
+                                           "MaxConcurrency": self.serverless_concurrency}
+        else:
+            variant.update({"InstanceType": self.instance_type, "InitialInstanceCount": self.instance_count,
+                            "InitialVariantWeight": 1.0})
+        request: dict = {"ProductionVariants": [variant]}
+        if self.data_capture_uri:
+            request["DataCaptureConfig"] = {
+                "EnableCapture": True, "InitialSamplingPercentage": self.data_capture_percent,
+                "DestinationS3Uri": self.data_capture_uri,
+                "CaptureOptions": [{"CaptureMode": "Input"}, {"CaptureMode": "Output"}],
+                "CaptureContentTypeHeader": {"JsonContentTypes": ["application/json"]},
+            }
+        name = resource_name(self.name, suffix=self.suffix or content_hash(request))
+        return {"EndpointConfigName": name, **request}
+
+
+def endpoint_request(name: str, config_name: str, tags: list[dict[str, str]] | None = None) -> dict:
+    request: dict = {"EndpointName": name, "EndpointConfigName": config_name}
+    if tags:
+        request["Tags"] = tags
+    return request
+
+
+def update_endpoint_request(name: str, config_name: str) -> dict:
+    return {"EndpointName": name, "EndpointConfigName": config_name}
+
+
+def scaling_resource_id(endpoint: str) -> str:
+    return f"endpoint/{endpoint}/variant/{VARIANT}"
+
+
+def register_scalable_target_request(endpoint: str, min_instances: int, max_instances: int) -> dict:
+    if not 1 <= min_instances <= max_instances:
+        raise UserError(f"autoscaling: need 1 <= min ({min_instances}) <= max ({max_instances}) instances")
+    return {"ServiceNamespace": "sagemaker", "ResourceId": scaling_resource_id(endpoint),
+            "ScalableDimension": SCALABLE_DIMENSION, "MinCapacity": min_instances, "MaxCapacity": max_instances}
+
+
+def scaling_policy_name(endpoint: str) -> str:
+    return f"{endpoint}-invocations-per-instance"
+
+
+def scaling_policy_request(endpoint: str, target_invocations: float, scale_in_cooldown: int = 300,
+                           scale_out_cooldown: int = 60) -> dict:
+    """Target tracking on SageMakerVariantInvocationsPerInstance (requests per instance per minute)."""
+    if target_invocations <= 0:
+        raise UserError(f"autoscaling target {target_invocations}: must be > 0 invocations per instance per minute")
+    return {
+        "PolicyName": scaling_policy_name(endpoint), "ServiceNamespace": "sagemaker",
+        "ResourceId": scaling_resource_id(endpoint), "ScalableDimension": SCALABLE_DIMENSION,
+        "PolicyType": "TargetTrackingScaling",
+        "TargetTrackingScalingPolicyConfiguration": {
+            "TargetValue": float(target_invocations),
+            "PredefinedMetricSpecification": {"PredefinedMetricType": "SageMakerVariantInvocationsPerInstance"},
+            "ScaleInCooldown": scale_in_cooldown, "ScaleOutCooldown": scale_out_cooldown,
+        },
+    }
+
+
+def deregister_scaling_requests(endpoint: str) -> list[tuple[str, str, dict]]:
+    """Remove the endpoint's scaling policy and scalable target (service, operation, request)."""
+    target = {"ServiceNamespace": "sagemaker", "ResourceId": scaling_resource_id(endpoint),
+              "ScalableDimension": SCALABLE_DIMENSION}
+    return [("application-autoscaling", "DeleteScalingPolicy", {"PolicyName": scaling_policy_name(endpoint), **target}),
+            ("application-autoscaling", "DeregisterScalableTarget", target)]
+
+
+def delete_requests(endpoint: str, config_names: list[str], model_names: list[str],
+                    scaling_registered: bool) -> list[tuple[str, str, dict]]:
+    """(service, operation, request) in the order that leaves nothing dangling."""
+    requests = deregister_scaling_requests(endpoint) if scaling_registered else []
+    requests.append(("sagemaker", "DeleteEndpoint", {"EndpointName": endpoint}))
+    requests += [("sagemaker", "DeleteEndpointConfig", {"EndpointConfigName": c}) for c in config_names]
+    requests += [("sagemaker", "DeleteModel", {"ModelName": m}) for m in model_names]
+    return requests

@@ -1,0 +1,195 @@
+"""What train.py and tune.py share: the job flags, the JobSpec they make, waiting with CloudWatch logs, reports."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import logging
+import shutil
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from imgclf.aws import cli, s3sync
+from imgclf.aws.images import image_uri, training_kind
+from imgclf.aws.session import Api, AwsError
+from imgclf.aws.training import JobSpec, load_hyperparameters
+from imgclf.errors import UserError
+
+log = logging.getLogger("imgclf.aws")
+LOG_GROUP = "/aws/sagemaker/TrainingJobs"
+
+
+def add_job_args(parser: argparse.ArgumentParser) -> None:
+    data = parser.add_argument_group("data and output")
+    data.add_argument("--data", metavar="S3URI",
+                      help="dataset prefix holding train/ valid/ test/ (what upload_data.py wrote): one 'training' "
+                           "channel")
+    data.add_argument("--channel", action="append", type=cli.key_value, default=[], metavar="NAME=S3URI",
+                      help="an explicit channel instead of --data: train, valid, test (repeat)")
+    data.add_argument("--weights", metavar="S3URI", help="pretrained weights file or prefix: the 'weights' channel")
+    data.add_argument("--output", metavar="S3URI",
+                      help="where SageMaker writes <job>/output/model.tar.gz (default: s3://<data bucket>/imgclf/"
+                           "output)")
+    hps = parser.add_argument_group("hyperparameters")
+    hps.add_argument("--hyperparameters", type=Path, metavar="FILE",
+                     help="JSON {name: value}, e.g. what tune.py wrote")
+    hps.add_argument("--hp", action="append", type=cli.key_value, default=[], metavar="NAME=VALUE",
+                     help="a hyperparameter (repeat; overrides the file), e.g. --hp model=resnet50")
+    res = parser.add_argument_group("resources")
+    res.add_argument("--image", help="training image URI (default: <account>.dkr.ecr.<region>.amazonaws.com/"
+                                     "imgclf-train-gpu or -cpu by instance type)")
+    res.add_argument("--image-tag", default="latest", help="tag of the default image (default latest)")
+    res.add_argument("--instance-type", default="ml.g4dn.xlarge", help="default ml.g4dn.xlarge (GPU)")
+    res.add_argument("--instance-count", type=int, default=1)
+    res.add_argument("--volume-size", type=int, default=50, metavar="GB", help="EBS volume per instance (default 50)")
+    res.add_argument("--max-runtime", type=int, default=24 * 3600, metavar="SECONDS", help="default 86400")
+    res.add_argument("--spot", action="store_true", help="managed spot training (needs checkpoints to resume)")
+    res.add_argument("--max-wait", type=int, metavar="SECONDS",
+                     help="spot: longest wait for capacity plus runtime (default: --max-runtime)")
+    res.add_argument("--checkpoint-s3", metavar="S3URI",
+                     help="checkpoint sync of /opt/ml/checkpoints (default with --spot: <output>/<job>/checkpoints)")
+    res.add_argument("--network-isolation", action="store_true",
+                     help="no network access from the container (weights must come from the weights channel)")
+    res.add_argument("--tag", action="append", type=cli.key_value, default=[], metavar="KEY=VALUE")
+
+
+def hyperparameters_from(args: argparse.Namespace) -> dict[str, Any]:
+    hps = load_hyperparameters(args.hyperparameters) if args.hyperparameters else {}
+    hps.update(dict(args.hp))
+    return hps
+
+
+def channels_from(args: argparse.Namespace) -> dict[str, str]:
+    channels = dict(args.channel)
+    if args.data:
+        if channels.keys() - {"weights"}:
+            raise UserError("give either --data or --channel train=/valid=/test=, not both")
+        channels["training"] = args.data.rstrip("/") + "/"
+    if args.weights:
+        channels["weights"] = args.weights
+    if not channels:
+        raise UserError("no data: pass --data s3://bucket/prefix (the destination of upload_data.py)")
+    return channels
+
+
+def job_spec(api: Api, args: argparse.Namespace, job_name: str, checkpoints: bool = True) -> JobSpec:
+    channels = channels_from(args)
+    output = args.output
+    if not output:
+        bucket, _ = s3sync.parse_s3_uri(next(iter(channels.values())))
+        output = f"s3://{bucket}/imgclf/output"
+    checkpoint = args.checkpoint_s3 or (f"{output.rstrip('/')}/{job_name}/checkpoints" if args.spot else None)
+    if not checkpoints:
+        checkpoint = None
+    image = args.image or image_uri(cli.account_of(api), cli.region_of(api, args), training_kind(args.instance_type),
+                                    args.image_tag)
+    return JobSpec(image=image, role_arn=cli.role_arn(api, args.role), channels=channels, output_path=output,
+                   instance_type=args.instance_type, instance_count=args.instance_count,
+                   volume_gb=args.volume_size, max_runtime_s=args.max_runtime, spot=args.spot,
+                   max_wait_s=args.max_wait, checkpoint_uri=checkpoint, network_isolation=args.network_isolation)
+
+
+class LogTail:
+    """New CloudWatch log lines of a training job's streams (<job>/algo-1-..., one per instance).
+
+    They go to stderr with the progress messages: stdout carries only the result (the model artifact URI).
+    """
+
+    def __init__(self, api: Api, job_name: str, out=None):
+        self.api, self.job_name, self.out = api, job_name, out or sys.stderr
+        self.tokens: dict[str, str | None] = {}
+
+    def _streams(self) -> list[str]:
+        try:
+            answer = self.api.call("logs", "DescribeLogStreams", {
+                "logGroupName": LOG_GROUP, "logStreamNamePrefix": f"{self.job_name}/"}, mutates=False)
+        except AwsError as e:
+            if e.code == "ResourceNotFoundException":  # no log yet: the instances are still starting
+                return []
+            raise
+        return sorted(s["logStreamName"] for s in answer.get("logStreams", []))
+
+    def poll(self) -> int:
+        """Print every line that arrived since the last poll; return how many."""
+        count = 0
+        streams = self._streams()
+        for stream in streams:
+            host = stream.split("/", 1)[-1].rsplit("-", 1)[0]
+            while True:
+                request = {"logGroupName": LOG_GROUP, "logStreamName": stream, "startFromHead": True}
+                if self.tokens.get(stream):
+                    request["nextToken"] = self.tokens[stream]
+                answer = self.api.call("logs", "GetLogEvents", request, mutates=False)
+                for event in answer.get("events", []):
+                    prefix = f"[{host}] " if len(streams) > 1 else ""
+                    print(prefix + event["message"].rstrip("\n"), file=self.out, flush=True)
+                    count += 1
+                token = answer.get("nextForwardToken")
+                if not answer.get("events") or token == self.tokens.get(stream):
+                    self.tokens[stream] = token
+                    break
+                self.tokens[stream] = token
+        return count
+
+
+def wait_training_job(api: Api, name: str, interval: float, timeout: float | None, logs: bool = True) -> dict:
+    """Wait for a training job to end, printing its log lines and status changes; return its description."""
+    tail = LogTail(api, name) if logs else None
+    seen: dict[str, str] = {}
+
+    def on_poll(job: dict) -> None:
+        status = f"{job['TrainingJobStatus']} / {job.get('SecondaryStatus', '')}"
+        if seen.get("status") != status:
+            seen["status"] = status
+            message = (job.get("SecondaryStatusTransitions") or [{}])[-1].get("StatusMessage", "")
+            log.info("training job %s: %s%s", name, status, f" ({message})" if message else "")
+        if tail:
+            tail.poll()
+
+    return cli.wait_for(
+        lambda: api.call("sagemaker", "DescribeTrainingJob", {"TrainingJobName": name}, mutates=False),
+        lambda job: job["TrainingJobStatus"], {"Completed", "Failed", "Stopped"}, interval, timeout, on_poll)
+
+
+def report_training_job(job: dict) -> None:
+    name, status = job["TrainingJobName"], job["TrainingJobStatus"]
+    if status != "Completed":
+        raise cli.JobFailed(f"training job {name} {status}: {job.get('FailureReason') or 'no reason given'}")
+    for metric in job.get("FinalMetricDataList", []):
+        log.info("final %s = %s", metric["MetricName"], metric["Value"])
+    billable, seconds = job.get("BillableTimeInSeconds"), job.get("TrainingTimeInSeconds")
+    if job.get("EnableManagedSpotTraining") and billable and seconds:
+        log.info("managed spot: billed %d s of %d s training (%.0f%% saved)", billable, seconds,
+                 100 * (1 - billable / seconds))
+
+
+def download_reports(api: Api, job: dict, dest: Path) -> Path | None:
+    """Extract the job's output.tar.gz (what the training wrote to /opt/ml/output/data) into dest."""
+    model_uri = job.get("ModelArtifacts", {}).get("S3ModelArtifacts", "")
+    if not model_uri.endswith("/model.tar.gz"):
+        log.warning("no reports: the job has no model artifact path")
+        return None
+    bucket, key = s3sync.parse_s3_uri(model_uri.removesuffix("model.tar.gz") + "output.tar.gz")
+    key = key.rstrip("/")
+    try:
+        answer = api.call("s3", "GetObject", {"Bucket": bucket, "Key": key}, mutates=False)
+    except AwsError as e:
+        if e.code in ("NoSuchKey", "404", "AccessDenied"):
+            log.warning("no reports at s3://%s/%s (%s)", bucket, key, e)
+            return None
+        raise
+    dest.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest) as tmp:
+        with tarfile.open(fileobj=io.BytesIO(answer["Body"].read()), mode="r:gz") as tar:
+            tar.extractall(tmp, filter="data")  # refuses absolute paths, links out of the folder, devices
+        for item in Path(tmp).iterdir():
+            target = dest / item.name
+            if target.is_dir():
+                shutil.rmtree(target)
+            item.replace(target)
+    log.info("reports of %s in %s: %s", job["TrainingJobName"], dest,
+             ", ".join(sorted(p.name for p in dest.iterdir())) or "(empty)")
+    return dest

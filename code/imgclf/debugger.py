@@ -1,0 +1,240 @@
+"""Debugging and profiling of a training job, in the container: what SageMaker Debugger did, without it.
+
+One `Debugger` per job ties together tensor collection (imgclf.collect), rules (imgclf.rules), the system
+monitor, step timer and torch.profiler capture (imgclf.profiling) and the HTML report (imgclf.report).
+The training loop calls it at a few points; used as a context manager it always finishes: the rules'
+last evaluation, rules.json and the report are written whether training completes, fails or is stopped
+by a rule.
+
+    <output>/tensors/{scalars,layers}.jsonl     collected tensors (append-only)
+    <output>/tensorboard/                       TensorBoard event files
+    <output>/profiler/{system,steps}.jsonl      monitor samples, per-step timings
+    <output>/data/profiler/*.pt.trace.json.gz   torch.profiler trace (Perfetto / TensorBoard), top_operators.json
+    <output>/data/rules.json                    rule results (updated every epoch)
+    <output>/data/profiler-report.html          the report
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from imgclf import artifacts, config, report
+from imgclf.collect import EVAL, TRAIN, Collector
+from imgclf.errors import RuleStop, TrainingInterrupted
+from imgclf.profiling import ProfilerCapture, StepTimer, SystemMonitor
+from imgclf.rules import RuleSet, configure
+
+log = logging.getLogger(__name__)
+RULES_FILE = "rules.json"
+REPORT_FILE = "profiler-report.html"
+DEBUG_HOOK_CONFIG = "debughookconfig.json"  # what SageMaker writes to input/config for a Debugger job
+
+
+def raw_hyperparameter(name: str, parsed: str) -> str:
+    """The value as SageMaker passed it: the parsed string hyperparameter is lower-cased (JSON, paths)."""
+    path = Path(config.base_dir()) / "input" / "config" / "hyperparameters.json"
+    try:
+        raw = json.loads(path.read_text()).get(name)
+    except (OSError, ValueError):
+        return parsed
+    return raw if isinstance(raw, str) else parsed
+
+
+def scale_initial_weights(model: nn.Module, factor: float) -> None:
+    """Debugging aid (init-scale): multiply conv/linear weights, to see what poor initialisation does."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d | nn.Linear):
+                m.weight.mul_(factor)
+    log.warning("init-scale=%g: conv/linear weights multiplied by %g (a debugging aid)", factor, factor)
+
+
+class SmdebugHook:
+    """SageMaker Debugger's own hook, only when smdebug is installed and SageMaker asked for it."""
+
+    def __init__(self, model: nn.Module, criterion: nn.Module | None):
+        self.hook = None
+        if not (Path(config.base_dir()) / "input" / "config" / DEBUG_HOOK_CONFIG).is_file():
+            return
+        try:
+            import smdebug.pytorch as smd
+        except ImportError:
+            log.info("SageMaker passed a Debugger hook configuration but smdebug is not installed: Debugger's "
+                     "own rules get no tensors (this image's rules run in the container; see README)")
+            return
+        self.modes = smd.modes
+        self.hook = smd.Hook.create_from_json_file()
+        self.hook.register_module(model)
+        if criterion is not None:
+            self.hook.register_loss(criterion)
+        log.info("smdebug hook registered (TRAIN/EVAL modes)")
+
+    def set_mode(self, mode: str) -> None:
+        if self.hook is not None:
+            self.hook.set_mode(self.modes.TRAIN if mode == TRAIN else self.modes.EVAL)
+
+
+class Debugger:
+    def __init__(self, hp, output_dir: Path, device: torch.device):
+        self.enabled = bool(hp.debugging)
+        self.hp, self.device, self.output_dir = hp, device, output_dir
+        self.data_dir = output_dir / "data"
+        self.step = 0
+        self.epoch = 0
+        self.history: list[dict] = []
+        self.started = time.time()
+        self.model: nn.Module | None = None
+        self.optimizer = None
+        self.smdebug: SmdebugHook | None = None
+        self._stats_step = False
+        self._mode = TRAIN
+        if not self.enabled:
+            return
+        self.rules: RuleSet = configure(hp.rules, raw_hyperparameter("rules-config", hp.rules_config), hp.rules_stop)
+        self.collector = Collector(output_dir / "tensors", output_dir / "tensorboard", hp.collect_train_interval,
+                                   hp.collect_eval_interval, hp.collect_stats_interval)
+        self.monitor = SystemMonitor(output_dir / "profiler" / "system.jsonl", hp.monitor_interval_ms).start()
+        self.timer = StepTimer(output_dir / "profiler" / "steps.jsonl", device)
+        self.profiler = ProfilerCapture(self.data_dir / "profiler", hp.profiler_start_step, hp.profiler_steps,
+                                        device)
+        log.info("debugging: rules %s; tensors every %d train / %d eval steps, layer statistics every %d; "
+                 "system monitor every %d ms; profiler steps %d-%d",
+                 ", ".join(r.rule.name + ("(stop)" if r.rule.stop else "") for r in self.rules.results) or "none",
+                 hp.collect_train_interval, hp.collect_eval_interval, hp.collect_stats_interval,
+                 hp.monitor_interval_ms, hp.profiler_start_step, hp.profiler_start_step + hp.profiler_steps - 1)
+
+    def __enter__(self) -> Debugger:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close(exc)
+
+    def attach(self, model: nn.Module, optimizer, criterion: nn.Module | None = None) -> None:
+        """The model the job trains (init-scale applies here, before any checkpoint is restored)."""
+        if self.hp.init_scale != 1.0:
+            scale_initial_weights(model, self.hp.init_scale)
+        self.model, self.optimizer = model, optimizer
+        self.smdebug = SmdebugHook(model, criterion)
+
+    # --- the training loop ---------------------------------------------------------------------------------
+    def epoch_begin(self, epoch: int) -> None:
+        self.epoch = epoch + 1
+        if self.enabled:
+            self.timer.begin()
+
+    def step_begin(self) -> None:
+        """The batch is on the device: data wait ends, forward begins."""
+        if self.smdebug and self._mode != TRAIN:
+            self.smdebug.set_mode(TRAIN)
+        self._mode = TRAIN
+        if not self.enabled:
+            return
+        self.timer.mark("data")
+        self.profiler.step_begin(self.step)
+        self._stats_step = self.model is not None and self.collector.wants_stats(self.step)
+        if self._stats_step:
+            self.collector.hook_activations(self.model)
+
+    def mark(self, phase: str) -> None:
+        """End of "forward" (loss computed), "backward" or "optimizer" (optimizer step done)."""
+        if self.enabled:
+            self.timer.mark(phase)
+            if phase == "forward" and self._stats_step:
+                self.collector.remove_hooks()
+
+    def step_end(self, loss: float) -> None:
+        """After the optimizer step, with the step's loss (a float the loop has already read)."""
+        if not self.enabled:
+            self.step += 1
+            return
+        step, self.step = self.step, self.step + 1
+        self.timer.end(step)
+        lr = self.optimizer.param_groups[0]["lr"] if self.optimizer is not None else float("nan")
+        self.collector.train_step(step, self.epoch, loss, lr)
+        self.profiler.step_end(step)
+        self.rules.train_loss(step, self.epoch, loss)
+        if self._stats_step:
+            self._stats_step = False
+            self.rules.layer_stats(self.collector.layer_stats(self.model, step, self.epoch))
+
+    def eval_batch(self, step: int, loss: float) -> None:
+        """evaluate()'s on_batch callback: evaluation-mode loss of each batch."""
+        if self.smdebug and self._mode != EVAL:
+            self.smdebug.set_mode(EVAL)
+        self._mode = EVAL
+        if self.enabled:
+            self.profiler.stop()  # a capture ends with its epoch's training steps
+            eval_step = self.collector.eval_step_loss(self.epoch, loss)
+            self.rules.eval_loss(eval_step, self.epoch, loss)
+
+    def epoch_end(self, history: list[dict]) -> None:
+        """After validation, with the job's history (its last record is this epoch); may raise RuleStop."""
+        self.history = list(history)
+        if not self.enabled:
+            return
+        self.profiler.stop()  # a capture ends with its epoch's training steps
+        self.collector.epoch_end(history[-1])
+        try:
+            self.rules.epoch_end(self.history)
+            self.rules.system(list(self.monitor.samples), list(self.timer.steps), self.monitor.has_gpu, self.epoch)
+        finally:
+            self.write_rules("InProgress")
+
+    # --- the end ---------------------------------------------------------------------------------------------
+    def write_rules(self, job_status: str, error: str | None = None) -> None:
+        artifacts.write_json(self.data_dir / RULES_FILE, {
+            "job_status": job_status, "error": error, "stopped_by": self.rules.stopped_by, "steps": self.step,
+            "epochs": len(self.history), "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "rules": self.rules.to_json(),
+        })
+
+    def close(self, exc: BaseException | None = None) -> None:
+        """Final rule evaluation, rules.json and the report; never raises over the job's own outcome."""
+        if not self.enabled:
+            return
+        if self.model is not None:
+            self.collector.remove_hooks()
+        for part in (self.profiler.stop, self.monitor.stop, self.timer.close):
+            try:
+                part()
+            except Exception as e:
+                log.warning("debugging: %s failed at the end: %s", getattr(part, "__qualname__", part), e)
+        try:
+            self.rules.system(list(self.monitor.samples), list(self.timer.steps), self.monitor.has_gpu,
+                              self.epoch or None)
+        except RuleStop:
+            pass  # the job is over anyway
+        status = ("Completed" if exc is None else "Stopped" if isinstance(exc, RuleStop)
+                  else "Interrupted" if isinstance(exc, TrainingInterrupted) else "Failed")
+        error = None if exc is None else f"{type(exc).__name__}: {exc}"
+        self.write_rules(status, error)
+        for r in self.rules.results:
+            log.info("rule %s: %s%s", r.rule.name, r.status, f" ({r.finding.message})" if r.finding else "")
+        try:
+            self.write_report(status, error)
+        except Exception as e:  # the report must not hide the job's own outcome
+            log.exception("profiler report not written: %s", e)
+        self.collector.close()
+
+    def write_report(self, status: str, error: str | None) -> None:
+        path = self.data_dir / REPORT_FILE
+        artifacts.write_text(path, report.render(report.ReportData(
+            job={"status": status, "error": error, "device": str(self.device), "model": self.hp.model,
+                 "steps": self.step, "epochs": len(self.history), "host": platform.node(),
+                 "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(self.started)),
+                 "duration_s": round(time.time() - self.started, 1),
+                 "torch": torch.__version__, "gpu": self.monitor.has_gpu},
+            hyperparameters=dict(self.hp), history=self.history, loss_points=self.collector.points,
+            samples=list(self.monitor.samples), steps=list(self.timer.steps), step_totals=dict(self.timer.totals),
+            rules=self.rules.to_json(), top_operators=self.profiler.top_operators,
+            profiler_steps=self.profiler.captured,
+            trace=str(self.profiler.trace.relative_to(self.data_dir)) if self.profiler.trace else None,
+        )))
+        log.info("profiler report written to %s", path)

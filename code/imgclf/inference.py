@@ -1,0 +1,369 @@
+"""Serving: the sagemaker-inference handler functions and the request handling around them.
+
+    model_fn(model_dir)             -> ServingModel (network in eval mode, channels_last, warmed up)
+    input_fn(body, content_type)    -> ImageRequest (decoded RGB images, optional top_k)
+    predict_fn(request, model)      -> Prediction (class probabilities of every image, one batch)
+    output_fn(prediction, accept)   -> JSON text
+
+Images are decoded and transformed exactly as evaluation does it (data.load_rgb with the JPEG draft size,
+then data.eval_transform). Every bad request raises RequestError (an HTTP status and a message saying what
+was wrong and what is accepted); `handle_request` turns it into a JSON error body, so nothing a client
+sends can crash a worker or come back as a 500 with a traceback.
+
+Response (one entry per image, in request order):
+    {"predictions": [{"top_k": [{"label": "Affenpinscher", "class_name": "001.Affenpinscher",
+                                 "index": 0, "probability": 0.93}, ...]}]}
+Error: {"code": 415, "type": "UnsupportedMediaType", "message": "..."} (the shape of MMS's own errors).
+
+Environment: IMGCLF_TOP_K (default 5), IMGCLF_MAX_IMAGE_PIXELS (default 40 MP per image),
+IMGCLF_MAX_IMAGES (images per request, default 64), SAGEMAKER_MAX_PAYLOAD_IN_MB (default 6),
+IMGCLF_SERVE_DTYPE (float32 | bfloat16), IMGCLF_TORCH_THREADS (default: CPUs / workers).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import logging
+import os
+import re
+import warnings
+from dataclasses import dataclass
+from http import HTTPStatus
+from pathlib import Path
+
+import torch
+from PIL import Image
+from sagemaker_inference.errors import GenericInferenceToolkitError
+from torch import nn
+
+from imgclf import artifacts, data
+from imgclf.errors import UserError, WeightsError
+
+log = logging.getLogger(__name__)
+
+IMAGE_TYPES = ("image/jpeg", "image/png", "image/webp", "application/x-image", "application/octet-stream")
+JSON_TYPE = "application/json"
+CONTENT_TYPES = (*IMAGE_TYPES, JSON_TYPE)
+ACCEPTS = (JSON_TYPE, "application/*", "*/*")
+CUSTOM_ATTRIBUTES = "x-amzn-sagemaker-custom-attributes"
+JSON_EXAMPLE = '{"instances": [{"b64": "<base64 image>"}, ...], "top_k": 3}'
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name, "")
+    try:
+        return int(value) if value.strip() else default
+    except ValueError:
+        raise UserError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def default_top_k() -> int:
+    return _env_int("IMGCLF_TOP_K", 5)
+
+
+def max_image_pixels() -> int:
+    return _env_int("IMGCLF_MAX_IMAGE_PIXELS", 40_000_000)
+
+
+def max_images() -> int:
+    return _env_int("IMGCLF_MAX_IMAGES", 64)
+
+
+def max_payload_bytes() -> int:
+    """`serve` sets IMGCLF_MAX_PAYLOAD_BYTES from SAGEMAKER_MAX_PAYLOAD_IN_MB (and gives MMS some headroom)."""
+    return _env_int("IMGCLF_MAX_PAYLOAD_BYTES", 0) or _env_int("SAGEMAKER_MAX_PAYLOAD_IN_MB", 6) * 1024 * 1024
+
+
+class RequestError(GenericInferenceToolkitError):
+    """A request the server refuses: HTTP status + a message naming the problem and what is accepted."""
+
+    def __init__(self, status: HTTPStatus, message: str):
+        super().__init__(int(status), message, status.phrase)
+
+
+def error_body(status: int, message: str) -> str:
+    kind = HTTPStatus(status).phrase.title().replace(" ", "").replace("-", "")
+    return json.dumps({"code": status, "type": kind, "message": message})
+
+
+# --- model -------------------------------------------------------------------------------------------------
+
+@dataclass
+class ServingModel:
+    net: nn.Module
+    config: dict
+    class_names: list[str]
+    labels: list[str]
+    transform: object
+    draft_size: int
+    device: torch.device
+    autocast_dtype: torch.dtype | None
+
+
+def label_of(class_name: str) -> str:
+    """'001.Affenpinscher' -> 'Affenpinscher', '002.Afghan_hound' -> 'Afghan hound' (dogImages folder names)."""
+    return re.sub(r"^\d+\.", "", class_name).replace("_", " ")
+
+
+def check_model_dir(model_dir: str | os.PathLike) -> None:
+    """Raise WeightsError if the model directory cannot be served, without reading the weights themselves.
+
+    config.json is read, the architecture is built on the meta device (no memory), and the names and shapes
+    in the safetensors header are compared with it: missing files, corrupt headers and config mismatches
+    show up here, before any worker starts.
+    """
+    from safetensors import safe_open
+
+    from imgclf.models import build_model
+
+    config = artifacts.read_config(model_dir)
+    path = Path(model_dir) / artifacts.WEIGHTS_FILE
+    if not path.is_file():
+        raise WeightsError(f"{path} is missing next to {artifacts.CONFIG_FILE}: the model directory must be a "
+                           f"training output ({artifacts.CONFIG_FILE} + {artifacts.WEIGHTS_FILE})")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (not a dict)
+    except Exception as e:
+        raise WeightsError(f"cannot read {path}: {e}") from None
+    try:
+        with torch.device("meta"):
+            net, _ = build_model(config["architecture"], len(config["class_names"]))
+    except UserError as e:
+        raise WeightsError(f"{Path(model_dir) / artifacts.CONFIG_FILE}: {e}") from None
+    expected = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+    problems = [f"missing {k}" for k in expected if k not in found][:3]
+    problems += [f"unexpected {k}" for k in found if k not in expected][:3]
+    problems += [f"{k} has shape {found[k]}, expected {expected[k]}" for k in expected
+                 if k in found and found[k] != expected[k]][:3]
+    if problems:
+        raise WeightsError(f"{path} does not match config.json (architecture {config['architecture']}, "
+                           f"{len(config['class_names'])} classes): {'; '.join(problems)}")
+
+
+def set_torch_threads() -> int:
+    """Share the CPUs between MMS workers instead of every worker starting one thread per CPU."""
+    cpus = os.cpu_count() or 1
+    workers = _env_int("SAGEMAKER_MODEL_SERVER_WORKERS", 0) or (torch.cuda.device_count() or cpus)
+    threads = _env_int("IMGCLF_TORCH_THREADS", 0) or max(1, cpus // workers)
+    torch.set_num_threads(threads)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # only settable before the first parallel work; not worth failing over
+        pass
+    return threads
+
+
+def model_fn(model_dir: str) -> ServingModel:
+    """Rebuild the network from config.json, load the safetensors weights (no pickle), prepare it once, warm up."""
+    threads = set_torch_threads()
+    Image.MAX_IMAGE_PIXELS = max_image_pixels()  # PIL refuses 2x this itself; `decode` refuses 1x with a 413
+    net, config = artifacts.load_model(model_dir)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype_name = os.environ.get("IMGCLF_SERVE_DTYPE", "float32").strip().lower()
+    if dtype_name not in ("float32", "bfloat16"):
+        raise UserError(f"IMGCLF_SERVE_DTYPE={dtype_name!r}: use float32 or bfloat16")
+    net = net.to(device, memory_format=torch.channels_last).eval()
+    net.requires_grad_(False)
+    model = ServingModel(
+        net=net, config=config, class_names=list(config["class_names"]),
+        labels=[label_of(c) for c in config["class_names"]],
+        transform=data.eval_transform(config["image_size"], config["mean"], config["std"]),
+        draft_size=int(config["resize_size"]), device=device,
+        autocast_dtype=torch.bfloat16 if dtype_name == "bfloat16" else None,
+    )
+    warm_up(model)
+    log.info("model %s loaded from %s: %d classes, %d px, %s on %s, %d torch threads", config["architecture"],
+             model_dir, len(model.class_names), config["image_size"], dtype_name, device, threads)
+    return model
+
+
+def warm_up(model: ServingModel) -> None:
+    """One full request (encode, decode, transform, forward, JSON) so the first client request is not slow."""
+    buf = io.BytesIO()
+    Image.new("RGB", (model.draft_size * 2, model.draft_size * 2), (128, 96, 64)).save(buf, "JPEG")
+    output_fn(predict_fn(input_fn(buf.getvalue(), "image/jpeg"), model), JSON_TYPE)
+
+
+# --- request -----------------------------------------------------------------------------------------------
+
+@dataclass
+class ImageRequest:
+    images: list[bytes]
+    top_k: int | None = None
+
+
+@dataclass
+class Prediction:
+    probabilities: torch.Tensor  # (images, classes), float32 on CPU
+    class_names: list[str]
+    labels: list[str]
+    top_k: int
+
+
+def media_type(header: str | None) -> str:
+    """'Image/JPEG; charset=x' -> 'image/jpeg'."""
+    return (header or "").split(";", 1)[0].strip().lower()
+
+
+def parse_top_k(value, source: str) -> int:
+    if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, str) and value.strip().isdigit())):
+        raise RequestError(HTTPStatus.BAD_REQUEST, f"{source}: top_k={value!r} is not a positive integer")
+    top_k = int(value)
+    if top_k < 1:
+        raise RequestError(HTTPStatus.BAD_REQUEST, f"{source}: top_k={top_k} must be at least 1")
+    return top_k
+
+
+def top_k_from_attributes(header: str | None) -> int | None:
+    """X-Amzn-SageMaker-Custom-Attributes: 'top_k=3' (pairs separated by ',' or ';'; other keys ignored)."""
+    for pair in re.split(r"[,;]", header or ""):
+        key, sep, value = pair.partition("=")
+        if sep and key.strip().lower() in ("top_k", "top-k", "topk"):
+            return parse_top_k(value.strip(), "X-Amzn-SageMaker-Custom-Attributes")
+    return None
+
+
+def _b64(item, where: str) -> bytes:
+    if isinstance(item, dict):
+        if "b64" not in item:
+            raise RequestError(HTTPStatus.BAD_REQUEST, f"{where}: object without a 'b64' field; "
+                                                       f"send {JSON_EXAMPLE}")
+        item = item["b64"]
+    if not isinstance(item, str):
+        raise RequestError(HTTPStatus.BAD_REQUEST, f"{where}: expected a base64 string or {{\"b64\": \"...\"}}, "
+                                                   f"got {type(item).__name__}")
+    text = "".join(item.split())  # line-wrapped output of `base64` is fine
+    if text.startswith("data:") and "," in text:  # data URL: data:image/jpeg;base64,....
+        text = text.split(",", 1)[1]
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise RequestError(HTTPStatus.BAD_REQUEST, f"{where}: invalid base64 ({e})") from None
+
+
+def parse_json(body: bytes) -> ImageRequest:
+    try:
+        doc = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RequestError(HTTPStatus.BAD_REQUEST, f"body is not valid JSON ({e}); send {JSON_EXAMPLE}") from None
+    if isinstance(doc, dict) and "instances" in doc:
+        items = doc["instances"]
+    elif isinstance(doc, dict) and "b64" in doc:
+        items = [doc]
+    else:
+        raise RequestError(HTTPStatus.BAD_REQUEST, f"JSON body has no 'instances' list; send {JSON_EXAMPLE}")
+    if not isinstance(items, list) or not items:
+        raise RequestError(HTTPStatus.BAD_REQUEST, f"'instances' must be a non-empty list; send {JSON_EXAMPLE}")
+    if len(items) > max_images():
+        raise RequestError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                           f"{len(items)} images in one request; at most {max_images()} (IMGCLF_MAX_IMAGES)")
+    top_k = parse_top_k(doc["top_k"], "JSON field") if "top_k" in doc else None
+    return ImageRequest([_b64(item, f"instances[{i}]") for i, item in enumerate(items)], top_k)
+
+
+def input_fn(input_data: bytes | str, content_type: str | None) -> ImageRequest:
+    """Raw image bytes (image/*, application/x-image, application/octet-stream) or JSON with base64 images."""
+    kind = media_type(content_type)
+    if kind not in CONTENT_TYPES:
+        raise RequestError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
+                           f"Content-Type {content_type or '(none)'!r} is not supported; send raw image bytes as "
+                           f"{', '.join(IMAGE_TYPES)} or base64 images as {JSON_TYPE}: {JSON_EXAMPLE}")
+    body = input_data.encode() if isinstance(input_data, str) else bytes(input_data or b"")
+    if not body:
+        raise RequestError(HTTPStatus.BAD_REQUEST, f"empty request body; send an image ({content_type})")
+    if len(body) > max_payload_bytes():
+        raise RequestError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                           f"request body of {len(body)} bytes is over the {max_payload_bytes()} byte limit "
+                           "(SAGEMAKER_MAX_PAYLOAD_IN_MB); send a smaller image")
+    return parse_json(body) if kind == JSON_TYPE else ImageRequest([body])
+
+
+def decode(image: bytes, draft_size: int, where: str = "image") -> Image.Image:
+    """Check the pixel count from the header (decompression bombs), then decode as evaluation does."""
+    limit = max_image_pixels()
+    if not image:
+        raise RequestError(HTTPStatus.BAD_REQUEST, f"{where}: empty image")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(image)) as probe:
+                width, height = probe.size
+            if width * height > limit:
+                raise RequestError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                                   f"{where}: {width}x{height} = {width * height} pixels is over the limit of "
+                                   f"{limit} (IMGCLF_MAX_IMAGE_PIXELS); downscale it")
+            return data.load_rgb(io.BytesIO(image), draft_size=draft_size)
+    except Image.DecompressionBombError as e:
+        raise RequestError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"{where}: {e}") from None
+    except RequestError:
+        raise
+    except Exception as e:  # PIL raises many types for bad bytes (UnidentifiedImageError, OSError, SyntaxError...)
+        raise RequestError(HTTPStatus.BAD_REQUEST,
+                           f"{where}: not a readable image ({type(e).__name__}: {e}); send a complete JPEG, PNG, "
+                           "WebP, GIF, BMP or TIFF file") from None
+
+
+def predict_fn(request: ImageRequest, model: ServingModel) -> Prediction:
+    """Decode and transform every image once, then one batched forward pass."""
+    where = "image" if len(request.images) == 1 else "instances[{}]"
+    batch = torch.stack([
+        model.transform(decode(img, model.draft_size, where.format(i))) for i, img in enumerate(request.images)
+    ]).to(model.device, memory_format=torch.channels_last)
+    with torch.inference_mode(), torch.autocast(model.device.type, dtype=model.autocast_dtype or torch.bfloat16,
+                                                enabled=model.autocast_dtype is not None):
+        logits = model.net(batch)
+    probabilities = torch.softmax(logits.float(), dim=1).cpu()
+    top_k = request.top_k or default_top_k()
+    return Prediction(probabilities, model.class_names, model.labels, min(top_k, len(model.class_names)))
+
+
+def check_accept(accept: str | None) -> None:
+    kinds = [media_type(a) for a in (accept or "").split(",") if a.strip()]
+    if kinds and not any(k in ACCEPTS for k in kinds):
+        raise RequestError(HTTPStatus.NOT_ACCEPTABLE,
+                           f"Accept {accept!r} is not supported; responses are {JSON_TYPE} (or omit Accept)")
+
+
+def output_fn(prediction: Prediction, accept: str | None) -> str:
+    check_accept(accept)
+    values, indices = prediction.probabilities.topk(prediction.top_k, dim=1)
+    return json.dumps({"predictions": [
+        {"top_k": [{"label": prediction.labels[i], "class_name": prediction.class_names[i], "index": i,
+                    "probability": round(p, 6)}
+                   for p, i in zip(row_p.tolist(), row_i.tolist())]}
+        for row_p, row_i in zip(values, indices)
+    ]})
+
+
+# --- one HTTP request (called by the MMS handler service) --------------------------------------------------
+
+def header(headers: dict, name: str) -> str | None:
+    """Header lookup that ignores case (MMS passes the request headers as the client spelled them)."""
+    for key, value in headers.items():
+        if isinstance(key, str) and key.lower() == name:
+            return value.decode() if isinstance(value, bytes) else value
+    return None
+
+
+def handle_request(model: ServingModel | None, body: bytes | None, headers: dict,
+                   load_error: str | None = None) -> tuple[int, str]:
+    """(HTTP status, JSON body) for one request; never raises."""
+    try:
+        if model is None:
+            raise RequestError(HTTPStatus.SERVICE_UNAVAILABLE, f"model not loaded: {load_error}")
+        accept = header(headers, "accept")
+        check_accept(accept)  # before the work, so a 406 costs nothing
+        request = input_fn(body or b"", header(headers, "content-type"))
+        if request.top_k is None:
+            request.top_k = top_k_from_attributes(header(headers, CUSTOM_ATTRIBUTES))
+        return 200, output_fn(predict_fn(request, model), accept)
+    except RequestError as e:
+        log.info("request refused: %d %s", e.status_code, e.message)
+        return e.status_code, error_body(e.status_code, e.message)
+    except Exception as e:  # a bug or resource problem: answer 500 with a message, keep the worker alive
+        log.exception("request failed")
+        return 500, error_body(500, f"internal error: {type(e).__name__}: {e}")

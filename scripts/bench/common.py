@@ -1,0 +1,90 @@
+"""Shared by the benchmarks: machine description, generated data, JSON output."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "code"))  # run from a checkout without installing the package
+
+import torch  # noqa: E402
+from imgclf import sample_data  # noqa: E402
+
+
+def machine() -> dict:
+    """What the figures were measured on: they only compare within one run on one machine."""
+    info = {"python": platform.python_version(), "torch": torch.__version__, "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "platform": platform.platform()}
+    try:
+        info["cpu"] = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                           if line.startswith("model name"))
+        info["load_average_1m"] = os.getloadavg()[0]
+    except (OSError, StopIteration):
+        pass
+    try:
+        info["memory_gb"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (ValueError, OSError):
+        pass
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def dataset(root: Path, classes: int, train: int, valid: int, test: int = 1, size: int = 320) -> Path:
+    """A generated ImageFolder dataset (JPEGs about size x size px, like dogImages' typical photo)."""
+    return sample_data.generate(root, classes=classes, per_split={"train": train, "valid": valid, "test": test},
+                                size=size)
+
+
+def emit(name: str, figures: dict, **extra) -> dict:
+    result = {"benchmark": name, "machine": machine(), **extra, "figures": figures,
+              "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    print(json.dumps(result, indent=2), flush=True)
+    return result
+
+
+def percentiles(values: list[float], points=(50, 95, 99)) -> dict[str, float]:
+    ordered = sorted(values)
+    return {f"p{p}": ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))] for p in points}
+
+
+def train_ours(data_dir: Path, work: Path, hps: dict) -> dict:
+    """imgclf.train.run, the training job's own loop, in this process; returns its metrics (history: seconds)."""
+    from imgclf import config, train
+
+    paths = train.Paths(work / "model", work / "output" / "data", work / "output" / "failure", work / "checkpoints",
+                        {split: str(data_dir / split) for split in ("train", "valid", "test")
+                         if (data_dir / split).is_dir()})
+    for d in (paths.model, paths.output_data, paths.checkpoints):
+        d.mkdir(parents=True, exist_ok=True)
+    return train.run(config.parse_hyperparameters(hps), paths)
+
+
+def model_dir(path: Path, arch: str, image_size: int, classes: int = 133) -> Path:
+    """A model directory as training writes it (random weights: speed does not depend on them)."""
+    from imgclf import artifacts, data, models
+
+    torch.manual_seed(0)
+    net, _ = models.build_model(arch, classes)
+    names = [f"{i + 1:03d}.Breed_{i + 1}" for i in range(classes)]
+    artifacts.save_model(path, net, {"architecture": arch, "class_names": names, "image_size": image_size,
+                                     "resize_size": data.resize_size(image_size), "mean": list(data.IMAGENET_MEAN),
+                                     "std": list(data.IMAGENET_STD)})
+    return path
+
+
+def photo() -> bytes:
+    """A real dog photo (the shared samples; CI has them too), else a generated JPEG of similar size."""
+    samples = sorted((REPO.parent / "shared" / "samples" / "photos" / "dogs").rglob("*.jpg"))
+    if samples:
+        return samples[len(samples) // 2].read_bytes()
+    import io
+
+    buf = io.BytesIO()
+    sample_data.draw(0, __import__("numpy").random.default_rng(0), 480).save(buf, "JPEG", quality=90)
+    return buf.getvalue()

@@ -1,0 +1,61 @@
+"""Benchmark (d): the model's forward pass alone, one image, with the serving settings (inference.model_fn:
+eval mode, channels_last, the serving dtype, the torch threads of one server worker). The serving benchmark
+divides its latency by this figure: what the server adds on top of the network.
+
+    python scripts/bench/forward.py [--model resnet50] [--threads N] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import common
+import torch
+
+
+def measure(model_path: Path, threads: int, iterations: int) -> dict:
+    """Seconds per forward pass of one preprocessed image (p50/p95/p99) and of the preprocessing alone."""
+    os.environ["IMGCLF_TORCH_THREADS"] = str(threads)
+    from imgclf import inference
+
+    model = inference.model_fn(str(model_path))
+    image = common.photo()
+    prep, fwd = [], []
+    for _ in range(iterations):
+        t0 = time.perf_counter()
+        batch = model.transform(inference.decode(image, model.draft_size)).unsqueeze(0)
+        batch = batch.to(model.device, memory_format=torch.channels_last)
+        t1 = time.perf_counter()
+        with torch.inference_mode(), torch.autocast(model.device.type, dtype=model.autocast_dtype or torch.bfloat16,
+                                                    enabled=model.autocast_dtype is not None):
+            model.net(batch)
+        fwd.append(time.perf_counter() - t1)
+        prep.append(t1 - t0)
+    return {"threads": threads, "forward_seconds": common.percentiles(fwd),
+            "decode_transform_seconds": common.percentiles(prep)}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="resnet50")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--iterations", type=int, default=30)
+    parser.add_argument("--quick", action="store_true", help="smoke test: tiny model and sizes")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.model, args.image_size, args.iterations = "resnet18", 32, 3
+    with tempfile.TemporaryDirectory(prefix="bench_forward.") as tmp:
+        path = common.model_dir(Path(tmp) / "model", args.model, args.image_size)
+        figures = measure(path, args.threads, args.iterations)
+    settings = {"model": args.model, "image_size": args.image_size, "iterations": args.iterations,
+                "photo_bytes": len(common.photo())}
+    return common.emit("forward", figures, settings=settings)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,247 @@
+#!/usr/bin/env python3
+"""Deploy a trained model to a SageMaker endpoint: model -> endpoint config -> endpoint (create or update).
+
+    python scripts/deploy.py --name dog-breeds --training-job imgclf-vgg16-20260101-120000 --role MySageMakerRole
+    python scripts/deploy.py --name dog-breeds --model-data s3://.../model.tar.gz --instance-count 2 \\
+        --autoscale-min 1 --autoscale-max 4 --autoscale-target 200
+    python scripts/deploy.py --name dog-breeds --model-data s3://... --serverless-memory 4096
+    python scripts/deploy.py --name dog-breeds --delete
+
+The endpoint keeps --name; the model and endpoint config are named <name>-<hash of their contents>
+(or <name>-<timestamp> with --timestamp-names), so a re-run with the same inputs changes nothing and a
+changed input updates the endpoint in place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+
+from imgclf.aws import cli, endpoints
+from imgclf.aws.images import image_uri
+from imgclf.aws.session import Api, AwsError
+from imgclf.errors import UserError
+
+log = logging.getLogger("deploy")
+BUSY = ("Creating", "Updating", "SystemUpdating", "RollingBack", "Deleting", "UpdateRollbackFailed")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, epilog=cli.EXIT_CODES_HELP,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--name", required=True, help="endpoint name (letters, digits, hyphens), e.g. dog-breeds")
+    parser.add_argument("--delete", action="store_true",
+                        help="delete the endpoint, its autoscaling, and the configs and models deploy.py made for it")
+    model = parser.add_argument_group("model")
+    source = model.add_mutually_exclusive_group()
+    source.add_argument("--model-data", metavar="S3URI", help="s3://.../model.tar.gz (train.py prints it)")
+    source.add_argument("--training-job", metavar="JOB", help="take the model artifact of this training job")
+    model.add_argument("--image", help="serving image URI (default: <account>.dkr.ecr.<region>.amazonaws.com/"
+                                       "imgclf-serve:<tag>)")
+    model.add_argument("--image-tag", default="latest")
+    model.add_argument("--workers", type=int, help="model server workers per instance (SAGEMAKER_MODEL_SERVER_WORKERS)")
+    model.add_argument("--top-k", type=int, help="default number of breeds per prediction (IMGCLF_TOP_K)")
+    model.add_argument("--env", action="append", type=cli.key_value, default=[], metavar="KEY=VALUE",
+                       help="more container environment (repeat)")
+    model.add_argument("--timestamp-names", action="store_true",
+                       help="name the model and config <name>-<timestamp> instead of <name>-<content hash>")
+    fleet = parser.add_argument_group("instances")
+    fleet.add_argument("--instance-type", default="ml.m5.large", help="default ml.m5.large")
+    fleet.add_argument("--instance-count", type=int, default=1)
+    fleet.add_argument("--serverless-memory", type=int, metavar="MB",
+                       help="serverless endpoint with this memory (1024-6144, steps of 1024) instead of instances")
+    fleet.add_argument("--serverless-concurrency", type=int, default=5, help="serverless: max concurrent requests")
+    fleet.add_argument("--data-capture", metavar="S3URI", help="capture requests and responses to this S3 prefix")
+    fleet.add_argument("--data-capture-percent", type=int, default=100, help="sampling percentage (default 100)")
+    scaling = parser.add_argument_group("autoscaling (target tracking on InvocationsPerInstance)")
+    scaling.add_argument("--autoscale-min", type=int, metavar="N", help="fewest instances")
+    scaling.add_argument("--autoscale-max", type=int, metavar="N", help="most instances (turns autoscaling on)")
+    scaling.add_argument("--autoscale-target", type=float, default=100.0, metavar="REQUESTS",
+                         help="invocations per instance per minute to aim for (default 100)")
+    parser.add_argument("--tag", action="append", type=cli.key_value, default=[], metavar="KEY=VALUE")
+    cli.add_wait_args(parser, "endpoint")
+    cli.add_common_args(parser, role=True)
+    parser.set_defaults(poll_interval=30.0)
+    return parser
+
+
+def model_data_of(api: Api, args: argparse.Namespace) -> str:
+    if args.model_data:
+        return args.model_data
+    if not args.training_job:
+        raise UserError("no model: pass --model-data s3://.../model.tar.gz or --training-job NAME")
+    job = cli.describe_or_none(api, "sagemaker", "DescribeTrainingJob", {"TrainingJobName": args.training_job})
+    if job is None:
+        if cli.is_offline(api):
+            return f"s3://<output of {args.training_job}>/model.tar.gz"
+        raise AwsError(f"training job {args.training_job} not found in {cli.region_of(api, args)}")
+    if job["TrainingJobStatus"] != "Completed":
+        raise UserError(f"training job {args.training_job} is {job['TrainingJobStatus']}: deploy a Completed one")
+    return job["ModelArtifacts"]["S3ModelArtifacts"]
+
+
+def current_scaling(api: Api, endpoint: str) -> tuple[dict, dict] | None:
+    """(scalable target, target-tracking config) registered for the endpoint, or None."""
+    if cli.is_offline(api):
+        return None
+    resource = endpoints.scaling_resource_id(endpoint)
+    targets = api.call("application-autoscaling", "DescribeScalableTargets", {
+        "ServiceNamespace": "sagemaker", "ResourceIds": [resource],
+        "ScalableDimension": endpoints.SCALABLE_DIMENSION}, mutates=False).get("ScalableTargets", [])
+    if not targets:
+        return None
+    policies = api.call("application-autoscaling", "DescribeScalingPolicies", {
+        "ServiceNamespace": "sagemaker", "ResourceId": resource,
+        "PolicyNames": [endpoints.scaling_policy_name(endpoint)]}, mutates=False).get("ScalingPolicies", [])
+    return targets[0], (policies[0].get("TargetTrackingScalingPolicyConfiguration", {}) if policies else {})
+
+
+def apply_scaling(api: Api, endpoint: str, min_n: int, max_n: int, target: float) -> None:
+    api.call("application-autoscaling", "RegisterScalableTarget",
+             endpoints.register_scalable_target_request(endpoint, min_n, max_n))
+    api.call("application-autoscaling", "PutScalingPolicy", endpoints.scaling_policy_request(endpoint, target))
+    log.info("autoscaling %s: %d-%d instances, target %g invocations/instance/minute", endpoint, min_n, max_n, target)
+
+
+def wait_in_service(api: Api, name: str, config_name: str, args: argparse.Namespace) -> None:
+    seen: dict[str, str] = {}
+
+    def on_poll(ep: dict) -> None:
+        if seen.get("status") != ep["EndpointStatus"]:
+            seen["status"] = ep["EndpointStatus"]
+            log.info("endpoint %s: %s", name, ep["EndpointStatus"])
+
+    ep = cli.wait_for(lambda: api.call("sagemaker", "DescribeEndpoint", {"EndpointName": name}, mutates=False),
+                      lambda e: e["EndpointStatus"], {"InService", "Failed", "OutOfService", "UpdateRollbackFailed"},
+                      args.poll_interval, args.timeout, on_poll)
+    if ep["EndpointStatus"] != "InService":
+        raise cli.JobFailed(f"endpoint {name} {ep['EndpointStatus']}: {ep.get('FailureReason') or 'no reason given'}")
+    if ep["EndpointConfigName"] != config_name:
+        raise cli.JobFailed(f"endpoint {name} rolled back to {ep['EndpointConfigName']}: "
+                            f"{ep.get('FailureReason') or 'the new config did not become healthy'}")
+
+
+def deploy(api: Api, args: argparse.Namespace) -> int:
+    if args.serverless_memory and (args.autoscale_max or args.autoscale_min):
+        raise UserError("autoscaling is for instance endpoints: serverless endpoints scale by themselves")
+    if args.autoscale_min and not args.autoscale_max:
+        raise UserError("--autoscale-min needs --autoscale-max")
+    if args.autoscale_max:  # check the autoscaling flags before anything is created
+        endpoints.register_scalable_target_request(args.name, args.autoscale_min or 1, args.autoscale_max)
+        endpoints.scaling_policy_request(args.name, args.autoscale_target)
+    env = {k: str(v) for k, v in (("SAGEMAKER_MODEL_SERVER_WORKERS", args.workers), ("IMGCLF_TOP_K", args.top_k))
+           if v is not None}
+    env.update(dict(args.env))
+    spec = endpoints.ServingSpec(
+        name=args.name, image=args.image or "<image>", model_data=args.model_data or "s3://x/model.tar.gz",
+        role_arn="", environment=env, instance_type=args.instance_type, instance_count=args.instance_count,
+        serverless_memory_mb=args.serverless_memory, serverless_concurrency=args.serverless_concurrency,
+        data_capture_uri=args.data_capture, data_capture_percent=args.data_capture_percent,
+        suffix=cli.timestamp() if args.timestamp_names else None)
+    spec.check()  # the flags alone: before any AWS call
+    spec.model_data = model_data_of(api, args)
+    spec.role_arn = cli.role_arn(api, args.role)
+    spec.image = args.image or image_uri(cli.account_of(api), cli.region_of(api, args), "serve", args.image_tag)
+    spec.check()
+
+    model = spec.model_request()
+    if cli.describe_or_none(api, "sagemaker", "DescribeModel", {"ModelName": model["ModelName"]}):
+        log.info("model %s exists (same image, artifact and environment)", model["ModelName"])
+    else:
+        api.call("sagemaker", "CreateModel", model)
+    config = spec.endpoint_config_request(model["ModelName"])
+    config_name = config["EndpointConfigName"]
+    if cli.describe_or_none(api, "sagemaker", "DescribeEndpointConfig", {"EndpointConfigName": config_name}):
+        log.info("endpoint config %s exists", config_name)
+    else:
+        api.call("sagemaker", "CreateEndpointConfig", config)
+
+    scaling = None
+    endpoint = cli.describe_or_none(api, "sagemaker", "DescribeEndpoint", {"EndpointName": args.name})
+    if endpoint is None:
+        api.call("sagemaker", "CreateEndpoint", endpoints.endpoint_request(args.name, config_name,
+                                                                           cli.tags_from(args.tag)))
+    elif endpoint["EndpointConfigName"] == config_name:
+        log.info("endpoint %s already uses %s: nothing to update", args.name, config_name)
+    elif endpoint["EndpointStatus"] in BUSY:
+        raise AwsError(f"endpoint {args.name} is {endpoint['EndpointStatus']}: wait until it is InService, then "
+                       "deploy again")
+    elif endpoint["EndpointStatus"] == "Failed":
+        raise AwsError(f"endpoint {args.name} is Failed ({endpoint.get('FailureReason', 'no reason given')}): "
+                       f"delete it with `deploy.py --name {args.name} --delete`, then deploy again")
+    else:
+        # An update that changes the instances of an autoscaled variant fails: lift autoscaling, then restore it.
+        scaling = current_scaling(api, args.name)
+        if scaling:
+            for service, operation, request in endpoints.deregister_scaling_requests(args.name):
+                api.call(service, operation, request)
+        api.call("sagemaker", "UpdateEndpoint", endpoints.update_endpoint_request(args.name, config_name))
+        log.info("endpoint %s: updating from %s to %s (the old fleet serves until the new one is healthy)",
+                 args.name, endpoint["EndpointConfigName"], config_name)
+    if args.dry_run:
+        return cli.EXIT_OK
+    if args.no_wait:
+        print(args.name)
+        return cli.EXIT_OK
+    wait_in_service(api, args.name, config_name, args)
+
+    if args.autoscale_max:
+        apply_scaling(api, args.name, args.autoscale_min or 1, args.autoscale_max, args.autoscale_target)
+    elif scaling:
+        target, policy = scaling
+        apply_scaling(api, args.name, target["MinCapacity"], target["MaxCapacity"],
+                      policy.get("TargetValue", args.autoscale_target))
+    print(args.name)
+    return cli.EXIT_OK
+
+
+def _ours(name: str, endpoint: str) -> bool:
+    """Names deploy.py gives: <endpoint>-<8 hex> or <endpoint>-<YYYYmmdd-HHMMSS>."""
+    return re.fullmatch(re.escape(endpoint) + r"-(?:[0-9a-f]{8}|\d{8}-\d{6})", name) is not None
+
+
+def _list_names(api: Api, operation: str, key: str, name_key: str, contains: str) -> list[str]:
+    names, token = [], None
+    while True:
+        request = {"NameContains": contains, **({"NextToken": token} if token else {})}
+        page = api.call("sagemaker", operation, request, mutates=False)
+        names += [item[name_key] for item in page.get(key, [])]
+        token = page.get("NextToken")
+        if not token:
+            return names
+
+
+def delete(api: Api, args: argparse.Namespace) -> int:
+    configs: list[str] = []
+    models: list[str] = []
+    if not cli.is_offline(api):
+        endpoint = cli.describe_or_none(api, "sagemaker", "DescribeEndpoint", {"EndpointName": args.name})
+        if endpoint is None:
+            raise AwsError(f"endpoint {args.name} not found in {cli.region_of(api, args)}: nothing to delete "
+                           "(list endpoints with `aws sagemaker list-endpoints`)")
+        # The current config and its models, and those earlier deploys left behind (names deploy.py gives).
+        current = endpoint["EndpointConfigName"]
+        config = api.call("sagemaker", "DescribeEndpointConfig", {"EndpointConfigName": current}, mutates=False)
+        configs = [current] + [c for c in _list_names(api, "ListEndpointConfigs", "EndpointConfigs",
+                                                      "EndpointConfigName", args.name)
+                               if _ours(c, args.name) and c != current]
+        models = [v["ModelName"] for v in config.get("ProductionVariants", [])]
+        models += [m for m in _list_names(api, "ListModels", "Models", "ModelName", args.name)
+                   if _ours(m, args.name) and m not in models]
+    scaling = current_scaling(api, args.name) is not None
+    for service, operation, request in endpoints.delete_requests(args.name, configs, models, scaling):
+        api.call(service, operation, request)
+        if not args.dry_run:
+            log.info("%s %s", operation, request.get("ResourceId") or next(iter(request.values())))
+    return cli.EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = cli.parse_args(build_parser(), argv)
+    api = cli.make_api(args)
+    return delete(api, args) if args.delete else deploy(api, args)
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -1,0 +1,166 @@
+#!/usr/bin/env python3
+"""Run a SageMaker hyperparameter tuning job over the training image; write the best hyperparameters.
+
+    python scripts/tune.py --data s3://my-bucket/dogImages --role MySageMakerRole --max-jobs 12 --max-parallel 3
+    python scripts/tune.py ... --param lr=0.0001:0.01:log --param freeze=head,none --hp model=resnet50
+    python scripts/tune.py --attach imgclf-hpo-20260101-1200     # wait for a tuning job already running
+
+The default search space is the reference project's: lr 0.001-0.1 (log), batch-size {128, 256}, epochs
+{5, 7, 10}. --search-space FILE replaces it (JSON, shape in imgclf/aws/training.py), --param adds or
+replaces one range. The best job's hyperparameters go to --best-out (JSON), which
+`scripts/train.py --hyperparameters FILE` accepts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+from imgclf.aws import cli, jobs
+from imgclf.aws.session import Api
+from imgclf.aws.training import (
+    DEFAULT_SEARCH_SPACE,
+    OBJECTIVES,
+    best_hyperparameters,
+    hyperparameter_strings,
+    load_search_space,
+    parse_range,
+    tuning_job_request,
+)
+from imgclf.errors import UserError
+
+log = logging.getLogger("tune")
+COUNTERS = ("Completed", "InProgress", "RetryableError", "NonRetryableError", "Stopped")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, epilog=cli.EXIT_CODES_HELP,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--job-name", help="tuning job name, at most 32 characters (default: imgclf-hpo-<timestamp>)")
+    parser.add_argument("--attach", metavar="TUNING_JOB", help="wait for an existing tuning job instead")
+    parser.add_argument("--best-out", type=Path, default=Path("best_hyperparameters.json"),
+                        help="where the best hyperparameters are written (default best_hyperparameters.json)")
+    space = parser.add_argument_group("search")
+    space.add_argument("--search-space", type=Path, metavar="FILE", help="JSON search space replacing the default")
+    space.add_argument("--param", action="append", type=cli.key_value, default=[], metavar="NAME=RANGE",
+                       help="a range: MIN:MAX[:log|linear] or a,b,c (repeat)")
+    space.add_argument("--objective", choices=sorted(OBJECTIVES), default="accuracy",
+                       help="accuracy: maximise valid:accuracy (default); loss: minimise valid:loss")
+    space.add_argument("--strategy", choices=("Bayesian", "Random"), default="Bayesian")
+    space.add_argument("--max-jobs", type=int, default=10, help="training jobs in all (default 10)")
+    space.add_argument("--max-parallel", type=int, default=2, help="training jobs at once (default 2)")
+    space.add_argument("--no-early-stopping", action="store_true", help="let every training job run to the end")
+    space.add_argument("--warm-start", action="append", default=[], metavar="TUNING_JOB",
+                       help="start from an earlier tuning job's results (repeat, up to 5)")
+    space.add_argument("--warm-start-type", choices=("IdenticalDataAndAlgorithm", "TransferLearning"),
+                       default="IdenticalDataAndAlgorithm")
+    # `--local` (the same search with Optuna on this machine) will branch here, before any AWS flag matters.
+    jobs.add_job_args(parser)
+    cli.add_wait_args(parser, "tuning job")
+    cli.add_common_args(parser, role=True)
+    return parser
+
+
+def search_space(args: argparse.Namespace) -> dict:
+    space = load_search_space(args.search_space) if args.search_space else dict(DEFAULT_SEARCH_SPACE)
+    for name, spec in args.param:
+        space[name] = parse_range(name, spec)
+    return space
+
+
+def wait(api: Api, name: str, args: argparse.Namespace) -> dict:
+    bar = None
+    seen: dict[str, str] = {}
+
+    def on_poll(job: dict) -> None:
+        nonlocal bar
+        counts = job.get("TrainingJobStatusCounters", {})
+        limit = job["HyperParameterTuningJobConfig"]["ResourceLimits"]["MaxNumberOfTrainingJobs"]
+        best = job.get("BestTrainingJob") or {}
+        metric = best.get("FinalHyperParameterTuningJobObjectiveMetric") or {}
+        line = (f"{job['HyperParameterTuningJobStatus']}: {counts.get('Completed', 0)} done, "
+                f"{counts.get('InProgress', 0)} running, "
+                f"{counts.get('NonRetryableError', 0) + counts.get('RetryableError', 0)} failed, "
+                f"{counts.get('Stopped', 0)} stopped of {limit}"
+                + (f"; best {metric['MetricName']}={metric['Value']:.4g} ({best['TrainingJobName']})"
+                   if metric else ""))
+        if line != seen.get("line"):
+            seen["line"] = line
+            log.info("tuning job %s %s", name, line)
+        finished = sum(counts.get(k, 0) for k in COUNTERS if k != "InProgress")
+        bar = bar or cli.progress_bar(limit, "training jobs", unit="job")
+        if bar:
+            bar.n = finished
+            bar.refresh()
+
+    try:
+        return cli.wait_for(
+            lambda: api.call("sagemaker", "DescribeHyperParameterTuningJob",
+                             {"HyperParameterTuningJobName": name}, mutates=False),
+            lambda job: job["HyperParameterTuningJobStatus"], {"Completed", "Failed", "Stopped"},
+            args.poll_interval, args.timeout, on_poll)
+    finally:
+        if bar:
+            bar.close()
+
+
+def write_best(job: dict, path: Path) -> None:
+    best = job.get("BestTrainingJob") or {}
+    hps = best_hyperparameters(job)
+    metric = best.get("FinalHyperParameterTuningJobObjectiveMetric") or {}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"tuning_job": job["HyperParameterTuningJobName"],
+                               "training_job": best.get("TrainingJobName"), "objective": metric,
+                               "hyperparameters": hps}, indent=2, default=str) + "\n")
+    tmp.replace(path)
+    print(f"best training job: {best.get('TrainingJobName')} "
+          f"{metric.get('MetricName', '')}={metric.get('Value', '?')}")
+    print(f"hyperparameters: {json.dumps(hps, sort_keys=True)} -> {path}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = cli.parse_args(build_parser(), argv)
+    if args.attach:
+        api = cli.make_api(args)
+        name = args.attach
+    else:
+        space = search_space(args)
+        static = jobs.hyperparameters_from(args)
+        hyperparameter_strings(static)  # a bad value stops here, before anything is sent
+        if args.checkpoint_s3:
+            # One definition serves every training job of the tuning job: parallel jobs must not share checkpoints.
+            raise UserError("--checkpoint-s3 is for train.py: the training jobs of a tuning job would share it")
+        api = cli.make_api(args)
+        name = args.job_name or cli.resource_name("imgclf-hpo", suffix=cli.timestamp()[2:], max_len=32)
+        if len(name) > 32:
+            raise UserError(f"--job-name {name!r}: tuning job names have at most 32 characters")
+        request = tuning_job_request(
+            name, jobs.job_spec(api, args, name, checkpoints=False), space, static, objective=args.objective,
+            max_jobs=args.max_jobs, max_parallel=args.max_parallel, early_stopping=not args.no_early_stopping,
+            strategy=args.strategy, warm_start_from=args.warm_start, warm_start_type=args.warm_start_type,
+            tags=cli.tags_from(args.tag))
+        api.call("sagemaker", "CreateHyperParameterTuningJob", request)
+        if args.dry_run:
+            return cli.EXIT_OK
+        log.info("tuning job %s created", name)
+    if args.no_wait:
+        print(name)
+        return cli.EXIT_OK
+    if args.dry_run:
+        return cli.EXIT_OK
+
+    job = wait(api, name, args)
+    status = job["HyperParameterTuningJobStatus"]
+    if status == "Failed":
+        raise cli.JobFailed(f"tuning job {name} failed: {job.get('FailureReason') or 'no reason given'}")
+    write_best(job, args.best_out)
+    if status != "Completed":
+        raise cli.JobFailed(f"tuning job {name} {status}; the best job so far was written to {args.best_out}")
+    return cli.EXIT_OK
+
+
+if __name__ == "__main__":
+    cli.run(main)

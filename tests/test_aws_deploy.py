@@ -1,0 +1,191 @@
+"""scripts/deploy.py as a subprocess against a moto server: create, no-op, update, autoscaling, delete."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from moto.core.responses import ActionResult
+from moto.sagemaker.responses import SageMakerResponse
+
+from tests.aws_helpers import (
+    ACCOUNT,
+    ROLE,
+    SCRIPTS,
+    client,
+    dry_run_requests,
+    failed,
+    offline_env,
+    run_script,
+    sagemaker_backend,
+)
+
+MODEL_DATA = "s3://dogs-deploy/imgclf/output/job-1/output/model.tar.gz"
+SERVE_IMAGE = f"{ACCOUNT}.dkr.ecr.us-east-1.amazonaws.com/imgclf-serve:latest"
+
+
+def _update_endpoint(self) -> ActionResult:
+    """UpdateEndpoint, which moto 5.2.5 lacks: switch the config and start "Updating", as SageMaker does."""
+    backend = self.sagemaker_backend
+    endpoint = backend.endpoints[self._get_param("EndpointName")]
+    config = backend.describe_endpoint_config(self._get_param("EndpointConfigName"))
+    endpoint.endpoint_config_name = config["EndpointConfigName"]
+    endpoint.production_variants = endpoint._process_production_variants(config["ProductionVariants"])
+    endpoint.endpoint_status = "Updating"
+    return ActionResult({"EndpointArn": endpoint.arn})
+
+
+@pytest.fixture(scope="module", autouse=True)
+def moto_update_endpoint():
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(SageMakerResponse, "update_endpoint", _update_endpoint, raising=False)
+        yield
+
+
+def deploy_until(args: list[str], env: dict, text: str, then) -> subprocess.CompletedProcess:
+    """Run deploy.py; when a stderr line contains `text`, call `then()` (e.g. finish the update)."""
+    proc = subprocess.Popen([sys.executable, str(SCRIPTS / "deploy.py"), *args], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    seen = []
+    for line in proc.stderr:
+        seen.append(line)
+        if text in line:
+            then()
+            break
+    stdout, stderr = proc.communicate(timeout=60)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, "".join(seen) + stderr)
+
+
+def test_create_keep_update_autoscale_delete(aws_env, moto_server):
+    sm = client("sagemaker", moto_server)
+    base = ["--name", "dog-breeds", "--model-data", MODEL_DATA, "--role", "imgclf-sagemaker", "--workers", "2",
+            "--top-k", "3", "--poll-interval", "0.1"]
+
+    created = run_script("deploy.py", *base, env=aws_env)
+    assert created.returncode == 0, failed(created)
+    assert created.stdout.strip() == "dog-breeds"
+    endpoint = sm.describe_endpoint(EndpointName="dog-breeds")
+    assert endpoint["EndpointStatus"] == "InService"
+    first_config = endpoint["EndpointConfigName"]
+    config = sm.describe_endpoint_config(EndpointConfigName=first_config)
+    [variant] = config["ProductionVariants"]
+    assert (variant["InstanceType"], variant["InitialInstanceCount"]) == ("ml.m5.large", 1)
+    model = sm.describe_model(ModelName=variant["ModelName"])
+    assert model["PrimaryContainer"]["Image"] == SERVE_IMAGE
+    assert model["PrimaryContainer"]["ModelDataUrl"] == MODEL_DATA
+    assert model["PrimaryContainer"]["Environment"] == {"SAGEMAKER_MODEL_SERVER_WORKERS": "2", "IMGCLF_TOP_K": "3"}
+    assert model["ExecutionRoleArn"] == ROLE
+
+    # The same inputs give the same names: nothing is created or updated.
+    again = run_script("deploy.py", *base, env=aws_env)
+    assert again.returncode == 0, failed(again)
+    assert "nothing to update" in again.stderr
+    assert sm.describe_endpoint(EndpointName="dog-breeds")["EndpointConfigName"] == first_config
+
+    # A changed fleet: a new config, UpdateEndpoint, wait for InService, then autoscaling.
+    backend = sagemaker_backend()
+    updated = deploy_until(
+        [*base, "--instance-count", "2", "--instance-type", "ml.c5.xlarge", "--autoscale-min", "2",
+         "--autoscale-max", "5", "--autoscale-target", "250"], aws_env, "dog-breeds: Updating",
+        lambda: setattr(backend.endpoints["dog-breeds"], "endpoint_status", "InService"))
+    assert updated.returncode == 0, failed(updated)
+    endpoint = sm.describe_endpoint(EndpointName="dog-breeds")
+    assert endpoint["EndpointConfigName"] not in (first_config,)
+    [variant] = sm.describe_endpoint_config(EndpointConfigName=endpoint["EndpointConfigName"])["ProductionVariants"]
+    assert (variant["InstanceType"], variant["InitialInstanceCount"]) == ("ml.c5.xlarge", 2)
+    scaling = client("application-autoscaling", moto_server)
+    [target] = scaling.describe_scalable_targets(ServiceNamespace="sagemaker")["ScalableTargets"]
+    assert (target["ResourceId"], target["MinCapacity"], target["MaxCapacity"]) == (
+        "endpoint/dog-breeds/variant/AllTraffic", 2, 5)
+    [policy] = scaling.describe_scaling_policies(ServiceNamespace="sagemaker")["ScalingPolicies"]
+    tracking = policy["TargetTrackingScalingPolicyConfiguration"]
+    assert tracking["TargetValue"] == 250.0
+    assert tracking["PredefinedMetricSpecification"]["PredefinedMetricType"] == (
+        "SageMakerVariantInvocationsPerInstance")
+
+    # A new artifact: autoscaling is lifted for the update and restored afterwards.
+    new_data = MODEL_DATA.replace("job-1", "job-2")
+    redeployed = deploy_until(
+        [*base[:3], new_data, *base[4:], "--instance-count", "2", "--instance-type", "ml.c5.xlarge"], aws_env,
+        "dog-breeds: Updating", lambda: setattr(backend.endpoints["dog-breeds"], "endpoint_status", "InService"))
+    assert redeployed.returncode == 0, failed(redeployed)
+    [target] = scaling.describe_scalable_targets(ServiceNamespace="sagemaker")["ScalableTargets"]
+    assert (target["MinCapacity"], target["MaxCapacity"]) == (2, 5)
+
+    deleted = run_script("deploy.py", "--name", "dog-breeds", "--delete", env=aws_env)
+    assert deleted.returncode == 0, failed(deleted)
+    assert not sm.list_endpoints()["Endpoints"]
+    assert not [c for c in sm.list_endpoint_configs()["EndpointConfigs"] if c["EndpointConfigName"].startswith("dog")]
+    assert not [m for m in sm.list_models()["Models"] if m["ModelName"].startswith("dog-breeds")]
+    assert not scaling.describe_scalable_targets(ServiceNamespace="sagemaker")["ScalableTargets"]
+
+    missing = run_script("deploy.py", "--name", "dog-breeds", "--delete", env=aws_env)
+    assert missing.returncode == 3, failed(missing)
+    assert "endpoint dog-breeds not found" in missing.stderr
+
+
+def test_failed_update_that_rolls_back_exits_1(aws_env, moto_server):
+    base = ["--name", "rollback-test", "--model-data", MODEL_DATA, "--role", ROLE, "--poll-interval", "0.1"]
+    assert run_script("deploy.py", *base, env=aws_env).returncode == 0
+    backend = sagemaker_backend()
+    old_config = backend.endpoints["rollback-test"].endpoint_config_name
+
+    def roll_back():
+        endpoint = backend.endpoints["rollback-test"]
+        endpoint.endpoint_config_name, endpoint.endpoint_status = old_config, "InService"
+        endpoint.failure_reason = "The primary container for production variant AllTraffic did not pass the ping"
+
+    result = deploy_until([*base, "--top-k", "7"], aws_env, "rollback-test: Updating", roll_back)
+    assert result.returncode == 1, failed(result)
+    assert f"rolled back to {old_config}: The primary container" in result.stderr
+
+
+def test_deploy_from_a_training_job_and_serverless(aws_env, moto_server):
+    job = run_script("train.py", "--data", "s3://dogs-deploy/data", "--role", ROLE, "--job-name", "deploy-src",
+                     "--no-wait", env=aws_env)
+    assert job.returncode == 0, failed(job)
+    result = run_script("deploy.py", "--name", "serverless-dogs", "--training-job", "deploy-src", "--role", ROLE,
+                        "--serverless-memory", "4096", "--serverless-concurrency", "10", "--data-capture",
+                        "s3://dogs-deploy/capture", "--poll-interval", "0.1", env=aws_env)
+    assert result.returncode == 0, failed(result)
+    sm = client("sagemaker", moto_server)
+    config = sm.describe_endpoint_config(
+        EndpointConfigName=sm.describe_endpoint(EndpointName="serverless-dogs")["EndpointConfigName"])
+    [variant] = config["ProductionVariants"]
+    assert variant["ServerlessConfig"] == {"MemorySizeInMB": 4096, "MaxConcurrency": 10}
+    assert config["DataCaptureConfig"]["DestinationS3Uri"] == "s3://dogs-deploy/capture"
+    model = sm.describe_model(ModelName=variant["ModelName"])
+    assert model["PrimaryContainer"]["ModelDataUrl"] == "s3://dogs-deploy/imgclf/output/deploy-src/output/model.tar.gz"
+
+
+def test_dry_run_offline_prints_validated_requests_and_names_are_deterministic():
+    args = ["--name", "dog-breeds", "--model-data", MODEL_DATA, "--role", ROLE, "--dry-run", "--autoscale-max", "3"]
+    first = run_script("deploy.py", *args, env=offline_env())
+    assert first.returncode == 0, failed(first)
+    requests = dry_run_requests(first.stdout)
+    assert [r["operation"] for r in requests] == ["CreateModel", "CreateEndpointConfig", "CreateEndpoint"]
+    model_name = requests[0]["request"]["ModelName"]
+    assert model_name.startswith("dog-breeds-") and len(model_name) == len("dog-breeds-") + 8
+    assert requests[1]["request"]["ProductionVariants"][0]["ModelName"] == model_name
+    assert [r["request"] for r in dry_run_requests(run_script("deploy.py", *args, env=offline_env()).stdout)] == [
+        r["request"] for r in requests]
+    changed = dry_run_requests(run_script("deploy.py", *args, "--top-k", "2", env=offline_env()).stdout)
+    assert changed[0]["request"]["ModelName"] != model_name
+
+    delete = run_script("deploy.py", "--name", "dog-breeds", "--delete", "--dry-run", env=offline_env())
+    assert delete.returncode == 0, failed(delete)
+    assert [r["operation"] for r in dry_run_requests(delete.stdout)] == ["DeleteEndpoint"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model-data", "s3://b/model.zip"], "expected s3://.../model.tar.gz"),
+    (["--model-data", MODEL_DATA, "--serverless-memory", "1000"], "serverless memory 1000 MB"),
+    (["--model-data", MODEL_DATA, "--serverless-memory", "2048", "--autoscale-max", "3"], "serverless endpoints"),
+    (["--model-data", MODEL_DATA, "--autoscale-min", "3", "--autoscale-max", "2"], "min (3) <= max (2)"),
+    ([], "no model: pass --model-data"),
+])
+def test_bad_deploy_input_exits_2(args, message):
+    result = run_script("deploy.py", "--name", "dog-breeds", "--role", ROLE, "--dry-run", *args, env=offline_env())
+    assert result.returncode == 2, failed(result)
+    assert message in result.stderr and "Traceback" not in result.stderr

@@ -1,0 +1,339 @@
+"""Serving through the real `serve` entrypoint (multi-model-server + our handler) over HTTP on 127.0.0.1.
+
+One server per module, started by `python -m imgclf.local serve` on the model.tar.gz of the session's
+training run; predictions over HTTP are compared with the evaluation path computed in this process.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import psutil
+import pytest
+import requests
+import torch
+from imgclf import artifacts, data
+from PIL import Image
+
+from tests.conftest import PHOTOS, REPO
+
+STARTUP_TIMEOUT = 240  # Java + one Python worker importing torch on 2 shared cores
+PAYLOAD_MB = 1  # small limit so the over-size test stays small
+DOG = PHOTOS / "dogs" / "Affenpinscher" / "Affenpinscher_00047.jpg"
+GRAY = PHOTOS / "dogs" / "Airedale_terrier" / "imagenet_n02096051_Airedale.jpg"
+
+
+def mms_port() -> int:
+    """A free port below 32768: multi-model-server refuses higher ones, where the OS's ephemeral ports are."""
+    for _ in range(200):
+        port = random.randint(20000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+                return port
+            except OSError:
+                continue
+    raise RuntimeError("no free port in 20000-32000")
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = STARTUP_TIMEOUT) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+        try:
+            if requests.get(f"{url}/ping", timeout=2).status_code == 200:
+                return
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.5)
+    pytest.fail(f"server not healthy after {timeout} s:\n{log.read_text()[-4000:]}")
+
+
+def stop_group(proc: subprocess.Popen) -> list[str]:
+    """SIGTERM the server's process group (serve, java, workers); return what had to be SIGKILLed."""
+    pgid = proc.pid
+    with_group = lambda: [p for p in psutil.process_iter(["cmdline"]) if _pgid(p) == pgid]  # noqa: E731
+    os.killpg(pgid, signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    while with_group() and time.monotonic() < deadline:
+        time.sleep(0.3)
+    leftovers = with_group()
+    for p in leftovers:
+        p.kill()
+    proc.wait(10)
+    return [" ".join(p.info["cmdline"] or [])[:100] for p in leftovers]
+
+
+def _pgid(p: psutil.Process) -> int | None:
+    try:
+        return os.getpgid(p.pid) if p.status() != psutil.STATUS_ZOMBIE else None
+    except (ProcessLookupError, psutil.Error):
+        return None
+
+
+@pytest.fixture(scope="module")
+def server(trained, tmp_path_factory):
+    """URL of a real server for the trained model; stopped (whole process group) after the module."""
+    log = tmp_path_factory.mktemp("serve") / "server.log"
+    port = mms_port()
+    env = {**os.environ, "IMGCLF_TOP_K": "3", "SAGEMAKER_MAX_PAYLOAD_IN_MB": str(PAYLOAD_MB)}
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "imgclf.local", "serve", "--model",
+                                 str(trained[0] / "model.tar.gz"), "--port", str(port), "--workers", "2"],
+                                stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, proc, log)
+        yield url, log
+    finally:
+        leftovers = stop_group(proc)
+        assert not leftovers, f"server processes survived SIGTERM: {leftovers}"
+
+
+@pytest.fixture(scope="module")
+def reference(trained):
+    """The evaluation path in this process: load_rgb with the draft size, eval_transform, the saved weights."""
+    net, config = artifacts.load_model(trained[0] / "model")
+    transform = data.eval_transform(config["image_size"], config["mean"], config["std"])
+
+    def probabilities(image: bytes) -> list[float]:
+        x = transform(data.load_rgb(io.BytesIO(image), draft_size=config["resize_size"]))
+        with torch.inference_mode():
+            return torch.softmax(net(x[None]), dim=1)[0].tolist()
+    return probabilities, config
+
+
+def invoke(url: str, body: bytes, content_type: str = "image/jpeg", timeout: float = 120, **headers):
+    return requests.post(f"{url}/invocations", data=body, timeout=timeout,
+                         headers={"Content-Type": content_type, **headers})
+
+
+def encode(img: Image.Image, fmt: str, **kwargs) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kwargs)
+    return buf.getvalue()
+
+
+def images() -> dict[str, tuple[bytes, str]]:
+    """Real photos in the formats and modes clients send: (bytes, Content-Type)."""
+    dog = Image.open(DOG).convert("RGB")
+    rgba = dog.convert("RGBA")
+    rgba.putalpha(Image.linear_gradient("L").resize(dog.size))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 CW to display
+    return {
+        "jpeg": (DOG.read_bytes(), "image/jpeg"),
+        "png_alpha": (encode(rgba, "PNG"), "image/png"),
+        "grayscale_jpeg": (GRAY.read_bytes(), "application/x-image"),
+        "cmyk_jpeg": (encode(dog.convert("CMYK"), "JPEG", quality=90), "image/jpeg"),
+        "exif_rotated_jpeg": (encode(dog.rotate(90, expand=True), "JPEG", quality=90, exif=exif), "image/jpeg"),
+        "webp": (encode(dog, "WEBP", quality=90), "image/webp"),
+        "octet_stream_png": (encode(dog.convert("L"), "PNG"), "application/octet-stream"),
+    }
+
+
+def assert_matches(prediction: dict, expected: list[float], classes: list[str], k: int) -> None:
+    ranked = sorted(range(len(expected)), key=lambda i: -expected[i])[:k]
+    got = prediction["top_k"]
+    assert [item["index"] for item in got] == ranked
+    for item in got:
+        assert item["class_name"] == classes[item["index"]]
+        assert item["label"] == classes[item["index"]].split(".", 1)[1].replace("_", " ")
+        assert item["probability"] == pytest.approx(expected[item["index"]], abs=1e-4)
+
+
+def test_ping_healthy(server):
+    url, _ = server
+    response = requests.get(f"{url}/ping", timeout=10)
+    assert response.status_code == 200 and response.json()["status"] == "Healthy"
+
+
+@pytest.mark.parametrize("name", list(images()))
+def test_prediction_equals_evaluation(server, reference, name):
+    url, _ = server
+    probabilities, config = reference
+    body, ctype = images()[name]
+    response = invoke(url, body, ctype, **{"X-Amzn-SageMaker-Custom-Attributes": "top_k=5"})
+    assert response.status_code == 200, response.text
+    assert response.headers["Content-Type"].startswith("application/json")
+    (prediction,) = response.json()["predictions"]
+    assert_matches(prediction, probabilities(body), config["class_names"], 5)
+
+
+def test_exif_orientation_is_applied(server):
+    """Lossless: a PNG stored sideways with an EXIF tag predicts exactly like the upright PNG."""
+    url, _ = server
+    dog = Image.open(DOG).convert("RGB")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    upright = invoke(url, encode(dog, "PNG"), "image/png").json()
+    sideways = invoke(url, encode(dog.rotate(90, expand=True), "PNG", exif=exif), "image/png").json()
+    assert upright == sideways
+
+
+def test_json_batch_and_top_k_precedence(server, reference):
+    url, _ = server
+    probabilities, config = reference
+    bodies = [body for body, _ in images().values()][:4]
+    doc = {"instances": [{"b64": base64.b64encode(bodies[0]).decode()},
+                         base64.encodebytes(bodies[1]).decode(),  # line-wrapped base64, plain string
+                         {"b64": base64.b64encode(bodies[2]).decode()},
+                         {"b64": "data:image/png;base64," + base64.b64encode(bodies[3]).decode()}],
+           "top_k": 2}
+    response = invoke(url, json.dumps(doc).encode(), "application/json",
+                      **{"X-Amzn-SageMaker-Custom-Attributes": "top_k=4"})  # the JSON field wins
+    assert response.status_code == 200, response.text
+    predictions = response.json()["predictions"]
+    assert len(predictions) == 4
+    for prediction, body in zip(predictions, bodies):
+        assert_matches(prediction, probabilities(body), config["class_names"], 2)
+
+
+def test_top_k_from_header_and_environment_default(server):
+    url, _ = server
+    body = DOG.read_bytes()
+    assert len(invoke(url, body).json()["predictions"][0]["top_k"]) == 3  # IMGCLF_TOP_K=3
+    header = {"X-Amzn-SageMaker-Custom-Attributes": "trace=abc, top_k=1"}
+    assert len(invoke(url, body, **header).json()["predictions"][0]["top_k"]) == 1
+    many = {"X-Amzn-SageMaker-Custom-Attributes": "top_k=500"}  # more than there are classes: all of them
+    assert len(invoke(url, body, **many).json()["predictions"][0]["top_k"]) == 5
+
+
+def _bad_requests() -> dict[str, tuple[bytes, dict, int, str]]:
+    """name -> (body, headers, status, a word the message must contain)."""
+    jpeg = DOG.read_bytes()
+    bomb = encode(Image.new("1", (8000, 6000)), "PNG")  # 48 MP, a few kB: over the 40 MP default
+    return {
+        "unsupported_content_type": (b"a,b\n1,2\n", {"Content-Type": "text/csv"}, 415, "image/jpeg"),
+        "no_content_type": (jpeg, {"Content-Type": ""}, 415, "application/json"),
+        "unsupported_accept": (jpeg, {"Content-Type": "image/jpeg", "Accept": "text/csv"}, 406, "application/json"),
+        "empty_body": (b"", {"Content-Type": "image/jpeg"}, 400, "empty"),
+        "not_an_image": (b"hello, this is text" * 10, {"Content-Type": "image/jpeg"}, 400, "not a readable image"),
+        "truncated_image": (jpeg[: len(jpeg) // 2], {"Content-Type": "image/jpeg"}, 400, "truncated"),
+        "bad_base64": (b'{"instances": [{"b64": "@@not base64@@"}]}', {"Content-Type": "application/json"}, 400,
+                       "base64"),
+        "bad_json": (b'{"instances": [', {"Content-Type": "application/json"}, 400, "JSON"),
+        "json_without_instances": (b'{"images": []}', {"Content-Type": "application/json"}, 400, "instances"),
+        "bad_top_k": (jpeg, {"Content-Type": "image/jpeg", "X-Amzn-SageMaker-Custom-Attributes": "top_k=zero"}, 400,
+                      "top_k"),
+        "decompression_bomb": (bomb, {"Content-Type": "image/png"}, 413, "pixels"),
+        "payload_over_limit": (os.urandom(PAYLOAD_MB * 1024 * 1024 + 1000), {"Content-Type": "image/jpeg"}, 413,
+                               "limit"),
+    }
+
+
+@pytest.mark.parametrize("name", list(_bad_requests()))
+def test_bad_input_gets_json_error_and_server_stays_healthy(server, name):
+    url, _ = server
+    body, headers, status, word = _bad_requests()[name]
+    response = requests.post(f"{url}/invocations", data=body, headers=headers, timeout=120)
+    assert response.status_code == status, response.text
+    assert response.headers["Content-Type"].startswith("application/json")
+    error = response.json()
+    assert error["code"] == status and word.lower() in error["message"].lower(), error
+    after = invoke(url, DOG.read_bytes())
+    assert after.status_code == 200 and len(after.json()["predictions"]) == 1
+
+
+def test_32_concurrent_requests(server, reference):
+    url, _ = server
+    probabilities, config = reference
+    payloads = [body for body, _ in images().values()]
+    work = [payloads[i % len(payloads)] for i in range(32)]
+    with ThreadPoolExecutor(max_workers=32) as pool:
+        responses = list(pool.map(lambda b: invoke(url, b, "application/x-image", timeout=180), work))
+    assert [r.status_code for r in responses] == [200] * 32
+    for response, body in zip(responses, work):
+        assert_matches(response.json()["predictions"][0], probabilities(body), config["class_names"], 3)
+    assert requests.get(f"{url}/ping", timeout=10).status_code == 200
+
+
+def run_predict(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "scripts" / "predict.py"), *args], capture_output=True,
+                          text=True, timeout=120, **kwargs)
+
+
+def test_predict_cli_against_the_server(server, tmp_path):
+    url, _ = server
+    webp = tmp_path / "dog.webp"
+    webp.write_bytes(images()["webp"][0])
+    result = run_predict(str(DOG), str(webp), "--url", url, "--top-k", "2")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == str(DOG) and lines[3] == str(webp) and len(lines) == 6
+    assert lines[1].lstrip().startswith("1. ") and "%" in lines[1] and "(class " in lines[1]
+    raw = run_predict(str(DOG), "--url", url + "/invocations", "--json")
+    assert raw.returncode == 0 and len(json.loads(raw.stdout)["predictions"][0]["top_k"]) == 3
+
+
+def test_predict_cli_reports_refused_image(server, tmp_path):
+    url, _ = server
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"not a jpeg at all")
+    result = run_predict(str(bad), str(DOG), "--url", url)
+    assert result.returncode == 1
+    assert "broken.jpg: refused: HTTP 400" in result.stderr and "not a readable image" in result.stderr
+    assert str(DOG) in result.stdout  # the good image is still predicted
+
+
+# --- start-up failures: no MMS, the stand-in answers 503 ----------------------------------------------------
+
+def _broken_model(kind: str, model_dir: Path, target: Path) -> None:
+    target.mkdir(parents=True)
+    config = json.loads((model_dir / "config.json").read_text())
+    if kind == "config_mismatch":
+        config["class_names"].append("999.Extra_breed")
+        (target / "config.json").write_text(json.dumps(config))
+        (target / "model.safetensors").symlink_to(model_dir / "model.safetensors")
+    else:  # a model.tar.gz holding config.json only: `serve` extracts it, then finds no weights
+        (target.parent / "config.json").write_text(json.dumps(config))
+        with tarfile.open(target / "model.tar.gz", "w:gz") as tar:
+            tar.add(target.parent / "config.json", arcname="config.json")
+
+
+@pytest.mark.parametrize("kind,reason", [("config_mismatch", "does not match config.json"),
+                                         ("missing_weights", "model.safetensors is missing")])
+def test_unloadable_model_makes_ping_unhealthy(trained, tmp_path, kind, reason):
+    _broken_model(kind, trained[0] / "model", tmp_path / "opt_ml" / "model")
+    port = mms_port()
+    env = {**os.environ, "SAGEMAKER_BASE_DIR": str(tmp_path / "opt_ml"), "SAGEMAKER_BIND_TO_PORT": str(port)}
+    serve = str(Path(sys.executable).parent / "serve")
+    proc = subprocess.Popen([serve, "serve"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)  # the leading "serve" is what `docker run IMAGE serve` adds
+    try:
+        deadline, response = time.monotonic() + 120, None
+        while response is None and time.monotonic() < deadline and proc.poll() is None:
+            try:
+                response = requests.get(f"http://127.0.0.1:{port}/ping", timeout=2)
+            except requests.ConnectionError:
+                time.sleep(0.3)
+        assert response is not None, f"no answer on /ping (exit {proc.poll()})"
+        assert response.status_code == 503 and reason in response.json()["message"]
+        requests.get(f"http://127.0.0.1:{port}/ping", timeout=5)
+        invocation = requests.post(f"http://127.0.0.1:{port}/invocations", data=b"x", timeout=5)
+        assert invocation.status_code == 503 and reason in invocation.json()["message"]
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        output, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 1
+    assert output.count(reason) == 1, output  # said once, however often it was pinged
+    assert "Traceback" not in output
+
+
+def test_serve_rejects_unknown_arguments():
+    result = subprocess.run([str(Path(sys.executable).parent / "serve"), "--port", "9"], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 2 and "usage: serve" in result.stderr
