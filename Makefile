@@ -108,3 +108,17 @@ test-docker: install ## build the CPU images and run train and serve in Docker (
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache
+
+# ---- Benchmarks (docs/readme/performance.md). `make test` runs each with --quick (tests/test_bench_smoke.py). --
+# Every scripts/bench/*.py that is a benchmark (not a helper); gpu.py needs a GPU: make bench-gpu.
+BENCH_HELPERS := common reference naive_server gpu
+BENCHES ?= $(filter-out $(BENCH_HELPERS),$(basename $(notdir $(wildcard scripts/bench/*.py))))
+.PHONY: bench bench-gpu
+bench: install ## run the benchmarks (BENCHES="train_throughput serving" for some); JSON in bench-results/
+	@mkdir -p bench-results
+	@for b in $(BENCHES); do echo "== $$b" >&2; \
+		$(BIN)/python scripts/bench/$$b.py > bench-results/$$b.json || exit 1; \
+		sed -n '/^{$$/,$$p' bench-results/$$b.json; done
+
+bench-gpu: install ## ResNet50 + ViT-B/16 bf16 training/inference images/s (on a GPU machine, < 5 minutes)
+	$(BIN)/python scripts/bench/gpu.py

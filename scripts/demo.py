@@ -26,6 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "code"))
 
 from imgclf import data, local, sample_data  # noqa: E402
+from imgclf.serve import free_port  # noqa: E402
 
 STEPS = ("data", "train", "serve", "predict", "stop")
 # The built-in sample data: a model learns it from scratch in about a minute on 2 CPU cores.
@@ -86,14 +87,6 @@ def train(args, data_dir: Path) -> dict:
     return metrics
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(args) -> tuple[subprocess.Popen, str]:
     port = args.port or free_port()
     log_path = args.output / "serve.log"
@@ -133,8 +126,7 @@ def predict(url: str, data_dir: Path, count: int) -> None:
     split = "test" if (data_dir / "test").is_dir() else "valid"
     images = sorted(p for p in (data_dir / split).rglob("*") if p.is_file() and data.is_image_file(p))
     picks = random.Random(0).sample(images, min(count, len(images)))
-    for image in picks:
-        print(f"{image.relative_to(data_dir)} (true breed: {image.parent.name})")
+    print(f"sending {len(picks)} images from {data_dir / split} (their folder is the true breed)", flush=True)
     result = subprocess.run([sys.executable, str(REPO / "scripts" / "predict.py"), *map(str, picks),
                              "--url", url, "--top-k", "3"], text=True)
     if result.returncode != 0:

@@ -26,7 +26,7 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
          "--disable-background-networking", "--disable-component-update", "--disable-sync", "--hide-scrollbars"]
 
 
-def screenshot(report: Path, png: Path, size: str = "1280,4400") -> None:
+def screenshot(report: Path, png: Path, size: str = "1280,4300") -> None:
     chromium = shutil.which("chromium")
     if chromium is None:
         raise SystemExit("chromium not found: apt-get install -y chromium")

@@ -4,11 +4,13 @@
     python scripts/tune.py --data s3://my-bucket/dogImages --role MySageMakerRole --max-jobs 12 --max-parallel 3
     python scripts/tune.py ... --param lr=0.0001:0.01:log --param freeze=head,none --hp model=resnet50
     python scripts/tune.py --attach imgclf-hpo-20260101-1200     # wait for a tuning job already running
+    python scripts/tune.py --local --data dogImages --hp model=resnet50 --max-jobs 20   # Optuna, on this machine
 
 The default search space is the reference project's: lr 0.001-0.1 (log), batch-size {128, 256}, epochs
 {5, 7, 10}. --search-space FILE replaces it (JSON, shape in imgclf/aws/training.py), --param adds or
 replaces one range. The best job's hyperparameters go to --best-out (JSON), which
-`scripts/train.py --hyperparameters FILE` accepts.
+`scripts/train.py --hyperparameters FILE` accepts. --local runs the same search here with Optuna, each trial a
+local-mode training run (imgclf/local_search.py, docs/readme/tuning-local.md).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import json
 import logging
 from pathlib import Path
 
+from imgclf import local_search
 from imgclf.aws import cli, jobs
 from imgclf.aws.session import Api
 from imgclf.aws.training import (
@@ -28,6 +31,7 @@ from imgclf.aws.training import (
     load_search_space,
     parse_range,
     tuning_job_request,
+    write_best_file,
 )
 from imgclf.errors import UserError
 
@@ -50,13 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="accuracy: maximise valid:accuracy (default); loss: minimise valid:loss")
     space.add_argument("--strategy", choices=("Bayesian", "Random"), default="Bayesian")
     space.add_argument("--max-jobs", type=int, default=10, help="training jobs in all (default 10)")
-    space.add_argument("--max-parallel", type=int, default=2, help="training jobs at once (default 2)")
+    space.add_argument("--max-parallel", type=int, default=None, help="training jobs at once (default 2)")
     space.add_argument("--no-early-stopping", action="store_true", help="let every training job run to the end")
     space.add_argument("--warm-start", action="append", default=[], metavar="TUNING_JOB",
                        help="start from an earlier tuning job's results (repeat, up to 5)")
     space.add_argument("--warm-start-type", choices=("IdenticalDataAndAlgorithm", "TransferLearning"),
                        default="IdenticalDataAndAlgorithm")
-    # `--local` (the same search with Optuna on this machine) will branch here, before any AWS flag matters.
+    local_search.add_args(parser)  # --local: the same search with Optuna on this machine
     jobs.add_job_args(parser)
     cli.add_wait_args(parser, "tuning job")
     cli.add_common_args(parser, role=True)
@@ -110,19 +114,18 @@ def write_best(job: dict, path: Path) -> None:
     best = job.get("BestTrainingJob") or {}
     hps = best_hyperparameters(job)
     metric = best.get("FinalHyperParameterTuningJobObjectiveMetric") or {}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"tuning_job": job["HyperParameterTuningJobName"],
-                               "training_job": best.get("TrainingJobName"), "objective": metric,
-                               "hyperparameters": hps}, indent=2, default=str) + "\n")
-    tmp.replace(path)
+    write_best_file(path, job["HyperParameterTuningJobName"], best.get("TrainingJobName"), metric, hps)
     print(f"best training job: {best.get('TrainingJobName')} "
           f"{metric.get('MetricName', '')}={metric.get('Value', '?')}")
     print(f"hyperparameters: {json.dumps(hps, sort_keys=True)} -> {path}")
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = cli.parse_args(build_parser(), argv)
+    parser = build_parser()
+    args = cli.parse_args(parser, argv)
+    local_search.check_flags(args, parser)
+    if args.local:
+        return local_search.run(args, search_space(args), jobs.hyperparameters_from(args))
     if args.attach:
         api = cli.make_api(args)
         name = args.attach
@@ -139,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"--job-name {name!r}: tuning job names have at most 32 characters")
         request = tuning_job_request(
             name, jobs.job_spec(api, args, name, checkpoints=False), space, static, objective=args.objective,
-            max_jobs=args.max_jobs, max_parallel=args.max_parallel, early_stopping=not args.no_early_stopping,
+            max_jobs=args.max_jobs, max_parallel=args.max_parallel or 2, early_stopping=not args.no_early_stopping,
             strategy=args.strategy, warm_start_from=args.warm_start, warm_start_type=args.warm_start_type,
             tags=cli.tags_from(args.tag))
         api.call("sagemaker", "CreateHyperParameterTuningJob", request)

@@ -21,7 +21,8 @@ def test_demo_end_to_end(tmp_path):
     accuracy = float(re.search(r"test accuracy (\d\.\d+)", out).group(1))
     assert accuracy >= 0.5  # 5 breeds: chance is 0.2
     # three images, each with a top-3 table from the real server
-    assert len(re.findall(r"\(true breed: \d{3}\.\w+\)", out)) == 3
+    assert len(re.findall(r"^  1\. .+%  \(class \d: \d{3}\.\w+\)$", out, re.M)) == 3
+    assert len(re.findall(r"^  3\. ", out, re.M)) == 3
     assert (tmp_path / "train" / "model.tar.gz").is_file()
     assert "demo finished: every step worked" in out
     # the server is gone: nothing listens on its port any more

@@ -10,9 +10,7 @@ import base64
 import io
 import json
 import os
-import random
 import signal
-import socket
 import subprocess
 import sys
 import tarfile
@@ -25,6 +23,7 @@ import pytest
 import requests
 import torch
 from imgclf import artifacts, data
+from imgclf.serve import free_port
 from PIL import Image
 
 from tests.conftest import PHOTOS, REPO
@@ -35,17 +34,6 @@ DOG = PHOTOS / "dogs" / "Affenpinscher" / "Affenpinscher_00047.jpg"
 GRAY = PHOTOS / "dogs" / "Airedale_terrier" / "imagenet_n02096051_Airedale.jpg"
 
 
-def mms_port() -> int:
-    """A free port below 32768: multi-model-server refuses higher ones, where the OS's ephemeral ports are."""
-    for _ in range(200):
-        port = random.randint(20000, 32000)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-                return port
-            except OSError:
-                continue
-    raise RuntimeError("no free port in 20000-32000")
 
 
 def wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = STARTUP_TIMEOUT) -> None:
@@ -88,7 +76,7 @@ def _pgid(p: psutil.Process) -> int | None:
 def server(trained, tmp_path_factory):
     """URL of a real server for the trained model; stopped (whole process group) after the module."""
     log = tmp_path_factory.mktemp("serve") / "server.log"
-    port = mms_port()
+    port = free_port()
     env = {**os.environ, "IMGCLF_TOP_K": "3", "SAGEMAKER_MAX_PAYLOAD_IN_MB": str(PAYLOAD_MB)}
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "imgclf.local", "serve", "--model",
@@ -308,7 +296,7 @@ def _broken_model(kind: str, model_dir: Path, target: Path) -> None:
                                          ("missing_weights", "model.safetensors is missing")])
 def test_unloadable_model_makes_ping_unhealthy(trained, tmp_path, kind, reason):
     _broken_model(kind, trained[0] / "model", tmp_path / "opt_ml" / "model")
-    port = mms_port()
+    port = free_port()
     env = {**os.environ, "SAGEMAKER_BASE_DIR": str(tmp_path / "opt_ml"), "SAGEMAKER_BIND_TO_PORT": str(port)}
     serve = str(Path(sys.executable).parent / "serve")
     proc = subprocess.Popen([serve, "serve"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

@@ -21,6 +21,7 @@ from imgclf.profiling import PHASES  # noqa: E402
 
 SECTIONS = {"summary": "Summary", "training": "Training curves", "system": "System utilisation",
             "steps": "Step time breakdown", "rules": "Rules", "operators": "Top operators (torch.profiler)"}
+TOP_OPERATORS = 15  # rows in the report; top_operators.json beside the trace has more
 STATUS_CLASS = {"IssuesFound": "bad", "NoIssuesFound": "good", "NotApplicable": "na", "InProgress": "na"}
 CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:0 auto;max-width:1200px;padding:1em 2em;
@@ -187,7 +188,7 @@ def _operators(d: ReportData) -> str:
         return ('<p class="muted">No profiler capture (profiler-steps=0, or the job ended before '
                 'profiler-start-step).</p>')
     rows = [[_e(o["name"]), o["calls"], f"{o['self_cpu_ms']:.2f}", f"{o['cpu_total_ms']:.2f}",
-             f"{o['self_device_ms']:.2f}"] for o in d.top_operators]
+             f"{o['self_device_ms']:.2f}"] for o in d.top_operators[:TOP_OPERATORS]]
     note = (f"<p>Steps {_e(d.profiler_steps[0])}-{_e(d.profiler_steps[-1])} captured. Full trace: "
             f"<code>{_e(d.trace)}</code> (in the job's output; open it in ui.perfetto.dev, chrome://tracing or "
             "TensorBoard's profile plugin).</p>") if d.profiler_steps else ""

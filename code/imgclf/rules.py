@@ -164,7 +164,8 @@ class Overtraining(Rule):
                 self._best[key] = (r[key], r["epoch"])
             elif r["epoch"] - best_epoch >= patience:
                 stale[key] = (r["epoch"] - best_epoch, best, best_epoch)
-        self.note = f"epoch {r['epoch']}: best train {self._best['train_loss']}, valid {self._best['valid_loss']}"
+        (bt, et), (bv, ev) = self._best["train_loss"], self._best["valid_loss"]
+        self.note = f"epoch {r['epoch']}: best train loss {bt:.4g} (epoch {et}), valid loss {bv:.4g} (epoch {ev})"
         if not stale:
             return None
         key, (epochs, best, best_epoch) = next(iter(stale.items()))

@@ -17,7 +17,9 @@ import ctypes
 import json
 import logging
 import os
+import random
 import signal
+import socket
 import sys
 import tarfile
 import threading
@@ -31,6 +33,19 @@ TARBALL = "model.tar.gz"
 DEFAULT_PAYLOAD_MB = 6
 PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
 MAX_PORT = 32767  # multi-model-server refuses higher ports ("Invalid port number")
+
+
+def free_port(low: int = 20000, high: int = MAX_PORT) -> int:
+    """A free local port that multi-model-server accepts (the OS's ephemeral ports are above MAX_PORT)."""
+    for _ in range(200):
+        port = random.randint(low, high)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+                return port
+            except OSError:
+                continue
+    raise RuntimeError(f"no free port in {low}-{high}")
 
 log = logging.getLogger("imgclf.serve")
 

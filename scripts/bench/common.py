@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -62,7 +63,8 @@ def train_ours(data_dir: Path, work: Path, hps: dict) -> dict:
                          if (data_dir / split).is_dir()})
     for d in (paths.model, paths.output_data, paths.checkpoints):
         d.mkdir(parents=True, exist_ok=True)
-    return train.run(config.parse_hyperparameters(hps), paths)
+    with contextlib.redirect_stdout(sys.stderr):  # its metric lines: stdout stays the benchmark's JSON
+        return train.run(config.parse_hyperparameters(hps), paths)
 
 
 def model_dir(path: Path, arch: str, image_size: int, classes: int = 133) -> Path:

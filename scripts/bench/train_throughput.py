@@ -4,7 +4,7 @@ Same model (random init: throughput does not depend on the weights), same genera
 size, same machine. An epoch is a training pass plus a validation pass (one image per class), timed on the
 last of --epochs epochs (steady state: workers started, kernels chosen). Prints JSON with the ratio.
 
-    python scripts/bench/train_throughput.py [--model resnet50] [--images 96] [--quick]
+    python scripts/bench/train_throughput.py [--model resnet50] [--images 64] [--quick]
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="resnet50")
     parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--images", type=int, default=96, help="training images (spread over --classes)")
+    parser.add_argument("--images", type=int, default=64, help="training images (spread over --classes)")
     parser.add_argument("--classes", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--epochs", type=int, default=2, help="the last one is timed")

@@ -279,3 +279,13 @@ def best_hyperparameters(tuning_job: dict) -> dict[str, Any]:
     merged = {k: _unquote(v) for k, v in merged.items() if not _internal(k)}
     return hyperparameter_strings(merged)
 
+
+
+def write_best_file(path: Path, tuning_job: str, training_job: str | None, objective: dict,
+                    hyperparameters: dict[str, str], **extra: Any) -> None:
+    """The best-hyperparameters file of tune.py (cloud and --local), read back by load_hyperparameters."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"tuning_job": tuning_job, "training_job": training_job, "objective": objective,
+                               "hyperparameters": hyperparameters, **extra}, indent=2, default=str) + "\n")
+    tmp.replace(path)
