@@ -17,6 +17,7 @@ EXPECTED = {
     "forward.py": ("forward_seconds", "decode_transform_seconds"),
     "serving.py": ("naive", "ours", "bare_forward", "throughput_c4_vs_naive", "p50_c1_vs_bare_forward"),
     "gpu.py": ("resnet50", "vit_b_16"),
+    "decode.py": ("pil_draft_ms_per_image", "torchvision_io_ms_per_image"),
 }
 
 

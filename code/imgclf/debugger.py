@@ -201,7 +201,7 @@ class Debugger:
             return
         if self.model is not None:
             self.collector.remove_hooks()
-        for part in (self.profiler.stop, self.monitor.stop, self.timer.close):
+        for part in (self.profiler.export, self.monitor.stop, self.timer.close):
             try:
                 part()
             except Exception as e:

@@ -253,11 +253,6 @@ class Search:
     # ---- running ----------------------------------------------------------------------------------------
 
     def run(self) -> None:
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
-        # Expected here, and explained in our own log lines: an enqueued value outside the range, a retried
-        # trial re-reporting the epochs its predecessor reported.
-        warnings.filterwarnings("ignore", message="Fixed parameter .* is out of range")
-        warnings.filterwarnings("ignore", message="The reported value is ignored")
         for params in self.enqueue:
             self.study.enqueue_trial(params, skip_if_exists=True)
         self.recover()
@@ -314,9 +309,9 @@ class Search:
         """One local training run; returns the objective's last value, or raises TrialPruned / TrialFailed."""
         hps = hyperparameter_strings({**self.static, **trial.params})
         out.mkdir(parents=True, exist_ok=True)
-        self._resume_retry(trial, out)
+        # A retry resumes where the interrupted trial stopped, possibly after its last epoch: no new line then.
+        value = self._resume_retry(trial, out)
         log.info("trial %d: %s", trial.number, " ".join(f"{k}={v}" for k, v in sorted(trial.params.items())))
-        value: float | None = None
         pruned_at = None
         killer = None
         with open(out / "train.log", "a") as train_log:
@@ -361,11 +356,11 @@ class Search:
             raise TrialFailed(f"the training printed no {self.metric} value; see {out / 'train.log'}")
         return value
 
-    def _resume_retry(self, trial: Trial, out: Path) -> None:
+    def _resume_retry(self, trial: Trial, out: Path) -> float | None:
         """A retried trial continues from the interrupted one: its checkpoint and the epochs it reported."""
         number = trial.user_attrs.get("retry_of")
         if number is None:
-            return
+            return None
         original = self.study.get_trials(deepcopy=False)[number]
         for step, value in sorted(original.intermediate_values.items()):
             trial.report(value, step)
@@ -373,6 +368,8 @@ class Search:
         if original.user_attrs.get("host") == HOST and checkpoints.is_dir() and not (out / "checkpoints").exists():
             shutil.move(checkpoints, out / "checkpoints")
             log.info("trial %d retries trial %d from its checkpoint", trial.number, number)
+        steps = original.intermediate_values
+        return steps[max(steps)] if steps else None
 
     # ---- reporting --------------------------------------------------------------------------------------
 
@@ -443,6 +440,11 @@ def _raise_interrupt(signum, frame) -> None:
 
 def run(args: argparse.Namespace, space: dict[str, dict[str, Any]], static: dict[str, Any]) -> int:
     """`tune.py --local`: search, print a row per trial, write the best hyperparameters; return the exit code."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # our log lines and table say what happens
+    # Expected, and explained in our own log lines: an enqueued value outside the range, a retried trial
+    # re-reporting the epochs its predecessor reported.
+    warnings.filterwarnings("ignore", message="Fixed parameter .* is out of range")
+    warnings.filterwarnings("ignore", message="The reported value is ignored")
     search = Search(args, space, static)
     signal.signal(signal.SIGTERM, _raise_interrupt)  # a SIGTERM stops the search as cleanly as Ctrl-C
     try:

@@ -30,18 +30,24 @@ MAX_KEPT = 100_000  # samples/steps kept in memory for rules and report; the JSO
 
 
 class JsonlFile:
-    """Append-only, line-buffered JSON lines: every record is in the file as soon as it is written."""
+    """Append-only JSON lines, flushed to the OS at least every `flush_seconds` (0: every record), so that a
+    crash loses at most that much; per-step files use 1 s (a write per step would cost more than the rest)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, flush_seconds: float = 0.0):
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.path = path
-        self._file: IO[str] | None = open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
+        self.path, self.flush_seconds = path, flush_seconds
+        self._file: IO[str] | None = open(path, "a", encoding="utf-8")  # noqa: SIM115
         self._lock = threading.Lock()
+        self._flushed = time.monotonic()
 
     def write(self, record: dict) -> None:
         with self._lock:
             if self._file is not None:
                 self._file.write(json.dumps(record, separators=(",", ":")) + "\n")
+                now = time.monotonic()
+                if now - self._flushed >= self.flush_seconds:
+                    self._file.flush()
+                    self._flushed = now
 
     def close(self) -> None:
         with self._lock:
@@ -134,7 +140,7 @@ class StepTimer:
 
     def __init__(self, path: Path | None, device: torch.device):
         self.cuda = device.type == "cuda"
-        self.file = JsonlFile(path) if path else None
+        self.file = JsonlFile(path, flush_seconds=1.0) if path else None
         self.steps: deque[dict] = deque(maxlen=MAX_KEPT)
         self.totals = dict.fromkeys((*PHASES, "total"), 0.0)
         self.count = 0
@@ -203,6 +209,7 @@ class ProfilerCapture:
             self.activities.append(torch.profiler.ProfilerActivity.CUDA)
         self.device_type = device.type
         self.prof: torch.profiler.profile | None = None
+        self._stopped: torch.profiler.profile | None = None
         self.captured: list[int] = []
         self.top_operators: list[dict] = []
         self.trace: Path | None = None
@@ -220,23 +227,28 @@ class ProfilerCapture:
                 self.stop()
 
     def stop(self) -> None:
-        """Stop and export (also when training ends or fails inside the capture)."""
-        prof, self.prof = self.prof, None
+        """End the capture (also when training ends or fails inside it); `export` writes it out later."""
+        if self.prof is not None:
+            self.prof.stop()
+            self._stopped, self.prof = self.prof, None
+
+    def export(self) -> None:
+        """Trace and top operators. At the end of the job: summarising costs seconds that no epoch should pay."""
+        self.stop()
+        prof, self._stopped = self._stopped, None
         if prof is None:
             return
-        prof.stop()
         self.out_dir.mkdir(parents=True, exist_ok=True)
         # The `<worker>.pt.trace.json.gz` name is what TensorBoard's profile plugin looks for; Perfetto opens it.
         self.trace = self.out_dir / f"{socket.gethostname()}.{int(time.time() * 1000)}.pt.trace.json.gz"
         prof.export_chrome_trace(str(self.trace))
-        device_key = "self_device_time_total"
         rows = []
         for e in prof.key_averages():
             rows.append({
                 "name": e.key, "calls": e.count,
                 "self_cpu_ms": round(e.self_cpu_time_total / 1000, 3),
                 "cpu_total_ms": round(e.cpu_time_total / 1000, 3),
-                "self_device_ms": round(getattr(e, device_key, 0) / 1000, 3),
+                "self_device_ms": round(getattr(e, "self_device_time_total", 0) / 1000, 3),
             })
         sort_key = "self_device_ms" if self.device_type == "cuda" else "self_cpu_ms"
         self.top_operators = sorted((r for r in rows if not r["name"].startswith("ProfilerStep")),
