@@ -53,7 +53,9 @@ SCHEMA: tuple[Param, ...] = (
     Param("label-smoothing", float, 0.0, "label smoothing of the cross-entropy loss", min=0.0, max=0.99),
     Param("lr-scheduler", str, "cosine", "learning-rate schedule over the epochs", choices=SCHEDULERS),
     Param("image-size", int, 224, "side of the square crop the model sees (pixels)", min=16, max=1024),
-    Param("augment", bool, True, "random resized crop + horizontal flip on the training split"),
+    Param("augment", str, "auto", "random resized crop + horizontal flip on the training split; auto = off with "
+          "freeze=head (the backbone's features are then cached: epochs after the first take milliseconds), "
+          "on otherwise", choices=("auto", "true", "false")),
     Param("num-workers", int, -1, "DataLoader worker processes; -1 = one per CPU, up to 8", min=-1, max=64),
     Param("seed", int, 42, "seed for weights of the new head, data order and augmentation", min=0),
     Param("early-stopping-patience", int, 0, "stop after this many epochs without a better validation "
@@ -180,6 +182,7 @@ def parse_hyperparameters(raw: dict[str, Any]) -> Hyperparameters:
             hp[name] = value
     if problems:
         raise HyperparameterError("; ".join(problems))
+    hp["augment"] = hp["freeze"] != "head" if hp["augment"] == "auto" else hp["augment"] == "true"
     return hp
 
 
