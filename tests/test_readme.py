@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from imgclf import config
+
 from tests.conftest import REPO
 
 
