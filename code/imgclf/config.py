@@ -7,6 +7,7 @@ types, ranges and choices and returns a `Hyperparameters` mapping with attribute
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -91,6 +92,9 @@ SCHEMA: tuple[Param, ...] = (
           "backbone stays frozen for 2+ epochs; with augment=true it falls back to the normal loop",
           choices=AUTO_ON_OFF),
     Param("prefetch-factor", int, 4, "batches each DataLoader worker prepares ahead", min=1, max=64),
+    # Distributed data-parallel training (imgclf.distributed): every host of the job runs this many processes.
+    Param("processes-per-host", int, 0, "training processes per host (DistributedDataParallel); 0 = one per GPU, "
+          "1 without a GPU; batch-size stays the global batch, split between all processes", min=0, max=64),
 )
 _BY_NAME = {p.name: p for p in SCHEMA}
 
@@ -151,9 +155,11 @@ def _coerce(param: Param, value: Any) -> Any:
             return float(value)
         except (TypeError, ValueError):
             raise bad from None
-    if not isinstance(value, str):
-        value = str(value)
-    return value.strip().lower()
+    if isinstance(value, dict | list):  # the toolkit json-decodes values: inline JSON arrives as an object
+        return json.dumps(value)
+    value = str(value).strip()
+    # Names and choices are case-insensitive; free text (paths, JSON) is kept as given.
+    return value.lower() if param.choices or param.name == "model" else value
 
 
 def parse_hyperparameters(raw: dict[str, Any]) -> Hyperparameters:

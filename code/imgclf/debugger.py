@@ -16,7 +16,6 @@ by a rule.
 
 from __future__ import annotations
 
-import json
 import logging
 import platform
 import time
@@ -35,16 +34,6 @@ log = logging.getLogger(__name__)
 RULES_FILE = "rules.json"
 REPORT_FILE = "profiler-report.html"
 DEBUG_HOOK_CONFIG = "debughookconfig.json"  # what SageMaker writes to input/config for a Debugger job
-
-
-def raw_hyperparameter(name: str, parsed: str) -> str:
-    """The value as SageMaker passed it: the parsed string hyperparameter is lower-cased (JSON, paths)."""
-    path = Path(config.base_dir()) / "input" / "config" / "hyperparameters.json"
-    try:
-        raw = json.loads(path.read_text()).get(name)
-    except (OSError, ValueError):
-        return parsed
-    return raw if isinstance(raw, str) else parsed
 
 
 def scale_initial_weights(model: nn.Module, factor: float) -> None:
@@ -97,7 +86,7 @@ class Debugger:
         self._mode = TRAIN
         if not self.enabled:
             return
-        self.rules: RuleSet = configure(hp.rules, raw_hyperparameter("rules-config", hp.rules_config), hp.rules_stop)
+        self.rules: RuleSet = configure(hp.rules, hp.rules_config, hp.rules_stop)
         self.collector = Collector(output_dir / "tensors", output_dir / "tensorboard", hp.collect_train_interval,
                                    hp.collect_eval_interval, hp.collect_stats_interval)
         self.monitor = SystemMonitor(output_dir / "profiler" / "system.jsonl", hp.monitor_interval_ms).start()

@@ -61,8 +61,10 @@ def channels_from(data_dir: Path) -> dict[str, Path]:
     return found
 
 
-def write_tree(base: Path, hps: dict[str, str], channels: dict[str, Path]) -> None:
-    """The /opt/ml layout SageMaker gives a training container, channels as symlinks (no copy)."""
+def write_tree(base: Path, hps: dict[str, str], channels: dict[str, Path], hosts: list[str] | None = None,
+               current_host: str = "algo-1") -> None:
+    """The /opt/ml layout SageMaker gives a training container, channels as symlinks (no copy); `hosts` and
+    `current_host` simulate one host of a multi-instance job."""
     cfg = base / "input" / "config"
     cfg.mkdir(parents=True)
     # SageMaker passes every hyperparameter value as a string.
@@ -71,7 +73,7 @@ def write_tree(base: Path, hps: dict[str, str], channels: dict[str, Path]) -> No
         name: {"TrainingInputMode": "File", "S3DistributionType": "FullyReplicated", "RecordWrapperType": "None"}
         for name in channels}))
     (cfg / "resourceconfig.json").write_text(json.dumps({
-        "current_host": "algo-1", "hosts": ["algo-1"], "current_instance_type": "local",
+        "current_host": current_host, "hosts": hosts or [current_host], "current_instance_type": "local",
         "network_interface_name": "lo"}))
     for name, path in channels.items():
         target = base / "input" / "data" / name
@@ -121,9 +123,13 @@ def train(data_dir: Path, output: Path, hps: dict[str, str], weights: Path | Non
                **(extra_env or {})}
         code = run_forwarding_signals([venv_bin("train")], env)
         reports = output / "reports"
-        if reports.exists():
-            shutil.rmtree(reports)
-        shutil.copytree(base / "output" / "data", reports)
+        # output/data (metrics, rules, report) -> reports/; collected tensors, TensorBoard and traces beside it
+        for name, target in (("data", reports), ("tensors", output / "tensors"),
+                             ("tensorboard", output / "tensorboard"), ("profiler", output / "profiler")):
+            if target.exists():
+                shutil.rmtree(target)
+            if (base / "output" / name).is_dir():
+                shutil.copytree(base / "output" / name, target)
         failure = base / "output" / "failure"
         if code != 0 or failure.exists():
             shutil.copy(failure, output / "failure") if failure.exists() else None

@@ -441,7 +441,7 @@ class RuleSet:
 
 
 def _split(text: str, what: str) -> list[str]:
-    names = [n.strip() for n in text.split(",") if n.strip()]
+    names = [n.strip().lower() for n in text.split(",") if n.strip()]
     unknown = [n for n in names if n not in RULES]
     if unknown:
         raise HyperparameterError(f"{what}: unknown rule(s) {', '.join(unknown)}; known: {', '.join(RULES)}")

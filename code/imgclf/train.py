@@ -21,9 +21,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from imgclf import accel, artifacts, config, data, features, models
+from imgclf import accel, artifacts, config, data, distributed, features, models
 from imgclf.debugger import Debugger
-from imgclf.errors import CheckpointError, TrainingInterrupted, UserError
+from imgclf.distributed import SINGLE, Context
+from imgclf.errors import CheckpointError, RuleStop, TrainingInterrupted, UserError
 from imgclf.evaluate import Evaluation, evaluate
 
 log = logging.getLogger("imgclf.train")
@@ -43,10 +44,14 @@ class EpochSampler(torch.utils.data.Sampler):
     """Data order and augmentation fixed by (seed, epoch): a resumed run sees exactly the same batches.
 
     Yields (index, sample_seed) pairs; `skip` drops the samples already trained on before an interruption.
+    With several ranks each takes every world_size-th sample of the epoch's order (padded by repeating its
+    start so all ranks run the same number of steps, like DistributedSampler): the ranks' k-th batches
+    together are the single-process k-th batch of the global batch size.
     """
 
-    def __init__(self, size: int, seed: int, shuffle: bool = True):
+    def __init__(self, size: int, seed: int, shuffle: bool = True, rank: int = 0, world_size: int = 1):
         self.size, self.seed, self.shuffle = size, seed, shuffle
+        self.rank, self.world_size = rank, world_size
         self.epoch, self.skip = 0, 0
 
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
@@ -58,12 +63,21 @@ class EpochSampler(torch.utils.data.Sampler):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         return torch.randperm(self.size, generator=g).tolist()
 
+    def shard(self) -> list[int]:
+        """This rank's indices of the epoch (all of them with one rank)."""
+        order = self.order()
+        if self.world_size == 1:
+            return order
+        per_rank = -(-self.size // self.world_size)
+        padded = (order * -(-per_rank * self.world_size // self.size))[:per_rank * self.world_size]
+        return padded[self.rank::self.world_size]
+
     def __iter__(self):
         base = (self.seed * 1_000_003 + self.epoch) * 1_000_033
-        return iter([(i, (base + i) % 2**63) for i in self.order()[self.skip:]])
+        return iter([(i, (base + i) % 2**63) for i in self.shard()[self.skip:]])
 
     def __len__(self) -> int:
-        return self.size - self.skip
+        return -(-self.size // self.world_size) - self.skip
 
 
 class SeededDataset(data.ImageDataset):
@@ -103,7 +117,9 @@ class StopFlag:
 
 
 def num_workers(hp) -> int:
-    return min(8, os.cpu_count() or 1) if hp.num_workers < 0 else hp.num_workers
+    """-1: one per CPU up to 8, shared between the training processes of a host (torchrun's LOCAL_WORLD_SIZE)."""
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return min(8, max(1, (os.cpu_count() or 1) // local_processes)) if hp.num_workers < 0 else hp.num_workers
 
 
 def make_loader(dataset, hp, sampler=None, batch_size=None) -> torch.utils.data.DataLoader:
@@ -170,17 +186,25 @@ def load_checkpoint(paths: Paths, fingerprint: dict) -> dict | None:
     return ckpt
 
 
-def run(hp, paths: Paths, device: torch.device | None = None) -> dict:
+def run(hp, paths: Paths, device: torch.device | None = None, dist: Context = SINGLE) -> dict:
     """Train under the Debugger: rules.json and the profiler report are written however training ends."""
-    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    with Debugger(hp, paths.output_data.parent, device) as dbg:
-        return train_job(hp, paths, device, dbg)
+    device = device or dist.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    # Only rank 0 collects, evaluates rules and writes reports; the others run with debugging off.
+    debug_hp = hp if dist.is_main else config.Hyperparameters({**hp, "debugging": False})
+    with Debugger(debug_hp, paths.output_data.parent, device) as dbg:
+        return train_job(hp, paths, device, dbg, dist)
 
 
-def train_job(hp, paths: Paths, device: torch.device, dbg: Debugger) -> dict:
-    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def check_inputs(hp, paths: Paths, check_decode: bool = True) -> dict[str, data.Split]:
+    """Model name and data, before anything trains (the distributed launcher runs it before the workers)."""
     models.check_model_name(hp.model)
-    splits = data.validate_splits(data.find_split_dirs(paths.channels), workers=max(2, num_workers(hp)))
+    return data.validate_splits(data.find_split_dirs(paths.channels), check_decode=check_decode,
+                                workers=max(2, num_workers(hp)))
+
+
+def train_job(hp, paths: Paths, device: torch.device, dbg: Debugger, dist: Context = SINGLE) -> dict:
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    splits = check_inputs(hp, paths, check_decode=dist.world_size == 1)  # the launcher decoded every file
     classes = splits["train"].classes
     torch.manual_seed(hp.seed)
     random.seed(hp.seed)
@@ -201,17 +225,24 @@ def train_job(hp, paths: Paths, device: torch.device, dbg: Debugger) -> dict:
 
     size = hp.image_size
     draft = data.resize_size(size)
-    sampler = EpochSampler(len(splits["train"].samples), hp.seed)
+    # batch-size is the global batch: each of the world_size ranks takes its share of every step.
+    rank_batch = max(1, hp.batch_size // dist.world_size)
+    if rank_batch * dist.world_size != hp.batch_size:
+        log.warning("batch-size=%d is not a multiple of %d processes: each takes %d, %d per step in all",
+                    hp.batch_size, dist.world_size, rank_batch, rank_batch * dist.world_size)
+    rank_hp = hp if dist.world_size == 1 else config.Hyperparameters({**hp, "batch-size": rank_batch})
+    sampler = EpochSampler(len(splits["train"].samples), hp.seed, rank=dist.rank, world_size=dist.world_size)
     train_loader = make_loader(SeededDataset(splits["train"].samples, data.train_transform(size, hp.augment),
-                                             draft), hp, sampler=sampler)
+                                             draft), rank_hp, sampler=sampler)
     eval_tf = data.eval_transform(size)
-    eval_loaders = {name: make_loader(data.ImageDataset(s.samples, eval_tf, draft), hp)
+    eval_loaders = {name: make_loader(data.ImageDataset(dist.shard(s.samples), eval_tf, draft), rank_hp)
                     for name, s in splits.items() if name != "train"}
-    cache = features.FrozenFeatures(hp, model, head, acc, splits, sampler, lambda ds: make_loader(ds, hp))
+    # Every rank extracts the features of all images, then trains the head on its shard (same sampler).
+    cache = features.FrozenFeatures(rank_hp, model, head, acc, splits, sampler, lambda ds: make_loader(ds, rank_hp))
 
     fingerprint = _fingerprint(hp, classes)
     state, best = State(), None
-    ckpt = load_checkpoint(paths, fingerprint)
+    ckpt = dist.from_main(lambda: load_checkpoint(paths, fingerprint))  # rank 0's, on every rank
     if ckpt:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -224,26 +255,34 @@ def train_job(hp, paths: Paths, device: torch.device, dbg: Debugger) -> dict:
                  state.epoch + 1, state.batches_done)
 
     stop = StopFlag()
-    log.info("training %s (%s, freeze=%s) on %s: %d classes, %d epochs", hp.model,
-             "pretrained" if hp.pretrained else "random init", hp.freeze, device, len(classes), hp.epochs)
+    log.info("training %s (%s, freeze=%s) on %s: %d classes, %d epochs%s", hp.model,
+             "pretrained" if hp.pretrained else "random init", hp.freeze, device, len(classes), hp.epochs,
+             f", rank {dist.rank} of {dist.world_size} ({rank_batch} images per step each)"
+             if dist.world_size > 1 else "")
     while state.epoch < hp.epochs:
         epoch = state.epoch
         trains_backbone = backbone_trains(hp, epoch)
         models.set_trainable(model, head, trains_backbone)
         models.train_mode(model, head, trains_backbone)
-        sampler.set_epoch(epoch, skip=state.batches_done * hp.batch_size)
+        sampler.set_epoch(epoch, skip=state.batches_done * rank_batch)
         started = time.monotonic()
-        run_ = state.running
+        base = state.running  # sums of all ranks so far this epoch (non-zero when resuming mid-epoch)
+        run_ = {"loss": 0.0, "correct": 0, "seen": 0}  # this rank's, from here on
         # Frozen backbone + cache: the head trains on cached features, same batches as the normal loop.
-        step_model, loader, valid_loader = cache.for_epoch(trains_backbone) or (model, train_loader,
-                                                                                 eval_loaders["valid"])
+        cached = cache.for_epoch(trains_backbone)
+        step_model, loader, valid_loader = cached or (model, train_loader, eval_loaders["valid"])
+        train_model = dist.wrap(step_model)  # DDP with several ranks
+        if dist.world_size > 1:
+            indices = [index for index, _seed in sampler]
+            log.info("rank %d/%d epoch %d: %d samples, digest %s", dist.rank, dist.world_size, epoch + 1,
+                     len(indices), distributed.sample_digest(indices))
         dbg.epoch_begin(epoch)
         for images, labels in loader:
             images, labels = acc.inputs(images), labels.to(device, non_blocking=True)
             dbg.step_begin()  # debugging: data wait ends
             optimizer.zero_grad(set_to_none=True)
             with acc.autocast():
-                logits = step_model(images)
+                logits = train_model(images)
                 loss = criterion(logits, labels)
             dbg.mark("forward")
             acc.backward(loss)
@@ -254,15 +293,28 @@ def train_job(hp, paths: Paths, device: torch.device, dbg: Debugger) -> dict:
             run_["correct"] += int((logits.argmax(1) == labels).sum())
             run_["seen"] += labels.numel()
             state.batches_done += 1
-            dbg.step_end(loss.item())  # debugging: collection and rules; may raise RuleStop
-            if stop.requested:
-                save_checkpoint(paths, model, optimizer, scheduler, state, fingerprint, best)
-                raise TrainingInterrupted(
+            stopping = None
+            try:
+                dbg.step_end(loss.item())  # debugging: collection and rules; may raise RuleStop
+            except RuleStop as e:
+                stopping = e
+            if stopping is None and stop.requested:
+                stopping = TrainingInterrupted(
                     f"stopped by SIGTERM in epoch {epoch + 1}, batch {state.batches_done}; checkpoint saved in "
                     f"{paths.checkpoints}: run the same job again to resume"
                 )
+            stopping = dist.first_error(stopping)  # all ranks stop at the same step
+            if isinstance(stopping, TrainingInterrupted):
+                state.running = dist.add_sums(base, run_)
+                if dist.is_main:
+                    save_checkpoint(paths, model, optimizer, scheduler, state, fingerprint, best)
+            if stopping is not None:
+                raise stopping
         with acc.autocast():
             valid = evaluate(step_model, valid_loader, len(classes), device, on_batch=dbg.eval_batch)
+        if not cached:  # each rank evaluated its shard (cached features: every rank has all of valid)
+            valid = dist.reduce_evaluation(valid)
+        run_ = dist.add_sums(base, run_)
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
         record = {
@@ -271,9 +323,17 @@ def train_job(hp, paths: Paths, device: torch.device, dbg: Debugger) -> dict:
             "valid_accuracy": valid.accuracy, "lr": lr, "seconds": round(time.monotonic() - started, 3),
         }
         state.history.append(record)
-        print(metrics_line({"epoch": epoch + 1}, **{k: record[k] for k in
-              ("train_loss", "train_accuracy", "valid_loss", "valid_accuracy")}), flush=True)
-        dbg.epoch_end(state.history)  # debugging: epoch rules, rules.json; may raise RuleStop
+        if dist.is_main:
+            print(metrics_line({"epoch": epoch + 1}, **{k: record[k] for k in
+                  ("train_loss", "train_accuracy", "valid_loss", "valid_accuracy")}), flush=True)
+        stopping = None
+        try:
+            dbg.epoch_end(state.history)  # debugging: epoch rules, rules.json; may raise RuleStop
+        except RuleStop as e:
+            stopping = e
+        stopping = dist.first_error(stopping)
+        if stopping is not None:
+            raise stopping
         if valid.accuracy > state.best_accuracy:
             state.best_accuracy, state.best_epoch = valid.accuracy, epoch + 1
             state.epochs_without_improvement = 0
@@ -282,21 +342,25 @@ def train_job(hp, paths: Paths, device: torch.device, dbg: Debugger) -> dict:
             state.epochs_without_improvement += 1
         state.epoch, state.batches_done = epoch + 1, 0
         state.running = {"loss": 0.0, "correct": 0, "seen": 0}
-        save_checkpoint(paths, model, optimizer, scheduler, state, fingerprint, best)
+        if dist.is_main:
+            save_checkpoint(paths, model, optimizer, scheduler, state, fingerprint, best)
         if hp.early_stopping_patience and state.epochs_without_improvement >= hp.early_stopping_patience:
             log.info("early stopping: no better validation accuracy for %d epochs", state.epochs_without_improvement)
             break
 
     model.load_state_dict(best)
     log.info("best epoch %d (validation accuracy %.4f)", state.best_epoch, state.best_accuracy)
-    return finish(hp, paths, model, classes, state, eval_loaders, device)
+    return finish(hp, paths, model, classes, state, eval_loaders, device, dist)
 
 
-def finish(hp, paths: Paths, model, classes, state: State, eval_loaders, device) -> dict:
-    """Evaluate the selected model once on test, write the model directory and the reports."""
-    final: dict[str, Evaluation] = {"valid": evaluate(model, eval_loaders["valid"], len(classes), device)}
-    if "test" in eval_loaders:
-        final["test"] = evaluate(model, eval_loaders["test"], len(classes), device)
+def finish(hp, paths: Paths, model, classes, state: State, eval_loaders, device, dist: Context = SINGLE) -> dict:
+    """Evaluate the selected model once on test, write the model directory and the reports (rank 0)."""
+    final: dict[str, Evaluation] = {
+        name: dist.reduce_evaluation(evaluate(model, eval_loaders[name], len(classes), device))  # rank shards
+        for name in ("valid", "test") if name in eval_loaders}
+    if not dist.is_main:
+        return {"best_epoch": state.best_epoch, **{f"{name}_accuracy": e.accuracy for name, e in final.items()}}
+    if "test" in final:
         print(metrics_line({}, test_loss=final["test"].loss, test_accuracy=final["test"].accuracy), flush=True)
     else:
         log.warning("no test split: test metrics skipped")
@@ -335,7 +399,7 @@ def main() -> None:
     from sagemaker_training import environment
 
     logging.basicConfig(stream=sys.stdout, level=logging.INFO, force=True,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+                        format=f"%(asctime)s %(levelname)s {distributed.log_tag()}%(name)s: %(message)s")
     output_dir = Path(environment.output_dir)
     # The toolkit creates neither model/ nor output/; without output/ a failure would be swallowed.
     for d in (Path(environment.model_dir), output_dir / "data"):
@@ -346,6 +410,16 @@ def main() -> None:
         paths = Paths(Path(env.model_dir), Path(env.output_data_dir), failure, Path(config.checkpoint_dir()),
                       dict(env.channel_input_dirs))
         hp = config.parse_hyperparameters(env.hyperparameters)
+        if distributed.is_worker():  # started by torchrun below, on this host or another
+            with distributed.worker() as dist:
+                run(hp, paths, dist=dist)
+            return
+        plan = distributed.make_plan(env.hosts, env.current_host, hp.processes_per_host,
+                                     env.network_interface_name)
+        if plan.world_size > 1:
+            check_inputs(hp, paths)  # bad data or model name: one clear error before any worker starts
+            distributed.launch(plan)
+            return
         run(hp, paths)
     except UserError as e:
         log.error("training failed: %s", e)
