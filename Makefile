@@ -35,7 +35,7 @@ WEIGHTS ?=
 demo: install ## sample data -> train -> serve -> predict, on this machine (DATA=, MODEL=, WEIGHTS= for your own)
 	$(BIN)/python scripts/demo.py $(if $(DATA),--data $(DATA)) $(if $(MODEL),--model $(MODEL)) $(if $(WEIGHTS),--weights $(WEIGHTS))
 
-# ---- Images: build, lock, push, and the `docker run` local mode (docs/readme/containers.md) ----------
+# ---- Images: build, lock, push, and the `docker run` local mode (README: "Build and push") ----------
 DOCKER ?= docker
 IMAGES ?= train-cpu train-gpu serve
 # Local image name = ECR repository name = $(IMAGE_PREFIX)-<image> (imgclf.aws.images.REPOSITORIES).
@@ -109,7 +109,7 @@ test-docker: install ## build the CPU images and run train and serve in Docker (
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache
 
-# ---- Benchmarks (docs/readme/performance.md). `make test` runs each with --quick (tests/test_bench_smoke.py). --
+# ---- Benchmarks (README: "Performance"). `make test` runs each with --quick (tests/test_bench_smoke.py). --
 # Every scripts/bench/*.py that is a benchmark (not a helper); gpu.py needs a GPU: make bench-gpu.
 BENCH_HELPERS := common reference naive_server gpu
 BENCHES ?= $(filter-out $(BENCH_HELPERS),$(basename $(notdir $(wildcard scripts/bench/*.py))))
