@@ -10,7 +10,7 @@ The default search space is the reference project's: lr 0.001-0.1 (log), batch-s
 {5, 7, 10}. --search-space FILE replaces it (JSON, shape in imgclf/aws/training.py), --param adds or
 replaces one range. The best job's hyperparameters go to --best-out (JSON), which
 `scripts/train.py --hyperparameters FILE` accepts. --local runs the same search here with Optuna, each trial a
-local-mode training run (imgclf/local_search.py, README: "Hyperparameter search on your own machine").
+local-mode training run (imgclf/local_search.py; see README).
 """
 
 from __future__ import annotations

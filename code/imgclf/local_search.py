@@ -59,7 +59,7 @@ class TrialFailed(Exception):
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("local search (--local: Optuna on this machine; README: "Hyperparameter search on your own machine")")
+    group = parser.add_argument_group("local search (--local: Optuna on this machine; see README)")
     group.add_argument("--local", action="store_true",
                        help="run the search here, each trial a local-mode training run; --data and --output are "
                             "then local folders, --max-jobs the number of trials, --strategy picks TPE or random "

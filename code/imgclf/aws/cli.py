@@ -103,7 +103,7 @@ def role_arn(api: Api, role: str | None) -> str:
     """An ARN as given; a bare name becomes arn:aws:iam::<account>:role/<name>."""
     if not role:
         raise AwsError(f"no SageMaker execution role: pass --role (ARN or name) or set {ROLE_ENV}; "
-                       "README.md ("Permissions") lists the permissions it needs")
+                       "README.md (Permissions) lists the permissions it needs")
     if role.startswith("arn:"):
         if not re.fullmatch(r"arn:aws[a-z-]*:iam::\d{12}:role/[\w+=,.@/-]+", role):
             raise UserError(f"--role {role!r} is not an IAM role ARN (arn:aws:iam::<12-digit account>:role/<name>)")

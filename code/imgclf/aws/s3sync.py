@@ -101,7 +101,7 @@ def check_bucket(api: Api, bucket: str) -> None:
                            "of your SageMaker jobs, or fix the URI", code=e.code) from None
         if e.code in ("403", "AccessDenied"):
             raise AwsError(f"no access to bucket {bucket}: it belongs to another account, or your identity lacks "
-                           "s3:ListBucket on it (see "Permissions" in README.md)", code=e.code) from None
+                           "s3:ListBucket on it (see Permissions in README.md)", code=e.code) from None
         raise
 
 
