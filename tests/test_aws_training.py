@@ -54,12 +54,22 @@ def test_training_dry_run_offline_has_spot_checkpoints_metrics_and_string_hyperp
     assert r["Tags"] == [{"Key": "project", "Value": "dogs"}]
 
 
+def test_instance_count_sets_the_hosts_of_a_distributed_job():
+    result = run_script("train.py", "--dry-run", "--data", DATA, "--role", ROLE, "--instance-type", "ml.g5.12xlarge",
+                        "--instance-count", "2", "--hp", "processes-per-host=4", env=offline_env())
+    assert result.returncode == 0, failed(result)
+    [sent] = dry_run_requests(result.stdout)
+    assert sent["request"]["ResourceConfig"]["InstanceCount"] == 2
+    assert sent["request"]["HyperParameters"]["processes-per-host"] == "4"
+
+
 @pytest.mark.parametrize("args, message", [
     (["--hp", "lr=fast"], "hyperparameter lr='fast'"),
     (["--hp", "optimiser=adam"], "unknown hyperparameter(s) optimiser"),
     (["--spot", "--max-runtime", "7200", "--max-wait", "3600"], "spot jobs need max wait >= max runtime"),
     (["--max-wait", "3600"], "max wait applies to managed spot training only"),
     (["--hp", "freeze"], "expected KEY=VALUE"),
+    (["--instance-count", "0"], "instance count 0: must be 1 or more"),
 ])
 def test_bad_training_input_exits_2_with_the_reason(args, message):
     result = run_script("train.py", "--dry-run", "--data", DATA, "--role", ROLE, *args, env=offline_env())

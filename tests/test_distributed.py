@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -186,3 +187,15 @@ def test_sampler_shards_are_the_single_process_batches():
         assert sorted(shards[0][4 * k:4 * k + 4] + shards[1][4 * k:4 * k + 4]) == sorted(order[8 * k:8 * k + 8])
     ranks[1].set_epoch(3, skip=4)  # resume after one step: the rank skips its own 4 samples
     assert [i for i, _ in ranks[1]] == shards[1][4:]
+
+
+def test_bad_data_fails_before_any_worker_starts(tmp_path, sample_dataset):
+    data = tmp_path / "data"
+    shutil.copytree(sample_dataset, data)
+    bad = data / "train" / "001.Spotted_pointer" / "broken.jpg"
+    bad.write_bytes(b"not a JPEG")
+    result = local_train(data, tmp_path / "out", DDP_HPS)
+    assert result.returncode != 0
+    assert (tmp_path / "out" / "failure").read_text().startswith("DataError: dataset is not usable")
+    assert "broken.jpg: cannot decode" in (tmp_path / "out" / "failure").read_text()
+    assert "distributed training:" not in result.stdout  # the launcher checked the data: torchrun never ran

@@ -253,11 +253,14 @@ def test_killed_run_resumes_from_the_last_epoch(tmp_path, sample_dataset):
     hps = {**FAST_HPS, "epochs": "3"}
     proc = _start(sample_dataset, out, hps)
     _wait_for(proc, "epoch=1 ")
-    time.sleep(0.5)  # the checkpoint is written right after the metrics line
+    checkpoint = out / "checkpoints" / "checkpoint.pt"
+    deadline = time.monotonic() + 120  # written (atomically) right after the metrics line
+    while not checkpoint.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
     subprocess.run(["pkill", "-KILL", "-P", str(proc.pid)])  # kill `train` outright: no chance to save
     proc.kill()
     proc.wait(timeout=60)
-    ckpt = torch.load(out / "checkpoints" / "checkpoint.pt", weights_only=True)
+    ckpt = torch.load(checkpoint, weights_only=True)
     done = ckpt["state"]["epoch"]
     assert done >= 1
     result = local_train(sample_dataset, out, hps)

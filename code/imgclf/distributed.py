@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from imgclf.errors import HyperparameterError
+from imgclf.errors import HyperparameterError, UserError
 from imgclf.evaluate import Evaluation
 
 log = logging.getLogger(__name__)
@@ -38,8 +38,9 @@ MASTER_PORT_ENV = "IMGCLF_MASTER_PORT"
 DEFAULT_MASTER_PORT = 29500  # torch.distributed's default
 
 
-class WorkersFailed(Exception):
-    """torchrun ended with an error; the workers' own messages are in the log and the failure file."""
+class WorkersFailed(UserError):
+    """torchrun ended with an error; the workers' own messages are in the log and the failure file (a UserError
+    so that the toolkit logs this one line rather than the launcher's traceback)."""
 
 
 @dataclass(frozen=True)

@@ -111,6 +111,8 @@ class JobSpec:
             problems.append("max wait applies to managed spot training only: add --spot or drop --max-wait")
         if not 1 <= self.volume_gb <= 16384:
             problems.append(f"volume size {self.volume_gb} GB: must be 1-16384")
+        if self.instance_count < 1:  # more than 1: distributed data-parallel training (imgclf.distributed)
+            problems.append(f"instance count {self.instance_count}: must be 1 or more")
         if problems:
             raise UserError("; ".join(problems))
 
