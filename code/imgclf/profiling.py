@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import socket
 import threading
 import time
@@ -207,6 +208,8 @@ class ProfilerCapture:
         self.activities = [torch.profiler.ProfilerActivity.CPU]
         if device.type == "cuda":
             self.activities.append(torch.profiler.ProfilerActivity.CUDA)
+        else:  # a CUDA build of torch on a CPU machine: kineto would log "gpuGetDeviceCount failed" as an ERROR
+            os.environ.setdefault("KINETO_LOG_LEVEL", "5")
         self.device_type = device.type
         self.prof: torch.profiler.profile | None = None
         self._stopped: torch.profiler.profile | None = None
