@@ -23,23 +23,9 @@ from pathlib import Path
 
 import common
 import requests
+from imgclf.serve import free_port
 
 BENCH = Path(__file__).resolve().parent
-
-
-def free_port() -> int:
-    """A free port below 32768 (multi-model-server takes no higher one)."""
-    import random
-    import socket
-
-    for port in random.sample(range(20000, 32768), 200):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port between 20000 and 32767")
 
 
 @contextmanager
