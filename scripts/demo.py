@@ -46,8 +46,7 @@ def prepare_data(args) -> Path:
     if args.data:
         root = args.data.expanduser()
         try:
-            data.validate_splits(data.find_split_dirs(
-                {s: str(p) for s, p in local.channels_from(root).items()}))
+            data.validate_splits(local.channels_from(root))
         except (SystemExit, data.DataError) as e:
             raise StepFailed(str(e)) from None
         return root

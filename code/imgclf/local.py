@@ -49,16 +49,11 @@ def parse_hp(pairs: list[str]) -> dict[str, str]:
 
 def channels_from(data_dir: Path) -> dict[str, Path]:
     """train/valid/test sub-folders become channels; a folder without them is an error that shows the layout."""
-    found = {}
-    for split in data.SPLITS:
-        for alias in data.SPLIT_ALIASES.get(split, (split,)):
-            if (data_dir / alias).is_dir():
-                found[split] = data_dir / alias
-                break
-    if "train" not in found:
+    try:
+        return data.find_split_dirs({"training": str(data_dir)})  # the training code's own lookup (aliases too)
+    except data.DataError:
         raise SystemExit(f"--data {data_dir}: expected sub-folders train/, valid/ (and test/), each holding "
-                         "one folder per class, e.g. train/001.Affenpinscher/*.jpg")
-    return found
+                         "one folder per class, e.g. train/001.Affenpinscher/*.jpg") from None
 
 
 def write_tree(base: Path, hps: dict[str, str], channels: dict[str, Path], hosts: list[str] | None = None,

@@ -203,7 +203,6 @@ def check_inputs(hp, paths: Paths, check_decode: bool = True) -> dict[str, data.
 
 
 def train_job(hp, paths: Paths, device: torch.device, dbg: Debugger, dist: Context = SINGLE) -> dict:
-    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     splits = check_inputs(hp, paths, check_decode=dist.world_size == 1)  # the launcher decoded every file
     classes = splits["train"].classes
     torch.manual_seed(hp.seed)
