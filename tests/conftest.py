@@ -11,8 +11,6 @@ import pytest
 from imgclf import sample_data
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-PHOTOS = SHARED / "samples" / "photos"
 # Small and fast on 2 CPU cores, and learns the sample data well above chance.
 FAST_HPS = {"model": "resnet18", "pretrained": "false", "freeze": "none", "augment": "false",
             "image-size": "64", "epochs": "4", "batch-size": "16", "num-workers": "0", "lr": "0.001"}
@@ -71,3 +69,13 @@ def aws_env(moto_server, monkeypatch) -> dict[str, str]:
     for key in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
         monkeypatch.delenv(key, raising=False)
     return {**os.environ, **env}
+
+
+# Tests that train, serve or build are `slow`: `make test-fast` (pytest -m "not slow and not images") skips them.
+SLOW_FIXTURES = {"trained", "server", "ddp_run", "diverged", "images"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

@@ -13,9 +13,9 @@ import sys
 import pytest
 import requests
 
-from tests.conftest import PHOTOS, REPO, free_port
+from tests.conftest import REPO, free_port
+from tests.photos import DOG
 
-DOG = PHOTOS / "dogs" / "Affenpinscher" / "Affenpinscher_00047.jpg"
 RESPONSE = {"predictions": [{"top_k": [
     {"label": "Affenpinscher", "class_name": "001.Affenpinscher", "index": 0, "probability": 0.9312},
     {"label": "Brussels griffon", "class_name": "038.Brussels_griffon", "index": 37, "probability": 0.0411},

@@ -23,17 +23,15 @@ import pytest
 import requests
 import torch
 from imgclf import artifacts, data
-from imgclf.serve import free_port
+from imgclf.processes import free_port
 from PIL import Image
 
-from tests.conftest import PHOTOS, REPO
+from tests.conftest import REPO
+from tests.photos import DOG, encode
+from tests.photos import forms as images
 
 STARTUP_TIMEOUT = 240  # Java + one Python worker importing torch on 2 shared cores
 PAYLOAD_MB = 1  # small limit so the over-size test stays small
-DOG = PHOTOS / "dogs" / "Affenpinscher" / "Affenpinscher_00047.jpg"
-GRAY = PHOTOS / "dogs" / "Airedale_terrier" / "imagenet_n02096051_Airedale.jpg"
-
-
 
 
 def wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = STARTUP_TIMEOUT) -> None:
@@ -107,30 +105,6 @@ def reference(trained):
 def invoke(url: str, body: bytes, content_type: str = "image/jpeg", timeout: float = 120, **headers):
     return requests.post(f"{url}/invocations", data=body, timeout=timeout,
                          headers={"Content-Type": content_type, **headers})
-
-
-def encode(img: Image.Image, fmt: str, **kwargs) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, fmt, **kwargs)
-    return buf.getvalue()
-
-
-def images() -> dict[str, tuple[bytes, str]]:
-    """Real photos in the formats and modes clients send: (bytes, Content-Type)."""
-    dog = Image.open(DOG).convert("RGB")
-    rgba = dog.convert("RGBA")
-    rgba.putalpha(Image.linear_gradient("L").resize(dog.size))
-    exif = Image.Exif()
-    exif[0x0112] = 6  # Orientation: rotate 90 CW to display
-    return {
-        "jpeg": (DOG.read_bytes(), "image/jpeg"),
-        "png_alpha": (encode(rgba, "PNG"), "image/png"),
-        "grayscale_jpeg": (GRAY.read_bytes(), "application/x-image"),
-        "cmyk_jpeg": (encode(dog.convert("CMYK"), "JPEG", quality=90), "image/jpeg"),
-        "exif_rotated_jpeg": (encode(dog.rotate(90, expand=True), "JPEG", quality=90, exif=exif), "image/jpeg"),
-        "webp": (encode(dog, "WEBP", quality=90), "image/webp"),
-        "octet_stream_png": (encode(dog.convert("L"), "PNG"), "application/octet-stream"),
-    }
 
 
 def assert_matches(prediction: dict, expected: list[float], classes: list[str], k: int) -> None:

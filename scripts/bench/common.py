@@ -54,17 +54,38 @@ def percentiles(values: list[float], points=(50, 95, 99)) -> dict[str, float]:
     return {f"p{p}": ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))] for p in points}
 
 
-def train_ours(data_dir: Path, work: Path, hps: dict) -> dict:
-    """imgclf.train.run, the training job's own loop, in this process; returns its metrics (history: seconds)."""
-    from imgclf import config, train
+def add_training_args(parser, model: str, epochs: int, epochs_help: str | None = None) -> None:
+    """The flags of the training benchmarks (head_cache, train_throughput)."""
+    parser.add_argument("--model", default=model)
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--images", type=int, default=64, help="training images (spread over --classes)")
+    parser.add_argument("--classes", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--epochs", type=int, default=epochs, help=epochs_help)
+    parser.add_argument("--quick", action="store_true", help="smoke test: tiny model, images and sizes")
 
-    paths = train.Paths(work / "model", work / "output" / "data", work / "output" / "failure", work / "checkpoints",
-                        {split: str(data_dir / split) for split in ("train", "valid", "test")
-                         if (data_dir / split).is_dir()})
+
+def training_hyperparameters(args, freeze: str, quick_epochs: int, **extra) -> dict:
+    """Our hyperparameters for a training benchmark (--quick: a tiny model, images and sizes)."""
+    if args.quick:
+        args.model, args.image_size, args.images, args.batch_size, args.epochs = "resnet18", 32, 8, 4, quick_epochs
+    return {"model": args.model, "pretrained": False, "freeze": freeze, "augment": False,
+            "image-size": args.image_size, "batch-size": args.batch_size, "epochs": args.epochs,
+            "lr-scheduler": "none", "debugging": False, **extra}
+
+
+def train_ours(data_dir: Path, work: Path, hps: dict) -> dict:
+    """imgclf.training.job.run, the training job's own loop, in this process; returns its metrics (history: seconds)."""
+    from imgclf import config
+    from imgclf.training import job
+
+    paths = job.Paths(work / "model", work / "output" / "data", work / "checkpoints",
+                      {split: str(data_dir / split) for split in ("train", "valid", "test")
+                       if (data_dir / split).is_dir()})
     for d in (paths.model, paths.output_data, paths.checkpoints):
         d.mkdir(parents=True, exist_ok=True)
     with contextlib.redirect_stdout(sys.stderr):  # its metric lines: stdout stays the benchmark's JSON
-        return train.run(config.parse_hyperparameters(hps), paths)
+        return job.run(config.parse_hyperparameters(hps), paths)
 
 
 def model_dir(path: Path, arch: str, image_size: int, classes: int = 133) -> Path:
@@ -81,10 +102,12 @@ def model_dir(path: Path, arch: str, image_size: int, classes: int = 133) -> Pat
 
 
 def photo() -> bytes:
-    """A real dog photo (the shared samples; CI has them too), else a generated JPEG of similar size."""
-    samples = sorted((REPO.parent / "shared" / "samples" / "photos" / "dogs").rglob("*.jpg"))
+    """A real dog photo from ../shared/samples (this project's machines), else a generated JPEG of similar size."""
+    shared = REPO.parent / "shared" / "samples" / "photos" / "dogs"
+    samples = sorted(shared.rglob("*.jpg"))
     if samples:
         return samples[len(samples) // 2].read_bytes()
+    print(f"note: {shared} does not exist: measuring with a generated photo instead", file=sys.stderr)
     import io
 
     buf = io.BytesIO()

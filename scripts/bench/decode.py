@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -19,9 +20,11 @@ from torchvision.io import ImageReadMode, decode_image
 
 
 def photos(tmp: Path, count: int) -> list[Path]:
-    found = sorted((common.REPO.parent / "shared" / "samples" / "photos").rglob("*.jpg"))[:count]
+    shared = common.REPO.parent / "shared" / "samples" / "photos"
+    found = sorted(shared.rglob("*.jpg"))[:count]
     if found:
         return found
+    print(f"note: {shared} does not exist: measuring with generated photos instead", file=sys.stderr)
     root = common.dataset(tmp / "data", 2, count // 2, 0, 0, size=480)
     return sorted(root.rglob("*.jpg"))
 
