@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 from imgclf import local, sample_data
+from imgclf.errors import DataError
 
 MARKER = Path("input") / "config" / "hyperparameters.json"
 
@@ -35,7 +36,10 @@ def make_tree(tree: Path, data: Path | None, hps: dict[str, str], clean: bool = 
     with tempfile.TemporaryDirectory() as tmp:
         if data is None:
             data = sample_data.generate(Path(tmp) / "sample", classes=5)
-        channels = local.channels_from(data)
+        try:
+            channels = local.split_channels(data)
+        except DataError as e:
+            raise SystemExit(str(e)) from None
         local.write_tree(tree, hps, channels)
         for name, source in channels.items():
             link = tree / "input" / "data" / name

@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "code"))
 
 from imgclf import data, local, sample_data  # noqa: E402
-from imgclf.serve import free_port  # noqa: E402
+from imgclf.processes import free_port  # noqa: E402
 
 STEPS = ("data", "train", "serve", "predict", "stop")
 # The built-in sample data: a model learns it from scratch in about a minute on 2 CPU cores.
@@ -46,8 +46,8 @@ def prepare_data(args) -> Path:
     if args.data:
         root = args.data.expanduser()
         try:
-            data.validate_splits(local.channels_from(root))
-        except (SystemExit, data.DataError) as e:
+            data.validate_splits(local.split_channels(root))
+        except data.DataError as e:
             raise StepFailed(str(e)) from None
         return root
     root = args.output / "data"

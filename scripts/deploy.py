@@ -18,17 +18,18 @@ import argparse
 import logging
 import re
 
-from imgclf.aws import cli, endpoints
+from imgclf.aws import endpoints, scripting
 from imgclf.aws.images import image_uri
 from imgclf.aws.session import Api, AwsError
 from imgclf.errors import UserError
+from imgclf.exit_codes import EXIT_CODES_HELP, EXIT_OK, JobFailed
 
 log = logging.getLogger("deploy")
 BUSY = ("Creating", "Updating", "SystemUpdating", "RollingBack", "Deleting", "UpdateRollbackFailed")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, epilog=cli.EXIT_CODES_HELP,
+    parser = argparse.ArgumentParser(description=__doc__, epilog=EXIT_CODES_HELP,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--name", required=True, help="endpoint name (letters, digits, hyphens), e.g. dog-breeds")
     parser.add_argument("--delete", action="store_true",
@@ -42,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--image-tag", default="latest")
     model.add_argument("--workers", type=int, help="model server workers per instance (SAGEMAKER_MODEL_SERVER_WORKERS)")
     model.add_argument("--top-k", type=int, help="default number of breeds per prediction (IMGCLF_TOP_K)")
-    model.add_argument("--env", action="append", type=cli.key_value, default=[], metavar="KEY=VALUE",
+    model.add_argument("--env", action="append", type=scripting.key_value, default=[], metavar="KEY=VALUE",
                        help="more container environment (repeat)")
     model.add_argument("--timestamp-names", action="store_true",
                        help="name the model and config <name>-<timestamp> instead of <name>-<content hash>")
@@ -59,9 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     scaling.add_argument("--autoscale-max", type=int, metavar="N", help="most instances (turns autoscaling on)")
     scaling.add_argument("--autoscale-target", type=float, default=100.0, metavar="REQUESTS",
                          help="invocations per instance per minute to aim for (default 100)")
-    parser.add_argument("--tag", action="append", type=cli.key_value, default=[], metavar="KEY=VALUE")
-    cli.add_wait_args(parser, "endpoint")
-    cli.add_common_args(parser, role=True)
+    parser.add_argument("--tag", action="append", type=scripting.key_value, default=[], metavar="KEY=VALUE")
+    scripting.add_wait_args(parser, "endpoint")
+    scripting.add_common_args(parser, role=True)
     parser.set_defaults(poll_interval=30.0)
     return parser
 
@@ -71,11 +72,11 @@ def model_data_of(api: Api, args: argparse.Namespace) -> str:
         return args.model_data
     if not args.training_job:
         raise UserError("no model: pass --model-data s3://.../model.tar.gz or --training-job NAME")
-    job = cli.describe_or_none(api, "sagemaker", "DescribeTrainingJob", {"TrainingJobName": args.training_job})
+    job = scripting.describe_or_none(api, "sagemaker", "DescribeTrainingJob", {"TrainingJobName": args.training_job})
     if job is None:
-        if cli.is_offline(api):
+        if scripting.is_offline(api):
             return f"s3://<output of {args.training_job}>/model.tar.gz"
-        raise AwsError(f"training job {args.training_job} not found in {cli.region_of(api, args)}")
+        raise AwsError(f"training job {args.training_job} not found in {scripting.region_of(api, args)}")
     if job["TrainingJobStatus"] != "Completed":
         raise UserError(f"training job {args.training_job} is {job['TrainingJobStatus']}: deploy a Completed one")
     return job["ModelArtifacts"]["S3ModelArtifacts"]
@@ -83,7 +84,7 @@ def model_data_of(api: Api, args: argparse.Namespace) -> str:
 
 def current_scaling(api: Api, endpoint: str) -> tuple[dict, dict] | None:
     """(scalable target, target-tracking config) registered for the endpoint, or None."""
-    if cli.is_offline(api):
+    if scripting.is_offline(api):
         return None
     resource = endpoints.scaling_resource_id(endpoint)
     targets = api.call("application-autoscaling", "DescribeScalableTargets", {
@@ -112,13 +113,14 @@ def wait_in_service(api: Api, name: str, config_name: str, args: argparse.Namesp
             seen["status"] = ep["EndpointStatus"]
             log.info("endpoint %s: %s", name, ep["EndpointStatus"])
 
-    ep = cli.wait_for(lambda: api.call("sagemaker", "DescribeEndpoint", {"EndpointName": name}, mutates=False),
-                      lambda e: e["EndpointStatus"], {"InService", "Failed", "OutOfService", "UpdateRollbackFailed"},
-                      args.poll_interval, args.timeout, on_poll)
+    ep = scripting.wait_for(
+        lambda: api.call("sagemaker", "DescribeEndpoint", {"EndpointName": name}, mutates=False),
+        lambda e: e["EndpointStatus"], {"InService", "Failed", "OutOfService", "UpdateRollbackFailed"},
+        args.poll_interval, args.timeout, on_poll)
     if ep["EndpointStatus"] != "InService":
-        raise cli.JobFailed(f"endpoint {name} {ep['EndpointStatus']}: {ep.get('FailureReason') or 'no reason given'}")
+        raise JobFailed(f"endpoint {name} {ep['EndpointStatus']}: {ep.get('FailureReason') or 'no reason given'}")
     if ep["EndpointConfigName"] != config_name:
-        raise cli.JobFailed(f"endpoint {name} rolled back to {ep['EndpointConfigName']}: "
+        raise JobFailed(f"endpoint {name} rolled back to {ep['EndpointConfigName']}: "
                             f"{ep.get('FailureReason') or 'the new config did not become healthy'}")
 
 
@@ -138,30 +140,31 @@ def deploy(api: Api, args: argparse.Namespace) -> int:
         role_arn="", environment=env, instance_type=args.instance_type, instance_count=args.instance_count,
         serverless_memory_mb=args.serverless_memory, serverless_concurrency=args.serverless_concurrency,
         data_capture_uri=args.data_capture, data_capture_percent=args.data_capture_percent,
-        suffix=cli.timestamp() if args.timestamp_names else None)
+        suffix=scripting.timestamp() if args.timestamp_names else None)
     spec.check()  # the flags alone: before any AWS call
     spec.model_data = model_data_of(api, args)
-    spec.role_arn = cli.role_arn(api, args.role)
-    spec.image = args.image or image_uri(cli.account_of(api), cli.region_of(api, args), "serve", args.image_tag)
+    spec.role_arn = scripting.role_arn(api, args.role)
+    spec.image = args.image or image_uri(scripting.account_of(api), scripting.region_of(api, args), "serve",
+                                         args.image_tag)
     spec.check()
 
     model = spec.model_request()
-    if cli.describe_or_none(api, "sagemaker", "DescribeModel", {"ModelName": model["ModelName"]}):
+    if scripting.describe_or_none(api, "sagemaker", "DescribeModel", {"ModelName": model["ModelName"]}):
         log.info("model %s exists (same image, artifact and environment)", model["ModelName"])
     else:
         api.call("sagemaker", "CreateModel", model)
     config = spec.endpoint_config_request(model["ModelName"])
     config_name = config["EndpointConfigName"]
-    if cli.describe_or_none(api, "sagemaker", "DescribeEndpointConfig", {"EndpointConfigName": config_name}):
+    if scripting.describe_or_none(api, "sagemaker", "DescribeEndpointConfig", {"EndpointConfigName": config_name}):
         log.info("endpoint config %s exists", config_name)
     else:
         api.call("sagemaker", "CreateEndpointConfig", config)
 
     scaling = None
-    endpoint = cli.describe_or_none(api, "sagemaker", "DescribeEndpoint", {"EndpointName": args.name})
+    endpoint = scripting.describe_or_none(api, "sagemaker", "DescribeEndpoint", {"EndpointName": args.name})
     if endpoint is None:
         api.call("sagemaker", "CreateEndpoint", endpoints.endpoint_request(args.name, config_name,
-                                                                           cli.tags_from(args.tag)))
+                                                                           scripting.tags_from(args.tag)))
     elif endpoint["EndpointConfigName"] == config_name:
         log.info("endpoint %s already uses %s: nothing to update", args.name, config_name)
     elif endpoint["EndpointStatus"] in BUSY:
@@ -180,10 +183,10 @@ def deploy(api: Api, args: argparse.Namespace) -> int:
         log.info("endpoint %s: updating from %s to %s (the old fleet serves until the new one is healthy)",
                  args.name, endpoint["EndpointConfigName"], config_name)
     if args.dry_run:
-        return cli.EXIT_OK
+        return EXIT_OK
     if args.no_wait:
         print(args.name)
-        return cli.EXIT_OK
+        return EXIT_OK
     wait_in_service(api, args.name, config_name, args)
 
     if args.autoscale_max:
@@ -193,7 +196,7 @@ def deploy(api: Api, args: argparse.Namespace) -> int:
         apply_scaling(api, args.name, target["MinCapacity"], target["MaxCapacity"],
                       policy.get("TargetValue", args.autoscale_target))
     print(args.name)
-    return cli.EXIT_OK
+    return EXIT_OK
 
 
 def _ours(name: str, endpoint: str) -> bool:
@@ -215,10 +218,10 @@ def _list_names(api: Api, operation: str, key: str, name_key: str, contains: str
 def delete(api: Api, args: argparse.Namespace) -> int:
     configs: list[str] = []
     models: list[str] = []
-    if not cli.is_offline(api):
-        endpoint = cli.describe_or_none(api, "sagemaker", "DescribeEndpoint", {"EndpointName": args.name})
+    if not scripting.is_offline(api):
+        endpoint = scripting.describe_or_none(api, "sagemaker", "DescribeEndpoint", {"EndpointName": args.name})
         if endpoint is None:
-            raise AwsError(f"endpoint {args.name} not found in {cli.region_of(api, args)}: nothing to delete "
+            raise AwsError(f"endpoint {args.name} not found in {scripting.region_of(api, args)}: nothing to delete "
                            "(list endpoints with `aws sagemaker list-endpoints`)")
         # The current config and its models, and those earlier deploys left behind (names deploy.py gives).
         current = endpoint["EndpointConfigName"]
@@ -234,14 +237,14 @@ def delete(api: Api, args: argparse.Namespace) -> int:
         api.call(service, operation, request)
         if not args.dry_run:
             log.info("%s %s", operation, request.get("ResourceId") or next(iter(request.values())))
-    return cli.EXIT_OK
+    return EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = cli.parse_args(build_parser(), argv)
-    api = cli.make_api(args)
+    args = scripting.parse_args(build_parser(), argv)
+    api = scripting.make_api(args)
     return delete(api, args) if args.delete else deploy(api, args)
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    scripting.run(main)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "code"))  # runs from a checkout without install too
 
-from imgclf.aws import cli, ecr  # noqa: E402
+from imgclf.aws import ecr, scripting  # noqa: E402
 from imgclf.aws.images import REPOSITORIES  # noqa: E402
 from imgclf.aws.session import Api, AwsError  # noqa: E402
 from imgclf.errors import UserError  # noqa: E402
@@ -113,8 +113,8 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"the lifecycle policy keeps this many latest images (default: {ecr.DEFAULT_KEEP})")
     parser.add_argument("--account", help="AWS account ID of the registry (default: the caller's, from STS)")
     parser.add_argument("--docker", default="docker", help="the docker command (default: docker)")
-    cli.add_common_args(parser)
-    args = cli.parse_args(parser, argv)
+    scripting.add_common_args(parser)
+    args = scripting.parse_args(parser, argv)
     if args.keep < 1:
         parser.error(f"--keep {args.keep}: keep at least 1 image")
     unknown = [i for i in args.images if i not in IMAGES]
@@ -122,14 +122,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown image {', '.join(unknown)}: choose from {' '.join(IMAGES)}")
     images = list(dict.fromkeys(args.images or IMAGES))
 
-    api = cli.make_api(args)  # missing credentials or an unknown region stop here, before anything runs
+    api = scripting.make_api(args)  # missing credentials or an unknown region stop here, before anything runs
     docker = Docker(args.docker, args.dry_run)
     docker.check_running()
     for image in images:
         docker.check_image(f"{ecr.repository_name(args.prefix, image)}:{args.tag[0]}")
 
-    account = args.account or cli.account_of(api)
-    host = ecr.registry(account, cli.region_of(api, args))
+    account = args.account or scripting.account_of(api)
+    host = ecr.registry(account, scripting.region_of(api, args))
     for image in images:
         ensure_repository(api, ecr.repository_name(args.prefix, image), args.keep)
     login(api, docker)
@@ -144,4 +144,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    scripting.run(main)

@@ -15,14 +15,17 @@ import argparse
 import logging
 from pathlib import Path
 
-from imgclf.aws import cli, jobs
-from imgclf.aws.training import hyperparameter_strings, training_job_request
+from imgclf import config
+from imgclf.aws import jobs, scripting
+from imgclf.aws.training import training_job_request
+from imgclf.config import hyperparameter_strings
+from imgclf.exit_codes import EXIT_CODES_HELP, EXIT_OK
 
 log = logging.getLogger("train")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, epilog=cli.EXIT_CODES_HELP,
+    parser = argparse.ArgumentParser(description=__doc__, epilog=EXIT_CODES_HELP,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--job-name", help="default: imgclf-<model>-<UTC timestamp>")
     parser.add_argument("--attach", metavar="JOB", help="wait for (and report on) an existing training job instead")
@@ -30,35 +33,30 @@ def main(argv: list[str] | None = None) -> int:
                         help="where the job's reports are extracted (default: ./reports/<job>)")
     parser.add_argument("--no-logs", action="store_true", help="do not stream the job's CloudWatch log")
     jobs.add_job_args(parser)
-    cli.add_wait_args(parser, "training job")
-    cli.add_common_args(parser, role=True)
-    args = cli.parse_args(parser, argv)
+    scripting.add_wait_args(parser, "training job")
+    scripting.add_common_args(parser, role=True)
+    args = scripting.parse_args(parser, argv)
 
     if args.attach:
-        api = cli.make_api(args)
+        api = scripting.make_api(args)
         name = args.attach
     else:
         hps = jobs.hyperparameters_from(args)
         hyperparameter_strings(hps)  # a bad value stops here, before anything is sent
-        api = cli.make_api(args)
-        name = args.job_name or cli.resource_name("imgclf", str(hps.get("model", "vgg16")), suffix=cli.timestamp())
-        request = training_job_request(name, jobs.job_spec(api, args, name), hps, cli.tags_from(args.tag))
-        api.call("sagemaker", "CreateTrainingJob", request)
-        if args.dry_run:
-            return cli.EXIT_OK
-        log.info("training job %s created", name)
-    if args.no_wait:
-        print(name)
-        return cli.EXIT_OK
-    if args.dry_run:
-        return cli.EXIT_OK
+        api = scripting.make_api(args)
+        model = str(hps.get("model", config.default("model")))
+        name = args.job_name or scripting.resource_name("imgclf", model, suffix=scripting.timestamp())
+        request = training_job_request(name, jobs.job_spec(api, args, name), hps, scripting.tags_from(args.tag))
+        jobs.create(api, "CreateTrainingJob", request, name, "training job")
+    if not jobs.waits(args, name, attached=bool(args.attach)):
+        return EXIT_OK
 
     job = jobs.wait_training_job(api, name, args.poll_interval, args.timeout, logs=not args.no_logs)
     jobs.report_training_job(job)
     jobs.download_reports(api, job, args.reports_dir or Path("reports") / name)
     print(job["ModelArtifacts"]["S3ModelArtifacts"])
-    return cli.EXIT_OK
+    return EXIT_OK
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    scripting.run(main)

@@ -7,10 +7,10 @@
     python scripts/tune.py --local --data dogImages --hp model=resnet50 --max-jobs 20   # Optuna, on this machine
 
 The default search space is the reference project's: lr 0.001-0.1 (log), batch-size {128, 256}, epochs
-{5, 7, 10}. --search-space FILE replaces it (JSON, shape in imgclf/aws/training.py), --param adds or
+{5, 7, 10}. --search-space FILE replaces it (JSON, shape in imgclf/search/space.py), --param adds or
 replaces one range. The best job's hyperparameters go to --best-out (JSON), which
 `scripts/train.py --hyperparameters FILE` accepts. --local runs the same search here with Optuna, each trial a
-local-mode training run (imgclf/local_search.py; see README).
+local-mode training run (imgclf/search/local_search.py; see README).
 """
 
 from __future__ import annotations
@@ -20,50 +20,49 @@ import json
 import logging
 from pathlib import Path
 
-from imgclf import local_search
-from imgclf.aws import cli, jobs
+from imgclf.aws import jobs, scripting
 from imgclf.aws.session import Api
-from imgclf.aws.training import (
-    DEFAULT_SEARCH_SPACE,
-    OBJECTIVES,
-    best_hyperparameters,
-    hyperparameter_strings,
-    load_search_space,
-    parse_range,
-    tuning_job_request,
-    write_best_file,
-)
+from imgclf.aws.training import best_hyperparameters, tuning_job_request
+from imgclf.config import hyperparameter_strings
 from imgclf.errors import UserError
+from imgclf.exit_codes import EXIT_CODES_HELP, EXIT_OK, JobFailed
+from imgclf.search import local_search
+from imgclf.search.flags import CLOUD, only_for
+from imgclf.search.results import write_best_file
+from imgclf.search.space import DEFAULT_SEARCH_SPACE, OBJECTIVES, load_search_space, parse_range
 
 log = logging.getLogger("tune")
 COUNTERS = ("Completed", "InProgress", "RetryableError", "NonRetryableError", "Stopped")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, epilog=cli.EXIT_CODES_HELP,
+    parser = argparse.ArgumentParser(description=__doc__, epilog=EXIT_CODES_HELP,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--job-name", help="tuning job name, at most 32 characters (default: imgclf-hpo-<timestamp>)")
-    parser.add_argument("--attach", metavar="TUNING_JOB", help="wait for an existing tuning job instead")
+    only_for(CLOUD,
+             parser.add_argument("--job-name", help="tuning job name, at most 32 characters (default: "
+                                                    "imgclf-hpo-<timestamp>)"),
+             parser.add_argument("--attach", metavar="TUNING_JOB", help="wait for an existing tuning job instead"))
     parser.add_argument("--best-out", type=Path, default=Path("best_hyperparameters.json"),
                         help="where the best hyperparameters are written (default best_hyperparameters.json)")
     space = parser.add_argument_group("search")
     space.add_argument("--search-space", type=Path, metavar="FILE", help="JSON search space replacing the default")
-    space.add_argument("--param", action="append", type=cli.key_value, default=[], metavar="NAME=RANGE",
+    space.add_argument("--param", action="append", type=scripting.key_value, default=[], metavar="NAME=RANGE",
                        help="a range: MIN:MAX[:log|linear] or a,b,c (repeat)")
     space.add_argument("--objective", choices=sorted(OBJECTIVES), default="accuracy",
                        help="accuracy: maximise valid:accuracy (default); loss: minimise valid:loss")
     space.add_argument("--strategy", choices=("Bayesian", "Random"), default="Bayesian")
     space.add_argument("--max-jobs", type=int, default=10, help="training jobs in all (default 10)")
-    space.add_argument("--max-parallel", type=int, default=None, help="training jobs at once (default 2)")
     space.add_argument("--no-early-stopping", action="store_true", help="let every training job run to the end")
-    space.add_argument("--warm-start", action="append", default=[], metavar="TUNING_JOB",
-                       help="start from an earlier tuning job's results (repeat, up to 5)")
-    space.add_argument("--warm-start-type", choices=("IdenticalDataAndAlgorithm", "TransferLearning"),
-                       default="IdenticalDataAndAlgorithm")
+    only_for(CLOUD,
+             space.add_argument("--max-parallel", type=int, default=None, help="training jobs at once (default 2)"),
+             space.add_argument("--warm-start", action="append", default=[], metavar="TUNING_JOB",
+                                help="start from an earlier tuning job's results (repeat, up to 5)"),
+             space.add_argument("--warm-start-type", choices=("IdenticalDataAndAlgorithm", "TransferLearning"),
+                                default="IdenticalDataAndAlgorithm"))
     local_search.add_args(parser)  # --local: the same search with Optuna on this machine
     jobs.add_job_args(parser)
-    cli.add_wait_args(parser, "tuning job")
-    cli.add_common_args(parser, role=True)
+    scripting.add_wait_args(parser, "tuning job")
+    scripting.add_common_args(parser, role=True)
     return parser
 
 
@@ -94,13 +93,13 @@ def wait(api: Api, name: str, args: argparse.Namespace) -> dict:
             seen["line"] = line
             log.info("tuning job %s %s", name, line)
         finished = sum(counts.get(k, 0) for k in COUNTERS if k != "InProgress")
-        bar = bar or cli.progress_bar(limit, "training jobs", unit="job")
+        bar = bar or scripting.progress_bar(limit, "training jobs", unit="job")
         if bar:
             bar.n = finished
             bar.refresh()
 
     try:
-        return cli.wait_for(
+        return scripting.wait_for(
             lambda: api.call("sagemaker", "DescribeHyperParameterTuningJob",
                              {"HyperParameterTuningJobName": name}, mutates=False),
             lambda job: job["HyperParameterTuningJobStatus"], {"Completed", "Failed", "Stopped"},
@@ -122,12 +121,12 @@ def write_best(job: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = cli.parse_args(parser, argv)
-    local_search.check_flags(args, parser)
+    args = scripting.parse_args(parser, argv)
+    local_search.check_flags(args)
     if args.local:
         return local_search.run(args, search_space(args), jobs.hyperparameters_from(args))
     if args.attach:
-        api = cli.make_api(args)
+        api = scripting.make_api(args)
         name = args.attach
     else:
         space = search_space(args)
@@ -136,34 +135,28 @@ def main(argv: list[str] | None = None) -> int:
         if args.checkpoint_s3:
             # One definition serves every training job of the tuning job: parallel jobs must not share checkpoints.
             raise UserError("--checkpoint-s3 is for train.py: the training jobs of a tuning job would share it")
-        api = cli.make_api(args)
-        name = args.job_name or cli.resource_name("imgclf-hpo", suffix=cli.timestamp()[2:], max_len=32)
+        api = scripting.make_api(args)
+        name = args.job_name or scripting.resource_name("imgclf-hpo", suffix=scripting.timestamp()[2:], max_len=32)
         if len(name) > 32:
             raise UserError(f"--job-name {name!r}: tuning job names have at most 32 characters")
         request = tuning_job_request(
             name, jobs.job_spec(api, args, name, checkpoints=False), space, static, objective=args.objective,
             max_jobs=args.max_jobs, max_parallel=args.max_parallel or 2, early_stopping=not args.no_early_stopping,
             strategy=args.strategy, warm_start_from=args.warm_start, warm_start_type=args.warm_start_type,
-            tags=cli.tags_from(args.tag))
-        api.call("sagemaker", "CreateHyperParameterTuningJob", request)
-        if args.dry_run:
-            return cli.EXIT_OK
-        log.info("tuning job %s created", name)
-    if args.no_wait:
-        print(name)
-        return cli.EXIT_OK
-    if args.dry_run:
-        return cli.EXIT_OK
+            tags=scripting.tags_from(args.tag))
+        jobs.create(api, "CreateHyperParameterTuningJob", request, name, "tuning job")
+    if not jobs.waits(args, name, attached=bool(args.attach)):
+        return EXIT_OK
 
     job = wait(api, name, args)
     status = job["HyperParameterTuningJobStatus"]
     if status == "Failed":
-        raise cli.JobFailed(f"tuning job {name} failed: {job.get('FailureReason') or 'no reason given'}")
+        raise JobFailed(f"tuning job {name} failed: {job.get('FailureReason') or 'no reason given'}")
     write_best(job, args.best_out)
     if status != "Completed":
-        raise cli.JobFailed(f"tuning job {name} {status}; the best job so far was written to {args.best_out}")
-    return cli.EXIT_OK
+        raise JobFailed(f"tuning job {name} {status}; the best job so far was written to {args.best_out}")
+    return EXIT_OK
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    scripting.run(main)

@@ -13,27 +13,28 @@ import argparse
 import logging
 from pathlib import Path
 
-from imgclf.aws import cli, s3sync
+from imgclf.aws import s3sync, scripting
 from imgclf.errors import UserError
+from imgclf.exit_codes import EXIT_CODES_HELP, EXIT_OK
 
 log = logging.getLogger("upload_data")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, epilog=cli.EXIT_CODES_HELP,
+    parser = argparse.ArgumentParser(description=__doc__, epilog=EXIT_CODES_HELP,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("data", type=Path, help="dataset folder holding train/, valid/ and optionally test/")
     parser.add_argument("destination", help="s3://bucket/prefix")
     parser.add_argument("--workers", type=int, default=16, help="parallel uploads (default 16)")
     parser.add_argument("--no-decode-check", action="store_true",
                         help="skip decoding every image during validation (faster; corrupt files then fail training)")
-    cli.add_common_args(parser)
-    args = cli.parse_args(parser, argv)
+    scripting.add_common_args(parser)
+    args = scripting.parse_args(parser, argv)
 
     bucket, prefix = s3sync.parse_s3_uri(args.destination)
     if not args.data.is_dir():
         raise UserError(f"{args.data}: not a folder; give the dataset folder holding train/, valid/ and test/")
-    api = cli.make_api(args)
+    api = scripting.make_api(args)
     s3sync.check_bucket(api, bucket)
     from imgclf.data import find_split_dirs, validate_splits  # imports torch: only once the arguments are good
 
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     log.info("dataset valid: %d images in %d classes; syncing to s3://%s/%s",
              len(files), len(splits["train"].classes), bucket, prefix)
 
-    bar = cli.progress_bar(len(files), "upload", unit="file")
+    bar = scripting.progress_bar(len(files), "upload", unit="file")
     summary = s3sync.sync(api, files, bucket, prefix, workers=args.workers,
                           on_done=(lambda f, up: bar.update(1)) if bar else None)
     if bar:
@@ -52,8 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     for key in summary.uploaded:
         log.debug("uploaded %s", key)
     log.info("%s%s", "dry run, nothing sent: " if args.dry_run else "", summary.line(f"s3://{bucket}/{prefix}"))
-    return cli.EXIT_OK
+    return EXIT_OK
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    scripting.run(main)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from imgclf import accel, config, models
+from imgclf import config, models
 from imgclf.errors import HyperparameterError
+from imgclf.training import accel
 
 from tests.conftest import FAST_HPS, local_train
 

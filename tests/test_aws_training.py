@@ -10,8 +10,8 @@ import tarfile
 import time
 
 import pytest
-from imgclf.aws.training import DEFAULT_SEARCH_SPACE
 from imgclf.config import METRIC_DEFINITIONS
+from imgclf.search.space import DEFAULT_SEARCH_SPACE
 
 from tests.aws_helpers import (
     ACCOUNT,

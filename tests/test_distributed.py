@@ -12,9 +12,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from imgclf import distributed, local
+from imgclf import local, processes
 from imgclf.errors import HyperparameterError
-from imgclf.train import EpochSampler
+from imgclf.training import distributed
+from imgclf.training.sampling import EpochSampler
 from safetensors.torch import load_file
 
 from tests.conftest import FAST_HPS, free_port, local_train
@@ -97,13 +98,13 @@ def test_two_simulated_hosts(tmp_path, sample_dataset, ddp_run):
     procs, bases = {}, {}
     for host in ("algo-1", "algo-2"):
         bases[host] = tmp_path / host
-        local.write_tree(bases[host], HPS, local.channels_from(sample_dataset), hosts=["algo-1", "algo-2"],
+        local.write_tree(bases[host], HPS, local.split_channels(sample_dataset), hosts=["algo-1", "algo-2"],
                          current_host=host)
         env = {**os.environ, "SAGEMAKER_BASE_DIR": str(bases[host]), "SAGEMAKER_TRAINING_MODULE": local.TRAINING_MODULE,
                "IMGCLF_CHECKPOINT_DIR": str(tmp_path / f"ckpt-{host}"), "PYTHONUNBUFFERED": "1",
                distributed.MASTER_ADDR_ENV: "127.0.0.1", distributed.MASTER_PORT_ENV: str(port),
                "OMP_NUM_THREADS": "1"}  # as the local 2-process run: same kernels, same numbers
-        procs[host] = subprocess.Popen([local.venv_bin("train")], env=env, stdout=subprocess.PIPE,
+        procs[host] = subprocess.Popen([processes.venv_bin("train")], env=env, stdout=subprocess.PIPE,
                                        stderr=subprocess.STDOUT, text=True)
     logs = {}
     try:
@@ -165,7 +166,7 @@ def test_plan_from_the_resource_config(monkeypatch):
     plan = distributed.make_plan(["algo-1", "algo-2", "algo-3"], "algo-2", 0, "eth0", gpus=8)
     assert (plan.processes_per_host, plan.world_size, plan.node_rank) == (8, 24, 1)
     assert plan.command()[1:] == ["-m", "torch.distributed.run", "--nproc-per-node=8", "--nnodes=3", "--node-rank=1",
-                                  "--master-addr=algo-1", "--master-port=29500", "-m", "imgclf.distributed"]
+                                  "--master-addr=algo-1", "--master-port=29500", "-m", "imgclf.training.job"]
     assert distributed.make_plan(["algo-1"], "algo-1", 0, gpus=0).world_size == 1  # CPU: one process
     assert "--standalone" in distributed.make_plan(["algo-1"], "algo-1", 3, gpus=0).command()
     with pytest.raises(HyperparameterError, match="processes-per-host=4: this host has 2 GPU"):

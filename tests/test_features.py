@@ -6,7 +6,8 @@ import json
 
 import pytest
 import torch
-from imgclf import accel, config, features, models
+from imgclf import config, models
+from imgclf.training import accel, features
 
 from tests.conftest import FAST_HPS, local_train
 

@@ -15,7 +15,7 @@ import time
 import pytest
 import requests
 import websocket
-from imgclf import report
+from imgclf.debugging import report
 
 from tests.conftest import free_port
 

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from imgclf import local, rules, sample_data
+from imgclf import local, sample_data
+from imgclf.debugging import rules
 from imgclf.errors import HyperparameterError
 
 from tests.conftest import FAST_HPS, local_train
@@ -25,7 +26,7 @@ HEALTHY_OK = {rules.NO_ISSUES, rules.NOT_APPLICABLE}
 def run_train_job(tmp: Path, data: Path, hps: dict[str, str]) -> tuple[Path, subprocess.CompletedProcess]:
     """The `train` entrypoint over an /opt/ml tree that stays (local mode keeps only output/data)."""
     base = tmp / "opt_ml"
-    local.write_tree(base, hps, local.channels_from(data))
+    local.write_tree(base, hps, local.split_channels(data))
     env = {**os.environ, "SAGEMAKER_BASE_DIR": str(base), "SAGEMAKER_TRAINING_MODULE": local.TRAINING_MODULE,
            "IMGCLF_CHECKPOINT_DIR": str(tmp / "checkpoints"), "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run([local.venv_bin("train")], env=env, capture_output=True, text=True, timeout=600)

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import optuna
 import pytest
-from imgclf import local_search
 from imgclf.aws import jobs
-from imgclf.aws.training import hyperparameter_strings
+from imgclf.config import hyperparameter_strings
+from imgclf.search import local_search
 from optuna.trial import TrialState
 
 from tests.conftest import REPO

@@ -61,7 +61,7 @@ SCHEMA: tuple[Param, ...] = (
     Param("seed", int, 42, "seed for weights of the new head, data order and augmentation", min=0),
     Param("early-stopping-patience", int, 0, "stop after this many epochs without a better validation "
           "accuracy; 0 = off", min=0),
-    # Debugging and profiling (imgclf.debugger): tensor collection, rules, system monitor, profiler, report.
+    # Debugging and profiling (imgclf.debugging): tensor collection, rules, system monitor, profiler, report.
     Param("debugging", bool, True, "tensor collection, rules, system monitor, profiler capture and the profiler "
           "report; false turns all of it off"),
     Param("rules", str, "all", "rules to evaluate: all, none, or a comma list (loss_not_decreasing, overfit, "
@@ -80,7 +80,7 @@ SCHEMA: tuple[Param, ...] = (
           "ends with its epoch", min=0),
     Param("init-scale", float, 1.0, "debugging aid: multiply the initial conv/linear weights by this factor "
           "(1 = unchanged); shows what poor_weight_initialization catches", min=1e-6, max=1e6),
-    # Throughput (imgclf.accel, imgclf.features): `auto` picks what is faster where the job runs.
+    # Throughput (imgclf.training.accel, imgclf.training.features): `auto` picks what is faster where the job runs.
     Param("amp", str, "auto", "mixed precision: auto = bf16 on GPUs and CPUs with native bf16 (fp16 on older "
           "GPUs), fp32 elsewhere; bf16/fp16 force it; off = fp32", choices=AMP_MODES),
     Param("channels-last", str, "auto", "NHWC memory format; auto = on for convolutional networks",
@@ -92,7 +92,7 @@ SCHEMA: tuple[Param, ...] = (
           "backbone stays frozen for 2+ epochs; with augment=true it falls back to the normal loop",
           choices=AUTO_ON_OFF),
     Param("prefetch-factor", int, 4, "batches each DataLoader worker prepares ahead", min=1, max=64),
-    # Distributed data-parallel training (imgclf.distributed): every host of the job runs this many processes.
+    # Distributed data-parallel training (imgclf.training.distributed): every host of the job runs this many processes.
     Param("processes-per-host", int, 0, "training processes per host (DistributedDataParallel); 0 = one per GPU, "
           "1 without a GPU; batch-size stays the global batch, split between all processes", min=0, max=64),
 )
@@ -192,13 +192,37 @@ def parse_hyperparameters(raw: dict[str, Any]) -> Hyperparameters:
     return hp
 
 
+def default(name: str) -> Any:
+    """The schema's default of one hyperparameter, e.g. default("model") -> "vgg16"."""
+    return _BY_NAME[name].default
+
+
+def hp_string(value: Any) -> str:
+    """SageMaker wants every hyperparameter value as a string; the training toolkit json-decodes it back."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def hyperparameter_strings(raw: dict[str, Any]) -> dict[str, str]:
+    """Validate `raw` with the training code's schema; return only the given ones, as SageMaker strings."""
+    valid = parse_hyperparameters(raw)
+    return {name: hp_string(valid[name]) for name in sorted(raw)}
+
+
+# Where SageMaker puts things in a container. SAGEMAKER_BASE_DIR moves the base (local mode, tests).
+DEFAULT_BASE_DIR = "/opt/ml"
+# SageMaker syncs this folder with CheckpointConfig.S3Uri; it stays here whatever the base dir is.
+CHECKPOINT_DIR = "/opt/ml/checkpoints"
+
+
 def base_dir() -> str:
-    return os.environ.get("SAGEMAKER_BASE_DIR", "/opt/ml")
+    return os.environ.get("SAGEMAKER_BASE_DIR", DEFAULT_BASE_DIR)
 
 
 def checkpoint_dir() -> str:
     """SageMaker syncs /opt/ml/checkpoints (outside the base dir); local mode moves it with IMGCLF_CHECKPOINT_DIR."""
-    return os.environ.get("IMGCLF_CHECKPOINT_DIR", "/opt/ml/checkpoints")
+    return os.environ.get("IMGCLF_CHECKPOINT_DIR", CHECKPOINT_DIR)
 
 
 def markdown_tables() -> str:

@@ -19,22 +19,18 @@ import argparse
 import json
 import os
 import shutil
-import signal
-import subprocess
 import sys
 import tarfile
 import tempfile
 from pathlib import Path
 
 from imgclf import artifacts, data
+from imgclf.errors import DataError
+from imgclf.processes import MAX_PORT, run_forwarding_signals, venv_bin
 
+# What the training images set (containers/train/Dockerfile.*): the public entry point, a shim of
+# imgclf.training.job:main.
 TRAINING_MODULE = "imgclf.train:main"
-
-
-def venv_bin(name: str) -> str:
-    """A console script of this Python's environment (works without an activated venv)."""
-    candidate = Path(sys.executable).parent / name
-    return str(candidate) if candidate.exists() else name
 
 
 def parse_hp(pairs: list[str]) -> dict[str, str]:
@@ -47,13 +43,14 @@ def parse_hp(pairs: list[str]) -> dict[str, str]:
     return hps
 
 
-def channels_from(data_dir: Path) -> dict[str, Path]:
-    """train/valid/test sub-folders become channels; a folder without them is an error that shows the layout."""
+def split_channels(data_dir: Path) -> dict[str, Path]:
+    """A dataset folder's train/valid/test sub-folders as channels, found by the training code's own lookup
+    (aliases too); a folder without them is a DataError that shows the layout."""
     try:
-        return data.find_split_dirs({"training": str(data_dir)})  # the training code's own lookup (aliases too)
-    except data.DataError:
-        raise SystemExit(f"--data {data_dir}: expected sub-folders train/, valid/ (and test/), each holding "
-                         "one folder per class, e.g. train/001.Affenpinscher/*.jpg") from None
+        return data.find_split_dirs({"training": str(data_dir)})
+    except DataError:
+        raise DataError(f"--data {data_dir}: expected sub-folders train/ and valid/ (and test/), each with one "
+                        "folder per class, e.g. train/001.Affenpinscher/*.jpg") from None
 
 
 def write_tree(base: Path, hps: dict[str, str], channels: dict[str, Path], hosts: list[str] | None = None,
@@ -78,18 +75,6 @@ def write_tree(base: Path, hps: dict[str, str], channels: dict[str, Path], hosts
         (base / d).mkdir(parents=True, exist_ok=True)
 
 
-def run_forwarding_signals(cmd: list[str], env: dict[str, str]) -> int:
-    """Run `cmd`; SIGTERM/SIGINT sent to this process go to it too (so it can checkpoint and stop cleanly)."""
-    proc = subprocess.Popen(cmd, env=env)
-    previous = {sig: signal.signal(sig, lambda signum, _: proc.send_signal(signum))
-                for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        return proc.wait()
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
 def pack_model(model_dir: Path, tarball: Path) -> None:
     with artifacts.atomic_path(tarball) as tmp, tarfile.open(tmp, "w:gz") as tar:
         for item in sorted(model_dir.iterdir()):
@@ -99,7 +84,10 @@ def pack_model(model_dir: Path, tarball: Path) -> None:
 def train(data_dir: Path, output: Path, hps: dict[str, str], weights: Path | None = None,
           extra_env: dict[str, str] | None = None) -> int:
     """Run the real `train` entrypoint over a temporary /opt/ml tree; return its exit code."""
-    channels = channels_from(data_dir)
+    try:
+        channels = split_channels(data_dir)
+    except DataError as e:
+        raise SystemExit(str(e)) from None
     if weights is not None:
         if not weights.exists():
             raise SystemExit(f"--weights {weights}: no such file")
@@ -144,8 +132,8 @@ def serve(model: Path, port: int = 8080, workers: int | None = None, extra_env: 
     """Run the real `serve` entrypoint over a temporary /opt/ml tree holding `model`; return its exit code."""
     if not model.exists():
         raise SystemExit(f"--model {model}: no such file or folder (give model.tar.gz or a training output folder)")
-    if not 0 < port < 32768:
-        raise SystemExit(f"--port {port}: multi-model-server takes ports 1-32767")
+    if not 0 < port <= MAX_PORT:
+        raise SystemExit(f"--port {port}: multi-model-server takes ports 1-{MAX_PORT}")
     with tempfile.TemporaryDirectory(prefix="opt_ml.") as tmp:
         target = Path(tmp) / "model"
         target.mkdir()

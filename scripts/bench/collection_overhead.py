@@ -21,29 +21,28 @@ from pathlib import Path
 
 import torch
 from common import dataset, emit, train_ours
-from imgclf import train
+from imgclf.training import job, sampling
 
 
 def instrument(marks: list[tuple[str, float, float]]) -> None:
     """Record (event, CPU seconds, wall seconds) at each epoch's start (set_epoch) and end (its metrics line)."""
-    set_epoch, metrics_line = train.EpochSampler.set_epoch, train.metrics_line
+    set_epoch, epoch_line = sampling.EpochSampler.set_epoch, job.epoch_line
 
     def timed_set_epoch(self, epoch, skip=0):
         marks.append(("start", time.process_time(), time.perf_counter()))
         return set_epoch(self, epoch, skip)
 
-    def timed_metrics_line(prefix, **values):
-        if "epoch" in prefix:
-            marks.append(("end", time.process_time(), time.perf_counter()))
-        return metrics_line(prefix, **values)
+    def timed_epoch_line(record):
+        marks.append(("end", time.process_time(), time.perf_counter()))
+        return epoch_line(record)
 
-    train.EpochSampler.set_epoch, train.metrics_line = timed_set_epoch, timed_metrics_line
+    sampling.EpochSampler.set_epoch, job.epoch_line = timed_set_epoch, timed_epoch_line
 
 
 def per_step_cost(steps: int = 3000) -> dict[str, float]:
     """Microseconds the Debugger adds to one training step (a trivial model, so that nothing hides it)."""
     from imgclf import config
-    from imgclf.debugger import Debugger
+    from imgclf.debugging.debugger import Debugger
     from torch import nn
 
     result = {}

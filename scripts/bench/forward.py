@@ -8,7 +8,7 @@ divides its latency by this figure: what the server adds on top of the network.
 from __future__ import annotations
 
 import argparse
-import os
+import dataclasses
 import tempfile
 import time
 from pathlib import Path
@@ -19,10 +19,11 @@ import torch
 
 def measure(model_path: Path, threads: int, iterations: int) -> dict:
     """Seconds per forward pass of one preprocessed image (p50/p95/p99) and of the preprocessing alone."""
-    os.environ["IMGCLF_TORCH_THREADS"] = str(threads)
-    from imgclf import inference
+    from imgclf.serving import inference
+    from imgclf.serving.settings import ServingSettings
 
-    model = inference.model_fn(str(model_path))
+    settings = dataclasses.replace(ServingSettings.from_environment(), torch_threads=threads)  # IMGCLF_SERVE_DTYPE
+    model = inference.model_fn(str(model_path), settings)
     image = common.photo()
     prep, fwd = [], []
     for _ in range(iterations):

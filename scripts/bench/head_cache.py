@@ -20,19 +20,9 @@ import reference
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="vgg16")
-    parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--images", type=int, default=64)
-    parser.add_argument("--classes", type=int, default=4)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--quick", action="store_true", help="smoke test: tiny model, images and sizes")
+    common.add_training_args(parser, model="vgg16", epochs=3)
     args = parser.parse_args(argv)
-    if args.quick:
-        args.model, args.image_size, args.images, args.batch_size, args.epochs = "resnet18", 32, 8, 4, 2
-    hps = {"model": args.model, "pretrained": False, "freeze": "head", "augment": False,
-           "image-size": args.image_size, "batch-size": args.batch_size, "epochs": args.epochs,
-           "lr-scheduler": "none", "debugging": False}
+    hps = common.training_hyperparameters(args, freeze="head", quick_epochs=2)
     with tempfile.TemporaryDirectory(prefix="bench_head.") as tmp:
         data = common.dataset(Path(tmp) / "data", args.classes, args.images // args.classes, 2,
                               size=48 if args.quick else 320)

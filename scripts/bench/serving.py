@@ -23,7 +23,7 @@ from pathlib import Path
 
 import common
 import requests
-from imgclf.serve import free_port
+from imgclf.processes import free_port
 
 BENCH = Path(__file__).resolve().parent
 

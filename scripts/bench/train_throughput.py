@@ -19,20 +19,11 @@ import reference
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="resnet50")
-    parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--images", type=int, default=64, help="training images (spread over --classes)")
-    parser.add_argument("--classes", type=int, default=4)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--epochs", type=int, default=2, help="the last one is timed")
+    common.add_training_args(parser, model="resnet50", epochs=2, epochs_help="the last one is timed")
     parser.add_argument("--hp", action="append", default=[], metavar="NAME=VALUE", help="our hyperparameters")
-    parser.add_argument("--quick", action="store_true", help="smoke test: tiny model, images and sizes")
     args = parser.parse_args(argv)
-    if args.quick:
-        args.model, args.image_size, args.images, args.batch_size, args.epochs = "resnet18", 32, 8, 4, 1
-    hps = {"model": args.model, "pretrained": False, "freeze": "none", "augment": False,
-           "image-size": args.image_size, "batch-size": args.batch_size, "epochs": args.epochs,
-           "lr-scheduler": "none", "debugging": False, **dict(kv.split("=", 1) for kv in args.hp)}
+    hps = common.training_hyperparameters(args, freeze="none", quick_epochs=1,
+                                          **dict(kv.split("=", 1) for kv in args.hp))
     with tempfile.TemporaryDirectory(prefix="bench_train.") as tmp:
         data = common.dataset(Path(tmp) / "data", args.classes, args.images // args.classes, 1,
                               size=48 if args.quick else 320)

@@ -11,7 +11,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
-from imgclf.aws.cli import resource_name
+from imgclf.aws.scripting import resource_name
 from imgclf.errors import UserError
 
 VARIANT = "AllTraffic"

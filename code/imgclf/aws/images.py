@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from imgclf.aws.ecr import DEFAULT_PREFIX, registry, repository_name
+
+IMAGES = ("train-cpu", "train-gpu", "serve")
 # The ECR repositories `make push` (scripts/push_images.py) creates and pushes to.
-REPOSITORIES = {"train-cpu": "imgclf-train-cpu", "train-gpu": "imgclf-train-gpu", "serve": "imgclf-serve"}
+REPOSITORIES = {image: repository_name(DEFAULT_PREFIX, image) for image in IMAGES}
 DEFAULT_TAG = "latest"
 
 
@@ -14,8 +17,7 @@ def is_gpu_instance(instance_type: str) -> bool:
 
 
 def image_uri(account: str, region: str, kind: str, tag: str = DEFAULT_TAG) -> str:
-    domain = "amazonaws.com.cn" if region.startswith("cn-") else "amazonaws.com"
-    return f"{account}.dkr.ecr.{region}.{domain}/{REPOSITORIES[kind]}:{tag}"
+    return f"{registry(account, region)}/{REPOSITORIES[kind]}:{tag}"
 
 
 def training_kind(instance_type: str) -> str:

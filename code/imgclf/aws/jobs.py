@@ -12,11 +12,14 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from imgclf.aws import cli, s3sync
+from imgclf.aws import s3sync, scripting
 from imgclf.aws.images import image_uri, training_kind
 from imgclf.aws.session import Api, AwsError
-from imgclf.aws.training import JobSpec, load_hyperparameters
+from imgclf.aws.training import JobSpec
 from imgclf.errors import UserError
+from imgclf.exit_codes import JobFailed
+from imgclf.search.flags import CLOUD, only_for
+from imgclf.search.results import load_hyperparameters
 
 log = logging.getLogger("imgclf.aws")
 LOG_GROUP = "/aws/sagemaker/TrainingJobs"
@@ -27,8 +30,9 @@ def add_job_args(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--data", metavar="S3URI",
                       help="dataset prefix holding train/ valid/ test/ (what upload_data.py wrote): one 'training' "
                            "channel")
-    data.add_argument("--channel", action="append", type=cli.key_value, default=[], metavar="NAME=S3URI",
-                      help="an explicit channel instead of --data: train, valid, test (repeat)")
+    only_for(CLOUD, data.add_argument("--channel", action="append", type=scripting.key_value, default=[],
+                                      metavar="NAME=S3URI",
+                                      help="an explicit channel instead of --data: train, valid, test (repeat)"))
     data.add_argument("--weights", metavar="S3URI", help="pretrained weights file or prefix: the 'weights' channel")
     data.add_argument("--output", metavar="S3URI",
                       help="where SageMaker writes <job>/output/model.tar.gz (default: s3://<data bucket>/imgclf/"
@@ -36,24 +40,29 @@ def add_job_args(parser: argparse.ArgumentParser) -> None:
     hps = parser.add_argument_group("hyperparameters")
     hps.add_argument("--hyperparameters", type=Path, metavar="FILE",
                      help="JSON {name: value}, e.g. what tune.py wrote")
-    hps.add_argument("--hp", action="append", type=cli.key_value, default=[], metavar="NAME=VALUE",
+    hps.add_argument("--hp", action="append", type=scripting.key_value, default=[], metavar="NAME=VALUE",
                      help="a hyperparameter (repeat; overrides the file), e.g. --hp model=resnet50")
-    res = parser.add_argument_group("resources")
-    res.add_argument("--image", help="training image URI (default: <account>.dkr.ecr.<region>.amazonaws.com/"
-                                     "imgclf-train-gpu or -cpu by instance type)")
-    res.add_argument("--image-tag", default="latest", help="tag of the default image (default latest)")
-    res.add_argument("--instance-type", default="ml.g4dn.xlarge", help="default ml.g4dn.xlarge (GPU)")
-    res.add_argument("--instance-count", type=int, default=1)
-    res.add_argument("--volume-size", type=int, default=50, metavar="GB", help="EBS volume per instance (default 50)")
-    res.add_argument("--max-runtime", type=int, default=24 * 3600, metavar="SECONDS", help="default 86400")
-    res.add_argument("--spot", action="store_true", help="managed spot training (needs checkpoints to resume)")
-    res.add_argument("--max-wait", type=int, metavar="SECONDS",
-                     help="spot: longest wait for capacity plus runtime (default: --max-runtime)")
-    res.add_argument("--checkpoint-s3", metavar="S3URI",
-                     help="checkpoint sync of /opt/ml/checkpoints (default with --spot: <output>/<job>/checkpoints)")
-    res.add_argument("--network-isolation", action="store_true",
-                     help="no network access from the container (weights must come from the weights channel)")
-    res.add_argument("--tag", action="append", type=cli.key_value, default=[], metavar="KEY=VALUE")
+    res = parser.add_argument_group("resources (SageMaker only)")
+    only_for(
+        CLOUD,
+        res.add_argument("--image", help="training image URI (default: <account>.dkr.ecr.<region>.amazonaws.com/"
+                                         "imgclf-train-gpu or -cpu by instance type)"),
+        res.add_argument("--image-tag", default="latest", help="tag of the default image (default latest)"),
+        res.add_argument("--instance-type", default="ml.g4dn.xlarge", help="default ml.g4dn.xlarge (GPU)"),
+        res.add_argument("--instance-count", type=int, default=1),
+        res.add_argument("--volume-size", type=int, default=50, metavar="GB",
+                         help="EBS volume per instance (default 50)"),
+        res.add_argument("--max-runtime", type=int, default=24 * 3600, metavar="SECONDS", help="default 86400"),
+        res.add_argument("--spot", action="store_true", help="managed spot training (needs checkpoints to resume)"),
+        res.add_argument("--max-wait", type=int, metavar="SECONDS",
+                         help="spot: longest wait for capacity plus runtime (default: --max-runtime)"),
+        res.add_argument("--checkpoint-s3", metavar="S3URI",
+                         help="checkpoint sync of /opt/ml/checkpoints (default with --spot: "
+                              "<output>/<job>/checkpoints)"),
+        res.add_argument("--network-isolation", action="store_true",
+                         help="no network access from the container (weights must come from the weights channel)"),
+        res.add_argument("--tag", action="append", type=scripting.key_value, default=[], metavar="KEY=VALUE"),
+    )
 
 
 def hyperparameters_from(args: argparse.Namespace) -> dict[str, Any]:
@@ -62,7 +71,8 @@ def hyperparameters_from(args: argparse.Namespace) -> dict[str, Any]:
     return hps
 
 
-def channels_from(args: argparse.Namespace) -> dict[str, str]:
+def s3_channels(args: argparse.Namespace) -> dict[str, str]:
+    """Channel name -> S3 URI from --data / --channel / --weights (a folder's splits are found in the container)."""
     channels = dict(args.channel)
     if args.data:
         if channels.keys() - {"weights"}:
@@ -76,7 +86,7 @@ def channels_from(args: argparse.Namespace) -> dict[str, str]:
 
 
 def job_spec(api: Api, args: argparse.Namespace, job_name: str, checkpoints: bool = True) -> JobSpec:
-    channels = channels_from(args)
+    channels = s3_channels(args)
     output = args.output
     if not output:
         bucket, _ = s3sync.parse_s3_uri(next(iter(channels.values())))
@@ -84,12 +94,30 @@ def job_spec(api: Api, args: argparse.Namespace, job_name: str, checkpoints: boo
     checkpoint = args.checkpoint_s3 or (f"{output.rstrip('/')}/{job_name}/checkpoints" if args.spot else None)
     if not checkpoints:
         checkpoint = None
-    image = args.image or image_uri(cli.account_of(api), cli.region_of(api, args), training_kind(args.instance_type),
-                                    args.image_tag)
-    return JobSpec(image=image, role_arn=cli.role_arn(api, args.role), channels=channels, output_path=output,
+    image = args.image or image_uri(scripting.account_of(api), scripting.region_of(api, args),
+                                    training_kind(args.instance_type), args.image_tag)
+    return JobSpec(image=image, role_arn=scripting.role_arn(api, args.role), channels=channels, output_path=output,
                    instance_type=args.instance_type, instance_count=args.instance_count,
                    volume_gb=args.volume_size, max_runtime_s=args.max_runtime, spot=args.spot,
                    max_wait_s=args.max_wait, checkpoint_uri=checkpoint, network_isolation=args.network_isolation)
+
+
+def create(api: Api, operation: str, request: dict, name: str, what: str) -> None:
+    """Send a Create* request (a dry run prints it instead)."""
+    api.call("sagemaker", operation, request)
+    if not api.dry_run:
+        log.info("%s %s created", what, name)
+
+
+def waits(args: argparse.Namespace, name: str, attached: bool) -> bool:
+    """Whether the script goes on to wait for the job: not after a dry run nor with --no-wait (which prints the
+    job's name)."""
+    if args.dry_run and not attached:
+        return False
+    if args.no_wait:
+        print(name)
+        return False
+    return not args.dry_run
 
 
 class LogTail:
@@ -149,7 +177,7 @@ def wait_training_job(api: Api, name: str, interval: float, timeout: float | Non
         if tail:
             tail.poll()
 
-    return cli.wait_for(
+    return scripting.wait_for(
         lambda: api.call("sagemaker", "DescribeTrainingJob", {"TrainingJobName": name}, mutates=False),
         lambda job: job["TrainingJobStatus"], {"Completed", "Failed", "Stopped"}, interval, timeout, on_poll)
 
@@ -157,7 +185,7 @@ def wait_training_job(api: Api, name: str, interval: float, timeout: float | Non
 def report_training_job(job: dict) -> None:
     name, status = job["TrainingJobName"], job["TrainingJobStatus"]
     if status != "Completed":
-        raise cli.JobFailed(f"training job {name} {status}: {job.get('FailureReason') or 'no reason given'}")
+        raise JobFailed(f"training job {name} {status}: {job.get('FailureReason') or 'no reason given'}")
     for metric in job.get("FinalMetricDataList", []):
         log.info("final %s = %s", metric["MetricName"], metric["Value"])
     billable, seconds = job.get("BillableTimeInSeconds"), job.get("TrainingTimeInSeconds")

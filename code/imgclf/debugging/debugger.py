@@ -1,7 +1,7 @@
 """Debugging and profiling of a training job, in the container: what SageMaker Debugger did, without it.
 
-One `Debugger` per job ties together tensor collection (imgclf.collect), rules (imgclf.rules), the system
-monitor, step timer and torch.profiler capture (imgclf.profiling) and the HTML report (imgclf.report).
+One `Debugger` per job ties together tensor collection (collect), rules (rules), the system monitor, step
+timer and torch.profiler capture (profiling) and the HTML report (report), all in imgclf.debugging.
 The training loop calls it at a few points; used as a context manager it always finishes: the rules'
 last evaluation, rules.json and the report are written whether training completes, fails or is stopped
 by a rule.
@@ -24,11 +24,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from imgclf import artifacts, config, report
-from imgclf.collect import EVAL, TRAIN, Collector
+from imgclf import artifacts, config
+from imgclf.debugging import report
+from imgclf.debugging.collect import EVAL, TRAIN, Collector
+from imgclf.debugging.profiling import ProfilerCapture, StepTimer, SystemMonitor
+from imgclf.debugging.rules import RuleSet, configure
 from imgclf.errors import RuleStop, TrainingInterrupted
-from imgclf.profiling import ProfilerCapture, StepTimer, SystemMonitor
-from imgclf.rules import RuleSet, configure
 
 log = logging.getLogger(__name__)
 RULES_FILE = "rules.json"
@@ -71,8 +72,10 @@ class SmdebugHook:
 
 
 class Debugger:
-    def __init__(self, hp, output_dir: Path, device: torch.device):
-        self.enabled = bool(hp.debugging)
+    """`enabled=False` (the other ranks of a distributed job) runs with debugging off whatever hp.debugging says."""
+
+    def __init__(self, hp, output_dir: Path, device: torch.device, enabled: bool = True):
+        self.enabled = enabled and bool(hp.debugging)
         self.hp, self.device, self.output_dir = hp, device, output_dir
         self.data_dir = output_dir / "data"
         self.step = 0

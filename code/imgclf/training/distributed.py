@@ -3,9 +3,10 @@
 SageMaker runs `train` once per host and gives every host the same resourceconfig.json (all hosts, this
 host). With more than one process in the job (hosts x processes-per-host), that first process is only a
 launcher: it checks hyperparameters and data, then runs torchrun, which starts one worker per GPU (or the
-configured number of CPU processes) running imgclf.train.main again with RANK/LOCAL_RANK/WORLD_SIZE set,
-forwards SIGTERM to them and waits. The first host is the master (its node rank is 0 and it serves the
-rendezvous store); IMGCLF_MASTER_ADDR / IMGCLF_MASTER_PORT override its address (simulated hosts, tests).
+configured number of CPU processes) running the training job module (imgclf.training.job) with
+RANK/LOCAL_RANK/WORLD_SIZE set, forwards SIGTERM to them and waits. The first host is the master (its node
+rank is 0 and it serves the rendezvous store); IMGCLF_MASTER_ADDR / IMGCLF_MASTER_PORT override its address
+(simulated hosts, tests).
 
 In the workers a `Context` holds the rank and does the few collective operations the training loop needs:
 sums of running metrics, evaluation results, agreeing to stop at the same step, the checkpoint read by
@@ -30,12 +31,14 @@ import torch.distributed as dist
 from torch import nn
 
 from imgclf.errors import HyperparameterError, UserError
-from imgclf.evaluate import Evaluation
+from imgclf.processes import run_forwarding_signals
+from imgclf.training.evaluate import Evaluation
 
 log = logging.getLogger(__name__)
 MASTER_ADDR_ENV = "IMGCLF_MASTER_ADDR"
 MASTER_PORT_ENV = "IMGCLF_MASTER_PORT"
 DEFAULT_MASTER_PORT = 29500  # torch.distributed's default
+WORKER_MODULE = "imgclf.training.job"  # what torchrun runs in each worker (python -m)
 
 
 class WorkersFailed(UserError):
@@ -70,7 +73,7 @@ class Plan:
         else:
             cmd += [f"--nnodes={len(self.hosts)}", f"--node-rank={self.node_rank}",
                     f"--master-addr={self.master_addr}", f"--master-port={self.master_port}"]
-        return [*cmd, "-m", "imgclf.distributed"]
+        return [*cmd, "-m", WORKER_MODULE]
 
     def environment(self) -> dict[str, str]:
         """Variables for the workers: CPU threads shared between them, the network interface for gloo/NCCL."""
@@ -108,8 +111,6 @@ def make_plan(hosts: list[str], current_host: str, processes_per_host: int, inte
 
 def launch(plan: Plan) -> None:
     """Run torchrun for this host and wait; SIGTERM/SIGINT go to it (it passes them to the workers)."""
-    from imgclf.local import run_forwarding_signals
-
     log.info("distributed training: %s", plan.describe())
     code = run_forwarding_signals(plan.command(), {**os.environ, **plan.environment()})
     if code != 0:
@@ -160,12 +161,6 @@ class Context:
         t = self._tensor(values)
         dist.all_reduce(t)
         return t.tolist()
-
-    def add_sums(self, base: dict, local: dict) -> dict:
-        """`base` (the sums every rank shares, e.g. from a checkpoint) + this epoch's sums of all ranks."""
-        keys = list(local)
-        totals = self.sum([float(local[k]) for k in keys])
-        return {k: type(base[k])(base[k] + total) for k, total in zip(keys, totals)}
 
     def reduce_evaluation(self, ev: Evaluation) -> Evaluation:
         """Combine the ranks' evaluations of their shards: confusion counts and loss sums add up."""
@@ -241,8 +236,3 @@ def worker():
     # Not after an error: with NCCL, tearing down while another rank waits in a collective can hang.
     dist.destroy_process_group()
 
-
-if __name__ == "__main__":  # what torchrun runs in each worker (see Plan.command)
-    from imgclf.train import main
-
-    main()

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from imgclf.profiling import JsonlFile
+from imgclf.debugging.profiling import JsonlFile
 
 TRAIN, EVAL = "TRAIN", "EVAL"
 # Modules whose input is an "activation input" (models that call F.relu instead get their conv/linear outputs).

@@ -1,6 +1,6 @@
 """`tune.py --local`: the SageMaker tuning job's search, run on this machine with Optuna.
 
-Same search space, objective and metric regex as the cloud path (imgclf.aws.training, imgclf.config); each
+Same search space, objective and metric regex as the cloud path (imgclf.search.space, imgclf.config); each
 trial is a real local-mode training run (`python -m imgclf.local train`) in <output>/trial-N whose per-epoch
 objective value feeds the pruner. A pruned trial gets SIGTERM, which the training turns into a checkpoint and a
 clean stop. The study lives in an Optuna RDB storage (default sqlite:///<output>/study.db): running the same
@@ -32,12 +32,14 @@ import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import FrozenTrial, Trial, TrialState
 
-from imgclf.aws.cli import EXIT_INTERRUPTED, EXIT_OK, JobFailed
-from imgclf.aws.training import OBJECTIVES, hyperparameter_strings, parameter_ranges, write_best_file
-from imgclf.config import METRIC_DEFINITIONS, parse_hyperparameters
-from imgclf.errors import DataError, HyperparameterError, UserError
+from imgclf.config import hyperparameter_strings, parse_hyperparameters
+from imgclf.errors import HyperparameterError, UserError
+from imgclf.exit_codes import EXIT_INTERRUPTED, EXIT_OK, JobFailed
+from imgclf.search.flags import CLOUD, LOCAL, given_elsewhere, only_for
+from imgclf.search.results import write_best_file
+from imgclf.search.space import check_disjoint, objective_regex, parameter_ranges
 
-log = logging.getLogger("imgclf.local_search")
+log = logging.getLogger("imgclf.search.local_search")
 
 DEFAULT_STUDY = "imgclf-hpo"
 PRUNERS = ("median", "halving", "none")
@@ -45,12 +47,6 @@ HOST = socket.gethostname()
 # The training loop's per-epoch line (`epoch=3 ... valid_accuracy=0.7312`): its epoch is the pruner's step.
 EPOCH = re.compile(r"\bepoch=(\d+)\b")
 STOP_GRACE_S = 120  # how long a SIGTERMed training may take to checkpoint and exit before it is killed
-# Flags that only mean something to a SageMaker tuning job (argparse dests).
-CLOUD_ONLY = ("attach", "job_name", "warm_start", "warm_start_type", "channel", "checkpoint_s3", "image",
-              "image_tag", "instance_type", "instance_count", "volume_size", "max_runtime", "spot", "max_wait",
-              "network_isolation", "tag", "no_wait", "poll_interval", "region", "profile", "role", "endpoint_url",
-              "dry_run", "max_parallel")
-LOCAL_ONLY = ("study_name", "storage", "pruner", "pruner_startup_trials", "prune_from_epoch", "enqueue", "seed")
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING)
 
 
@@ -64,28 +60,29 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                        help="run the search here, each trial a local-mode training run; --data and --output are "
                             "then local folders, --max-jobs the number of trials, --strategy picks TPE or random "
                             "sampling")
-    group.add_argument("--study-name", default=DEFAULT_STUDY, help=f"Optuna study name (default {DEFAULT_STUDY})")
-    group.add_argument("--storage", metavar="URL",
-                       help="Optuna storage (default sqlite:///<output>/study.db); a database URL such as "
-                            "postgresql://user:pw@host/db lets several machines share one study")
-    group.add_argument("--pruner", choices=PRUNERS, default="median",
-                       help="stop poor trials early from their per-epoch objective: median (default), halving "
-                            "(successive halving) or none")
-    group.add_argument("--pruner-startup-trials", type=int, default=3, metavar="N",
-                       help="median: trials that must finish before any is pruned (default 3)")
-    group.add_argument("--prune-from-epoch", type=int, default=1, metavar="N",
-                       help="first epoch after which a trial can be pruned (default 1)")
-    group.add_argument("--enqueue", action="append", default=[], metavar="NAME=VALUE[,NAME=VALUE]",
-                       help="a trial to run before the sampler's (repeat); hyperparameters it leaves out are "
-                            "sampled, e.g. --enqueue lr=0.01,batch-size=128")
-    group.add_argument("--seed", type=int, help="seed of the sampler (default: random)")
+    only_for(
+        LOCAL,
+        group.add_argument("--study-name", default=DEFAULT_STUDY, help=f"Optuna study name (default {DEFAULT_STUDY})"),
+        group.add_argument("--storage", metavar="URL",
+                           help="Optuna storage (default sqlite:///<output>/study.db); a database URL such as "
+                                "postgresql://user:pw@host/db lets several machines share one study"),
+        group.add_argument("--pruner", choices=PRUNERS, default="median",
+                           help="stop poor trials early from their per-epoch objective: median (default), halving "
+                                "(successive halving) or none"),
+        group.add_argument("--pruner-startup-trials", type=int, default=3, metavar="N",
+                           help="median: trials that must finish before any is pruned (default 3)"),
+        group.add_argument("--prune-from-epoch", type=int, default=1, metavar="N",
+                           help="first epoch after which a trial can be pruned (default 1)"),
+        group.add_argument("--enqueue", action="append", default=[], metavar="NAME=VALUE[,NAME=VALUE]",
+                           help="a trial to run before the sampler's (repeat); hyperparameters it leaves out are "
+                                "sampled, e.g. --enqueue lr=0.01,batch-size=128"),
+        group.add_argument("--seed", type=int, help="seed of the sampler (default: random)"),
+    )
 
 
-def check_flags(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+def check_flags(args: argparse.Namespace) -> None:
     """Refuse flags that the chosen path (cloud or --local) would silently ignore."""
-    wrong = CLOUD_ONLY if args.local else LOCAL_ONLY
-    given = [a.option_strings[0] for a in parser._actions
-             if a.dest in wrong and a.option_strings and getattr(args, a.dest) != a.default]
+    given = given_elsewhere(args, LOCAL if args.local else CLOUD)
     if given and args.local:
         raise UserError(f"{', '.join(given)}: SageMaker tuning job option(s), not used by --local; drop them")
     if given:
@@ -172,12 +169,9 @@ class Search:
         if self.weights and not self.weights.exists():
             raise UserError(f"--weights {self.weights}: no such file")
         self.dists = distributions(space)
-        both = sorted(set(self.dists) & set(static))
-        if both:
-            raise HyperparameterError(f"{', '.join(both)}: both tuned and static; drop the static value or the range")
+        check_disjoint(self.dists, static)
         self.static = hyperparameter_strings(static)  # a bad value stops here, before any trial
-        self.metric, self.direction = OBJECTIVES[args.objective]
-        regex = next(d["Regex"] for d in METRIC_DEFINITIONS if d["Name"] == self.metric)
+        self.metric, self.direction, regex = objective_regex(args.objective)
         self.regex = re.compile(regex)
         self.verbose = args.verbose
         self.settings = {"objective": self.metric, "direction": self.direction,
@@ -197,13 +191,9 @@ class Search:
         self._check_settings()
 
     def _check_data(self) -> None:
-        from imgclf import data  # torch: imported only once the flags are known to be good
+        from imgclf.local import split_channels  # torch: imported only once the flags are known to be good
 
-        try:
-            data.find_split_dirs({"training": str(self.data)})
-        except DataError:
-            raise UserError(f"--data {self.data}: expected sub-folders train/ and valid/ (and test/), each with one "
-                            "folder per class, e.g. train/001.Affenpinscher/*.jpg") from None
+        split_channels(self.data)
 
     def _check_settings(self) -> None:
         """A study resumed (or shared) must search the same space for the same objective."""

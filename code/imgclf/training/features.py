@@ -3,7 +3,7 @@
 While only the head trains, the backbone is in eval mode (models.train_mode) and sees the same pixels every
 epoch (augment=false), so its output for an image never changes: computing it once and feeding the cached
 features to the head gives the same logits, losses and gradients as running the whole model every epoch,
-with the same data order (train.EpochSampler) and the same head initialisation. Epochs after the
+with the same data order (sampling.EpochSampler) and the same head initialisation. Epochs after the
 extraction then cost milliseconds instead of a full forward pass over the dataset.
 
 The split is generic: a forward pre-hook on the head layer (the one models.replace_head returned) captures
@@ -20,6 +20,8 @@ from collections.abc import Iterator
 
 import torch
 from torch import nn
+
+from imgclf import data
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +94,7 @@ def head_module(model: nn.Module, head: list[str]) -> nn.Module:
 
 
 @torch.no_grad()  # not inference_mode: the head's backward saves these features
-def extract(model: nn.Module, head: list[str], loader, accel) -> FeatureCache:
+def extract(model: nn.Module, head: list[str], loader, speed) -> FeatureCache:
     """Run the (eval-mode) model over `loader` once; keep the input of the head layer for every image.
 
     `loader` must yield the split's samples in index order (no shuffling). The features keep the dtype the
@@ -106,8 +108,8 @@ def extract(model: nn.Module, head: list[str], loader, accel) -> FeatureCache:
     try:
         for images, batch_labels in loader:
             captured.clear()
-            with accel.autocast():
-                logits = model(accel.inputs(images))
+            with speed.autocast():
+                logits = model(speed.inputs(images))
                 if len(captured) != 1:
                     raise FeatureCacheUnsupported(f"head layer {head[0]} ran {len(captured)} times in one forward")
                 if not checked:  # the model's output must be the head's output, nothing after it
@@ -118,7 +120,7 @@ def extract(model: nn.Module, head: list[str], loader, accel) -> FeatureCache:
                                                       f"layer {head[0]} further")
                     checked = True
             chunks.append(captured[0].detach().clone())
-            labels.append(batch_labels.to(accel.device))
+            labels.append(batch_labels.to(speed.device))
     finally:
         hook.remove()
     features = torch.cat(chunks)
@@ -132,17 +134,16 @@ class FrozenFeatures:
     """The training loop's switch: `for_epoch` gives (head, train batches, valid batches) on cached features
     for an epoch whose backbone is frozen, or None for the normal loop. Extraction happens on first use."""
 
-    def __init__(self, hp, model: nn.Module, head: list[str], accel, splits: dict, sampler, make_loader):
+    def __init__(self, hp, model: nn.Module, head: list[str], speed, splits: dict, sampler, make_loader,
+                 batch_size: int):
         self.enabled, why = should_cache(hp)
         log.info("feature cache %s: %s", "on" if self.enabled else "off", why)
-        self.hp, self.model, self.head, self.accel, self.splits = hp, model, head, accel, splits
-        self.sampler, self.make_loader = sampler, make_loader
+        self.hp, self.model, self.head, self.speed, self.splits = hp, model, head, speed, splits
+        self.sampler, self.make_loader, self.batch_size = sampler, make_loader, batch_size
         self.train: FeatureCache | None = None
         self.valid: FeatureCache | None = None
 
     def _loader(self, split: str):
-        from imgclf import data
-
         size = self.hp.image_size
         return self.make_loader(data.ImageDataset(self.splits[split].samples, data.eval_transform(size),
                                                   data.resize_size(size)))
@@ -152,12 +153,11 @@ class FrozenFeatures:
             return None
         if self.train is None:
             try:
-                self.train = extract(self.model, self.head, self._loader("train"), self.accel)
-                self.valid = extract(self.model, self.head, self._loader("valid"), self.accel)
+                self.train = extract(self.model, self.head, self._loader("train"), self.speed)
+                self.valid = extract(self.model, self.head, self._loader("valid"), self.speed)
             except FeatureCacheUnsupported as e:
                 log.warning("feature cache off: %s; training with the normal loop", e)
                 self.enabled = False
                 return None
-        bs = self.hp.batch_size
-        return (head_module(self.model, self.head), SamplerBatches(self.train, self.sampler, bs),
-                SequentialBatches(self.valid, bs))
+        return (head_module(self.model, self.head), SamplerBatches(self.train, self.sampler, self.batch_size),
+                SequentialBatches(self.valid, self.batch_size))

@@ -15,9 +15,8 @@ Response (one entry per image, in request order):
                                  "index": 0, "probability": 0.93}, ...]}]}
 Error: {"code": 415, "type": "UnsupportedMediaType", "message": "..."} (the shape of MMS's own errors).
 
-Environment: IMGCLF_TOP_K (default 5), IMGCLF_MAX_IMAGE_PIXELS (default 40 MP per image),
-IMGCLF_MAX_IMAGES (images per request, default 64), SAGEMAKER_MAX_PAYLOAD_IN_MB (default 6),
-IMGCLF_SERVE_DTYPE (float32 | bfloat16), IMGCLF_TORCH_THREADS (default: CPUs / workers).
+Settings (top_k, limits, dtype, threads) come from imgclf.serving.settings: read once when the model loads,
+kept in ServingModel.settings; a request reads none of the environment.
 """
 
 from __future__ import annotations
@@ -39,8 +38,11 @@ from PIL import Image
 from sagemaker_inference.errors import GenericInferenceToolkitError
 from torch import nn
 
-from imgclf import artifacts, data
+from imgclf import artifacts, data, devices
 from imgclf.errors import UserError, WeightsError
+from imgclf.serving.settings import ServingSettings
+
+DEFAULT_SETTINGS = ServingSettings()
 
 log = logging.getLogger(__name__)
 
@@ -50,31 +52,6 @@ CONTENT_TYPES = (*IMAGE_TYPES, JSON_TYPE)
 ACCEPTS = (JSON_TYPE, "application/*", "*/*")
 CUSTOM_ATTRIBUTES = "x-amzn-sagemaker-custom-attributes"
 JSON_EXAMPLE = '{"instances": [{"b64": "<base64 image>"}, ...], "top_k": 3}'
-
-
-def _env_int(name: str, default: int) -> int:
-    value = os.environ.get(name, "")
-    try:
-        return int(value) if value.strip() else default
-    except ValueError:
-        raise UserError(f"environment variable {name}={value!r} is not an integer") from None
-
-
-def default_top_k() -> int:
-    return _env_int("IMGCLF_TOP_K", 5)
-
-
-def max_image_pixels() -> int:
-    return _env_int("IMGCLF_MAX_IMAGE_PIXELS", 40_000_000)
-
-
-def max_images() -> int:
-    return _env_int("IMGCLF_MAX_IMAGES", 64)
-
-
-def max_payload_bytes() -> int:
-    """`serve` sets IMGCLF_MAX_PAYLOAD_BYTES from SAGEMAKER_MAX_PAYLOAD_IN_MB (and gives MMS some headroom)."""
-    return _env_int("IMGCLF_MAX_PAYLOAD_BYTES", 0) or _env_int("SAGEMAKER_MAX_PAYLOAD_IN_MB", 6) * 1024 * 1024
 
 
 class RequestError(GenericInferenceToolkitError):
@@ -101,6 +78,7 @@ class ServingModel:
     draft_size: int
     device: torch.device
     autocast_dtype: torch.dtype | None
+    settings: ServingSettings = DEFAULT_SETTINGS
 
 
 def label_of(class_name: str) -> str:
@@ -144,11 +122,11 @@ def check_model_dir(model_dir: str | os.PathLike) -> None:
                            f"{len(config['class_names'])} classes): {'; '.join(problems)}")
 
 
-def set_torch_threads() -> int:
+def set_torch_threads(settings: ServingSettings) -> int:
     """Share the CPUs between MMS workers instead of every worker starting one thread per CPU."""
     cpus = os.cpu_count() or 1
-    workers = _env_int("SAGEMAKER_MODEL_SERVER_WORKERS", 0) or (torch.cuda.device_count() or cpus)
-    threads = _env_int("IMGCLF_TORCH_THREADS", 0) or max(1, cpus // workers)
+    workers = settings.workers or (torch.cuda.device_count() or cpus)
+    threads = settings.torch_threads or max(1, cpus // workers)
     torch.set_num_threads(threads)
     try:
         torch.set_num_interop_threads(1)
@@ -157,15 +135,15 @@ def set_torch_threads() -> int:
     return threads
 
 
-def model_fn(model_dir: str) -> ServingModel:
-    """Rebuild the network from config.json, load the safetensors weights (no pickle), prepare it once, warm up."""
-    threads = set_torch_threads()
-    Image.MAX_IMAGE_PIXELS = max_image_pixels()  # PIL refuses 2x this itself; `decode` refuses 1x with a 413
+def model_fn(model_dir: str, settings: ServingSettings | None = None) -> ServingModel:
+    """Rebuild the network from config.json, load the safetensors weights (no pickle), prepare it once, warm up.
+    The settings are read here, once per worker, unless given."""
+    settings = settings or ServingSettings.load()
+    threads = set_torch_threads(settings)
+    Image.MAX_IMAGE_PIXELS = settings.max_image_pixels  # PIL refuses 2x this itself; `decode` refuses 1x with a 413
     net, config = artifacts.load_model(model_dir)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype_name = os.environ.get("IMGCLF_SERVE_DTYPE", "float32").strip().lower()
-    if dtype_name not in ("float32", "bfloat16"):
-        raise UserError(f"IMGCLF_SERVE_DTYPE={dtype_name!r}: use float32 or bfloat16")
+    device = devices.default_device()
+    dtype_name = settings.dtype
     net = net.to(device, memory_format=torch.channels_last).eval()
     net.requires_grad_(False)
     model = ServingModel(
@@ -173,7 +151,7 @@ def model_fn(model_dir: str) -> ServingModel:
         labels=[label_of(c) for c in config["class_names"]],
         transform=data.eval_transform(config["image_size"], config["mean"], config["std"]),
         draft_size=int(config["resize_size"]), device=device,
-        autocast_dtype=torch.bfloat16 if dtype_name == "bfloat16" else None,
+        autocast_dtype=torch.bfloat16 if dtype_name == "bfloat16" else None, settings=settings,
     )
     warm_up(model)
     log.info("model %s loaded from %s: %d classes, %d px, %s on %s, %d torch threads", config["architecture"],
@@ -185,7 +163,7 @@ def warm_up(model: ServingModel) -> None:
     """One full request (encode, decode, transform, forward, JSON) so the first client request is not slow."""
     buf = io.BytesIO()
     Image.new("RGB", (model.draft_size * 2, model.draft_size * 2), (128, 96, 64)).save(buf, "JPEG")
-    output_fn(predict_fn(input_fn(buf.getvalue(), "image/jpeg"), model), JSON_TYPE)
+    output_fn(predict_fn(input_fn(buf.getvalue(), "image/jpeg", model.settings), model), JSON_TYPE)
 
 
 # --- request -----------------------------------------------------------------------------------------------
@@ -245,7 +223,7 @@ def _b64(item, where: str) -> bytes:
         raise RequestError(HTTPStatus.BAD_REQUEST, f"{where}: invalid base64 ({e})") from None
 
 
-def parse_json(body: bytes) -> ImageRequest:
+def parse_json(body: bytes, max_images: int = DEFAULT_SETTINGS.max_images) -> ImageRequest:
     try:
         doc = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -258,14 +236,15 @@ def parse_json(body: bytes) -> ImageRequest:
         raise RequestError(HTTPStatus.BAD_REQUEST, f"JSON body has no 'instances' list; send {JSON_EXAMPLE}")
     if not isinstance(items, list) or not items:
         raise RequestError(HTTPStatus.BAD_REQUEST, f"'instances' must be a non-empty list; send {JSON_EXAMPLE}")
-    if len(items) > max_images():
+    if len(items) > max_images:
         raise RequestError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                           f"{len(items)} images in one request; at most {max_images()} (IMGCLF_MAX_IMAGES)")
+                           f"{len(items)} images in one request; at most {max_images} (IMGCLF_MAX_IMAGES)")
     top_k = parse_top_k(doc["top_k"], "JSON field") if "top_k" in doc else None
     return ImageRequest([_b64(item, f"instances[{i}]") for i, item in enumerate(items)], top_k)
 
 
-def input_fn(input_data: bytes | str, content_type: str | None) -> ImageRequest:
+def input_fn(input_data: bytes | str, content_type: str | None,
+             settings: ServingSettings = DEFAULT_SETTINGS) -> ImageRequest:
     """Raw image bytes (image/*, application/x-image, application/octet-stream) or JSON with base64 images."""
     kind = media_type(content_type)
     if kind not in CONTENT_TYPES:
@@ -275,16 +254,16 @@ def input_fn(input_data: bytes | str, content_type: str | None) -> ImageRequest:
     body = input_data.encode() if isinstance(input_data, str) else bytes(input_data or b"")
     if not body:
         raise RequestError(HTTPStatus.BAD_REQUEST, f"empty request body; send an image ({content_type})")
-    if len(body) > max_payload_bytes():
+    if len(body) > settings.max_payload_bytes:
         raise RequestError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                           f"request body of {len(body)} bytes is over the {max_payload_bytes()} byte limit "
+                           f"request body of {len(body)} bytes is over the {settings.max_payload_bytes} byte limit "
                            "(SAGEMAKER_MAX_PAYLOAD_IN_MB); send a smaller image")
-    return parse_json(body) if kind == JSON_TYPE else ImageRequest([body])
+    return parse_json(body, settings.max_images) if kind == JSON_TYPE else ImageRequest([body])
 
 
-def decode(image: bytes, draft_size: int, where: str = "image") -> Image.Image:
+def decode(image: bytes, draft_size: int, where: str = "image",
+           limit: int = DEFAULT_SETTINGS.max_image_pixels) -> Image.Image:
     """Check the pixel count from the header (decompression bombs), then decode as evaluation does."""
-    limit = max_image_pixels()
     if not image:
         raise RequestError(HTTPStatus.BAD_REQUEST, f"{where}: empty image")
     try:
@@ -311,13 +290,14 @@ def predict_fn(request: ImageRequest, model: ServingModel) -> Prediction:
     """Decode and transform every image once, then one batched forward pass."""
     where = "image" if len(request.images) == 1 else "instances[{}]"
     batch = torch.stack([
-        model.transform(decode(img, model.draft_size, where.format(i))) for i, img in enumerate(request.images)
+        model.transform(decode(img, model.draft_size, where.format(i), model.settings.max_image_pixels))
+        for i, img in enumerate(request.images)
     ]).to(model.device, memory_format=torch.channels_last)
     with torch.inference_mode(), torch.autocast(model.device.type, dtype=model.autocast_dtype or torch.bfloat16,
                                                 enabled=model.autocast_dtype is not None):
         logits = model.net(batch)
     probabilities = torch.softmax(logits.float(), dim=1).cpu()
-    top_k = request.top_k or default_top_k()
+    top_k = request.top_k or model.settings.top_k
     return Prediction(probabilities, model.class_names, model.labels, min(top_k, len(model.class_names)))
 
 
@@ -357,7 +337,7 @@ def handle_request(model: ServingModel | None, body: bytes | None, headers: dict
             raise RequestError(HTTPStatus.SERVICE_UNAVAILABLE, f"model not loaded: {load_error}")
         accept = header(headers, "accept")
         check_accept(accept)  # before the work, so a 406 costs nothing
-        request = input_fn(body or b"", header(headers, "content-type"))
+        request = input_fn(body or b"", header(headers, "content-type"), model.settings)
         if request.top_k is None:
             request.top_k = top_k_from_attributes(header(headers, CUSTOM_ATTRIBUTES))
         return 200, output_fn(predict_fn(request, model), accept)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from http import HTTPStatus
 
-from imgclf import inference
+from imgclf.serving import inference
 
 log = logging.getLogger(__name__)
 

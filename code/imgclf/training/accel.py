@@ -18,15 +18,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from imgclf.devices import default_device
 from imgclf.errors import HyperparameterError
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def cpu_has_native_bf16() -> bool:
@@ -71,7 +68,7 @@ def _choice(value: str, auto: bool) -> bool:
 
 @dataclass
 class Accel:
-    """How the training step runs: `with acc.autocast(): ...`, `acc.backward(loss)`, `acc.step(optimizer)`."""
+    """How the training step runs: `with speed.autocast(): ...`, `speed.backward(loss)`, `speed.step(optimizer)`."""
     device: torch.device
     dtype: torch.dtype | None = None
     channels_last: bool = False

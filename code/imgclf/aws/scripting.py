@@ -1,13 +1,5 @@
-"""What every AWS script shares: the common flags, the Api they send through, names, exit codes, progress.
-
-Exit codes (scripts and CI can rely on them):
-    0  done (or, with --no-wait, the request was accepted)
-    1  the job or endpoint ended Failed or Stopped (the reason is printed)
-    2  bad arguments or input: nothing was sent
-    3  AWS refused or is unreachable: credentials, region, role, permissions, a missing resource
-    4  --timeout passed while waiting; the job or endpoint carries on in AWS
-  130  interrupted (Ctrl-C) while waiting; the job or endpoint carries on in AWS
-"""
+"""The plumbing every AWS script shares: the common flags, the Api they send through, resource names, waiting,
+progress, and `run`, which maps what a script raises to its exit code (imgclf.exit_codes)."""
 
 from __future__ import annotations
 
@@ -23,20 +15,14 @@ import botocore.exceptions
 
 from imgclf.aws.session import Api, AwsError, make_session
 from imgclf.errors import UserError
+from imgclf.exit_codes import EXIT_AWS, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_TIMEOUT, EXIT_USAGE, JobFailed
+from imgclf.search.flags import CLOUD, only_for
 
 log = logging.getLogger("imgclf.aws")
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_AWS, EXIT_TIMEOUT, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
-EXIT_CODES_HELP = """exit status: 0 done (with --no-wait: accepted); 1 the job or endpoint ended Failed/Stopped
-or rolled back; 2 bad arguments or input, nothing sent; 3 AWS refused or unreachable (credentials, region,
-role, permissions, missing resource); 4 --timeout passed (it carries on in AWS); 130 interrupted."""
 ROLE_ENV = "SAGEMAKER_ROLE"
 # The account shown in a dry run that has no AWS access (nothing is sent, so nothing needs the real one).
 PLACEHOLDER_ACCOUNT = "000000000000"
-
-
-class JobFailed(Exception):
-    """The job or endpoint ended in a failed state; the message holds SageMaker's reason."""
 
 
 class WaitTimeout(Exception):
@@ -44,26 +30,31 @@ class WaitTimeout(Exception):
 
 
 def add_common_args(parser: argparse.ArgumentParser, role: bool = False) -> None:
+    """The flags that configure AWS access (marked CLOUD: tune.py --local refuses them), and --verbose."""
     group = parser.add_argument_group("AWS")
-    group.add_argument("--region", help="AWS region (default: AWS_REGION / AWS_DEFAULT_REGION / the profile's)")
-    group.add_argument("--profile", help="named profile from ~/.aws (default: AWS_PROFILE)")
+    only_for(CLOUD, group.add_argument("--region",
+                                       help="AWS region (default: AWS_REGION / AWS_DEFAULT_REGION / the profile's)"))
+    only_for(CLOUD, group.add_argument("--profile", help="named profile from ~/.aws (default: AWS_PROFILE)"))
     if role:
-        group.add_argument("--role", default=os.environ.get(ROLE_ENV),
-                           help=f"SageMaker execution role, ARN or name (default: ${ROLE_ENV})")
-    group.add_argument("--endpoint-url", default=os.environ.get("AWS_ENDPOINT_URL"),
-                       help="send requests to this URL instead of AWS (e.g. a moto server; default: AWS_ENDPOINT_URL)")
-    group.add_argument("--dry-run", action="store_true",
-                       help="validate the requests against the service model and print them as JSON; send nothing "
-                            "that creates, changes or deletes (describe/list calls still read when credentials exist)")
+        only_for(CLOUD, group.add_argument("--role", default=os.environ.get(ROLE_ENV),
+                                           help=f"SageMaker execution role, ARN or name (default: ${ROLE_ENV})"))
+    only_for(CLOUD, group.add_argument(
+        "--endpoint-url", default=os.environ.get("AWS_ENDPOINT_URL"),
+        help="send requests to this URL instead of AWS (e.g. a moto server; default: AWS_ENDPOINT_URL)"))
+    only_for(CLOUD, group.add_argument(
+        "--dry-run", action="store_true",
+        help="validate the requests against the service model and print them as JSON; send nothing that creates, "
+             "changes or deletes (describe/list calls still read when credentials exist)"))
     group.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
 def add_wait_args(parser: argparse.ArgumentParser, what: str) -> None:
     group = parser.add_argument_group("waiting")
-    group.add_argument("--no-wait", action="store_true", help=f"return once the {what} is accepted")
+    only_for(CLOUD, group.add_argument("--no-wait", action="store_true", help=f"return once the {what} is accepted"))
     group.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
                        help=f"stop waiting after this long (exit 4); the {what} carries on (default: no limit)")
-    group.add_argument("--poll-interval", type=float, default=15.0, metavar="SECONDS", help="seconds between polls")
+    only_for(CLOUD, group.add_argument("--poll-interval", type=float, default=15.0, metavar="SECONDS",
+                                       help="seconds between polls"))
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:

@@ -17,7 +17,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)
 
-from imgclf.profiling import PHASES  # noqa: E402
+from imgclf.debugging.profiling import PHASES  # noqa: E402
 
 SECTIONS = {"summary": "Summary", "training": "Training curves", "system": "System utilisation",
             "steps": "Step time breakdown", "rules": "Rules", "operators": "Top operators (torch.profiler)"}

@@ -1,15 +1,15 @@
 """Rules that watch a training job while it runs, in the spirit of SageMaker Debugger's built-in rules.
 
 Each rule is a dataclass: its fields are its parameters (defaults close to Debugger's), its methods read
-what the training loop reports (every training and evaluation loss, the layer statistics of
-`imgclf.collect`, each epoch's record, the system monitor and step timer of `imgclf.profiling`) and return
-a Finding when they see the problem. A rule's status is NoIssuesFound until its first finding
-(IssuesFound, kept with the step, epoch and evidence), or NotApplicable (GPU rules without a GPU).
+what the training loop reports (every training and evaluation loss, the layer statistics of `collect`,
+each epoch's record, the system monitor and step timer of `profiling`) and return a Finding when they see
+the problem. A rule's status is NoIssuesFound until its first finding (IssuesFound, kept with the step,
+epoch and evidence), or NotApplicable (GPU rules without a GPU).
 A rule with `stop` set ends the job with RuleStop, as Debugger's StopTraining action did.
 
 Choose rules with the hyperparameters `rules` (comma list, "all" or "none"), `rules-config` (JSON object,
 inline or a file path: {"overfit": {"ratio_threshold": 0.5}, "exploding_tensor": {"stop": true}}) and
-`rules-stop` (comma list). `python -m imgclf.rules` prints the rules and their parameters as Markdown.
+`rules-stop` (comma list). `python -m imgclf.debugging.rules` prints the rules and their parameters as Markdown.
 """
 
 from __future__ import annotations
@@ -281,7 +281,24 @@ class ExplodingTensor(Rule):
 
 
 @dataclass(kw_only=True)
-class LowGpuUtilization(Rule):
+class GpuSampleRule(Rule):
+    """A rule on the monitor's GPU samples: NotApplicable without a GPU; the first `patience` samples (a field
+    of each subclass) are skipped; `check_samples` judges the rest."""
+
+    def system(self, samples, steps, has_gpu):
+        if not has_gpu:
+            self.note = "no GPU found by NVML"
+            return NOT_APPLICABLE
+        data = [s for s in samples if "gpu" in s][self.patience:]
+        self.note = f"{len(data)} samples analysed"
+        return self.check_samples(data)
+
+    def check_samples(self, data: list[dict]) -> Finding | None:
+        raise NotImplementedError
+
+
+@dataclass(kw_only=True)
+class LowGpuUtilization(GpuSampleRule):
     name = "low_gpu_utilization"
     explanation = ("Over the last `window` monitor samples (after skipping `patience`): an issue when a GPU's "
                    "95th-percentile utilisation is below threshold_p95 (underused), or above it while the 5th "
@@ -293,11 +310,8 @@ class LowGpuUtilization(Rule):
     window: int = 500
     patience: int = 1000
 
-    def system(self, samples, steps, has_gpu):
-        if not has_gpu:
-            self.note = "no GPU found by NVML"
-            return NOT_APPLICABLE
-        data = [s["gpu"] for s in samples if "gpu" in s][self.patience:][-self.window:]
+    def check_samples(self, data):
+        data = [s["gpu"] for s in data][-self.window:]
         self.note = f"{len(data)} samples analysed"
         for gpu in range(len(data[0]) if data else 0):
             util = [d[gpu] for d in data]
@@ -313,7 +327,7 @@ class LowGpuUtilization(Rule):
 
 
 @dataclass(kw_only=True)
-class CpuBottleneck(Rule):
+class CpuBottleneck(GpuSampleRule):
     name = "cpu_bottleneck"
     explanation = ("Share of monitor samples (after skipping `patience`) in which the GPU is below gpu_threshold "
                    "utilisation while the CPU is above cpu_threshold: the CPU (data loading, augmentation) starves "
@@ -325,12 +339,7 @@ class CpuBottleneck(Rule):
     cpu_threshold: float = 90.0
     patience: int = 1000
 
-    def system(self, samples, steps, has_gpu):
-        if not has_gpu:
-            self.note = "no GPU found by NVML"
-            return NOT_APPLICABLE
-        data = [s for s in samples if "gpu" in s][self.patience:]
-        self.note = f"{len(data)} samples analysed"
+    def check_samples(self, data):
         if not data:
             return None
         starved = sum(1 for s in data if statistics.fmean(s["gpu"]) < self.gpu_threshold

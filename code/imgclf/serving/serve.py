@@ -1,0 +1,188 @@
+"""The serving image's `serve` entrypoint: `docker run IMAGE serve`, or `serve` on a host over a local /opt/ml tree.
+
+Checks the model in SAGEMAKER_BASE_DIR/model (default /opt/ml/model: the training output, or model.tar.gz
+extracted; a model.tar.gz found there is extracted first), then starts multi-model-server through
+sagemaker-inference's `start_model_server` with imgclf.serving.handler_service. MMS answers GET /ping and
+POST /invocations on SAGEMAKER_BIND_TO_PORT (8080) with SAGEMAKER_MODEL_SERVER_WORKERS workers (default:
+one per CPU) and SAGEMAKER_MODEL_SERVER_TIMEOUT; the call blocks until MMS exits (SIGTERM stops it).
+The serving settings (imgclf.serving.settings) are read and checked once here and handed to the workers.
+
+A model that cannot be loaded is logged once, and a small stand-in server answers /ping (and everything
+else) with 503 and the reason as JSON, so SageMaker sees an unhealthy container and the log says why.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import logging
+import os
+import signal
+import sys
+import tarfile
+import threading
+import warnings
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+from imgclf import config
+from imgclf.processes import MAX_PORT
+from imgclf.serving.settings import ServingSettings
+
+# The module multi-model-server imports in each worker (MMS's default_service_handler; exactly one class).
+HANDLER_SERVICE = "imgclf.serving.handler_service"
+TARBALL = "model.tar.gz"
+PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
+
+log = logging.getLogger("imgclf.serve")
+
+
+def unpack_model_tarball(model_dir: Path) -> None:
+    """SageMaker extracts model.tar.gz into /opt/ml/model; `docker run -v` users may mount the tarball as is."""
+    tarball = model_dir / TARBALL
+    if tarball.is_file() and not (model_dir / "config.json").exists():
+        log.info("extracting %s", tarball)
+        with tarfile.open(tarball) as tar:
+            tar.extractall(model_dir, filter="data")  # no absolute paths, links out of the folder, devices
+
+
+def local_mode_environment(base_dir: Path) -> dict[str, str]:
+    """Per-server paths when several servers share one host (local mode, tests): config, pid file, logs."""
+    for sub in ("etc", "tmp", "logs"):
+        (base_dir / sub).mkdir(parents=True, exist_ok=True)
+    return {"TMPDIR": str(base_dir / "tmp"),  # MMS keeps its pid file in the temp dir and refuses a second one
+            "TEMP": str(base_dir / "tmp"),  # the JVM's temp dir
+            "LOG_LOCATION": str(base_dir / "logs"), "METRICS_LOCATION": str(base_dir / "logs")}
+
+
+def become_subreaper() -> None:
+    """Adopt orphaned descendants, as PID 1 does in the container: MMS's worker listener outlives the java server."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: leftovers are stopped on a best-effort basis
+        pass
+
+
+def stop_leftovers(timeout: float = 10.0) -> None:
+    """SIGTERM what is left of MMS (worker listeners), then SIGKILL whatever ignores it."""
+    import psutil
+
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the toolkit's reaper would race psutil's wait and log errors
+    children = psutil.Process().children(recursive=True)
+    for child in children:
+        with contextlib.suppress(psutil.Error):
+            child.terminate()
+    _, alive = psutil.wait_procs(children, timeout=timeout)
+    for child in alive:
+        with contextlib.suppress(psutil.Error):
+            child.kill()
+    if children:
+        log.info("stopped %d leftover model server process(es)", len(children))
+
+
+def _exit_on_signal(signum, frame) -> None:
+    raise SystemExit(128 + signum)
+
+
+def serve_unhealthy(port: int, reason: str) -> int:
+    """Answer every request with 503 + JSON reason until SIGTERM; SageMaker's ping check then fails visibly."""
+    body = json.dumps({"code": 503, "type": "ServiceUnavailable", "status": "Unhealthy",
+                       "message": f"the model cannot be loaded: {reason}"}).encode()
+
+    class Unhealthy(BaseHTTPRequestHandler):
+        def _answer(self) -> None:
+            self.send_response(503)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = do_PUT = do_DELETE = _answer
+
+        def log_message(self, *args) -> None:  # the reason was logged once; no line per ping
+            pass
+
+    server = ThreadingHTTPServer(("0.0.0.0", port), Unhealthy)
+    stop = lambda *_: threading.Thread(target=server.shutdown).start()  # noqa: E731
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    server.serve_forever()
+    return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["serve"]:  # ENTRYPOINT ["serve"] + `docker run IMAGE serve` gives "serve serve"
+        args = args[1:]
+    if args:
+        print(f"usage: serve   (no arguments: {__doc__.splitlines()[0]}); got {' '.join(args)!r}. Configure "
+              "with SAGEMAKER_BASE_DIR, SAGEMAKER_BIND_TO_PORT, SAGEMAKER_MODEL_SERVER_WORKERS, ...", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    base_dir = Path(config.base_dir())
+    local_mode = base_dir != Path(config.DEFAULT_BASE_DIR)
+    if local_mode:
+        os.environ.update(local_mode_environment(base_dir))
+    # MMS launches `multi-model-server` from PATH; with an unactivated venv it lives beside this Python.
+    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    port_text = os.environ.get("SAGEMAKER_BIND_TO_PORT", "8080")
+    if not port_text.isdigit() or not 0 < int(port_text) <= MAX_PORT:
+        print(f"SAGEMAKER_BIND_TO_PORT={port_text!r}: multi-model-server takes ports 1-{MAX_PORT}", file=sys.stderr)
+        return 2
+    port = int(port_text)
+
+    from imgclf.errors import UserError
+    from imgclf.serving import inference
+
+    model_dir = base_dir / "model"
+    try:
+        settings = ServingSettings.from_environment()
+        unpack_model_tarball(model_dir)
+        inference.check_model_dir(model_dir)
+    except (UserError, OSError, tarfile.TarError) as e:
+        log.error("cannot serve the model in %s: %s (answering every request, /ping included, with 503 until "
+                  "stopped)", model_dir, e)
+        return serve_unhealthy(port, str(e))
+
+    # MMS answers bodies over its max_request_size with an empty 413. Our handler enforces the real limit
+    # (SAGEMAKER_MAX_PAYLOAD_IN_MB, default 6 as SageMaker's real-time endpoints) with a JSON 413, and MMS
+    # gets twice that, so only bodies over twice the limit meet MMS's bare answer; the workers get the settings
+    # read above (the real limit) as one value.
+    os.environ.update(settings.for_workers())
+    warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
+    from sagemaker_inference import model_server  # reads SAGEMAKER_BASE_DIR at import time
+
+    if local_mode:
+        model_server.MMS_CONFIG_FILE = str(base_dir / "etc" / "sagemaker-mms.properties")
+    config_file = model_server.MMS_CONFIG_FILE
+
+    def our_mms_process():
+        """The toolkit looks for THE MMS java process on the machine; find the one started with our config."""
+        import psutil
+
+        for process in psutil.process_iter():
+            try:
+                cmdline = process.cmdline()
+                if model_server.MMS_NAMESPACE in cmdline and config_file in cmdline:
+                    return process
+            except psutil.Error:
+                continue
+        raise RuntimeError(f"multi-model-server with config {config_file} is not running (yet)")
+
+    model_server._retrieve_mms_server_process = our_mms_process
+    become_subreaper()
+    # Until the toolkit installs its handler (SIGTERM -> java), SIGTERM stops us through the `finally` below;
+    # SIGINT (Ctrl-C in local mode) does whatever SIGTERM does at that moment.
+    signal.signal(signal.SIGTERM, _exit_on_signal)
+    signal.signal(signal.SIGINT, lambda signum, frame: signal.getsignal(signal.SIGTERM)(signum, frame))
+    log.info("starting multi-model-server on port %d for %s (handler %s)", port, model_dir, HANDLER_SERVICE)
+    try:
+        model_server.start_model_server(handler_service=HANDLER_SERVICE)  # returns when the MMS java process exits
+    finally:
+        stop_leftovers()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

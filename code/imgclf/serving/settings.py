@@ -1,0 +1,94 @@
+"""Serving settings: read from the environment once (when `serve` starts, and when a worker loads the model),
+validated, then passed around as one frozen value; nothing reads the environment per request.
+
+    IMGCLF_TOP_K                    5           predictions per image when the request does not say
+    IMGCLF_MAX_IMAGE_PIXELS         40000000    pixels per image (decompression bombs get 413)
+    IMGCLF_MAX_IMAGES               64          images per JSON request
+    SAGEMAKER_MAX_PAYLOAD_IN_MB     6           request body limit (SageMaker's real-time endpoints: 6 MB)
+    IMGCLF_SERVE_DTYPE              float32     float32 | bfloat16 (autocast)
+    IMGCLF_TORCH_THREADS            0           torch threads per worker; 0 = CPUs / workers
+    SAGEMAKER_MODEL_SERVER_WORKERS  0           MMS workers; 0 = MMS's default (one per CPU, or per GPU)
+
+`serve` gives multi-model-server twice the payload limit (SAGEMAKER_MAX_PAYLOAD_IN_MB, MMS's own variable),
+so that the handler, not MMS, answers an oversized body with a JSON 413. The workers, which MMS starts with
+serve's environment, must still see the real limit: serve hands them the settings it read as one JSON value
+(IMGCLF_SERVING_SETTINGS), which `ServingSettings.load` prefers to the individual variables.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+
+from imgclf.errors import UserError
+
+SETTINGS_ENV = "IMGCLF_SERVING_SETTINGS"
+PAYLOAD_ENV = "SAGEMAKER_MAX_PAYLOAD_IN_MB"
+DTYPES = ("float32", "bfloat16")
+MB = 1024 * 1024
+
+
+class SettingsError(UserError):
+    """A serving environment variable with a value the server cannot use."""
+
+
+@dataclass(frozen=True)
+class ServingSettings:
+    top_k: int = 5
+    max_image_pixels: int = 40_000_000
+    max_images: int = 64
+    max_payload_bytes: int = 6 * MB
+    dtype: str = "float32"
+    torch_threads: int = 0
+    workers: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("top_k", "max_image_pixels", "max_images", "max_payload_bytes"):
+            if getattr(self, name) < 1:
+                raise SettingsError(f"serving setting {name}={getattr(self, name)}: must be at least 1")
+        if self.torch_threads < 0 or self.workers < 0:
+            raise SettingsError("serving settings torch_threads and workers must be 0 (automatic) or more")
+        if self.dtype not in DTYPES:
+            raise SettingsError(f"IMGCLF_SERVE_DTYPE={self.dtype!r}: use {' or '.join(DTYPES)}")
+
+    @classmethod
+    def from_environment(cls, environ: Mapping[str, str] | None = None) -> ServingSettings:
+        """The documented variables (module docstring); unset or empty ones take the defaults."""
+        env = os.environ if environ is None else environ
+        default = cls()
+        return cls(
+            top_k=_int(env, "IMGCLF_TOP_K", default.top_k),
+            max_image_pixels=_int(env, "IMGCLF_MAX_IMAGE_PIXELS", default.max_image_pixels),
+            max_images=_int(env, "IMGCLF_MAX_IMAGES", default.max_images),
+            max_payload_bytes=_int(env, PAYLOAD_ENV, default.max_payload_bytes // MB) * MB,
+            dtype=env.get("IMGCLF_SERVE_DTYPE", "").strip().lower() or default.dtype,
+            torch_threads=_int(env, "IMGCLF_TORCH_THREADS", default.torch_threads),
+            workers=_int(env, "SAGEMAKER_MODEL_SERVER_WORKERS", default.workers),
+        )
+
+    @classmethod
+    def load(cls, environ: Mapping[str, str] | None = None) -> ServingSettings:
+        """What `serve` handed to the workers, or else the variables themselves (the handlers used without serve)."""
+        env = os.environ if environ is None else environ
+        handed = env.get(SETTINGS_ENV)
+        if not handed:
+            return cls.from_environment(env)
+        try:
+            return cls(**json.loads(handed))
+        except (ValueError, TypeError) as e:
+            raise SettingsError(f"{SETTINGS_ENV}: not the settings `serve` writes ({e}); unset it") from None
+
+    def for_workers(self) -> dict[str, str]:
+        """The variables `serve` sets for multi-model-server and its workers."""
+        payload_mb = -(-self.max_payload_bytes // MB)
+        return {SETTINGS_ENV: json.dumps(asdict(self)), PAYLOAD_ENV: str(2 * payload_mb)}
+
+
+def _int(env: Mapping[str, str], name: str, default: int) -> int:
+    value = env.get(name, "")
+    try:
+        return int(value) if value.strip() else default
+    except ValueError:
+        raise SettingsError(f"environment variable {name}={value!r} is not an integer") from None

@@ -1,0 +1,279 @@
+"""The training job: `main` is what the toolkit's `train` command calls (SAGEMAKER_TRAINING_MODULE=imgclf.train:main,
+a shim of it) and what torchrun runs in each worker (`python -m imgclf.training.job`).
+
+Reads hyperparameters and channels through the toolkit's Environment, validates everything before the
+first step, fine-tunes, selects the best epoch on the validation split, evaluates it once on the test
+split and writes the model directory and reports. Checkpoints every epoch (and on SIGTERM, mid-epoch) so
+that a managed spot job resumes where it stopped and ends with the same epochs as an uninterrupted one.
+
+`train_job` reads top to bottom: build the setup, resume, then per epoch `train_one_epoch`, `validate`,
+select, checkpoint (imgclf.training.loop, imgclf.training.checkpoint); `finish` writes the results.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from imgclf import artifacts, config, data, devices, models
+from imgclf.debugging.debugger import Debugger
+from imgclf.errors import UserError
+from imgclf.training import accel, checkpoint, distributed
+from imgclf.training.distributed import SINGLE, Context
+from imgclf.training.evaluate import Evaluation, evaluate
+from imgclf.training.features import FrozenFeatures
+from imgclf.training.loop import (
+    Setup,
+    StopFlag,
+    coordinated_stop,
+    epoch_batches,
+    select_best,
+    stops_early,
+    train_one_epoch,
+    validate,
+)
+from imgclf.training.metrics import epoch_line, epoch_record, metrics_line
+from imgclf.training.sampling import EpochSampler, SeededDataset
+
+log = logging.getLogger("imgclf.train")
+
+
+@dataclass
+class Paths:
+    model: Path
+    output_data: Path
+    checkpoints: Path
+    channels: dict[str, str]
+
+
+def num_workers(hp) -> int:
+    """-1: one per CPU up to 8, shared between the training processes of a host (torchrun's LOCAL_WORLD_SIZE)."""
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return min(8, max(1, (os.cpu_count() or 1) // local_processes)) if hp.num_workers < 0 else hp.num_workers
+
+
+def make_loader(dataset, hp, batch_size: int, sampler=None) -> torch.utils.data.DataLoader:
+    workers = num_workers(hp)
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+        pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0,
+        prefetch_factor=hp.prefetch_factor if workers > 0 else None,
+    )
+
+
+def make_optimizer(hp, groups) -> torch.optim.Optimizer:
+    if hp.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
+    cls = torch.optim.AdamW if hp.optimizer == "adamw" else torch.optim.Adam
+    return cls(groups, lr=hp.lr, weight_decay=hp.weight_decay)
+
+
+def make_scheduler(hp, optimizer):
+    if hp.lr_scheduler == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=hp.epochs)
+    if hp.lr_scheduler == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=max(1, hp.epochs // 3), gamma=0.1)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+
+
+def rank_batch_size(hp, dist: Context) -> int:
+    """batch-size is the global batch: each of the world_size ranks takes its share of every step."""
+    rank_batch = max(1, hp.batch_size // dist.world_size)
+    if rank_batch * dist.world_size != hp.batch_size:
+        log.warning("batch-size=%d is not a multiple of %d processes: each takes %d, %d per step in all",
+                    hp.batch_size, dist.world_size, rank_batch, rank_batch * dist.world_size)
+    return rank_batch
+
+
+def build_model(hp, paths: Paths, num_classes: int, device: torch.device) -> tuple[nn.Module, list[str]]:
+    """The backbone (pretrained weights from the weights channel or the cache) with a new head, on `device`."""
+    model = models.build_backbone(hp.model)
+    if hp.pretrained:
+        weights = paths.channels.get("weights")
+        models.load_pretrained(model, hp.model, Path(weights) if weights else None, hp.download_weights)
+    head = models.replace_head(model, num_classes)
+    return model.to(device), head
+
+
+def build_setup(hp, paths: Paths, splits: dict[str, data.Split], device: torch.device, dbg: Debugger,
+              dist: Context) -> Setup:
+    """Model, speed settings, optimizer, loaders and feature cache of a run (seeded: every rank the same)."""
+    classes = splits["train"].classes
+    torch.manual_seed(hp.seed)
+    random.seed(hp.seed)
+    model, head = build_model(hp, paths, len(classes), device)
+    speed = accel.from_hyperparameters(hp, model, device)
+    speed.prepare(model)  # channels_last, compile
+    log.info("speed settings: %s", speed.describe())
+    optimizer = make_optimizer(hp, models.param_groups(model, head, hp.lr, hp.backbone_lr_factor))
+    scheduler = make_scheduler(hp, optimizer)
+    criterion = nn.CrossEntropyLoss(label_smoothing=hp.label_smoothing)
+    dbg.attach(model, optimizer, criterion)  # debugging: init-scale, layer statistics, smdebug
+
+    size, draft = hp.image_size, data.resize_size(hp.image_size)
+    rank_batch = rank_batch_size(hp, dist)
+    sampler = EpochSampler(len(splits["train"].samples), hp.seed, rank=dist.rank, world_size=dist.world_size)
+    train_set = SeededDataset(splits["train"].samples, data.train_transform(size, hp.augment), draft)
+    eval_tf = data.eval_transform(size)
+    eval_loaders = {name: make_loader(data.ImageDataset(dist.shard(s.samples), eval_tf, draft), hp, rank_batch)
+                    for name, s in splits.items() if name != "train"}
+    # Every rank extracts the features of all images, then trains the head on its shard (same sampler).
+    cache = FrozenFeatures(hp, model, head, speed, splits, sampler, lambda ds: make_loader(ds, hp, rank_batch),
+                           rank_batch)
+    return Setup(hp, model, head, optimizer, scheduler, criterion, speed, device, dist, dbg,
+               sampler, rank_batch, make_loader(train_set, hp, rank_batch, sampler=sampler), eval_loaders, cache,
+               classes, checkpoint.fingerprint(hp, classes), paths.checkpoints, StopFlag())
+
+
+def resume(setup: Setup) -> tuple[checkpoint.State, dict | None]:
+    """Rank 0's checkpoint, restored on every rank; a fresh State without one."""
+    ckpt = setup.dist.from_main(lambda: checkpoint.load(setup.checkpoints, setup.fingerprint))
+    if not ckpt:
+        return checkpoint.State(), None
+    state, best = checkpoint.restore(ckpt, setup.model, setup.optimizer, setup.scheduler)
+    log.info("resuming from checkpoint %s: epoch %d, batch %d", setup.checkpoints / checkpoint.CHECKPOINT_FILE,
+             state.epoch + 1, state.batches_done)
+    return state, best
+
+
+def run(hp, paths: Paths, device: torch.device | None = None, dist: Context = SINGLE) -> dict:
+    """Train under the Debugger: rules.json and the profiler report are written however training ends."""
+    device = device or dist.device or devices.default_device()
+    # Only rank 0 collects, evaluates rules and writes reports; the others run with debugging off.
+    with Debugger(hp, paths.output_data.parent, device, enabled=dist.is_main) as dbg:
+        return train_job(hp, paths, device, dbg, dist)
+
+
+def check_inputs(hp, paths: Paths, check_decode: bool = True) -> dict[str, data.Split]:
+    """Model name and data, before anything trains (the distributed launcher runs it before the workers)."""
+    models.check_model_name(hp.model)
+    return data.validate_splits(data.find_split_dirs(paths.channels), check_decode=check_decode,
+                                workers=max(2, num_workers(hp)))
+
+
+def train_job(hp, paths: Paths, device: torch.device, dbg: Debugger, dist: Context = SINGLE) -> dict:
+    splits = check_inputs(hp, paths, check_decode=dist.world_size == 1)  # the launcher decoded every file
+    setup = build_setup(hp, paths, splits, device, dbg, dist)
+    state, best = resume(setup)
+    log.info("training %s (%s, freeze=%s) on %s: %d classes, %d epochs%s", hp.model,
+             "pretrained" if hp.pretrained else "random init", hp.freeze, device, len(setup.classes), hp.epochs,
+             f", rank {dist.rank} of {dist.world_size} ({setup.rank_batch} images per step each)"
+             if dist.world_size > 1 else "")
+    while state.epoch < hp.epochs:
+        started = time.monotonic()
+        step_model, loader, valid_loader, cached = epoch_batches(setup, state)
+        sums = train_one_epoch(setup, state, step_model, loader, best)
+        valid = validate(setup, step_model, valid_loader, cached)
+        lr = setup.optimizer.param_groups[0]["lr"]
+        setup.scheduler.step()
+        state.history.append(epoch_record(state.epoch, sums, valid, lr, started))
+        if dist.is_main:
+            print(epoch_line(state.history[-1]), flush=True)
+        stopping = coordinated_stop(dist, lambda: dbg.epoch_end(state.history))  # epoch rules, rules.json
+        if stopping is not None:
+            raise stopping
+        best = select_best(state, valid, setup.model, best)
+        state.next_epoch()
+        setup.save_checkpoint(state, best)
+        if stops_early(hp, state):
+            break
+    setup.model.load_state_dict(best)
+    log.info("best epoch %d (validation accuracy %.4f)", state.best_epoch, state.best_accuracy)
+    return finish(hp, paths, setup.model, setup.classes, state, setup.eval_loaders, device, dist)
+
+
+def final_evaluations(model, classes, eval_loaders, device, dist: Context) -> dict[str, Evaluation]:
+    """The selected model on valid and test (each rank its shard, combined)."""
+    return {name: dist.reduce_evaluation(evaluate(model, eval_loaders[name], len(classes), device))
+            for name in ("valid", "test") if name in eval_loaders}
+
+
+def finish(hp, paths: Paths, model, classes, state: checkpoint.State, eval_loaders, device,
+           dist: Context = SINGLE) -> dict:
+    """Evaluate the selected model once on test, write the model directory and the reports (rank 0)."""
+    final = final_evaluations(model, classes, eval_loaders, device, dist)
+    if not dist.is_main:
+        return {"best_epoch": state.best_epoch, **{f"{name}_accuracy": e.accuracy for name, e in final.items()}}
+    if "test" in final:
+        print(metrics_line({}, test_loss=final["test"].loss, test_accuracy=final["test"].accuracy), flush=True)
+    else:
+        log.warning("no test split: test metrics skipped")
+    report = "test" if "test" in final else "valid"
+    metrics = {
+        "history": state.history, "best_epoch": state.best_epoch, "epochs_run": state.epoch,
+        **{f"{name}_loss": e.loss for name, e in final.items()},
+        **{f"{name}_accuracy": e.accuracy for name, e in final.items()},
+        "per_class_accuracy": {"split": report, **final[report].per_class_accuracy(classes)},
+        "hyperparameters": dict(hp),
+    }
+    artifacts.write_json(paths.output_data / "metrics.json", metrics)
+    rows = [",".join(["true\\predicted", *classes])]
+    rows += [",".join([name, *map(str, row.tolist())]) for name, row in zip(classes, final[report].confusion)]
+    artifacts.write_text(paths.output_data / f"confusion_matrix_{report}.csv", "\n".join(rows) + "\n")
+    artifacts.save_model(paths.model, model, {
+        "architecture": hp.model, "class_names": classes, "image_size": hp.image_size,
+        "resize_size": data.resize_size(hp.image_size), "mean": list(data.IMAGENET_MEAN),
+        "std": list(data.IMAGENET_STD),
+        "metrics": {k: metrics[k] for k in metrics if k.endswith(("_accuracy", "_loss"))},
+        "hyperparameters": dict(hp),
+    })
+    log.info("model written to %s, reports to %s", paths.model, paths.output_data)
+    return metrics
+
+
+def write_failure(path: Path, message: str) -> None:
+    """First line says what to fix; SageMaker shows the first 1,024 characters as FailureReason."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        path.write_text(message + "\n")
+
+
+def train_or_launch(hp, paths: Paths, env) -> None:
+    """One process trains; with several (hosts x processes-per-host) this one launches torchrun, or is a worker."""
+    if distributed.is_worker():  # started by torchrun, on this host or another
+        with distributed.worker() as dist:
+            run(hp, paths, dist=dist)
+        return
+    plan = distributed.make_plan(env.hosts, env.current_host, hp.processes_per_host, env.network_interface_name)
+    if plan.world_size > 1:
+        check_inputs(hp, paths)  # bad data or model name: one clear error before any worker starts
+        distributed.launch(plan)
+        return
+    run(hp, paths)
+
+
+def main() -> None:
+    """Entry point for the toolkit (through the imgclf.train shim) and for torchrun."""
+    from sagemaker_training import environment
+
+    logging.basicConfig(stream=sys.stdout, level=logging.INFO, force=True,
+                        format=f"%(asctime)s %(levelname)s {distributed.log_tag()}%(name)s: %(message)s")
+    output_dir = Path(environment.output_dir)
+    # The toolkit creates neither model/ nor output/; without output/ a failure would be swallowed.
+    for d in (Path(environment.model_dir), output_dir / "data"):
+        d.mkdir(parents=True, exist_ok=True)
+    failure = output_dir / "failure"
+    try:
+        env = environment.Environment()
+        paths = Paths(Path(env.model_dir), Path(env.output_data_dir), Path(config.checkpoint_dir()),
+                      dict(env.channel_input_dirs))
+        train_or_launch(config.parse_hyperparameters(env.hyperparameters), paths, env)
+    except UserError as e:
+        log.error("training failed: %s", e)
+        write_failure(failure, f"{type(e).__name__}: {e}")
+        raise
+    except Exception as e:
+        write_failure(failure, f"Internal error ({type(e).__name__}: {e}); the job log has the traceback")
+        raise
+
+
+if __name__ == "__main__":  # what torchrun runs in each worker (distributed.Plan.command)
+    main()

@@ -1,0 +1,172 @@
+"""One epoch of training and one validation pass, in the manner of torchvision's references/classification.
+
+`train_one_epoch` runs this rank's steps, `validate` the validation pass, `select_best` keeps the best
+epoch's weights; `job.train_job` wires them together over a `Setup`. Every rank runs the same steps: a stop
+(SIGTERM, a rule that stops the job) is agreed between the ranks by `coordinated_stop` so that all stop at the
+same one.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from imgclf import models
+from imgclf.debugging.debugger import Debugger
+from imgclf.errors import RuleStop, TrainingInterrupted
+from imgclf.training import checkpoint, distributed
+from imgclf.training.accel import Accel
+from imgclf.training.checkpoint import State
+from imgclf.training.distributed import Context
+from imgclf.training.evaluate import Evaluation, evaluate
+from imgclf.training.features import FrozenFeatures
+from imgclf.training.metrics import RunningSums
+from imgclf.training.sampling import EpochSampler
+
+log = logging.getLogger("imgclf.train")
+
+
+class StopFlag:
+    """SIGTERM (spot interruption, StopTrainingJob) asks the loop to checkpoint and stop at the next batch."""
+
+    def __init__(self):
+        self.requested = False
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        log.warning("SIGTERM received: saving a checkpoint and stopping after this batch")
+        self.requested = True
+
+
+def coordinated_stop(dist: Context, check: Callable[[], None],
+                     requested: Callable[[], BaseException | None] = lambda: None) -> BaseException | None:
+    """Run `check` (debugging rules: may raise RuleStop), else ask `requested` (SIGTERM); the first rank's reason
+    to stop goes to every rank, so that all stop at the same point. None: carry on."""
+    stopping = None
+    try:
+        check()
+    except RuleStop as e:
+        stopping = e
+    if stopping is None:
+        stopping = requested()
+    return dist.first_error(stopping)
+
+
+@dataclass
+class Setup:
+    """What one training run is wired from: the functions below read it, `job.build_setup` makes it."""
+    hp: dict
+    model: nn.Module
+    head: list[str]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    criterion: nn.Module
+    speed: Accel
+    device: torch.device
+    dist: Context
+    dbg: Debugger
+    sampler: EpochSampler
+    rank_batch: int  # this rank's share of the global batch-size
+    train_loader: torch.utils.data.DataLoader
+    eval_loaders: dict[str, torch.utils.data.DataLoader]
+    cache: FrozenFeatures
+    classes: list[str]
+    fingerprint: dict
+    checkpoints: Path
+    stop: StopFlag
+
+    def save_checkpoint(self, state: State, best: dict | None) -> None:
+        if self.dist.is_main:  # rank 0 writes; every rank holds the same weights
+            checkpoint.save(self.checkpoints, self.model, self.optimizer, self.scheduler, state, self.fingerprint,
+                            best)
+
+    def interruption(self, state: State) -> TrainingInterrupted | None:
+        if not self.stop.requested:
+            return None
+        return TrainingInterrupted(
+            f"stopped by SIGTERM in epoch {state.epoch + 1}, batch {state.batches_done}; checkpoint saved in "
+            f"{self.checkpoints}: run the same job again to resume")
+
+
+def backbone_trains(hp, epoch: int) -> bool:
+    return hp.freeze == "none" or (hp.freeze == "head-then-all" and epoch >= hp.head_epochs)
+
+
+def epoch_batches(setup: Setup, state: State) -> tuple[nn.Module, object, object, bool]:
+    """(module the steps run, training batches, validation batches, on cached features?) for state.epoch."""
+    trains_backbone = backbone_trains(setup.hp, state.epoch)
+    models.set_trainable(setup.model, setup.head, trains_backbone)
+    models.train_mode(setup.model, setup.head, trains_backbone)
+    setup.sampler.set_epoch(state.epoch, skip=state.batches_done * setup.rank_batch)
+    # Frozen backbone + cache: the head trains on cached features, same batches as the normal loop.
+    cached = setup.cache.for_epoch(trains_backbone)
+    step_model, loader, valid_loader = cached or (setup.model, setup.train_loader, setup.eval_loaders["valid"])
+    if setup.dist.world_size > 1:
+        indices = [index for index, _seed in setup.sampler]
+        log.info("rank %d/%d epoch %d: %d samples, digest %s", setup.dist.rank, setup.dist.world_size, state.epoch + 1,
+                 len(indices), distributed.sample_digest(indices))
+    return step_model, loader, valid_loader, cached is not None
+
+
+def train_one_epoch(setup: Setup, state: State, step_model: nn.Module, loader, best: dict | None) -> RunningSums:
+    """This rank's steps of state.epoch (from state.batches_done on); returns the epoch's sums over all ranks.
+    On SIGTERM saves a checkpoint and raises TrainingInterrupted; a stopping rule raises RuleStop."""
+    before = state.running  # all ranks' sums before a resume (zero otherwise)
+    sums = RunningSums()  # this rank's, from here on
+    train_model = setup.dist.wrap(step_model)  # DDP with several ranks
+    setup.dbg.epoch_begin(state.epoch)
+    for images, labels in loader:
+        images, labels = setup.speed.inputs(images), labels.to(setup.device, non_blocking=True)
+        setup.dbg.step_begin()  # debugging: data wait ends
+        setup.optimizer.zero_grad(set_to_none=True)
+        with setup.speed.autocast():
+            logits = train_model(images)
+            loss = setup.criterion(logits, labels)
+        setup.dbg.mark("forward")
+        setup.speed.backward(loss)
+        setup.dbg.mark("backward")
+        setup.speed.step(setup.optimizer)
+        setup.dbg.mark("optimizer")
+        loss_value = loss.item()
+        sums.add(loss_value, logits, labels)
+        state.batches_done += 1
+        stopping = coordinated_stop(setup.dist, partial(setup.dbg.step_end, loss_value),  # collection and rules
+                                    lambda: setup.interruption(state))
+        if isinstance(stopping, TrainingInterrupted):
+            state.running = before.merge(sums.all_ranks(setup.dist))
+            setup.save_checkpoint(state, best)
+        if stopping is not None:
+            raise stopping
+    return before.merge(sums.all_ranks(setup.dist))
+
+
+def validate(setup: Setup, step_model: nn.Module, loader, cached: bool) -> Evaluation:
+    with setup.speed.autocast():
+        valid = evaluate(step_model, loader, len(setup.classes), setup.device, on_batch=setup.dbg.eval_batch)
+    # Each rank evaluated its shard, except on cached features, where every rank has all of valid.
+    return valid if cached else setup.dist.reduce_evaluation(valid)
+
+
+def select_best(state: State, valid: Evaluation, model: nn.Module, best: dict | None) -> dict | None:
+    """The weights of the best epoch so far (by validation accuracy), on the CPU."""
+    if valid.accuracy > state.best_accuracy:
+        state.best_accuracy, state.best_epoch = valid.accuracy, state.epoch + 1
+        state.epochs_without_improvement = 0
+        return copy.deepcopy({k: v.cpu() for k, v in model.state_dict().items()})
+    state.epochs_without_improvement += 1
+    return best
+
+
+def stops_early(hp, state: State) -> bool:
+    if hp.early_stopping_patience and state.epochs_without_improvement >= hp.early_stopping_patience:
+        log.info("early stopping: no better validation accuracy for %d epochs", state.epochs_without_improvement)
+        return True
+    return False
