@@ -1,17 +1,88 @@
 #!/usr/bin/env python
-"""Regenerate README's hyperparameter and metric tables from imgclf.config (run after changing the schema)."""
+"""Regenerate the generated tables in README.md and docs/*.md from the code (run after changing them).
 
+A generated table sits between two marker comments, `<!-- NAME:start -->` and `<!-- NAME:end -->`, where NAME
+is one of GENERATORS: `hyperparameters` (imgclf.config's hyperparameter and metric tables) or `rules` (the
+debugging rules and their parameters). `--check` rewrites nothing: it names the files whose tables are out of
+date and exits 1 (tests/test_docs.py asserts the same).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "code"))
 
-from imgclf.config import markdown_tables  # noqa: E402
+MARKER = re.compile(r"(<!-- (?P<name>[a-z-]+):start -->\n)(?P<body>.*?)(<!-- (?P=name):end -->)", re.S)
 
-readme = REPO / "README.md"
-text = re.sub(r"(<!-- hyperparameters:start -->\n).*?(<!-- hyperparameters:end -->)",
-              lambda m: m.group(1) + markdown_tables() + "\n" + m.group(2), readme.read_text(), flags=re.S)
-readme.write_text(text)
-print(f"updated {readme}")
+
+def _rules_table() -> str:
+    # The rules module lives in imgclf.debugging (formerly imgclf.rules).
+    for name in ("imgclf.debugging.rules", "imgclf.rules"):
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name not in (name, name.rpartition(".")[0]):
+                raise  # the module exists but an import inside it failed: show that
+            continue
+        return module.markdown_table()
+    raise ModuleNotFoundError("no rules module: neither imgclf.debugging.rules nor imgclf.rules")
+
+
+def _hyperparameter_tables() -> str:
+    from imgclf.config import markdown_tables
+
+    return markdown_tables()
+
+
+GENERATORS: dict[str, Callable[[], str]] = {"hyperparameters": _hyperparameter_tables, "rules": _rules_table}
+
+
+def documents() -> list[Path]:
+    """The files that may hold generated tables."""
+    return [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+
+
+def regenerate(text: str, where: str = "") -> str:
+    """`text` with every generated table replaced by what the code generates now."""
+    cache: dict[str, str] = {}
+
+    def replace(match: re.Match) -> str:
+        name = match["name"]
+        if name not in GENERATORS:
+            raise SystemExit(f"{where}: unknown generated table {name!r}; known: {', '.join(GENERATORS)}")
+        if name not in cache:
+            cache[name] = GENERATORS[name]().strip()
+        return match.group(1) + cache[name] + "\n" + match.group(4)
+
+    return MARKER.sub(replace, text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true", help="change nothing; exit 1 if a table is out of date")
+    args = parser.parse_args(argv)
+    stale = []
+    for path in documents():
+        text = path.read_text()
+        new = regenerate(text, str(path.relative_to(REPO)))
+        if new != text:
+            stale.append(path.relative_to(REPO))
+            if not args.check:
+                path.write_text(new)
+    if args.check:
+        for path in stale:
+            print(f"{path}: generated tables are out of date; run python scripts/update_readme.py", file=sys.stderr)
+        return 1 if stale else 0
+    print(f"updated {len(stale)} file(s)" + "".join(f"\n  {p}" for p in stale))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
