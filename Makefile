@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 export PYTHONPATH := $(CURDIR)/code
 
-.PHONY: help install test lint demo clean build push lock local-train local-serve local-predict test-docker \
+.PHONY: help install test test-fast lint demo clean build push lock local-train local-serve local-predict test-images base-image \
 	report-screenshot
 
 help:
@@ -26,6 +26,9 @@ install: $(VENV)/.installed ## create .venv with the pinned dependencies and the
 test: install ## run the test suite (what CI runs)
 	$(BIN)/pytest -q
 
+test-fast: install ## the tests that neither train, serve nor build (about a minute)
+	$(BIN)/pytest -q -m "not slow and not images"
+
 lint: install ## ruff on the code, scripts and tests
 	$(BIN)/ruff check code scripts tests containers
 
@@ -35,8 +38,9 @@ WEIGHTS ?=
 demo: install ## sample data -> train -> serve -> predict, on this machine (DATA=, MODEL=, WEIGHTS= for your own)
 	$(BIN)/python scripts/demo.py $(if $(DATA),--data $(DATA)) $(if $(MODEL),--model $(MODEL)) $(if $(WEIGHTS),--weights $(WEIGHTS))
 
-# ---- Images: build, lock, push, and the `docker run` local mode (README: "Build and push") ----------
-DOCKER ?= docker
+# ---- Images: build, lock, push, and the `docker run` local mode (docs/images.md) --------------------------
+# The engine: DOCKER=docker or DOCKER=podman; by default docker when a Docker API answers, else podman.
+DOCKER ?= $(shell if docker info >/dev/null 2>&1 || ! command -v podman >/dev/null; then echo docker; else echo podman; fi)
 IMAGES ?= train-cpu train-gpu serve
 # Local image name = ECR repository name = $(IMAGE_PREFIX)-<image> (imgclf.aws.images.REPOSITORIES).
 IMAGE_PREFIX ?= imgclf
@@ -48,6 +52,16 @@ KEEP_IMAGES ?= 20
 DRY_RUN ?=
 # Space-separated torchvision names whose ImageNet weights the training images bake into TORCH_HOME.
 PRETRAINED_MODELS ?=
+# The base image (python:3.11-slim-bookworm from Docker Hub); without Docker Hub: make base-image, then
+# PYTHON_IMAGE=$(BASE_IMAGE).
+PYTHON_IMAGE ?=
+BASE_IMAGE ?= localhost/imgclf-python:3.11-bookworm
+# The CPU images' torch: cpu (PyTorch's CPU index, the default) or pypi (PyPI's CUDA build, several GB larger,
+# for builds that cannot reach download.pytorch.org).
+TORCH_SOURCE ?= cpu
+PLATFORM ?= linux/amd64
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+SOURCE_URL ?= $(or $(shell git config --get remote.origin.url 2>/dev/null),unknown)
 dockerfile_train-cpu := containers/train/Dockerfile.cpu
 dockerfile_train-gpu := containers/train/Dockerfile.gpu
 dockerfile_serve := containers/serve/Dockerfile
@@ -56,12 +70,18 @@ build: $(addprefix build-,$(IMAGES)) ## build the images (all three, or IMAGES=s
 
 build-%:
 	@test -n "$(dockerfile_$*)" || { echo "error: no image '$*'; images: train-cpu train-gpu serve"; exit 2; }
-	$(DOCKER) build -f $(dockerfile_$*) -t $(IMAGE_PREFIX)-$*:$(TAG) -t $(IMAGE_PREFIX)-$*:latest \
+	$(DOCKER) build --platform $(PLATFORM) -f $(dockerfile_$*) -t $(IMAGE_PREFIX)-$*:$(TAG) -t $(IMAGE_PREFIX)-$*:latest \
+		--build-arg VERSION=$(VERSION) --build-arg GIT_SHA=$(or $(shell git rev-parse --verify -q HEAD 2>/dev/null),unknown) \
+		--build-arg SOURCE=$(SOURCE_URL) $(if $(PYTHON_IMAGE),--build-arg PYTHON_IMAGE=$(PYTHON_IMAGE)) \
+		$(if $(filter-out train-gpu,$*),--build-arg TORCH_SOURCE=$(TORCH_SOURCE)) \
 		$(if $(and $(PRETRAINED_MODELS),$(filter train-%,$*)),--build-arg PRETRAINED_MODELS="$(PRETRAINED_MODELS)") .
+
+base-image: ## a Python 3.11 base image from Debian's packages (debootstrap, root): builds without Docker Hub
+	DOCKER=$(DOCKER) containers/base/build.sh $(BASE_IMAGE)
 
 push: install ## push the images to ECR (REGION=, ACCOUNT=, PROFILE=, TAG=, KEEP_IMAGES=, DRY_RUN=1)
 	$(BIN)/python scripts/push_images.py $(IMAGES) --prefix $(IMAGE_PREFIX) --tag $(TAG) --tag latest \
-		--keep $(KEEP_IMAGES) $(if $(REGION),--region $(REGION)) $(if $(ACCOUNT),--account $(ACCOUNT)) \
+		--keep $(KEEP_IMAGES) --docker "$(DOCKER)" $(if $(REGION),--region $(REGION)) $(if $(ACCOUNT),--account $(ACCOUNT)) \
 		$(if $(PROFILE),--profile $(PROFILE)) $(if $(DRY_RUN),--dry-run)
 
 # requirements/lock/: one fully pinned, hashed set per image, resolved from requirements/*.txt on PyPI.
@@ -74,23 +94,30 @@ lock: install ## regenerate requirements/lock/ from requirements/*.txt (needs Py
 	$(UV_COMPILE) requirements/train.txt -c requirements/lock/build.txt -o requirements/lock/train-gpu.txt
 	$(UV_COMPILE) requirements/train.txt -c requirements/lock/build.txt $(CPU_ONLY) -o requirements/lock/train-cpu.txt
 	$(UV_COMPILE) requirements/serve.txt -c requirements/lock/build.txt $(CPU_ONLY) -o requirements/lock/serve-cpu.txt
-	$(BIN)/python containers/torch_cpu_lock.py requirements/base.txt requirements/lock/torch-cpu.txt
+	$(BIN)/python containers/torch_locks.py requirements/base.txt requirements/lock/train-gpu.txt requirements/lock
 
 # Local mode with Docker, as in AWS's bring-your-own examples: a /opt/ml tree on this machine, mounted.
+# The containers run detached with their logs followed (containers/run_container.sh): Ctrl-C stops them as
+# SageMaker does (SIGTERM, SIGKILL 30 s later).
 LOCAL_TREE ?= demo-output/docker/opt_ml
 LOCAL_TRAIN_IMAGE ?= train-cpu
 LOCAL_TAG ?= latest
 PORT ?= 8080
+SHM_SIZE ?= 2g
+NETWORK ?=
 HPS ?= model=resnet18 pretrained=false image-size=64 epochs=2 batch-size=16 num-workers=0
 PREDICT_FILE ?= $(firstword $(wildcard $(LOCAL_TREE)/input/data/test/*/*))
 CONTENT_TYPE ?= application/x-image
-local-train: install ## docker run IMAGE train over LOCAL_TREE (DATA= your ImageFolder, else sample data; HPS=)
+local-train: install ## run IMAGE train over LOCAL_TREE (DATA= your ImageFolder, else sample data; HPS=; NETWORK=none)
 	$(BIN)/python containers/local_tree.py $(LOCAL_TREE) --clean $(if $(DATA),--data $(DATA)) $(addprefix --hp ,$(HPS))
-	$(DOCKER) run --rm $(if $(filter train-gpu,$(LOCAL_TRAIN_IMAGE)),--gpus all) -v $(abspath $(LOCAL_TREE)):/opt/ml \
+	containers/run_container.sh "$(DOCKER)" --shm-size $(SHM_SIZE) --hostname algo-1 $(if $(NETWORK),--network $(NETWORK)) \
+		$(if $(filter train-gpu,$(LOCAL_TRAIN_IMAGE)),--gpus all) -v $(abspath $(LOCAL_TREE)):/opt/ml \
 		$(IMAGE_PREFIX)-$(LOCAL_TRAIN_IMAGE):$(LOCAL_TAG) train
 
-local-serve: ## docker run IMAGE serve on localhost:PORT with LOCAL_TREE/model (Ctrl-C stops it)
-	$(DOCKER) run --rm -p $(PORT):8080 -v $(abspath $(LOCAL_TREE)):/opt/ml $(IMAGE_PREFIX)-serve:$(LOCAL_TAG) serve
+local-serve: ## run IMAGE serve on localhost:PORT with LOCAL_TREE/model mounted read-only (Ctrl-C stops it)
+	@test -f $(LOCAL_TREE)/model/config.json || { echo "error: no model in $(LOCAL_TREE)/model: run make local-train first"; exit 2; }
+	containers/run_container.sh "$(DOCKER)" -p $(PORT):8080 -v $(abspath $(LOCAL_TREE))/model:/opt/ml/model:ro \
+		$(IMAGE_PREFIX)-serve:$(LOCAL_TAG) serve
 
 local-predict: ## POST PREDICT_FILE to the local-serve server's /invocations
 	@test -n "$(PREDICT_FILE)" || { echo "error: no image: pass PREDICT_FILE=photo.jpg"; exit 2; }
@@ -103,22 +130,26 @@ REPORT_OUT ?= demo-output/report
 report-screenshot: install ## train a small sample run, screenshot its profiler report to REPORT_OUT/profiler-report.png
 	$(BIN)/python scripts/report_screenshot.py $(REPORT_OUT)
 
-test-docker: install ## build the CPU images and run train and serve in Docker (needs a Docker engine)
-	IMGCLF_DOCKER_TESTS=1 $(BIN)/pytest -q -m docker tests/test_docker_images.py
+test-images: install ## build the three images, run the image tests on them, remove them (docker or podman)
+	IMGCLF_IMAGE_TESTS=1 DOCKER=$(DOCKER) PYTHON_IMAGE=$(PYTHON_IMAGE) TORCH_SOURCE=$(TORCH_SOURCE) \
+		$(BIN)/pytest -q -m images tests/test_images.py
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache
 
 # ---- Benchmarks (README: "Performance"). `make test` runs each with --quick (tests/test_bench_smoke.py). --
 # Every scripts/bench/*.py that is a benchmark (not a helper); gpu.py needs a GPU: make bench-gpu.
-BENCH_HELPERS := common reference naive_server gpu
+BENCH_HELPERS := common reference naive_server gpu images
 BENCHES ?= $(filter-out $(BENCH_HELPERS),$(basename $(notdir $(wildcard scripts/bench/*.py))))
-.PHONY: bench bench-gpu
+.PHONY: bench bench-gpu bench-images
 bench: install ## run the benchmarks (BENCHES="train_throughput serving" for some); JSON in bench-results/
 	@mkdir -p bench-results
 	@for b in $(BENCHES); do echo "== $$b" >&2; \
 		$(BIN)/python scripts/bench/$$b.py > bench-results/$$b.json || exit 1; \
 		sed -n '/^{$$/,$$p' bench-results/$$b.json; done
+
+bench-images: install ## image sizes, serving cold start, container vs local-mode training (after make build)
+	$(BIN)/python scripts/bench/images.py --engine "$(DOCKER)" --prefix $(IMAGE_PREFIX) --tag $(or $(LOCAL_TAG),latest)
 
 bench-gpu: install ## ResNet50 + ViT-B/16 bf16 training/inference images/s (on a GPU machine, < 5 minutes)
 	$(BIN)/python scripts/bench/gpu.py

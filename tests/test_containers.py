@@ -72,7 +72,15 @@ def env_of(args_list: list[str]) -> dict[str, str]:
 
 
 def final_env(dockerfile: str) -> dict[str, str]:
-    return env_of([a for op, a in final_stage(dockerfile) if op == "ENV"])
+    """The final image's environment, with what it inherits from the stages it is built FROM."""
+    ins = instructions(dockerfile)
+    names = {a.split()[-1]: s for s, op, a in ins if op == "FROM" and " AS " in a}
+    chain, stage = [], max(s for s, _, _ in ins)
+    while stage is not None:
+        chain.insert(0, stage)
+        parent = next(a.split()[0] for s, op, a in ins if s == stage and op == "FROM")
+        stage = names.get(parent)
+    return env_of([a for s, op, a in ins if op == "ENV" and s in chain])
 
 
 def copy_sources(dockerfile: str) -> list[str]:
@@ -122,11 +130,12 @@ def top_level(path: Path) -> dict[str, Requirement]:
 
 
 def installed_locks(dockerfile: str) -> list[Path]:
-    """The requirement files the image pip-installs (-r /tmp/lock/X), as files of this repository."""
+    """The requirement files the image pip-installs (-r /tmp/lock/X) with its default TORCH_SOURCE."""
     copied = {Path(s).name: REPO / s for s in copy_sources(dockerfile) if s.startswith("requirements/")}
     names = re.findall(r"-r /tmp/lock/(\S+)", " ".join(a for _, op, a in instructions(dockerfile) if op == "RUN"))
     assert names, f"{dockerfile} installs no requirement file from /tmp/lock"
-    return [copied[n] for n in names]
+    source = re.search(r"^ARG TORCH_SOURCE=(\w+)$", (REPO / dockerfile).read_text(), re.M).group(1)
+    return [copied[n] for n in names if not n.startswith("torch-") or n == f"torch-{source}.txt"]
 
 
 @pytest.mark.parametrize("image", DOCKERFILES)
@@ -166,13 +175,26 @@ def test_copy_sources_exist_and_are_in_the_build_context(image):
 def test_images_are_lean_multi_stage_builds(image):
     dockerfile = DOCKERFILES[image]
     stages = [a for _, op, a in instructions(dockerfile) if op == "FROM"]
-    assert len(stages) >= 2 and " AS builder" in stages[0], f"{dockerfile}: build in a builder stage"
+    assert len(stages) >= 2 and " AS deps" in stages[0], f"{dockerfile}: build the dependencies in a deps stage"
+    assert stages[-1] == "deps", f"{dockerfile}: the image is the dependencies plus small layers (no venv copy)"
     final = final_stage(dockerfile)
     runs = " ".join(a for op, a in final if op == "RUN")
-    assert not re.search(r"\b(gcc|g\+\+|build-essential|libc6-dev|pip install)\b", runs), runs
-    for op, args in final:
-        if op == "COPY" and "--from=" in args:
-            assert args.split()[-1] in ("/opt/venv", "/opt/torch"), args
+    # A compiler stays only where compile=on needs one (the GPU image); elsewhere it leaves in the step that
+    # brought it, so no layer keeps it.
+    for _, op, args in instructions(dockerfile):
+        if op == "RUN" and re.search(r"apt-get install[^&]*\bgcc\b", args):
+            purged = re.search(r"apt-get purge[^&]*\bgcc\b", args)
+            assert bool(purged) == (image != "train-gpu"), args
+            assert image != "train-gpu" or "g++" in args, "torch.compile needs g++ too"
+    installs = re.findall(r"pip install [^&]*", runs)
+    assert installs == ["pip install --no-cache-dir --no-deps --no-build-isolation --no-compile /src "], installs
+    copies = [args for op, args in final if op == "COPY"]
+    assert all(args.split()[-1] == "/opt/torch" for args in copies if "--from=" in args), copies
+    # Dependencies before the package: a code or README change leaves their layers as they are.
+    package = [i for i, args in enumerate(copies) if "code/imgclf" in args or "README.md" in args]
+    assert package and all("--from=" not in args for args in copies[package[0]:]), copies
+    weights = [a for _, op, a in instructions(dockerfile) if op == "FROM" and " AS weights" in a]
+    assert all(a.startswith("deps ") for a in weights), "baked weights must build from the dependencies only"
     if "apt-get install" in runs:
         assert "--no-install-recommends" in runs and "rm -rf /var/lib/apt/lists/*" in runs
     for _, op, args in instructions(dockerfile):
@@ -192,6 +214,8 @@ def test_training_module_is_the_one_local_mode_runs_and_imports(image):
     assert callable(getattr(importlib.import_module(module), function))
     for d in ("input/config", "input/data", "model", "output/data", "checkpoints"):
         assert f"/opt/ml/{d}" in " ".join(a for op, a in final_stage(DOCKERFILES[image]) if op == "RUN")
+    # `docker run IMAGE` with no command (the SDK's ModelTrainer local mode) trains.
+    assert [a for op, a in final_stage(DOCKERFILES[image]) if op == "CMD"] == ['["train"]']
 
 
 def test_serve_entrypoint_is_the_serve_script_of_the_serving_tests():
@@ -199,7 +223,7 @@ def test_serve_entrypoint_is_the_serve_script_of_the_serving_tests():
     entrypoints = [a for op, a in final if op == "ENTRYPOINT"]
     assert entrypoints == ['["serve"]'], f"exec-form ENTRYPOINT [\"serve\"] expected, got {entrypoints}"
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
-    assert scripts.get("serve") == "imgclf.serve:main", scripts
+    assert scripts.get("serve") == "imgclf.serving.serve:main", scripts
     # The serving tests start the same `serve` executable (directly, or through imgclf.local's serve command).
     starts_serve = re.compile(r'(venv_bin\("serve"\)|parent / "serve"|BIN / "serve")')
     serving_tests = [p for p in (REPO / "tests").glob("test_*.py")
@@ -249,11 +273,29 @@ def test_locks_are_hashed_and_made_by_make_lock(lock):
     assert f"-o requirements/lock/{lock}" in makefile
 
 
-def test_torch_cpu_lock_is_up_to_date(tmp_path):
-    out = tmp_path / "torch-cpu.txt"
-    subprocess.run([sys.executable, "containers/torch_cpu_lock.py", "requirements/base.txt", out],
-                   check=True, cwd=REPO)
-    assert out.read_text() == (REPO / "requirements/lock/torch-cpu.txt").read_text(), "run `make lock`"
+def test_torch_locks_are_up_to_date(tmp_path):
+    subprocess.run([sys.executable, "containers/torch_locks.py", "requirements/base.txt",
+                    "requirements/lock/train-gpu.txt", tmp_path], check=True, cwd=REPO)
+    for name in ("torch-cpu.txt", "torch-pypi.txt"):
+        assert (tmp_path / name).read_text() == (REPO / "requirements/lock" / name).read_text(), "run `make lock`"
+    pypi = lock_pins(REPO / "requirements/lock/torch-pypi.txt")
+    assert set(pypi) == {"torch", "torchvision"} | CUDA_ONLY, "PyPI's torch with exactly its CUDA wheels"
+    assert pypi == {n: v for n, v in lock_pins(REPO / "requirements/lock/train-gpu.txt").items() if n in pypi}
+    entries = re.split(r"\n(?=[A-Za-z])", (REPO / "requirements/lock/torch-pypi.txt").read_text())
+    assert all("--hash=sha256:" in e for e in entries if "==" in e.splitlines()[0])
+
+
+@pytest.mark.parametrize("image", ["train-cpu", "serve"])
+def test_cpu_images_can_take_pypis_torch_and_share_the_gpu_images_torch_layer(image):
+    """TORCH_SOURCE=pypi (no PyTorch CPU index): the same torch install step, text for text, as the GPU image."""
+    def torch_step(dockerfile):
+        ins = [(op, a) for _, op, a in instructions(dockerfile)]
+        end = next(i for i, (op, a) in enumerate(ins) if op == "RUN" and "torch-pypi.txt" in a)
+        return [(op, a) for op, a in ins[:end + 1] if op != "ARG"]
+    assert torch_step(DOCKERFILES[image]) == torch_step(DOCKERFILES["train-gpu"])
+    result = subprocess.run(["make", "-n", f"build-{image}", "TORCH_SOURCE=pypi"], cwd=REPO, capture_output=True,
+                            text=True, check=True)
+    assert "--build-arg TORCH_SOURCE=pypi" in result.stdout and "--platform linux/amd64" in result.stdout
 
 
 def test_makefile_builds_images_under_the_ecr_repository_names():

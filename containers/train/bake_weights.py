@@ -2,9 +2,10 @@
 
     TORCH_HOME=/opt/torch python bake_weights.py vgg16 resnet50
 
-Each file lands where the training code looks (imgclf.models.torch_home_weights: TORCH_HOME/hub/checkpoints/
-<torchvision's file name>), its SHA-256 prefix is checked, and it is loaded into the architecture the way
-training will load it, so a broken or misplaced file fails the build instead of a training job.
+Each file lands where torchvision caches it and where training looks (TORCH_HOME/hub/checkpoints/<torchvision's
+file name>), its SHA-256 prefix is checked, and it is loaded into the architecture, so a broken or misplaced
+file fails the build instead of a training job. It needs torch and torchvision only, not the imgclf package:
+the image builds this layer from the dependencies alone, so a code change never re-downloads or re-pushes it.
 No names: nothing to do (the default build bakes nothing).
 """
 
@@ -13,22 +14,27 @@ from __future__ import annotations
 import logging
 import re
 import sys
+from pathlib import Path
 
 import torch
-from imgclf import models
-from imgclf.errors import UserError
-from torchvision import models as tv_models
+from torchvision import models
 
 log = logging.getLogger("bake_weights")
 
 
+class BakeError(Exception):
+    pass
+
+
 def bake(name: str) -> None:
-    models.check_model_name(name)
-    target = models.torch_home_weights(name)
+    if name not in models.list_models(module=models):
+        raise BakeError(f"{name!r} is not a torchvision classification model; choose one of "
+                        + ", ".join(models.list_models(module=models)))
+    url = models.get_model_weights(name).DEFAULT.url
+    target = Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
     if target.is_file():
         log.info("%s: %s already present", name, target)
     else:
-        url = tv_models.get_model_weights(name).DEFAULT.url
         digest = re.search(r"-([a-f0-9]{6,})\.", url.rsplit("/", 1)[-1])  # torchvision names carry a sha256 prefix
         target.parent.mkdir(parents=True, exist_ok=True)
         log.info("%s: downloading %s", name, url)
@@ -36,12 +42,16 @@ def bake(name: str) -> None:
             torch.hub.download_url_to_file(url, str(target), hash_prefix=digest.group(1) if digest else None,
                                            progress=False)
         except (OSError, RuntimeError) as e:  # no network, HTTP error, or a hash mismatch
-            raise UserError(f"{name}: cannot download {url}: {e}. Baking weights needs network access at "
+            raise BakeError(f"{name}: cannot download {url}: {e}. Baking weights needs network access at "
                             "build time; or build without PRETRAINED_MODELS and give the weights in a 'weights' "
                             "channel") from None
-    model = models.build_backbone(name)
-    source = models.load_pretrained(model, name, weights_dir=None, download=False)
-    log.info("%s: baked (%s)", name, source)
+    try:
+        models.get_model(name, weights=None).load_state_dict(torch.load(target, map_location="cpu",
+                                                                         weights_only=True))
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise BakeError(f"weights file {target} does not fit architecture {name}: "
+                        f"{str(e).splitlines()[0]}") from None
+    log.info("%s: baked (%s)", name, target)
 
 
 def main(names: list[str]) -> int:
@@ -52,7 +62,7 @@ def main(names: list[str]) -> int:
     try:
         for name in names:
             bake(name)
-    except UserError as e:
+    except BakeError as e:
         log.error("%s", e)
         return 2
     return 0

@@ -1,0 +1,353 @@
+"""The three images, built and run for real (make test-images): train, fail, stop and resume, serve, cache.
+
+This is AWS's bring-your-own-container check, automated, in every place the images run: `docker run -v
+TREE:/opt/ml IMAGE train` (and `serve`), the Makefile's local-train/local-serve/local-predict flow that the
+docs give, and the SageMaker SDK's own local mode (ModelTrainer), on images built by `make build`. Works with
+Docker or podman (DOCKER=); containers run detached, because podman's API service spins a core while a
+client stays attached. Only under `make test-images` (IMGCLF_IMAGE_TESTS=1): the builds take minutes. The
+test images and containers are removed at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.conftest import FAST_HPS, REPO, free_port
+from tests.photos import DOG, forms
+
+pytestmark = pytest.mark.images
+ENGINE = os.environ.get("DOCKER") or "docker"
+PREFIX, TAG = "imgclf-test", f"t{uuid.uuid4().hex[:8]}"
+TORCH_SOURCE = os.environ.get("TORCH_SOURCE") or "cpu"
+# Small and fast, and still several steps per epoch, so a stop lands inside one.
+HPS = {**FAST_HPS, "epochs": "2"}
+
+
+def _engine_problem() -> str | None:
+    if shutil.which(ENGINE.split()[0]) is None:
+        return f"no {ENGINE} command on PATH"
+    try:
+        info = subprocess.run([*ENGINE.split(), "info"], capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        return f"`{ENGINE} info` did not answer in 60 s"
+    return None if info.returncode == 0 else f"no container engine ({(info.stderr or info.stdout)[-300:]})"
+
+
+if not os.environ.get("IMGCLF_IMAGE_TESTS"):
+    pytest.skip("builds the three images (minutes): run them with make test-images", allow_module_level=True)
+if problem := _engine_problem():
+    pytest.fail(f"{problem}: make test-images needs Docker or podman (containers/podman.sh)", pytrace=False)
+
+
+def engine(*args: str, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run([*ENGINE.split(), *args], capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        pytest.fail(f"{ENGINE} {' '.join(args[:4])} ... exit {result.returncode}:\n{result.stdout[-3000:]}"
+                    f"\n{result.stderr[-3000:]}")
+    return result
+
+
+def image(name: str, tag: str = TAG) -> str:
+    return f"{PREFIX}-{name}:{tag}"
+
+
+def make(*args: str, timeout: float = 3600, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["make", *args, f"DOCKER={ENGINE}", f"IMAGE_PREFIX={PREFIX}"], cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout, env={**os.environ, **env})
+
+
+def build_args() -> list[str]:
+    return [f"TORCH_SOURCE={TORCH_SOURCE}"] + ([f"PYTHON_IMAGE={os.environ['PYTHON_IMAGE']}"]
+                                               if os.environ.get("PYTHON_IMAGE") else [])
+
+
+@pytest.fixture(scope="session")
+def images():
+    """All three images, built by the Makefile target users run; removed, with the test containers, at the end."""
+    started = time.monotonic()
+    build = make("build", f"TAG={TAG}", *build_args())
+    assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-5000:]
+    print(f"\nbuilt the three images in {time.monotonic() - started:.0f} s", file=sys.stderr)
+    yield
+    for name in ("train-cpu", "train-gpu", "serve"):  # containers first (the SDK's compose names its own)
+        leftovers = engine("ps", "-aq", "--filter", f"ancestor={image(name)}", check=False).stdout.split()
+        if leftovers:
+            engine("rm", "-f", *leftovers, check=False)
+        engine("rmi", image(name), image(name, "latest"), check=False)
+
+
+def make_tree(tree: Path, data: Path, hps: dict[str, str]) -> Path:
+    cmd = [sys.executable, str(REPO / "containers/local_tree.py"), str(tree), "--data", str(data)]
+    subprocess.run(cmd + [f"--hp={k}={v}" for k, v in hps.items()], check=True, capture_output=True)
+    return tree
+
+
+def run_detached(img: str, *args: str, tree: Path | None = None, name: str | None = None,
+                 options: tuple[str, ...] = ()) -> str:
+    name = name or f"{PREFIX}-{uuid.uuid4().hex[:8]}"
+    mounts = ("-v", f"{tree}:/opt/ml") if tree else ()
+    engine("run", "-d", "--name", name, "--shm-size", "1g", "--hostname", "algo-1", *mounts, *options, img, *args)
+    return name
+
+
+def finish(name: str, timeout: float = 1200) -> tuple[int, str]:
+    """Wait for a detached container to end: (exit status, its output); the container is removed."""
+    try:
+        status = int(engine("wait", name, timeout=timeout).stdout.strip().splitlines()[-1])
+        logs = engine("logs", name, check=False)
+        return status, logs.stdout + logs.stderr
+    finally:
+        engine("rm", "-f", name, check=False)
+
+
+def wait_for_log(name: str, text: str, timeout: float = 600) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        logs = engine("logs", name, check=False)
+        if text in logs.stdout + logs.stderr:
+            return logs.stdout + logs.stderr
+        time.sleep(0.5)
+    pytest.fail(f"{text!r} not in the logs of {name} after {timeout} s:\n{(logs.stdout + logs.stderr)[-3000:]}")
+
+
+def inspect(img: str) -> dict:
+    return json.loads(engine("image", "inspect", img).stdout)[0]
+
+
+# ---- what the images are ----------------------------------------------------------------------------------
+
+def test_images_are_labelled_and_configured_for_sagemaker(images):
+    sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    version = next(line.split('"')[1] for line in (REPO / "pyproject.toml").read_text().splitlines()
+                   if line.startswith("version ="))
+    for name in ("train-cpu", "train-gpu", "serve"):
+        info = inspect(image(name))
+        labels = info["Config"]["Labels"]
+        assert labels["org.opencontainers.image.revision"] == sha
+        assert labels["org.opencontainers.image.version"] == version
+        assert labels["org.opencontainers.image.source"]
+        assert info["Architecture"] == "amd64"
+    for name in ("train-cpu", "train-gpu"):
+        config = inspect(image(name))["Config"]
+        assert config["Cmd"] == ["train"] and not config.get("Entrypoint")
+        assert "SAGEMAKER_TRAINING_MODULE=imgclf.train:main" in config["Env"]
+    serve = inspect(image("serve"))["Config"]
+    assert serve["Entrypoint"] == ["serve"]
+    assert serve["Labels"]["com.amazonaws.sagemaker.capabilities.accept-bind-to-port"] == "true"
+
+
+@pytest.mark.parametrize("name,torch_build,compiler", [
+    ("train-cpu", TORCH_SOURCE, False), ("serve", TORCH_SOURCE, False), ("train-gpu", "pypi", True)])
+def test_image_contents(images, name, torch_build, compiler):
+    """The torch build each image should carry, and a C compiler exactly where compile=on needs one."""
+    probe = ("import shutil, torch, torchvision; "
+             "print(torch.__version__, torch.version.cuda, bool(shutil.which('gcc')), bool(shutil.which('g++')))")
+    out = engine("run", "--rm", "--entrypoint", "python", image(name), "-c", probe).stdout.split()
+    version, cuda, gcc, gxx = out[0], out[1], out[2] == "True", out[3] == "True"
+    if torch_build == "cpu":
+        assert version.endswith("+cpu") and cuda == "None", out
+    else:
+        assert not version.endswith("+cpu") and cuda.startswith("13."), out
+    assert (gcc and gxx) == compiler, out
+    if name == "serve":
+        engine("run", "--rm", "--entrypoint", "sh", image(name), "-c", "java -version && command -v multi-model-server")
+
+
+# ---- training ------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def trained_tree(images, tmp_path_factory, sample_dataset):
+    """One training run of train-cpu over a mounted tree: (tree, exit status, output)."""
+    tree = make_tree(tmp_path_factory.mktemp("train-cpu") / "opt_ml", sample_dataset, HPS)
+    status, logs = finish(run_detached(image("train-cpu"), "train", tree=tree))
+    return tree, status, logs
+
+
+def test_train_cpu_writes_the_model(trained_tree):
+    tree, status, logs = trained_tree
+    assert status == 0, logs[-3000:]
+    assert (tree / "model" / "config.json").is_file() and (tree / "model" / "model.safetensors").is_file()
+    assert not (tree / "output" / "failure").exists()
+    assert "valid_accuracy=" in logs
+
+
+def test_train_gpu_image_trains_on_the_cpu(images, tmp_path, sample_dataset):
+    """With no GPU on this machine (and no GPU instance type in resourceconfig.json) it trains on the CPU."""
+    tree = make_tree(tmp_path / "opt_ml", sample_dataset, {**HPS, "epochs": "1"})
+    status, logs = finish(run_detached(image("train-gpu"), tree=tree))  # no arguments: the image's CMD trains
+    assert status == 0, logs[-3000:]
+    assert (tree / "model" / "model.safetensors").is_file()
+
+
+def test_failing_job_exits_non_zero_with_the_reason(images, tmp_path, sample_dataset):
+    tree = make_tree(tmp_path / "opt_ml", sample_dataset, {**HPS, "model": "resnet9000"})
+    status, logs = finish(run_detached(image("train-cpu"), "train", tree=tree))
+    assert status != 0, logs[-2000:]
+    assert "resnet9000" in (tree / "output" / "failure").read_text()
+
+
+def test_stopped_container_resumes_from_its_checkpoint(images, tmp_path, sample_dataset):
+    tree = make_tree(tmp_path / "opt_ml", sample_dataset, {**HPS, "epochs": "3", "batch-size": "4"})
+    name = run_detached(image("train-cpu"), "train", tree=tree)
+    wait_for_log(name, "epoch=1 ")
+    engine("stop", "-t", "30", name)  # SIGTERM in epoch 2, as SageMaker stops a spot job
+    status, logs = finish(name)
+    assert status != 0
+    assert "stopped by SIGTERM in epoch 2" in (tree / "output" / "failure").read_text(), logs[-2000:]
+    assert (tree / "checkpoints" / "checkpoint.pt").is_file()
+    (tree / "output" / "failure").unlink()  # SageMaker starts the rerun with a fresh output folder
+
+    status, logs = finish(run_detached(image("train-cpu"), "train", tree=tree))
+    assert status == 0, logs[-3000:]
+    assert "resuming from checkpoint" in logs and "epoch=1 " not in logs and "epoch=3 " in logs
+    assert (tree / "model" / "model.safetensors").is_file()
+
+
+# ---- serving ---------------------------------------------------------------------------------------------
+
+def wait_healthy(url: str, name: str, timeout: float = 240) -> float:
+    started, deadline = time.monotonic(), time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(f"{url}/ping", timeout=5).status_code == 200:
+                return time.monotonic() - started
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    pytest.fail(f"/ping not healthy after {timeout} s:\n{engine('logs', name, check=False).stderr[-5000:]}")
+
+
+@pytest.fixture(scope="module")
+def server(trained_tree):
+    """The serving image on the trained model, mounted read-only as SageMaker mounts it."""
+    tree, status, logs = trained_tree
+    assert status == 0, "training failed; see test_train_cpu_writes_the_model"
+    port = free_port()
+    name = run_detached(image("serve"), "serve", options=("-p", f"127.0.0.1:{port}:8080", "-v",
+                                                           f"{tree / 'model'}:/opt/ml/model:ro"))
+    url = f"http://127.0.0.1:{port}"
+    wait_healthy(url, name)
+    yield url, name, tree
+    engine("rm", "-f", name, check=False)
+
+
+@pytest.mark.parametrize("form", list(forms()))
+def test_serving_predicts_every_image_form(server, form):
+    url, _, tree = server
+    body, content_type = forms()[form]
+    response = requests.post(f"{url}/invocations", data=body, headers={"Content-Type": content_type}, timeout=120)
+    assert response.status_code == 200, response.text
+    classes = json.loads((tree / "model" / "config.json").read_text())["class_names"]
+    top = response.json()["predictions"][0]["top_k"]
+    assert top[0]["class_name"] in classes and 0 < top[0]["probability"] <= 1
+
+
+@pytest.mark.parametrize("body,headers,status", [
+    (b"not an image", {"Content-Type": "image/jpeg"}, 400),
+    (b"a,b\n1,2\n", {"Content-Type": "text/csv"}, 415),
+    (b'{"instances": [', {"Content-Type": "application/json"}, 400)])
+def test_serving_answers_bad_requests_with_json_4xx(server, body, headers, status):
+    url, _, _ = server
+    response = requests.post(f"{url}/invocations", data=body, headers=headers, timeout=60)
+    assert response.status_code == status and response.json()["code"] == status, response.text
+
+
+def test_serving_stops_within_sagemakers_30_s(server):
+    url, name, _ = server
+    assert requests.get(f"{url}/ping", timeout=10).status_code == 200
+    started = time.monotonic()
+    engine("stop", "-t", "30", name)
+    assert time.monotonic() - started < 30, "serve did not stop on SIGTERM before SageMaker's SIGKILL"
+
+
+# ---- the documented local flow: make local-train, local-serve, local-predict ---------------------------------
+
+def test_make_local_train_serve_predict(images, tmp_path, sample_dataset):
+    tree, port = tmp_path / "opt_ml", free_port()
+    common = [f"LOCAL_TREE={tree}", f"LOCAL_TAG={TAG}", f"PORT={port}"]
+    hps = " ".join(f"{k}={v}" for k, v in {**HPS, "epochs": "1"}.items())
+    train = make("local-train", *common, f"DATA={sample_dataset}", f"HPS={hps}", "NETWORK=none", timeout=1200)
+    assert train.returncode == 0, train.stdout[-3000:] + train.stderr[-3000:]
+    assert "valid_accuracy=" in train.stdout and (tree / "model" / "config.json").is_file()
+    log = (tmp_path / "serve.log").open("w")
+    serving = subprocess.Popen(["make", "local-serve", *common, f"DOCKER={ENGINE}", f"IMAGE_PREFIX={PREFIX}"],
+                               cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/ping", timeout=5).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            assert serving.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
+            time.sleep(1)
+        predict = make("local-predict", *common, f"PREDICT_FILE={DOG}", timeout=120)
+        assert predict.returncode == 0, predict.stdout + predict.stderr
+        assert json.loads(predict.stdout.strip().splitlines()[-1])["predictions"][0]["top_k"]
+    finally:
+        os.killpg(serving.pid, 2)  # Ctrl-C: the script stops the container
+        serving.wait(60)
+    assert not engine("ps", "-q", "--filter", f"ancestor={image('serve')}", check=False).stdout.strip()
+
+
+# ---- layers: a code-only change rebuilds and re-pushes only the package layer ----------------------------------
+
+PACKAGE_LAYERS = 3
+
+
+def test_code_only_change_keeps_the_dependency_layers(images, tmp_path):
+    context = tmp_path / "context"
+    context.mkdir()
+    for rel in ("pyproject.toml", "README.md", "Makefile", ".dockerignore"):
+        shutil.copy2(REPO / rel, context / rel)
+    for rel in ("code", "containers", "requirements"):
+        shutil.copytree(REPO / rel, context / rel, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    (context / "README.md").write_text((context / "README.md").read_text() + "\nAn edit.\n")
+    with open(context / "code" / "imgclf" / "errors.py", "a") as f:
+        f.write("\n# an edit\n")
+    subprocess.run(["git", "init", "-q"], cwd=context, check=True)  # the Makefile reads the sha; any will do
+    before = {name: inspect(image(name))["RootFS"]["Layers"] for name in ("train-cpu", "serve")}
+    for name in ("train-cpu", "serve"):
+        result = subprocess.run(["make", f"build-{name}", f"DOCKER={ENGINE}", f"IMAGE_PREFIX={PREFIX}",
+                                 "TAG=edited", *build_args()], cwd=context, capture_output=True, text=True,
+                                timeout=1800)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        after = inspect(image(name, "edited"))["RootFS"]["Layers"]
+        engine("rmi", image(name, "edited"), check=False)
+        # The package is the last PACKAGE_LAYERS layers (COPY pyproject.toml README.md, COPY code, pip install).
+        assert len(after) == len(before[name])
+        assert after[:-PACKAGE_LAYERS] == before[name][:-PACKAGE_LAYERS], f"{name}: a dependency layer was rebuilt"
+        assert after[-1] != before[name][-1], f"{name}: the package layer did not change with the code"
+
+
+# ---- the SageMaker SDK's local mode runs the training image as SageMaker does ------------------------------------
+
+def test_sdk_model_trainer_local_mode_trains(images, tmp_path, sample_dataset, monkeypatch):
+    """ModelTrainer starts the image with no command at all: the image's CMD must train."""
+    from sagemaker.core.training.configs import Compute, InputData
+    from sagemaker.train import ModelTrainer
+    from sagemaker.train.model_trainer import Mode
+
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")  # the SDK's session wants one; nothing reaches AWS
+    root = tmp_path / "sdk"
+    root.mkdir()
+    trainer = ModelTrainer(training_image=image("train-cpu"), training_mode=Mode.LOCAL_CONTAINER,
+                           compute=Compute(instance_type="local_cpu", instance_count=1),
+                           hyperparameters={**HPS, "epochs": "1"}, base_job_name=f"{PREFIX}-sdk",
+                           local_container_root=str(root))
+    trainer.train(input_data_config=[InputData(channel_name=split, data_source=str(sample_dataset / split))
+                                     for split in ("train", "valid", "test")], wait=True, logs=False)
+    with tarfile.open(root / "compressed_artifacts" / "model.tar.gz") as tar:
+        assert {"config.json", "model.safetensors"} <= set(tar.getnames())
