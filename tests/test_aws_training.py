@@ -266,3 +266,26 @@ def test_tuning_dry_run_is_validated_by_botocore():
     [sent] = dry_run_requests(result.stdout)
     assert sent["operation"] == "CreateHyperParameterTuningJob"
     assert sent["request"]["HyperParameterTuningJobConfig"]["Strategy"] == "Random"
+
+
+@pytest.mark.parametrize("instance_type, image", [
+    ("ml.g4dn.xlarge", "imgclf-train-gpu"), ("ml.p5.48xlarge", "imgclf-train-gpu"),
+    ("ml.p6-b200.48xlarge", "imgclf-train-gpu"), ("ml.m5.xlarge", "imgclf-train-cpu"),
+    ("ml.c6i.4xlarge", "imgclf-train-cpu")])
+def test_the_image_follows_the_gpu_family_table(instance_type, image):
+    result = run_script("train.py", "--dry-run", "--data", DATA, "--role", ROLE, "--instance-type", instance_type,
+                        env=offline_env())
+    assert result.returncode == 0, failed(result)
+    [sent] = dry_run_requests(result.stdout)
+    assert f"/{image}:" in sent["request"]["AlgorithmSpecification"]["TrainingImage"]
+
+
+@pytest.mark.parametrize("instance_type, reason", [
+    ("ml.p3.2xlarge", "V100"), ("ml.g4ad.xlarge", "AMD"), ("ml.trn1.2xlarge", "Trainium"),
+    ("ml.g9x.xlarge", "not in imgclf.instances.GPU_FAMILIES")])
+def test_families_no_image_can_serve_are_refused_before_sending(instance_type, reason):
+    result = run_script("train.py", "--dry-run", "--data", DATA, "--role", ROLE, "--instance-type", instance_type,
+                        env=offline_env())
+    assert result.returncode == 2, failed(result)
+    assert instance_type in result.stderr and reason in result.stderr and "Traceback" not in result.stderr
+    assert "{" not in result.stdout  # nothing was (dry-)sent

@@ -324,6 +324,23 @@ def test_local_tree_runs_the_training_image_environment(tmp_path, sample_dataset
     assert (tree / "model" / "config.json").is_file() and (tree / "model" / "model.safetensors").is_file()
 
 
+def test_gpu_instance_without_usable_cuda_fails_in_its_first_seconds(tmp_path, sample_dataset):
+    """resourceconfig.json says ml.g5.xlarge (NVIDIA A10G), and this machine's torch cannot use CUDA: the job
+    stops before training, with the reason in output/failure, instead of training on the CPU for hours."""
+    tree = tmp_path / "opt_ml"
+    cmd = [sys.executable, REPO / "containers/local_tree.py", tree, "--data", sample_dataset]
+    subprocess.run(cmd + [f"--hp={k}={v}" for k, v in FAST_HPS.items()], check=True, cwd=REPO, capture_output=True)
+    resources = tree / "input/config/resourceconfig.json"
+    resources.write_text(json.dumps({**json.loads(resources.read_text()), "current_instance_type": "ml.g5.xlarge"}))
+    env = {**os.environ, **final_env(DOCKERFILES["train-gpu"]), "SAGEMAKER_BASE_DIR": str(tree),
+           "IMGCLF_CHECKPOINT_DIR": str(tmp_path / "checkpoints"), "PATH": f"{BIN}:{os.environ['PATH']}"}
+    result = subprocess.run(["train"], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    failure = (tree / "output" / "failure").read_text()
+    assert failure.startswith("CudaUnusableError: this ml.g5.xlarge has NVIDIA GPUs"), failure
+    assert "epoch=" not in result.stdout and not (tree / "model" / "model.safetensors").exists()
+
+
 def test_bake_weights_puts_files_where_training_finds_them(tmp_path, monkeypatch, caplog):
     for image in ("train-cpu", "train-gpu"):
         assert final_env(DOCKERFILES[image])["TORCH_HOME"] == "/opt/torch"

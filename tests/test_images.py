@@ -190,6 +190,17 @@ def test_train_gpu_image_trains_on_the_cpu(images, tmp_path, sample_dataset):
     assert (tree / "model" / "model.safetensors").is_file()
 
 
+def test_train_gpu_on_a_gpu_instance_without_cuda_fails_fast(images, tmp_path, sample_dataset):
+    """SageMaker says ml.g5.xlarge, and the container sees no NVIDIA driver: stop with the reason, do not train."""
+    tree = make_tree(tmp_path / "opt_ml", sample_dataset, HPS)
+    resources = tree / "input/config/resourceconfig.json"
+    resources.write_text(json.dumps({**json.loads(resources.read_text()), "current_instance_type": "ml.g5.xlarge"}))
+    status, logs = finish(run_detached(image("train-gpu"), "train", tree=tree))
+    assert status != 0 and "epoch=" not in logs
+    failure = (tree / "output" / "failure").read_text()
+    assert "ml.g5.xlarge has NVIDIA GPUs, but no NVIDIA driver is visible" in failure, failure
+
+
 def test_failing_job_exits_non_zero_with_the_reason(images, tmp_path, sample_dataset):
     tree = make_tree(tmp_path / "opt_ml", sample_dataset, {**HPS, "model": "resnet9000"})
     status, logs = finish(run_detached(image("train-cpu"), "train", tree=tree))

@@ -298,3 +298,34 @@ def test_rule_set_records_the_first_finding_and_stops_when_asked():
         ruleset.train_loss(1, 1, math.nan)
     result = ruleset.results[0]
     assert ruleset.stopped_by == "exploding_tensor" and result.status == rules.ISSUES and result.finding.step == 1
+
+
+# ---- the GPU family table and the CUDA check at the start of a training job ------------------------------------
+
+def test_cuda_check_names_each_reason_gpus_cannot_be_used(monkeypatch):
+    import torch
+    from imgclf.training import cuda_check
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    assert cuda_check.problem("local", 0, None, "NVML: no library") is None  # no GPU anywhere: CPU training
+    assert cuda_check.problem("ml.m5.xlarge", 0, None, "NVML: no library") is None
+    no_driver = cuda_check.problem("ml.g5.xlarge", 0, None, "NVML: Driver Not Loaded")
+    assert "ml.g5.xlarge has NVIDIA GPUs" in no_driver and "no NVIDIA driver" in no_driver
+    old = cuda_check.problem("ml.g5.xlarge", 1, "535.183.01", None)
+    assert "driver 535.183.01" in old and "R580" in old
+    assert "driver 590.1" in cuda_check.problem(None, 2, "590.1", None)  # NVML counts GPUs: no instance type needed
+    monkeypatch.setattr(torch.version, "cuda", None)
+    assert "CPU build" in cuda_check.problem("ml.p4d.24xlarge", 8, "580.65", None)
+
+
+def test_instance_table_and_its_docs_table():
+    from imgclf import instances
+
+    assert instances.training_image("ml.g6e.xlarge") == "train-gpu"
+    assert instances.training_image("ml.r5.large") == "train-cpu"
+    with pytest.raises(instances.InstanceTypeError, match="V100"):
+        instances.training_image("ml.p3.16xlarge")
+    assert all(float(cc) >= 7.5 for _, cc in instances.GPU_FAMILIES.values())
+    table = instances.markdown_table()
+    assert "| g4dn | NVIDIA T4 | 7.5 | train-gpu |" in table and "| p3 | NVIDIA V100 |" in table

@@ -26,7 +26,7 @@ from torch import nn
 from imgclf import artifacts, config, data, devices, models
 from imgclf.debugging.debugger import Debugger
 from imgclf.errors import UserError
-from imgclf.training import accel, checkpoint, distributed
+from imgclf.training import accel, checkpoint, cuda_check, distributed
 from imgclf.training.distributed import SINGLE, Context
 from imgclf.training.evaluate import Evaluation, evaluate
 from imgclf.training.features import FrozenFeatures
@@ -263,6 +263,7 @@ def main() -> None:
     failure = output_dir / "failure"
     try:
         env = environment.Environment()
+        cuda_check.check(env.current_instance_type)  # GPUs that CUDA cannot use: fail now, not train on the CPU
         paths = Paths(Path(env.model_dir), Path(env.output_data_dir), Path(config.checkpoint_dir()),
                       dict(env.channel_input_dirs))
         train_or_launch(config.parse_hyperparameters(env.hyperparameters), paths, env)
