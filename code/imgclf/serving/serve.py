@@ -7,14 +7,19 @@ POST /invocations on SAGEMAKER_BIND_TO_PORT (8080) with SAGEMAKER_MODEL_SERVER_W
 one per CPU) and SAGEMAKER_MODEL_SERVER_TIMEOUT; the call blocks until MMS exits (SIGTERM stops it).
 The serving settings (imgclf.serving.settings) are read and checked once here and handed to the workers.
 
-A model that cannot be loaded is logged once, and a small stand-in server answers /ping (and everything
-else) with 503 and the reason as JSON, so SageMaker sees an unhealthy container and the log says why.
+/ping tells the truth. Before MMS starts, the model is loaded here by the workers' own `model_fn` with the
+settings (weights, config, device, dtype, one warm-up request): when that fails, or a setting is bad, the
+reason is logged once and a small stand-in server answers /ping (and everything else) with 503 and the reason
+as JSON, so SageMaker sees an unhealthy container and the log says why. Later, MMS answers /ping with HTTP
+200 even when no worker is alive (its body then says "Unhealthy"); a watchdog reads that body, and when no
+worker has been alive for IMGCLF_UNHEALTHY_AFTER_S seconds it stops MMS and the stand-in answers 503.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import gc
 import json
 import logging
 import os
@@ -22,6 +27,7 @@ import signal
 import sys
 import tarfile
 import threading
+import time
 import warnings
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -85,10 +91,46 @@ def _exit_on_signal(signum, frame) -> None:
     raise SystemExit(128 + signum)
 
 
+class Watchdog(threading.Thread):
+    """Reads MMS's /ping body every second; once MMS has been healthy, `unhealthy_after` seconds without a live
+    worker (or without an answer) set `reason` and call `stop_mms`."""
+
+    def __init__(self, port: int, unhealthy_after: float, stop_mms) -> None:
+        super().__init__(name="mms-watchdog", daemon=True)
+        self.url = f"http://127.0.0.1:{port}/ping"
+        self.unhealthy_after, self.stop_mms = unhealthy_after, stop_mms
+        self.reason: str | None = None
+        self.done = threading.Event()
+
+    def status(self) -> str:
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(self.url, timeout=5) as response:
+                return json.loads(response.read()).get("status", "no status")
+        except (OSError, ValueError) as e:
+            return f"no answer ({e})"
+
+    def run(self) -> None:
+        healthy_once, bad_since = False, None
+        while not self.done.wait(1.0):
+            status = self.status()
+            if status in ("Healthy", "Partial Healthy"):
+                healthy_once, bad_since = True, None
+            elif healthy_once:
+                bad_since = bad_since or time.monotonic()
+                if time.monotonic() - bad_since >= self.unhealthy_after:
+                    self.reason = (f"no model worker has been running for {self.unhealthy_after:g} s (multi-model-"
+                                   f"server /ping: {status}); the worker log above says why")
+                    log.error("%s: stopping multi-model-server, answering 503 until stopped", self.reason)
+                    self.stop_mms()
+                    return
+
+
 def serve_unhealthy(port: int, reason: str) -> int:
     """Answer every request with 503 + JSON reason until SIGTERM; SageMaker's ping check then fails visibly."""
     body = json.dumps({"code": 503, "type": "ServiceUnavailable", "status": "Unhealthy",
-                       "message": f"the model cannot be loaded: {reason}"}).encode()
+                       "message": reason}).encode()
 
     class Unhealthy(BaseHTTPRequestHandler):
         def _answer(self) -> None:
@@ -140,10 +182,13 @@ def main(argv: list[str] | None = None) -> int:
         settings = ServingSettings.from_environment()
         unpack_model_tarball(model_dir)
         inference.check_model_dir(model_dir)
-    except (UserError, OSError, tarfile.TarError) as e:
+        inference.model_fn(str(model_dir), settings)  # what each worker will do, warm-up request included
+    except Exception as e:  # a bad setting, a model that does not load, a device or dtype that cannot run
+        reason = str(e) if isinstance(e, (UserError, OSError, tarfile.TarError)) else f"{type(e).__name__}: {e}"
         log.error("cannot serve the model in %s: %s (answering every request, /ping included, with 503 until "
-                  "stopped)", model_dir, e)
-        return serve_unhealthy(port, str(e))
+                  "stopped)", model_dir, reason)
+        return serve_unhealthy(port, f"the model cannot be served: {reason}")
+    gc.collect()  # the check's copy of the model: only the workers keep one
 
     # MMS answers bodies over its max_request_size with an empty 413. Our handler enforces the real limit
     # (SAGEMAKER_MAX_PAYLOAD_IN_MB, default 6 as SageMaker's real-time endpoints) with a JSON 413, and MMS
@@ -177,10 +222,15 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _exit_on_signal)
     signal.signal(signal.SIGINT, lambda signum, frame: signal.getsignal(signal.SIGTERM)(signum, frame))
     log.info("starting multi-model-server on port %d for %s (handler %s)", port, model_dir, HANDLER_SERVICE)
+    watchdog = Watchdog(port, settings.unhealthy_after_s, lambda: our_mms_process().terminate())
+    watchdog.start()
     try:
         model_server.start_model_server(handler_service=HANDLER_SERVICE)  # returns when the MMS java process exits
     finally:
+        watchdog.done.set()
         stop_leftovers()
+    if watchdog.reason:
+        return serve_unhealthy(port, watchdog.reason)
     return 0
 
 

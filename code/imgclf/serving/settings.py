@@ -8,6 +8,8 @@ validated, then passed around as one frozen value; nothing reads the environment
     IMGCLF_SERVE_DTYPE              float32     float32 | bfloat16 (autocast)
     IMGCLF_TORCH_THREADS            0           torch threads per worker; 0 = CPUs / workers
     SAGEMAKER_MODEL_SERVER_WORKERS  0           MMS workers; 0 = MMS's default (one per CPU, or per GPU)
+    SAGEMAKER_MODEL_SERVER_TIMEOUT  60          seconds a worker may take per request (read by MMS)
+    IMGCLF_UNHEALTHY_AFTER_S        30          seconds with no live model worker before /ping answers 503
 
 `serve` gives multi-model-server twice the payload limit (SAGEMAKER_MAX_PAYLOAD_IN_MB, MMS's own variable),
 so that the handler, not MMS, answers an oversized body with a JSON 413. The workers, which MMS starts with
@@ -43,9 +45,12 @@ class ServingSettings:
     dtype: str = "float32"
     torch_threads: int = 0
     workers: int = 0
+    model_server_timeout: int = 60
+    unhealthy_after_s: int = 30
 
     def __post_init__(self) -> None:
-        for name in ("top_k", "max_image_pixels", "max_images", "max_payload_bytes"):
+        for name in ("top_k", "max_image_pixels", "max_images", "max_payload_bytes", "model_server_timeout",
+                     "unhealthy_after_s"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"serving setting {name}={getattr(self, name)}: must be at least 1")
         if self.torch_threads < 0 or self.workers < 0:
@@ -66,6 +71,8 @@ class ServingSettings:
             dtype=env.get("IMGCLF_SERVE_DTYPE", "").strip().lower() or default.dtype,
             torch_threads=_int(env, "IMGCLF_TORCH_THREADS", default.torch_threads),
             workers=_int(env, "SAGEMAKER_MODEL_SERVER_WORKERS", default.workers),
+            model_server_timeout=_int(env, "SAGEMAKER_MODEL_SERVER_TIMEOUT", default.model_server_timeout),
+            unhealthy_after_s=_int(env, "IMGCLF_UNHEALTHY_AFTER_S", default.unhealthy_after_s),
         )
 
     @classmethod

@@ -1,0 +1,110 @@
+"""/ping tells the truth: the real `serve` entrypoint over a local /opt/ml tree (SAGEMAKER_BASE_DIR).
+
+A bad serving setting answers 503 with the reason before multi-model-server starts; a server whose model
+workers die and cannot come back stops saying Healthy (MMS itself would keep answering HTTP 200).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import requests
+from imgclf.processes import free_port
+
+from tests.photos import DOG
+
+SERVE = str(Path(sys.executable).parent / "serve")
+
+
+def start_serve(tree: Path, port: int, **env: str) -> subprocess.Popen:
+    full = {**os.environ, "SAGEMAKER_BASE_DIR": str(tree), "SAGEMAKER_BIND_TO_PORT": str(port), **env}
+    return subprocess.Popen([SERVE, "serve"], env=full, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def first_ping(port: int, proc: subprocess.Popen, timeout: float = 240, status: int | None = None):
+    """The first /ping answer (with `status`: the first answer with that status)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            response = requests.get(f"http://127.0.0.1:{port}/ping", timeout=5)
+            if status is None or response.status_code == status:
+                return response
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.5)
+    output = proc.communicate(timeout=30)[0] if proc.poll() is not None else ""
+    pytest.fail(f"no /ping answer (exit {proc.poll()}): {output[-3000:]}")
+
+
+def stop(proc: subprocess.Popen) -> str:
+    os.killpg(proc.pid, signal.SIGTERM)
+    return proc.communicate(timeout=60)[0]
+
+
+def model_tree(trained, tmp_path: Path) -> Path:
+    tree = tmp_path / "opt_ml"
+    shutil.copytree(trained[0] / "model", tree / "model")
+    return tree
+
+
+@pytest.mark.parametrize("env, reason", [
+    ({"IMGCLF_SERVE_DTYPE": "float8"}, "IMGCLF_SERVE_DTYPE='float8'"),
+    ({"SAGEMAKER_MODEL_SERVER_TIMEOUT": "soon"}, "SAGEMAKER_MODEL_SERVER_TIMEOUT='soon' is not an integer"),
+    ({"SAGEMAKER_MODEL_SERVER_WORKERS": "-1"}, "workers must be 0"),
+])
+def test_bad_setting_answers_503_with_the_reason(trained, tmp_path, env, reason):
+    port = free_port()
+    proc = start_serve(model_tree(trained, tmp_path), port, **env)
+    try:
+        response = first_ping(port, proc)
+        assert response.status_code == 503 and reason in response.json()["message"], response.text
+        invocation = requests.post(f"http://127.0.0.1:{port}/invocations", data=DOG.read_bytes(), timeout=10,
+                                   headers={"Content-Type": "image/jpeg"})
+        assert invocation.status_code == 503 and reason in invocation.json()["message"]
+    finally:
+        output = stop(proc)
+    assert output.count(reason) == 1 and "Traceback" not in output, output
+
+
+def _workers(server: subprocess.Popen) -> list[psutil.Process]:
+    """MMS's Python model workers among the server's descendants."""
+    found = []
+    for p in psutil.Process(server.pid).children(recursive=True):
+        try:
+            if "model_service_worker" in " ".join(p.cmdline()):
+                found.append(p)
+        except psutil.Error:  # exited meanwhile
+            pass
+    return found
+
+
+def test_ping_stops_saying_healthy_when_the_workers_die_for_good(trained, tmp_path):
+    tree = model_tree(trained, tmp_path)
+    port = free_port()
+    proc = start_serve(tree, port, SAGEMAKER_MODEL_SERVER_WORKERS="1", IMGCLF_UNHEALTHY_AFTER_S="5")
+    try:
+        healthy = first_ping(port, proc, status=200)
+        assert healthy.json()["status"] in ("Healthy", "Partial Healthy"), healthy.text
+        deadline = time.monotonic() + 180  # MMS answers /ping before its worker has loaded the model
+        while requests.get(f"http://127.0.0.1:{port}/ping", timeout=5).json()["status"] != "Healthy":
+            assert time.monotonic() < deadline, "the worker never came up"
+            time.sleep(0.5)
+        assert requests.post(f"http://127.0.0.1:{port}/invocations", data=DOG.read_bytes(), timeout=60,
+                             headers={"Content-Type": "image/jpeg"}).status_code == 200
+        (tree / "model" / "model.safetensors").unlink()  # a restarted worker cannot load the model any more
+        for worker in _workers(proc):
+            worker.kill()  # as the kernel's OOM killer would
+        unhealthy = first_ping(port, proc, timeout=240, status=503)
+        assert "no model worker has been running for 5 s" in unhealthy.json()["message"], unhealthy.text
+    finally:
+        output = stop(proc)
+    assert proc.returncode == 1, output[-3000:]
