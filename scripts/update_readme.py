@@ -2,15 +2,15 @@
 """Regenerate the generated tables in README.md and docs/*.md from the code (run after changing them).
 
 A generated table sits between two marker comments, `<!-- NAME:start -->` and `<!-- NAME:end -->`, where NAME
-is one of GENERATORS: `hyperparameters` (imgclf.config's hyperparameter and metric tables) or `rules` (the
-debugging rules and their parameters). `--check` rewrites nothing: it names the files whose tables are out of
-date and exits 1 (tests/test_docs.py asserts the same).
+is one of GENERATORS: `hyperparameters` (imgclf.config's hyperparameter and metric tables), `rules` (the
+debugging rules and their parameters) or `instances` (the GPU instance families of imgclf.instances).
+`--check` rewrites nothing: it names the files whose tables are out of date and exits 1 (tests/test_docs.py
+asserts the same).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import re
 import sys
 from collections.abc import Callable
@@ -23,16 +23,9 @@ MARKER = re.compile(r"(<!-- (?P<name>[a-z-]+):start -->\n)(?P<body>.*?)(<!-- (?P
 
 
 def _rules_table() -> str:
-    # The rules module lives in imgclf.debugging (formerly imgclf.rules).
-    for name in ("imgclf.debugging.rules", "imgclf.rules"):
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name not in (name, name.rpartition(".")[0]):
-                raise  # the module exists but an import inside it failed: show that
-            continue
-        return module.markdown_table()
-    raise ModuleNotFoundError("no rules module: neither imgclf.debugging.rules nor imgclf.rules")
+    from imgclf.debugging.rules import markdown_table
+
+    return markdown_table()
 
 
 def _hyperparameter_tables() -> str:
@@ -41,7 +34,14 @@ def _hyperparameter_tables() -> str:
     return markdown_tables()
 
 
-GENERATORS: dict[str, Callable[[], str]] = {"hyperparameters": _hyperparameter_tables, "rules": _rules_table}
+def _instances_table() -> str:
+    from imgclf.instances import markdown_table
+
+    return markdown_table()
+
+
+GENERATORS: dict[str, Callable[[], str]] = {"hyperparameters": _hyperparameter_tables, "rules": _rules_table,
+                                            "instances": _instances_table}
 
 
 def documents() -> list[Path]:
