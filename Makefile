@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 export PYTHONPATH := $(CURDIR)/code
 
 .PHONY: help install test test-fast lint demo clean build push lock local-train local-serve local-predict test-images base-image \
-	report-screenshot
+	report-screenshot ui-screenshot
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | sort
@@ -129,6 +129,11 @@ local-predict: ## POST PREDICT_FILE to the local-serve server's /invocations
 REPORT_OUT ?= demo-output/report
 report-screenshot: install ## train a small sample run, screenshot its profiler report to REPORT_OUT/profiler-report.png
 	$(BIN)/python scripts/report_screenshot.py $(REPORT_OUT)
+
+# The try-a-model page (python -m imgclf.local serve --ui) answering for a sample photo: the README's picture.
+UI_MODEL ?=
+ui-screenshot: install ## screenshot the try-a-model page to docs/images/try-a-model.png (UI_MODEL=model.tar.gz, else a sample run)
+	$(BIN)/python scripts/ui_screenshot.py $(REPORT_OUT) $(if $(UI_MODEL),--model $(UI_MODEL))
 
 test-images: install ## build the three images, run the image tests on them, remove them (docker or podman)
 	IMGCLF_IMAGE_TESTS=1 DOCKER=$(DOCKER) PYTHON_IMAGE=$(PYTHON_IMAGE) TORCH_SOURCE=$(TORCH_SOURCE) \

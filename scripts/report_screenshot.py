@@ -9,7 +9,6 @@ instead of training. Needs Debian's chromium package (apt-get install chromium).
 from __future__ import annotations
 
 import argparse
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -19,19 +18,19 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "code"))
 
 from imgclf import local, sample_data  # noqa: E402
+from imgclf.ui import chromium  # noqa: E402
 
 HPS = {"model": "resnet18", "pretrained": "false", "freeze": "none", "augment": "false", "image-size": "64",
        "epochs": "4", "batch-size": "16", "num-workers": "0", "collect-stats-interval": "4"}
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync", "--hide-scrollbars"]
 
 
 def screenshot(report: Path, png: Path, size: str = "1280,4300") -> None:
-    chromium = shutil.which("chromium")
-    if chromium is None:
-        raise SystemExit("chromium not found: apt-get install -y chromium")
+    try:
+        executable = chromium.executable()
+    except FileNotFoundError as e:
+        raise SystemExit(str(e)) from None
     with tempfile.TemporaryDirectory(prefix="chromium.") as profile:
-        subprocess.run([chromium, *FLAGS, f"--user-data-dir={profile}", f"--window-size={size}",
+        subprocess.run([executable, *chromium.FLAGS, f"--user-data-dir={profile}", f"--window-size={size}",
                         f"--screenshot={png.resolve()}", report.resolve().as_uri()],
                        check=True, capture_output=True, timeout=120)
     print(f"screenshot: {png}")

@@ -113,10 +113,10 @@ def test_roles_stay_apart():
 
     serving = reachable("imgclf.serving.serve") | reachable("imgclf.serving.handler_service")
     assert not {m for m in serving if m.startswith(("imgclf.training", "imgclf.debugging", "imgclf.search",
-                                                      "imgclf.aws", "imgclf.local"))}, serving
+                                                      "imgclf.aws", "imgclf.local", "imgclf.ui"))}, serving
     training = reachable("imgclf.training.job")
     assert not {m for m in training if m.startswith(("imgclf.serving", "imgclf.search", "imgclf.aws",
-                                                       "imgclf.local"))}, training
+                                                       "imgclf.local", "imgclf.ui"))}, training
     assert not {m for m in reachable("imgclf.search.local_search") if m.startswith("imgclf.aws")}
 
 

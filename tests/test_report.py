@@ -1,84 +1,23 @@
 """The profiler report of a real training run, loaded in headless Chromium (Debian's `chromium` package).
 
-Chromium is driven through the DevTools protocol: the page must load from disk with no request other than
-file:/data: URLs, no console error or exception, every section present with its plot or table, and every
-embedded image decoded.
+Chromium is driven through the DevTools protocol (imgclf.ui.chromium): the page must load from disk with no
+request other than file:/data: URLs, no console error or exception, every section present with its plot or
+table, and every embedded image decoded.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
-import time
 
 import pytest
-import requests
-import websocket
 from imgclf.debugging import report
-
-from tests.conftest import free_port
-
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--remote-allow-origins=*"]
-
-
-def chromium() -> str:
-    path = shutil.which("chromium")
-    assert path, "chromium not found: apt-get install -y chromium (.ci/run installs it)"
-    return path
-
-
-class DevTools:
-    """A minimal DevTools-protocol client: commands with ids, events kept in order."""
-
-    def __init__(self, url: str):
-        self.ws = websocket.create_connection(url, timeout=60, suppress_origin=True)
-        self.next_id = 0
-        self.events: list[dict] = []
-
-    def send(self, method: str, **params) -> dict:
-        self.next_id += 1
-        self.ws.send(json.dumps({"id": self.next_id, "method": method, "params": params}))
-        while True:
-            message = json.loads(self.ws.recv())
-            if message.get("id") == self.next_id:
-                assert "error" not in message, message
-                return message.get("result", {})
-            self.events.append(message)
-
-    def wait_for(self, method: str, timeout: float = 60) -> dict:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if any(e.get("method") == method for e in self.events):
-                return next(e for e in self.events if e.get("method") == method)
-            self.events.append(json.loads(self.ws.recv()))
-        raise AssertionError(f"no {method} within {timeout} s")
+from imgclf.ui import chromium
 
 
 @pytest.fixture
 def browser(tmp_path):
-    port = free_port()
-    log = (tmp_path / "chromium.log").open("w")
-    proc = subprocess.Popen([chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}",
-                             f"--remote-debugging-port={port}", "about:blank"], stdout=log, stderr=log)
-    try:
-        deadline, pages = time.monotonic() + 60, []
-        while not pages and time.monotonic() < deadline:
-            try:
-                pages = [t for t in requests.get(f"http://127.0.0.1:{port}/json/list", timeout=5).json()
-                         if t["type"] == "page"]
-            except requests.ConnectionError:
-                time.sleep(0.3)
-        assert pages, f"chromium did not start: {(tmp_path / 'chromium.log').read_text()[-2000:]}"
-        tools = DevTools(pages[0]["webSocketDebuggerUrl"])
+    with chromium.launch(tmp_path) as tools:
         yield tools
-        tools.ws.close()
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        log.close()
 
 
 CHECK_PAGE = """JSON.stringify({

@@ -1,7 +1,7 @@
 """Local mode without Docker: the images' real `train` and `serve` entrypoints as host processes.
 
-    python -m imgclf.local train --data DIR --output DIR [--hp lr=0.001 ...] [--weights FILE]
-    python -m imgclf.local serve --model model.tar.gz|DIR [--port 8080] [--workers N]
+    python -m imgclf.local train --data DIR --output DIR [--hyperparameters FILE] [--hp lr=0.001 ...] [--weights FILE]
+    python -m imgclf.local serve --model model.tar.gz|DIR [--port 8080] [--workers N] [--ui [--ui-port 8081]]
 
 `train` lays out a temporary /opt/ml tree (config JSONs, channels linked to DIR's train/valid/test,
 resourceconfig for one host), runs the toolkit's `train` command with SAGEMAKER_BASE_DIR pointing at it,
@@ -10,7 +10,9 @@ files, unpacked), reports/ (metrics, confusion matrix, ...) and checkpoints/: ru
 again after an interruption resumes from them.
 
 `serve` puts the model (a training output folder, or model.tar.gz extracted as SageMaker does) in a temporary
-/opt/ml/model and runs the serving image's `serve` entrypoint on it until Ctrl-C.
+/opt/ml/model and runs the serving image's `serve` entrypoint on it until Ctrl-C. With --ui, a page to try the
+model is served beside it (imgclf.ui.server: drop a photo, see the top-5 breeds; the page's requests go through
+the same POST /invocations).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from pathlib import Path
 from imgclf import artifacts, data
 from imgclf.errors import DataError
 from imgclf.processes import MAX_PORT, run_forwarding_signals, venv_bin
+from imgclf.ui import server as ui_server
 
 # What the training images set (containers/train/Dockerfile.*): the public entry point, a shim of
 # imgclf.training.job:main.
@@ -41,6 +44,20 @@ def parse_hp(pairs: list[str]) -> dict[str, str]:
             raise SystemExit(f"--hp {pair!r}: write NAME=VALUE, e.g. --hp lr=0.001")
         hps[key.strip()] = value.strip()
     return hps
+
+
+def hyperparameters_file(path: Path | None) -> dict[str, str]:
+    """--hyperparameters FILE, read by the loader scripts/train.py and tune.py use (search.results)."""
+    if path is None:
+        return {}
+    from imgclf.config import hp_string
+    from imgclf.errors import UserError
+    from imgclf.search.results import load_hyperparameters
+
+    try:
+        return {name: hp_string(value) for name, value in load_hyperparameters(path).items()}
+    except UserError as e:
+        raise SystemExit(str(e)) from None
 
 
 def split_channels(data_dir: Path) -> dict[str, Path]:
@@ -128,12 +145,31 @@ def train(data_dir: Path, output: Path, hps: dict[str, str], weights: Path | Non
     return 0
 
 
-def serve(model: Path, port: int = 8080, workers: int | None = None, extra_env: dict[str, str] | None = None) -> int:
-    """Run the real `serve` entrypoint over a temporary /opt/ml tree holding `model`; return its exit code."""
+def serve(model: Path, port: int = 8080, workers: int | None = None, extra_env: dict[str, str] | None = None,
+          ui_port: int | None = None) -> int:
+    """Run the real `serve` entrypoint over a temporary /opt/ml tree holding `model`; return its exit code.
+    With `ui_port`, the try-a-model page is served on it too, for as long as the model server runs."""
     if not model.exists():
         raise SystemExit(f"--model {model}: no such file or folder (give model.tar.gz or a training output folder)")
     if not 0 < port <= MAX_PORT:
         raise SystemExit(f"--port {port}: multi-model-server takes ports 1-{MAX_PORT}")
+    if ui_port is None:
+        return _serve(model, port, workers, extra_env)
+    if not 0 < ui_port <= 65535 or ui_port == port:
+        raise SystemExit(f"--ui-port {ui_port}: give a free port other than --port {port}")
+    try:
+        page = ui_server.start(ui_port, upstream_port=port)
+    except OSError as e:
+        raise SystemExit(f"--ui-port {ui_port}: cannot serve the page there ({e}); pick another port") from None
+    print(f"try the model in your browser: {page.url}", file=sys.stderr, flush=True)
+    try:
+        return _serve(model, port, workers, extra_env)
+    finally:
+        page.shutdown()
+        page.server_close()
+
+
+def _serve(model: Path, port: int, workers: int | None, extra_env: dict[str, str] | None) -> int:
     with tempfile.TemporaryDirectory(prefix="opt_ml.") as tmp:
         target = Path(tmp) / "model"
         target.mkdir()
@@ -160,17 +196,25 @@ def main(argv: list[str] | None = None) -> int:
     t = sub.add_parser("train", help="train with the real `train` entrypoint over a temporary /opt/ml tree")
     t.add_argument("--data", type=Path, required=True, help="folder with train/, valid/ (and test/) sub-folders")
     t.add_argument("--output", type=Path, required=True, help="where model.tar.gz, reports and checkpoints go")
+    t.add_argument("--hyperparameters", type=Path, metavar="FILE",
+                   help="JSON {name: value}: a recipe (recipes/*.json) or what tune.py wrote; --hp overrides it")
     t.add_argument("--hp", action="append", default=[], metavar="NAME=VALUE", help="a hyperparameter (repeat)")
-    t.add_argument("--weights", type=Path, help="pretrained backbone weights (torchvision state_dict file)")
+    t.add_argument("--weights", type=Path, help="pretrained backbone weights (torchvision or timm state_dict file)")
     srv = sub.add_parser("serve", help="serve a model with the real `serve` entrypoint over a temporary /opt/ml tree")
     srv.add_argument("--model", type=Path, required=True, help="model.tar.gz or a training output folder (model/)")
     srv.add_argument("--port", type=int, default=8080, help="port for /ping and /invocations (default 8080)")
     srv.add_argument("--workers", type=int, help="model server workers (default: one per CPU)")
+    srv.add_argument("--ui", action="store_true", help="also serve a page to try the model: drop a photo, see the "
+                     "top-5 breeds (http://127.0.0.1:UI_PORT/)")
+    srv.add_argument("--ui-port", type=int, help="port of the page (default: --port + 1)")
     args = parser.parse_args(argv)
     if args.command == "train":
-        return train(args.data, args.output, parse_hp(args.hp), args.weights)
+        return train(args.data, args.output, {**hyperparameters_file(args.hyperparameters), **parse_hp(args.hp)},
+                     args.weights)
     if args.command == "serve":
-        return serve(args.model, args.port, args.workers)
+        if args.ui_port is not None and not args.ui:
+            parser.error("--ui-port needs --ui")
+        return serve(args.model, args.port, args.workers, ui_port=(args.ui_port or args.port + 1) if args.ui else None)
     return 2
 
 
