@@ -4,7 +4,7 @@ Made for one call on the lent GPU machine (well under 5 minutes): no data, no do
 Training step = bf16 autocast forward + cross-entropy + backward + AdamW step (channels_last for the CNN),
 inference = bf16 forward under inference_mode. --compile adds torch.compile'd variants (about a minute each).
 
-    python scripts/bench/gpu.py [--batch-size 256] [--steps 20] [--compile] [--quick]
+    python scripts/bench/gpu.py [--batch-size 256] [--steps 20] [--compile] [--models resnet50 timm/...] [--quick]
 """
 
 from __future__ import annotations
@@ -19,6 +19,11 @@ from torchvision import models
 
 
 def build(name: str, image_size: int) -> nn.Module:
+    """A torchvision model, or timm's for `timm/<name>` (the recipes' backbones), with 133 classes."""
+    if name.startswith("timm/"):
+        import timm
+
+        return timm.create_model(name.removeprefix("timm/"), pretrained=False, num_classes=133)
     kwargs = {"image_size": image_size} if name.startswith("vit") else {}
     return models.get_model(name, weights=None, num_classes=133, **kwargs)
 
@@ -42,7 +47,7 @@ def images_per_second(step, batch: int, warmup: int, steps: int, device: torch.d
 def bench(name: str, args, device: torch.device, compiled: bool) -> dict:
     torch.manual_seed(0)
     model = build(name, args.image_size).to(device)
-    fmt = torch.channels_last if name.startswith("resnet") else torch.contiguous_format
+    fmt = torch.contiguous_format if "vit" in name else torch.channels_last  # CNNs: NHWC convolutions
     model = model.to(memory_format=fmt)
     if compiled:
         model.compile()
@@ -81,6 +86,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--compile", action="store_true", help="also measure torch.compile'd models")
     parser.add_argument("--budget", type=float, default=240, help="seconds; later measurements are skipped")
+    parser.add_argument("--models", nargs="+", default=["resnet50", "vit_b_16"],
+                        help="torchvision names or timm/<name> (e.g. the recipes' backbones)")
     parser.add_argument("--quick", action="store_true", help="smoke test on CPU: tiny batch and images")
     args = parser.parse_args(argv)
     if args.quick:
@@ -92,7 +99,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     started, figures = time.monotonic(), {}
     for compiled in (False, True) if args.compile else (False,):
-        for name in ("resnet50", "vit_b_16"):
+        for name in args.models:
             key = f"{name}{'_compiled' if compiled else ''}"
             if time.monotonic() - started > args.budget:
                 figures[key] = "skipped: over --budget"
