@@ -19,6 +19,7 @@ OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULERS = ("cosine", "step", "none")
 AMP_MODES = ("auto", "bf16", "fp16", "off")
 AUTO_ON_OFF = ("auto", "on", "off")
+MIN_IMAGE_SIZE = 16
 
 
 @dataclass(frozen=True)
@@ -38,11 +39,13 @@ SCHEMA: tuple[Param, ...] = (
           min=1e-7, max=10.0),
     Param("batch-size", int, 32, "images per optimizer step", min=1, max=4096),
     Param("epochs", int, 7, "training epochs", min=1, max=1000),
-    Param("model", str, "vgg16", "any torchvision classification model: vgg16, resnet50, efficientnet_v2_s, "
-          "convnext_tiny, vit_b_16, ..."),
-    Param("pretrained", bool, True, "start from ImageNet weights (weights channel, TORCH_HOME cache, or download)"),
-    Param("download-weights", bool, False, "let torchvision download pretrained weights when none are found "
-          "offline (needs internet; off so that a missing file is a clear error)"),
+    Param("model", str, "vgg16", "any torchvision classification model (vgg16, resnet50, efficientnet_v2_s, "
+          "convnext_tiny, vit_b_16, ...) or any timm model as timm/<name>[.<tag>] (timm/convnext_nano, "
+          "timm/vit_base_patch16_224.augreg_in21k_ft_in1k, ...)"),
+    Param("pretrained", bool, True, "start from ImageNet weights (weights channel, TORCH_HOME or Hugging Face hub "
+          "cache, or download)"),
+    Param("download-weights", bool, False, "let torchvision or timm download pretrained weights when none are "
+          "found offline (needs internet; off so that a missing file is a clear error)"),
     Param("freeze", str, "head", "head: train only the new head; none: fine-tune everything; head-then-all: "
           "head for head-epochs, then everything", choices=FREEZE_MODES),
     Param("head-epochs", int, 1, "with freeze=head-then-all: epochs that train only the head", min=0, max=1000),
@@ -53,7 +56,8 @@ SCHEMA: tuple[Param, ...] = (
     Param("weight-decay", float, 0.0, "weight decay (L2 for adam/sgd, decoupled for adamw)", min=0.0, max=1.0),
     Param("label-smoothing", float, 0.0, "label smoothing of the cross-entropy loss", min=0.0, max=0.99),
     Param("lr-scheduler", str, "cosine", "learning-rate schedule over the epochs", choices=SCHEDULERS),
-    Param("image-size", int, 224, "side of the square crop the model sees (pixels)", min=16, max=1024),
+    Param("image-size", int, 0, "side of the square crop the model sees (pixels); 0 = the model's own: timm's "
+          "data config for timm/ models, 224 for torchvision models", min=0, max=1024),
     Param("augment", str, "auto", "random resized crop + horizontal flip on the training split; auto = off with "
           "freeze=head (the backbone's features are then cached: epochs after the first take milliseconds), "
           "on otherwise", choices=("auto", "true", "false")),
@@ -188,6 +192,9 @@ def parse_hyperparameters(raw: dict[str, Any]) -> Hyperparameters:
             hp[name] = value
     if problems:
         raise HyperparameterError("; ".join(problems))
+    if 0 < hp["image-size"] < MIN_IMAGE_SIZE:
+        raise HyperparameterError(f"hyperparameter image-size={hp['image-size']}: use 0 (the model's own size) "
+                                  f"or at least {MIN_IMAGE_SIZE} pixels")
     hp["augment"] = hp["freeze"] != "head" if hp["augment"] == "auto" else hp["augment"] == "true"
     return hp
 

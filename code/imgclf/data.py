@@ -6,6 +6,7 @@ The eval transform and the decoder are defined here once: evaluation and serving
 from __future__ import annotations
 
 import logging
+import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -55,26 +56,81 @@ def load_rgb(source: str | os.PathLike | IO[bytes], draft_size: int | None = Non
         return to_rgb(img)
 
 
-def resize_size(image_size: int) -> int:
-    """The shorter side before the centre crop, in torchvision's 256/224 proportion."""
-    return int(round(image_size * 256 / 224))
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")  # torchvision InterpolationMode values
+CROP_MODES = ("center", "squash")
 
 
-def eval_transform(image_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> transforms.Compose:
-    """Resize + centre crop + normalise: used by validation, test and serving."""
+def resize_size(image_size: int, crop_pct: float | None = None) -> int:
+    """The side the image is resized to before the centre crop: image_size / crop_pct, floored as timm does;
+    without crop_pct, torchvision's 256/224 proportion (rounded)."""
+    if crop_pct is None:
+        return int(round(image_size * 256 / 224))
+    return math.floor(image_size / crop_pct)
+
+
+def eval_transform(image_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD, interpolation: str = "bilinear",
+                   crop_pct: float | None = None, crop_mode: str = "center") -> transforms.Compose:
+    """Resize + centre crop + normalise: THE eval transform, used by validation, test and serving.
+
+    center: the shorter side to resize_size(image_size, crop_pct), then the centre image_size square (timm's
+    and torchvision's evaluation); squash: both sides to resize_size (aspect ratio not kept), then the crop.
+    """
+    if interpolation not in INTERPOLATIONS or crop_mode not in CROP_MODES:
+        raise ValueError(f"interpolation={interpolation!r} (one of {INTERPOLATIONS}), crop_mode={crop_mode!r} "
+                         f"(one of {CROP_MODES})")
+    side = resize_size(image_size, crop_pct)
     return transforms.Compose([
-        transforms.Resize(resize_size(image_size), antialias=True),
+        transforms.Resize(side if crop_mode == "center" else (side, side),
+                          interpolation=transforms.InterpolationMode(interpolation), antialias=True),
         transforms.CenterCrop(image_size),
         transforms.ToTensor(),
         transforms.Normalize(mean, std),
     ])
 
 
-def train_transform(image_size: int, augment: bool, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+@dataclass(frozen=True)
+class Preprocessing:
+    """How an image becomes the model's input. Decided once in training (models.preprocessing), stored in
+    config.json (to_config) and read back by serving (from_config): both build the same eval_transform."""
+    image_size: int
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    interpolation: str = "bilinear"
+    crop_pct: float | None = None  # None: torchvision's 224/256
+    crop_mode: str = "center"
+
+    @property
+    def resize_size(self) -> int:
+        """Also the JPEG draft size: decoding at a reduced scale never goes below what the resize needs."""
+        return resize_size(self.image_size, self.crop_pct)
+
+    def eval_transform(self) -> transforms.Compose:
+        return eval_transform(self.image_size, self.mean, self.std, self.interpolation, self.crop_pct,
+                              self.crop_mode)
+
+    def train_transform(self, augment: bool):
+        return train_transform(self.image_size, augment, self.mean, self.std, self.interpolation, self.crop_pct,
+                               self.crop_mode)
+
+    def to_config(self) -> dict:
+        return {"image_size": self.image_size, "resize_size": self.resize_size, "mean": list(self.mean),
+                "std": list(self.std), "interpolation": self.interpolation, "crop_pct": self.crop_pct,
+                "crop_mode": self.crop_mode}
+
+    @classmethod
+    def from_config(cls, config: dict) -> Preprocessing:
+        """From config.json; files written before interpolation/crop_pct were stored get the defaults they used."""
+        return cls(int(config["image_size"]), tuple(config["mean"]), tuple(config["std"]),
+                   config.get("interpolation", "bilinear"), config.get("crop_pct"), config.get("crop_mode", "center"))
+
+
+def train_transform(image_size: int, augment: bool, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                    interpolation: str = "bilinear", crop_pct: float | None = None, crop_mode: str = "center"):
     if not augment:
-        return eval_transform(image_size, mean, std)
+        return eval_transform(image_size, mean, std, interpolation, crop_pct, crop_mode)
     return transforms.Compose([
-        transforms.RandomResizedCrop(image_size, antialias=True),
+        transforms.RandomResizedCrop(image_size, interpolation=transforms.InterpolationMode(interpolation),
+                                     antialias=True),
         transforms.RandomHorizontalFlip(),
         transforms.ToTensor(),
         transforms.Normalize(mean, std),

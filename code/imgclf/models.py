@@ -1,7 +1,11 @@
-"""Backbone registry (torchvision's), new heads, pretrained-weight loading and freezing.
+"""Backbone registries (torchvision's, and timm's as `timm/<name>`), new heads, pretrained weights, freezing,
+and the preprocessing each backbone expects.
 
 Pretrained weights never need the network: they come from a file (the `weights` channel or a path), from
-a TORCH_HOME cache (baked into the image), and only when allowed from torchvision's download.
+a cache baked into the image (TORCH_HOME for torchvision, the Hugging Face hub cache for timm), and only
+when allowed from a download (torchvision's, or timm's from the Hugging Face hub).
+
+timm is imported inside the functions that need it: a torchvision-only job or server never loads it.
 """
 
 from __future__ import annotations
@@ -13,23 +17,62 @@ import torch
 from torch import nn
 from torchvision import models
 
+from imgclf.data import Preprocessing
 from imgclf.errors import HyperparameterError, WeightsError
 
 log = logging.getLogger(__name__)
 
 IMAGENET_CLASSES = 1000
 WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
+TIMM_PREFIX = "timm/"
+# The files timm's Hugging Face hub repositories hold, in the order timm prefers them.
+HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
 def available_models() -> list[str]:
     return models.list_models(module=models)
 
 
+def is_timm(name: str) -> bool:
+    """`timm/<name>[.<pretrained tag>]`, e.g. timm/convnext_small.fb_in22k_ft_in1k."""
+    return name.startswith(TIMM_PREFIX)
+
+
+def timm_name(name: str) -> str:
+    return name.removeprefix(TIMM_PREFIX)
+
+
+def timm_pretrained_cfg(name: str):
+    """timm's pretrained config of `timm/<name>` (the default tag's without one); HyperparameterError if unknown."""
+    import timm
+    from timm.models import get_pretrained_cfg
+
+    bare = timm_name(name)
+    if not timm.is_model(bare):
+        import difflib
+
+        close = difflib.get_close_matches(bare.split(".")[0], timm.list_models(), n=5, cutoff=0.6)
+        raise HyperparameterError(
+            f"hyperparameter model={name!r}: {bare.split('.')[0]!r} is not a timm model"
+            + (f"; did you mean {', '.join(TIMM_PREFIX + c for c in close)}?" if close else "")
+            + " (python -c 'import timm; print(timm.list_models(\"*convnext*\"))' lists them)"
+        )
+    try:
+        return get_pretrained_cfg(bare, allow_unregistered=False)
+    except RuntimeError as e:
+        tags = timm.list_pretrained(f"{bare.split('.')[0]}.*")
+        raise HyperparameterError(f"hyperparameter model={name!r}: {e}; pretrained tags: "
+                                  + (", ".join(TIMM_PREFIX + t for t in tags) or "none")) from None
+
+
 def check_model_name(name: str) -> None:
+    if is_timm(name):
+        timm_pretrained_cfg(name)
+        return
     if name not in available_models():
         raise HyperparameterError(
             f"hyperparameter model={name!r} is not a torchvision classification model; choose one of "
-            + ", ".join(available_models())
+            + ", ".join(available_models()) + ", or a timm model as timm/<name> (e.g. timm/convnext_nano)"
         )
 
 
@@ -50,14 +93,35 @@ def _new_layer(old: nn.Module, num_classes: int) -> nn.Module:
 
 
 def build_backbone(name: str) -> nn.Module:
-    """The ImageNet architecture with random weights (auxiliary heads off: they only serve Inception training)."""
+    """The ImageNet architecture with random weights (auxiliary heads off: they only serve Inception training).
+    A timm model keeps the head of its pretrained config (e.g. 21,843 classes for an in21k tag) until
+    replace_head, so that its pretrained weights load strictly."""
     check_model_name(name)
+    if is_timm(name):
+        import timm
+
+        return timm.create_model(timm_name(name), pretrained=False)
     kwargs = {"aux_logits": False, "init_weights": False} if name in ("inception_v3", "googlenet") else {}
     return models.get_model(name, weights=None, **kwargs)
 
 
+def replace_timm_head(model: nn.Module, num_classes: int) -> list[str]:
+    """timm's own API: reset_classifier builds the new head, get_classifier names it (two for distilled ViTs)."""
+    model.reset_classifier(num_classes)
+    classifier = model.get_classifier()
+    layers = classifier if isinstance(classifier, tuple | list) else (classifier,)
+    names = [name for name, m in model.named_modules() if any(m is layer for layer in layers)]
+    if len(names) != len(layers) or any(isinstance(m, nn.Identity) for m in layers):
+        raise HyperparameterError(f"cannot find the classification layer of {type(model).__name__} "
+                                  f"(timm's get_classifier gave {type(classifier).__name__})")
+    return names
+
+
 def replace_head(model: nn.Module, num_classes: int) -> list[str]:
-    """Swap every 1000-class layer for a new `num_classes` one; return their module names (the head)."""
+    """Swap the classification layer(s) for a new `num_classes` one; return their module names (the head).
+    timm models: timm's reset_classifier; torchvision models: every 1000-class layer."""
+    if hasattr(model, "reset_classifier") and hasattr(model, "get_classifier"):
+        return replace_timm_head(model, num_classes)
     layers = _classifier_layers(model)
     if not layers:
         raise HyperparameterError(f"cannot find the classification layer of {type(model).__name__}")
@@ -97,39 +161,91 @@ def torch_home_weights(name: str) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
 
 
+def _matches(path: Path, name: str) -> bool:
+    """A weights file named after the model (vgg16-397923af.pth, convnext_nano.safetensors), or a file in the
+    model's Hugging Face hub cache folder (models--timm--convnext_nano.in12k_ft_in1k/snapshots/<hash>/...)."""
+    if not is_timm(name):
+        return path.name.startswith(name)
+    bare = timm_name(name)
+    folder = f"models--timm--{bare}"
+    return path.name.startswith(bare) or any(part == folder or part.startswith(folder + ".") for part in path.parts)
+
+
+def _channel_weights(name: str, weights_dir: Path) -> Path | None:
+    if weights_dir.is_file():
+        return weights_dir
+    if not weights_dir.is_dir():
+        return None
+    files = sorted(p for p in weights_dir.rglob("*") if p.suffix in WEIGHT_SUFFIXES and p.is_file())
+    named = [p for p in files if _matches(p, name)]
+    if named or len(files) == 1:
+        return (named or files)[0]
+    if files:
+        raise WeightsError(f"weights channel {weights_dir} holds several weight files "
+                           f"({', '.join(p.name for p in files[:10])}) and none is named after {name!r}")
+    return None
+
+
+def timm_cached_weights(name: str) -> tuple[Path | None, list[str]]:
+    """`timm/<name>`'s weights in the Hugging Face hub cache (HF_HOME, baked into the training image by
+    bake_weights.py), or in TORCH_HOME for the few timm weights hosted by URL; and the places looked at."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    cfg = timm_pretrained_cfg(name)
+    looked = []
+    if cfg.hf_hub_id:
+        repo, _, revision = cfg.hf_hub_id.partition("@")
+        looked.append(f"Hugging Face hub cache {constants.HF_HUB_CACHE} (repository {repo})")
+        for filename in (cfg.hf_hub_filename,) if cfg.hf_hub_filename else HF_WEIGHT_FILES:
+            found = try_to_load_from_cache(repo, filename, revision=revision or None)
+            if isinstance(found, str):
+                return Path(found), looked
+    if cfg.url:
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / cfg.url.rsplit("/", 1)[-1]
+        looked.append(f"TORCH_HOME cache {cached}")
+        if cached.is_file():
+            return cached, looked
+    return None, looked
+
+
 def find_weights_file(name: str, weights_dir: Path | None) -> tuple[Path | None, list[str]]:
     """First weights file found for `name` offline, and every place that was looked at."""
     looked = []
     if weights_dir is not None:
         looked.append(f"weights channel {weights_dir}")
-        if weights_dir.is_file():
-            return weights_dir, looked
-        if weights_dir.is_dir():
-            files = sorted(p for p in weights_dir.rglob("*") if p.suffix in WEIGHT_SUFFIXES)
-            named = [p for p in files if p.name.startswith(name)]
-            if named or len(files) == 1:
-                return (named or files)[0], looked
-            if files:
-                raise WeightsError(f"weights channel {weights_dir} holds several weight files "
-                                   f"({', '.join(p.name for p in files)}) and none starts with {name!r}")
+        path = _channel_weights(name, weights_dir)
+        if path is not None:
+            return path, looked
+    if is_timm(name):
+        path, places = timm_cached_weights(name)
+        return path, looked + places
     cached = torch_home_weights(name)
     looked.append(f"TORCH_HOME cache {cached}")
     return (cached if cached.is_file() else None), looked
 
 
+def download_state_dict(name: str) -> tuple[dict[str, torch.Tensor], str]:
+    if is_timm(name):
+        import timm
+
+        return timm.create_model(timm_name(name), pretrained=True).state_dict(), "timm download (Hugging Face hub)"
+    return models.get_model_weights(name).DEFAULT.get_state_dict(progress=False), "torchvision download"
+
+
 def load_pretrained(model: nn.Module, name: str, weights_dir: Path | None, download: bool) -> str:
-    """Load ImageNet weights into the still 1000-class `model`; return where they came from."""
+    """Load ImageNet weights into `model` before its head is replaced; return where they came from."""
     path, looked = find_weights_file(name, weights_dir)
+    kind = "timm state_dict (.safetensors or .pth)" if is_timm(name) else "torchvision state_dict file"
+    cache = "Hugging Face hub cache (PRETRAINED_MODELS=timm/<name>)" if is_timm(name) else "TORCH_HOME"
     if path is None:
         if not download:
             raise WeightsError(
                 f"pretrained weights for {name} not found offline; looked in: {'; '.join(looked)}. "
-                f"Put the torchvision state_dict file in a 'weights' channel (local mode: --weights FILE), "
-                f"bake it into the image's TORCH_HOME, set download-weights=true (needs internet), "
+                f"Put the {kind} in a 'weights' channel (local mode: --weights FILE), "
+                f"bake it into the image's {cache}, set download-weights=true (needs internet), "
                 f"or set pretrained=false"
             )
-        state = models.get_model_weights(name).DEFAULT.get_state_dict(progress=False)
-        source = "torchvision download"
+        state, source = download_state_dict(name)
     else:
         state = read_state_dict(path)
         source = str(path)
@@ -140,9 +256,31 @@ def load_pretrained(model: nn.Module, name: str, weights_dir: Path | None, downl
     except RuntimeError as e:
         first = str(e).splitlines()[0:3]
         raise WeightsError(f"weights file {source} does not fit architecture {name}: {' '.join(first)}. "
-                           f"Give the torchvision weights of {name} itself.") from None
+                           f"Give the {'timm' if is_timm(name) else 'torchvision'} weights of {name} itself.") from None
     log.info("pretrained %s weights loaded from %s", name, source)
     return source
+
+
+def preprocessing(name: str, model: nn.Module, image_size: int = 0) -> Preprocessing:
+    """What the backbone expects: timm's data config for a timm model (mean, std, input size, interpolation,
+    crop fraction), ImageNet's statistics at 224 px for a torchvision one. image_size > 0 overrides the size."""
+    if not is_timm(name):
+        return Preprocessing(image_size or 224)
+    from timm.data import resolve_model_data_config
+
+    cfg = resolve_model_data_config(model)
+    _, height, width = cfg["input_size"]
+    if image_size and image_size != height and timm_pretrained_cfg(name).fixed_input_size:
+        raise HyperparameterError(f"hyperparameter image-size={image_size}: {name} takes {height}x{width} "
+                                  "images only; leave image-size out (0 = the model's own) or choose another model")
+    if height != width and not image_size:
+        raise HyperparameterError(f"{name} expects {height}x{width} images; set image-size to train it on squares")
+    crop_mode = cfg.get("crop_mode", "center")
+    if crop_mode not in ("center", "squash"):
+        log.warning("%s: timm's crop_mode=%s is not supported; using center crops", name, crop_mode)
+        crop_mode = "center"
+    return Preprocessing(image_size or height, tuple(cfg["mean"]), tuple(cfg["std"]), cfg["interpolation"],
+                         float(cfg["crop_pct"]), crop_mode)
 
 
 def set_trainable(model: nn.Module, head: list[str], backbone_trains: bool) -> None:

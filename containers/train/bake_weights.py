@@ -1,12 +1,14 @@
-"""Bake torchvision's ImageNet weights into TORCH_HOME at image build time (training with network isolation).
+"""Bake pretrained weights into the image at build time (training with network isolation).
 
-    TORCH_HOME=/opt/torch python bake_weights.py vgg16 resnet50
+    TORCH_HOME=/opt/torch HF_HOME=/opt/torch/huggingface python bake_weights.py vgg16 timm/convnext_nano
 
-Each file lands where torchvision caches it and where training looks (TORCH_HOME/hub/checkpoints/<torchvision's
-file name>), its SHA-256 prefix is checked, and it is loaded into the architecture, so a broken or misplaced
-file fails the build instead of a training job. It needs torch and torchvision only, not the imgclf package:
-the image builds this layer from the dependencies alone, so a code change never re-downloads or re-pushes it.
-No names: nothing to do (the default build bakes nothing).
+A torchvision name: the file lands where torchvision caches it and where training looks
+(TORCH_HOME/hub/checkpoints/<torchvision's file name>), its SHA-256 prefix is checked, and it is loaded into the
+architecture. `timm/<name>[.<tag>]`: timm downloads the weights into the Hugging Face hub cache (HF_HOME/hub,
+where training looks with huggingface_hub's own cache lookup) and loads them into the architecture. Either
+way a broken or misplaced file fails the build instead of a training job. It needs torch, torchvision and
+timm only, not the imgclf package: the image builds this layer from the dependencies alone, so a code change
+never re-downloads or re-pushes it. No names: nothing to do (the default build bakes nothing).
 """
 
 from __future__ import annotations
@@ -22,11 +24,36 @@ from torchvision import models
 log = logging.getLogger("bake_weights")
 
 
+TIMM_PREFIX = "timm/"  # as the `model` hyperparameter spells timm models
+
+
 class BakeError(Exception):
     pass
 
 
+def bake_timm(name: str) -> None:
+    import timm
+    from huggingface_hub import constants
+
+    bare = name.removeprefix(TIMM_PREFIX)
+    if not timm.is_model(bare):
+        raise BakeError(f"{name!r}: {bare.split('.')[0]!r} is not a timm model (timm.list_models() lists them)")
+    log.info("%s: downloading timm's weights into %s", name, constants.HF_HUB_CACHE)
+    try:
+        timm.create_model(bare, pretrained=True)  # downloads (or finds in the cache), then loads strictly
+    except RuntimeError as e:  # an unknown pretrained tag, or a file that does not fit
+        raise BakeError(f"{name}: {str(e).splitlines()[0]}") from None
+    except Exception as e:  # no network, HTTP error: huggingface_hub raises its own types
+        raise BakeError(f"{name}: cannot download timm's weights ({type(e).__name__}: {e}). Baking weights needs "
+                        "network access at build time; or build without PRETRAINED_MODELS and give the weights "
+                        "in a 'weights' channel") from None
+    log.info("%s: baked (Hugging Face hub cache %s)", name, constants.HF_HUB_CACHE)
+
+
 def bake(name: str) -> None:
+    if name.startswith(TIMM_PREFIX):
+        bake_timm(name)
+        return
     if name not in models.list_models(module=models):
         raise BakeError(f"{name!r} is not a torchvision classification model; choose one of "
                         + ", ".join(models.list_models(module=models)))
@@ -57,7 +84,7 @@ def bake(name: str) -> None:
 def main(names: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     if not names:
-        log.info("no pretrained weights baked (build with --build-arg PRETRAINED_MODELS=\"vgg16 resnet50\")")
+        log.info("no pretrained weights baked (build with --build-arg PRETRAINED_MODELS=\"vgg16 timm/convnext_nano\")")
         return 0
     try:
         for name in names:

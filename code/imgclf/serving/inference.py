@@ -6,9 +6,10 @@
     output_fn(prediction, accept)   -> JSON text
 
 Images are decoded and transformed exactly as evaluation does it (data.load_rgb with the JPEG draft size,
-then data.eval_transform). Every bad request raises RequestError (an HTTP status and a message saying what
-was wrong and what is accepted); `handle_request` turns it into a JSON error body, so nothing a client
-sends can crash a worker or come back as a 500 with a traceback.
+then data.eval_transform with config.json's preprocessing: size, resize, mean/std, interpolation). Every
+bad request raises RequestError (an HTTP status and a message saying what was wrong and what is accepted);
+`handle_request` turns it into a JSON error body, so nothing a client sends can crash a worker or come back
+as a 500 with a traceback.
 
 Response (one entry per image, in request order):
     {"predictions": [{"top_k": [{"label": "Affenpinscher", "class_name": "001.Affenpinscher",
@@ -142,6 +143,7 @@ def model_fn(model_dir: str, settings: ServingSettings | None = None) -> Serving
     threads = set_torch_threads(settings)
     Image.MAX_IMAGE_PIXELS = settings.max_image_pixels  # PIL refuses 2x this itself; `decode` refuses 1x with a 413
     net, config = artifacts.load_model(model_dir)
+    preprocessing = data.Preprocessing.from_config(config)  # what evaluation used: same size, resize, statistics
     device = devices.default_device()
     dtype_name = settings.dtype
     net = net.to(device, memory_format=torch.channels_last).eval()
@@ -149,8 +151,7 @@ def model_fn(model_dir: str, settings: ServingSettings | None = None) -> Serving
     model = ServingModel(
         net=net, config=config, class_names=list(config["class_names"]),
         labels=[label_of(c) for c in config["class_names"]],
-        transform=data.eval_transform(config["image_size"], config["mean"], config["std"]),
-        draft_size=int(config["resize_size"]), device=device,
+        transform=preprocessing.eval_transform(), draft_size=preprocessing.resize_size, device=device,
         autocast_dtype=torch.bfloat16 if dtype_name == "bfloat16" else None, settings=settings,
     )
     warm_up(model)

@@ -135,18 +135,17 @@ class FrozenFeatures:
     for an epoch whose backbone is frozen, or None for the normal loop. Extraction happens on first use."""
 
     def __init__(self, hp, model: nn.Module, head: list[str], speed, splits: dict, sampler, make_loader,
-                 batch_size: int):
+                 batch_size: int, prep: data.Preprocessing):
         self.enabled, why = should_cache(hp)
         log.info("feature cache %s: %s", "on" if self.enabled else "off", why)
         self.hp, self.model, self.head, self.speed, self.splits = hp, model, head, speed, splits
-        self.sampler, self.make_loader, self.batch_size = sampler, make_loader, batch_size
+        self.sampler, self.make_loader, self.batch_size, self.prep = sampler, make_loader, batch_size, prep
         self.train: FeatureCache | None = None
         self.valid: FeatureCache | None = None
 
     def _loader(self, split: str):
-        size = self.hp.image_size
-        return self.make_loader(data.ImageDataset(self.splits[split].samples, data.eval_transform(size),
-                                                  data.resize_size(size)))
+        return self.make_loader(data.ImageDataset(self.splits[split].samples, self.prep.eval_transform(),
+                                                  self.prep.resize_size))
 
     def for_epoch(self, backbone_trains: bool) -> tuple[nn.Module, SamplerBatches, SequentialBatches] | None:
         if not self.enabled or backbone_trains:

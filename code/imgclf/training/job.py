@@ -93,14 +93,17 @@ def rank_batch_size(hp, dist: Context) -> int:
     return rank_batch
 
 
-def build_model(hp, paths: Paths, num_classes: int, device: torch.device) -> tuple[nn.Module, list[str]]:
-    """The backbone (pretrained weights from the weights channel or the cache) with a new head, on `device`."""
+def build_model(hp, paths: Paths, num_classes: int,
+                device: torch.device) -> tuple[nn.Module, list[str], data.Preprocessing]:
+    """The backbone (pretrained weights from the weights channel or the cache) with a new head, on `device`,
+    and the preprocessing it expects (timm's data config; image-size overrides the size)."""
     model = models.build_backbone(hp.model)
+    prep = models.preprocessing(hp.model, model, hp.image_size)
     if hp.pretrained:
         weights = paths.channels.get("weights")
         models.load_pretrained(model, hp.model, Path(weights) if weights else None, hp.download_weights)
     head = models.replace_head(model, num_classes)
-    return model.to(device), head
+    return model.to(device), head, prep
 
 
 def build_setup(hp, paths: Paths, splits: dict[str, data.Split], device: torch.device, dbg: Debugger,
@@ -109,7 +112,8 @@ def build_setup(hp, paths: Paths, splits: dict[str, data.Split], device: torch.d
     classes = splits["train"].classes
     torch.manual_seed(hp.seed)
     random.seed(hp.seed)
-    model, head = build_model(hp, paths, len(classes), device)
+    model, head, prep = build_model(hp, paths, len(classes), device)
+    log.info("preprocessing: %s", prep)
     speed = accel.from_hyperparameters(hp, model, device)
     speed.prepare(model)  # channels_last, compile
     log.info("speed settings: %s", speed.describe())
@@ -118,19 +122,19 @@ def build_setup(hp, paths: Paths, splits: dict[str, data.Split], device: torch.d
     criterion = nn.CrossEntropyLoss(label_smoothing=hp.label_smoothing)
     dbg.attach(model, optimizer, criterion)  # debugging: init-scale, layer statistics, smdebug
 
-    size, draft = hp.image_size, data.resize_size(hp.image_size)
+    draft = prep.resize_size
     rank_batch = rank_batch_size(hp, dist)
     sampler = EpochSampler(len(splits["train"].samples), hp.seed, rank=dist.rank, world_size=dist.world_size)
-    train_set = SeededDataset(splits["train"].samples, data.train_transform(size, hp.augment), draft)
-    eval_tf = data.eval_transform(size)
+    train_set = SeededDataset(splits["train"].samples, prep.train_transform(hp.augment), draft)
+    eval_tf = prep.eval_transform()
     eval_loaders = {name: make_loader(data.ImageDataset(dist.shard(s.samples), eval_tf, draft), hp, rank_batch)
                     for name, s in splits.items() if name != "train"}
     # Every rank extracts the features of all images, then trains the head on its shard (same sampler).
     cache = FrozenFeatures(hp, model, head, speed, splits, sampler, lambda ds: make_loader(ds, hp, rank_batch),
-                           rank_batch)
+                           rank_batch, prep)
     return Setup(hp, model, head, optimizer, scheduler, criterion, speed, device, dist, dbg,
                sampler, rank_batch, make_loader(train_set, hp, rank_batch, sampler=sampler), eval_loaders, cache,
-               classes, checkpoint.fingerprint(hp, classes), paths.checkpoints, StopFlag())
+               classes, checkpoint.fingerprint(hp, classes), paths.checkpoints, StopFlag(), prep)
 
 
 def resume(setup: Setup) -> tuple[checkpoint.State, dict | None]:
@@ -187,7 +191,8 @@ def train_job(hp, paths: Paths, device: torch.device, dbg: Debugger, dist: Conte
             break
     setup.model.load_state_dict(best)
     log.info("best epoch %d (validation accuracy %.4f)", state.best_epoch, state.best_accuracy)
-    return finish(hp, paths, setup.model, setup.classes, state, setup.eval_loaders, device, dist)
+    return finish(hp, paths, setup.model, setup.classes, state, setup.eval_loaders, device, setup.preprocessing,
+                  dist)
 
 
 def final_evaluations(model, classes, eval_loaders, device, dist: Context) -> dict[str, Evaluation]:
@@ -197,7 +202,7 @@ def final_evaluations(model, classes, eval_loaders, device, dist: Context) -> di
 
 
 def finish(hp, paths: Paths, model, classes, state: checkpoint.State, eval_loaders, device,
-           dist: Context = SINGLE) -> dict:
+           prep: data.Preprocessing, dist: Context = SINGLE) -> dict:
     """Evaluate the selected model once on test, write the model directory and the reports (rank 0)."""
     final = final_evaluations(model, classes, eval_loaders, device, dist)
     if not dist.is_main:
@@ -219,9 +224,8 @@ def finish(hp, paths: Paths, model, classes, state: checkpoint.State, eval_loade
     rows += [",".join([name, *map(str, row.tolist())]) for name, row in zip(classes, final[report].confusion)]
     artifacts.write_text(paths.output_data / f"confusion_matrix_{report}.csv", "\n".join(rows) + "\n")
     artifacts.save_model(paths.model, model, {
-        "architecture": hp.model, "class_names": classes, "image_size": hp.image_size,
-        "resize_size": data.resize_size(hp.image_size), "mean": list(data.IMAGENET_MEAN),
-        "std": list(data.IMAGENET_STD),
+        "architecture": hp.model, "class_names": classes,
+        **prep.to_config(),  # image size, resize, normalisation, interpolation: what serving transforms with
         "metrics": {k: metrics[k] for k in metrics if k.endswith(("_accuracy", "_loss"))},
         "hyperparameters": dict(hp),
     })

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from imgclf import models
+from imgclf.data import Preprocessing
 from imgclf.debugging.debugger import Debugger
 from imgclf.errors import RuleStop, TrainingInterrupted
 from imgclf.training import checkpoint, distributed
@@ -82,6 +83,7 @@ class Setup:
     fingerprint: dict
     checkpoints: Path
     stop: StopFlag
+    preprocessing: Preprocessing  # the transforms' settings, written to config.json
 
     def save_checkpoint(self, state: State, best: dict | None) -> None:
         if self.dist.is_main:  # rank 0 writes; every rank holds the same weights
