@@ -5,17 +5,22 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import requests
 import torch
 from imgclf import config, data
+from imgclf.processes import free_port
 from imgclf.search.results import load_hyperparameters
 from imgclf.serving import inference
 from PIL import Image
 from safetensors.torch import save_file
 
 from tests.conftest import REPO, local_train
+from tests.servers import stop_group, wait_healthy
 
 timm = pytest.importorskip("timm")
 
@@ -90,6 +95,29 @@ def test_serving_top1_equals_evaluation(timm_trained, sample_dataset):
     metrics = json.loads((timm_trained / "reports" / "metrics.json").read_text())
     correct = sum(confusion[i][i] for i in range(len(classes)))
     assert metrics["test_accuracy"] == pytest.approx(correct / sum(map(sum, confusion)))
+
+
+def test_real_serve_entrypoint_gives_evaluations_top1(timm_trained, sample_dataset, tmp_path):
+    """Over HTTP through `python -m imgclf.local serve` (the real `serve`, multi-model-server): the same top-1
+    as evaluation for every test image (the rows of evaluation's confusion matrix, image by image)."""
+    model = inference.model_fn(str(timm_trained / "model"))  # evaluation's own transform and weights, in process
+    port, log = free_port(), tmp_path / "serve.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "imgclf.local", "serve", "--model",
+                                 str(timm_trained / "model.tar.gz"), "--port", str(port), "--workers", "1"],
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, proc, log)
+        for path in sorted((sample_dataset / "test").rglob("*.jpg")):
+            response = requests.post(f"{url}/invocations", data=path.read_bytes(), timeout=120,
+                                     headers={"Content-Type": "image/jpeg"})
+            assert response.status_code == 200, response.text
+            expected = inference.predict_fn(inference.input_fn(path.read_bytes(), "image/jpeg"), model)
+            served = response.json()["predictions"][0]["top_k"][0]
+            assert served["index"] == int(expected.probabilities[0].argmax()), path
+    finally:
+        assert not stop_group(proc)
 
 
 def test_old_model_dirs_get_the_default_preprocessing():
