@@ -62,9 +62,13 @@ def image(name: str, tag: str = TAG) -> str:
     return f"{PREFIX}-{name}:{tag}"
 
 
-def make(*args: str, timeout: float = 3600, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["make", *args, f"DOCKER={ENGINE}", f"IMAGE_PREFIX={PREFIX}"], cwd=REPO,
-                          capture_output=True, text=True, timeout=timeout, env={**os.environ, **env})
+# make's own variables: under `make test-images` they would make these makes print "Entering directory" lines.
+MAKE_ENV = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+
+
+def make(*args: str, timeout: float = 3600) -> subprocess.CompletedProcess:
+    return subprocess.run(["make", "--no-print-directory", *args, f"DOCKER={ENGINE}", f"IMAGE_PREFIX={PREFIX}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=timeout, env=MAKE_ENV)
 
 
 def build_args() -> list[str]:
@@ -80,10 +84,12 @@ def images():
     assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-5000:]
     print(f"\nbuilt the three images in {time.monotonic() - started:.0f} s", file=sys.stderr)
     yield
-    for name in ("train-cpu", "train-gpu", "serve"):  # containers first (the SDK's compose names its own)
-        leftovers = engine("ps", "-aq", "--filter", f"ancestor={image(name)}", check=False).stdout.split()
-        if leftovers:
-            engine("rm", "-f", *leftovers, check=False)
+    # Containers first, by image name (the SDK's docker-compose names its containers itself).
+    for line in engine("ps", "-a", "--format", "{{.ID}} {{.Image}}", check=False).stdout.splitlines():
+        cid, _, used = line.partition(" ")
+        if used.split("/")[-1] in {image(n) for n in ("train-cpu", "train-gpu", "serve")}:
+            engine("rm", "-f", cid, check=False)
+    for name in ("train-cpu", "train-gpu", "serve"):
         engine("rmi", image(name), image(name, "latest"), check=False)
 
 
@@ -293,7 +299,7 @@ def test_make_local_train_serve_predict(images, tmp_path, sample_dataset):
     assert "valid_accuracy=" in train.stdout and (tree / "model" / "config.json").is_file()
     log = (tmp_path / "serve.log").open("w")
     serving = subprocess.Popen(["make", "local-serve", *common, f"DOCKER={ENGINE}", f"IMAGE_PREFIX={PREFIX}"],
-                               cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                               cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=MAKE_ENV)
     try:
         deadline = time.monotonic() + 240
         while True:
