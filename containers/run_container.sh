@@ -4,8 +4,8 @@
 #   containers/run_container.sh ENGINE [run options] IMAGE [ARGS]     (ENGINE: docker, podman, "sudo docker")
 #
 # Ctrl-C or SIGTERM stops the container as SageMaker does: SIGTERM, then SIGKILL 30 s later (a training job
-# writes its checkpoint). Detached, because podman's Docker API service spins a core while a client stays
-# attached to a container (docs/images.md).
+# writes its checkpoint). Detached and polled with `inspect`, because podman's Docker API service spins a core
+# while a client stays attached to a container or blocks in `docker wait` (docs/images.md).
 set -uo pipefail
 engine=$1
 shift

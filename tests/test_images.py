@@ -108,9 +108,14 @@ def run_detached(img: str, *args: str, tree: Path | None = None, name: str | Non
 
 
 def finish(name: str, timeout: float = 1200) -> tuple[int, str]:
-    """Wait for a detached container to end: (exit status, its output); the container is removed."""
+    """Wait for a detached container to end: (exit status, its output); the container is removed.
+    Polls `inspect`: under podman, a `wait` client held open makes the API service spin a core."""
     try:
-        status = int(engine("wait", name, timeout=timeout).stdout.strip().splitlines()[-1])
+        deadline = time.monotonic() + timeout
+        while engine("inspect", "--format", "{{.State.Running}}", name).stdout.strip() == "true":
+            assert time.monotonic() < deadline, f"{name} still running after {timeout} s"
+            time.sleep(1)
+        status = int(engine("inspect", "--format", "{{.State.ExitCode}}", name).stdout.strip())
         logs = engine("logs", name, check=False)
         return status, logs.stdout + logs.stderr
     finally:

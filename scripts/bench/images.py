@@ -47,7 +47,9 @@ def train_both(engine: list[str], image: str, data: Path, work: Path) -> dict:
     name = f"imgclf-bench-{int(time.time())}"
     run(*engine, "run", "-d", "--name", name, "--shm-size", "1g", "-v", f"{tree}:/opt/ml", image, "train")
     try:
-        status = int(run(*engine, "wait", name, timeout=3600).split()[-1])
+        while run(*engine, "inspect", "--format", "{{.State.Running}}", name).strip() == "true":
+            time.sleep(1)  # polled: under podman a held-open `wait` makes the API service spin a core
+        status = int(run(*engine, "inspect", "--format", "{{.State.ExitCode}}", name).strip())
         if status:
             raise SystemExit(f"training in {image} failed:\n{run(*engine, 'logs', name)[-3000:]}")
     finally:
