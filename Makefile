@@ -26,7 +26,7 @@ install: $(VENV)/.installed ## create .venv with the pinned dependencies and the
 test: install ## run the test suite (what CI runs)
 	$(BIN)/pytest -q
 
-test-fast: install ## the tests that neither train, serve nor build (about a minute)
+test-fast: install ## the tests that neither train, serve nor build (about 3 minutes)
 	$(BIN)/pytest -q -m "not slow and not images"
 
 lint: install ## ruff on the code, scripts and tests

@@ -71,11 +71,15 @@ def aws_env(moto_server, monkeypatch) -> dict[str, str]:
     return {**os.environ, **env}
 
 
-# Tests that train, serve or build are `slow`: `make test-fast` (pytest -m "not slow and not images") skips them.
+# Tests that train, serve or build are `slow`: `make test-fast` (pytest -m "not slow and not images") skips them:
+# those that use these fixtures, and every test of the modules that train or start servers themselves.
 SLOW_FIXTURES = {"trained", "server", "ddp_run", "diverged", "images"}
+SLOW_MODULES = {"test_train", "test_distributed", "test_tune_local", "test_demo", "test_bench_smoke", "test_features",
+                "test_timm", "test_ui", "test_serving_health", "test_report", "test_containers", "test_accel"}
 
 
 def pytest_collection_modifyitems(items):
     for item in items:
-        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+        module = item.module.__name__.rsplit(".", 1)[-1]
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or module in SLOW_MODULES:
             item.add_marker(pytest.mark.slow)
