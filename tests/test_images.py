@@ -28,7 +28,7 @@ from tests.photos import DOG, forms
 
 pytestmark = pytest.mark.images
 ENGINE = os.environ.get("DOCKER") or "docker"
-PREFIX, TAG = "imgclf-test", f"t{uuid.uuid4().hex[:8]}"
+PREFIX, TAG = os.environ.get("IMGCLF_TEST_PREFIX") or "imgclf-test", f"t{uuid.uuid4().hex[:8]}"
 TORCH_SOURCE = os.environ.get("TORCH_SOURCE") or "cpu"
 # Small and fast, and still several steps per epoch, so a stop lands inside one.
 HPS = {**FAST_HPS, "epochs": "2"}
