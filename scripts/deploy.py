@@ -6,10 +6,15 @@
         --autoscale-min 1 --autoscale-max 4 --autoscale-target 200
     python scripts/deploy.py --name dog-breeds --model-data s3://... --serverless-memory 4096
     python scripts/deploy.py --name dog-breeds --delete
+    python scripts/deploy.py --local --name dog-breeds --model-data sagemaker-local/<job>/output/model.tar.gz
 
 The endpoint keeps --name; the model and endpoint config are named <name>-<hash of their contents>
 (or <name>-<timestamp> with --timestamp-names), so a re-run with the same inputs changes nothing and a
 changed input updates the endpoint in place.
+
+With --local, SageMaker's local mode (the SageMaker SDK's local client) runs the same requests on this machine's
+serving image; such an endpoint lives in the deploy.py process: it serves on http://localhost:8080 until Ctrl-C
+or SIGTERM, which deletes it.
 """
 
 from __future__ import annotations
@@ -17,10 +22,12 @@ from __future__ import annotations
 import argparse
 import logging
 import re
+import signal
+import time
 
 from imgclf.aws import endpoints, scripting
-from imgclf.aws.images import image_uri
-from imgclf.aws.session import Api, AwsError
+from imgclf.aws.images import image_uri, local_image
+from imgclf.aws.session import Api, AwsError, check_local_image
 from imgclf.errors import UserError
 from imgclf.exit_codes import EXIT_CODES_HELP, EXIT_OK, JobFailed
 
@@ -48,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--timestamp-names", action="store_true",
                        help="name the model and config <name>-<timestamp> instead of <name>-<content hash>")
     fleet = parser.add_argument_group("instances")
-    fleet.add_argument("--instance-type", default="ml.m5.large", help="default ml.m5.large")
+    fleet.add_argument("--instance-type", help="default ml.m5.large; with --local: local (the default) or local_gpu")
     fleet.add_argument("--instance-count", type=int, default=1)
     fleet.add_argument("--serverless-memory", type=int, metavar="MB",
                        help="serverless endpoint with this memory (1024-6144, steps of 1024) instead of instances")
@@ -63,19 +70,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tag", action="append", type=scripting.key_value, default=[], metavar="KEY=VALUE")
     scripting.add_wait_args(parser, "endpoint")
     scripting.add_common_args(parser, role=True)
+    scripting.add_local_arg(parser, "the endpoint's container")
     parser.set_defaults(poll_interval=30.0)
     return parser
 
 
 def model_data_of(api: Api, args: argparse.Namespace) -> str:
     if args.model_data:
-        return args.model_data
+        return scripting.local_uri(args.model_data, "--model-data") if scripting.is_local(api) else args.model_data
     if not args.training_job:
         raise UserError("no model: pass --model-data s3://.../model.tar.gz or --training-job NAME")
     job = scripting.describe_or_none(api, "sagemaker", "DescribeTrainingJob", {"TrainingJobName": args.training_job})
     if job is None:
         if scripting.is_offline(api):
             return f"s3://<output of {args.training_job}>/model.tar.gz"
+        if scripting.is_local(api):
+            raise UserError(f"training job {args.training_job}: the SDK's local mode keeps a job only in the "
+                            "train.py --local that ran it; pass --model-data with the path that command printed")
         raise AwsError(f"training job {args.training_job} not found in {scripting.region_of(api, args)}")
     if job["TrainingJobStatus"] != "Completed":
         raise UserError(f"training job {args.training_job} is {job['TrainingJobStatus']}: deploy a Completed one")
@@ -124,7 +135,42 @@ def wait_in_service(api: Api, name: str, config_name: str, args: argparse.Namesp
                             f"{ep.get('FailureReason') or 'the new config did not become healthy'}")
 
 
+def serve_locally(api: Api, args: argparse.Namespace, model_name: str, config_name: str) -> int:
+    """SageMaker's local mode keeps an endpoint in the process that created it (the SDK's LocalSagemakerClient,
+    with docker-compose attached to the container): create it, serve until Ctrl-C or SIGTERM, then delete the
+    endpoint, its config and model, as `--delete` does on AWS (also when it never became healthy)."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+    port = ((api.local.config or {}).get("local") or {}).get("serving_port", 8080)
+    try:
+        api.call("sagemaker", "CreateEndpoint", endpoints.endpoint_request(args.name, config_name,
+                                                                           scripting.tags_from(args.tag)))
+        wait_in_service(api, args.name, config_name, args)
+        print(args.name, flush=True)
+        log.info("local endpoint %s InService on http://localhost:%s (predict.py --local --endpoint %s); Ctrl-C or "
+                 "SIGTERM deletes it", args.name, port, args.name)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        log.info("deleting local endpoint %s", args.name)
+    finally:
+        for service, operation, request in endpoints.delete_requests(args.name, [config_name], [model_name], False):
+            api.call(service, operation, request)
+    return EXIT_OK
+
+
 def deploy(api: Api, args: argparse.Namespace) -> int:
+    local = scripting.is_local(api)
+    if local:
+        unsupported = [flag for flag, value in (
+            ("--serverless-memory", args.serverless_memory), ("--data-capture", args.data_capture),
+            ("--autoscale-min", args.autoscale_min), ("--autoscale-max", args.autoscale_max),
+            ("--no-wait", args.no_wait)) if value]
+        if unsupported:
+            raise UserError(f"{', '.join(unsupported)}: not in SageMaker's local mode (one container per endpoint, "
+                            "alive while deploy.py --local runs); drop them, or deploy on AWS")
     if args.serverless_memory and (args.autoscale_max or args.autoscale_min):
         raise UserError("autoscaling is for instance endpoints: serverless endpoints scale by themselves")
     if args.autoscale_min and not args.autoscale_max:
@@ -136,16 +182,21 @@ def deploy(api: Api, args: argparse.Namespace) -> int:
            if v is not None}
     env.update(dict(args.env))
     spec = endpoints.ServingSpec(
-        name=args.name, image=args.image or "<image>", model_data=args.model_data or "s3://x/model.tar.gz",
-        role_arn="", environment=env, instance_type=args.instance_type, instance_count=args.instance_count,
+        name=args.name, image=args.image or "<image>",
+        model_data=args.model_data if args.model_data and not local else "s3://x/model.tar.gz",
+        role_arn="", environment=env, instance_type=args.instance_type or ("local" if local else "ml.m5.large"),
+        instance_count=args.instance_count,
         serverless_memory_mb=args.serverless_memory, serverless_concurrency=args.serverless_concurrency,
         data_capture_uri=args.data_capture, data_capture_percent=args.data_capture_percent,
-        suffix=scripting.timestamp() if args.timestamp_names else None)
+        suffix=scripting.timestamp() if args.timestamp_names else None, local=local)
     spec.check()  # the flags alone: before any AWS call
     spec.model_data = model_data_of(api, args)
     spec.role_arn = scripting.role_arn(api, args.role)
-    spec.image = args.image or image_uri(scripting.account_of(api), scripting.region_of(api, args), "serve",
-                                         args.image_tag)
+    if local:
+        spec.image = check_local_image(args.image or local_image("serve", args.image_tag))
+    else:
+        spec.image = args.image or image_uri(scripting.account_of(api), scripting.region_of(api, args), "serve",
+                                             args.image_tag)
     spec.check()
 
     model = spec.model_request()
@@ -163,6 +214,8 @@ def deploy(api: Api, args: argparse.Namespace) -> int:
     scaling = None
     endpoint = scripting.describe_or_none(api, "sagemaker", "DescribeEndpoint", {"EndpointName": args.name})
     if endpoint is None:
+        if local:
+            return serve_locally(api, args, model["ModelName"], config_name)
         api.call("sagemaker", "CreateEndpoint", endpoints.endpoint_request(args.name, config_name,
                                                                            scripting.tags_from(args.tag)))
     elif endpoint["EndpointConfigName"] == config_name:
@@ -216,6 +269,9 @@ def _list_names(api: Api, operation: str, key: str, name_key: str, contains: str
 
 
 def delete(api: Api, args: argparse.Namespace) -> int:
+    if scripting.is_local(api):
+        raise UserError(f"a local endpoint lives in the deploy.py --local process that created it: stop that "
+                        f"process (Ctrl-C or SIGTERM) to delete {args.name}")
     configs: list[str] = []
     models: list[str] = []
     if not scripting.is_offline(api):

@@ -4,6 +4,7 @@
     python scripts/predict.py dog.jpg --url http://127.0.0.1:8080          # `python -m imgclf.local serve`
     python scripts/predict.py a.jpg b.png --endpoint imgclf --region us-east-1 --top-k 3
     python scripts/predict.py dog.jpg --url http://127.0.0.1:8080 --json   # the raw response, one line per image
+    python scripts/predict.py dog.jpg --local --endpoint dog-breeds        # an endpoint of deploy.py --local
 
 Each image is sent as it is (raw bytes, Content-Type from the file name) in its own request; top-k travels in
 the X-Amzn-SageMaker-Custom-Attributes header (top_k=K), which SageMaker passes through to the container.
@@ -73,19 +74,25 @@ def via_url(url: str, timeout: float):
     return send
 
 
-def via_endpoint(name: str, region: str | None, profile: str | None, timeout: float):
+def via_endpoint(name: str, region: str | None, profile: str | None, timeout: float, local: bool = False):
     import botocore.config
     import botocore.exceptions
-    from imgclf.aws.session import make_session
+    from imgclf.aws.session import local_session, make_session
 
-    session = make_session(region, profile)
-    client = session.client("sagemaker-runtime", endpoint_url=os.environ.get("AWS_ENDPOINT_URL"),
-                            config=botocore.config.Config(read_timeout=timeout, retries={"max_attempts": 2}))
+    if local:  # the SDK's local runtime client: InvokeEndpoint on the container of deploy.py --local
+        session = local_session()
+        client = session.sagemaker_runtime_client
+    else:
+        session = make_session(region, profile)
+        client = session.client("sagemaker-runtime", endpoint_url=os.environ.get("AWS_ENDPOINT_URL"),
+                                config=botocore.config.Config(read_timeout=timeout, retries={"max_attempts": 2}))
 
     def send(body: bytes, ctype: str, top_k: int | None) -> str:
         params = {"EndpointName": name, "Body": body, "ContentType": ctype, "Accept": "application/json"}
         if top_k:
             params["CustomAttributes"] = f"top_k={top_k}"
+        if local:
+            return send_local(params)
         try:
             return client.invoke_endpoint(**params)["Body"].read().decode()
         except botocore.exceptions.ClientError as e:
@@ -101,6 +108,21 @@ def via_endpoint(name: str, region: str | None, profile: str | None, timeout: fl
             raise Unreachable(str(e)) from None
         except botocore.exceptions.NoCredentialsError as e:
             raise LookupError(f"{e}: run `aws configure`, set AWS_PROFILE, or pass --profile") from None
+
+    def send_local(params: dict) -> str:
+        """The local client returns the container's answer whatever its status (SageMaker raises ModelError)."""
+        import urllib3
+
+        try:
+            response = client.invoke_endpoint(**params)
+        except urllib3.exceptions.HTTPError as e:
+            raise Unreachable(f"no local endpoint answers on localhost:{client.serving_port} ({e}); start one with "
+                              f"`scripts/deploy.py --local --name {name} --model-data ...`") from None
+        body = response["Body"].read()
+        status = response["ResponseMetadata"]["HTTPStatusCode"]
+        if status >= 400:
+            raise Refused(f"HTTP {status}: {error_message(body)}")
+        return body.decode()
     return send
 
 
@@ -122,10 +144,15 @@ def main(argv: list[str] | None = None) -> int:
     target.add_argument("--endpoint", help="a SageMaker endpoint name (InvokeEndpoint)")
     parser.add_argument("--region", help="AWS region of the endpoint (default: AWS_REGION / profile)")
     parser.add_argument("--profile", help="AWS profile for the endpoint's credentials")
+    parser.add_argument("--local", action="store_true",
+                        help="with --endpoint: SageMaker's local mode (the SageMaker SDK's local runtime client), an "
+                             "endpoint that scripts/deploy.py --local serves on this machine; no AWS")
     parser.add_argument("--top-k", type=int, help="breeds per image (default: the server's, 5)")
     parser.add_argument("--json", action="store_true", help="print each raw JSON response on one line")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds per request (default 60)")
     args = parser.parse_args(argv)
+    if args.local and not args.endpoint:
+        parser.error("--local goes with --endpoint NAME (an endpoint of deploy.py --local)")
     if args.top_k is not None and args.top_k < 1:
         parser.error(f"--top-k {args.top_k}: must be at least 1")
     missing = [str(p) for p in args.images if not p.is_file()]
@@ -134,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         send = (via_url(invocations_url(args.url), args.timeout) if args.url
-                else via_endpoint(args.endpoint, args.region, args.profile, args.timeout))
+                else via_endpoint(args.endpoint, args.region, args.profile, args.timeout, args.local))
     except Exception as e:  # ValueError (bad URL), AwsError (credentials, region, profile)
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE

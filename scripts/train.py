@@ -5,6 +5,7 @@
         --hp model=vgg16 --hp epochs=10 --spot --max-wait 14400
     python scripts/train.py --hyperparameters best_hyperparameters.json --data ... --role ...
     python scripts/train.py --attach imgclf-vgg16-20260101-120000     # wait for a job already running
+    python scripts/train.py --local --data dogImages --hp model=resnet18   # SageMaker's local mode, no AWS
 
 Prints the model artifact URI (for deploy.py --model-data) on stdout.
 """
@@ -19,7 +20,8 @@ from imgclf import config
 from imgclf.aws import jobs, scripting
 from imgclf.aws.training import training_job_request
 from imgclf.config import hyperparameter_strings
-from imgclf.exit_codes import EXIT_CODES_HELP, EXIT_OK
+from imgclf.errors import UserError
+from imgclf.exit_codes import EXIT_CODES_HELP, EXIT_OK, JobFailed
 
 log = logging.getLogger("train")
 
@@ -35,7 +37,11 @@ def main(argv: list[str] | None = None) -> int:
     jobs.add_job_args(parser)
     scripting.add_wait_args(parser, "training job")
     scripting.add_common_args(parser, role=True)
+    scripting.add_local_arg(parser, "the training job")
     args = scripting.parse_args(parser, argv)
+    if args.local and (args.attach or args.no_wait):
+        raise UserError("--local runs the job within this command (the SDK's local mode keeps no jobs between "
+                        "commands): drop --attach / --no-wait")
 
     if args.attach:
         api = scripting.make_api(args)
@@ -47,11 +53,17 @@ def main(argv: list[str] | None = None) -> int:
         model = str(hps.get("model", config.default("model")))
         name = args.job_name or scripting.resource_name("imgclf", model, suffix=scripting.timestamp())
         request = training_job_request(name, jobs.job_spec(api, args, name), hps, scripting.tags_from(args.tag))
-        jobs.create(api, "CreateTrainingJob", request, name, "training job")
+        if args.local:
+            request = jobs.local_output_path(request)
+        try:
+            jobs.create(api, "CreateTrainingJob", request, name, "training job")
+        except JobFailed as e:
+            raise jobs.local_failure(request, e) if args.local else e from None
     if not jobs.waits(args, name, attached=bool(args.attach)):
         return EXIT_OK
 
-    job = jobs.wait_training_job(api, name, args.poll_interval, args.timeout, logs=not args.no_logs)
+    # Local mode: the job ran within CreateTrainingJob, its log went to stderr; there is no CloudWatch.
+    job = jobs.wait_training_job(api, name, args.poll_interval, args.timeout, logs=not (args.no_logs or args.local))
     jobs.report_training_job(job)
     jobs.download_reports(api, job, args.reports_dir or Path("reports") / name)
     print(job["ModelArtifacts"]["S3ModelArtifacts"])

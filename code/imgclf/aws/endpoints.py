@@ -11,6 +11,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
+from imgclf.aws.images import LOCAL_INSTANCE_TYPES
 from imgclf.aws.scripting import resource_name
 from imgclf.errors import UserError
 
@@ -38,13 +39,15 @@ class ServingSpec:
     data_capture_uri: str | None = None
     data_capture_percent: int = 100
     suffix: str | None = None  # e.g. a timestamp; default: a hash of the contents
+    local: bool = False  # SageMaker's local mode: a file:// model, instance type local or local_gpu
 
     def check(self) -> None:
         problems = []
         if resource_name(self.name) != self.name or len(self.name) > 50:
             problems.append(f"endpoint name {self.name!r}: use letters, digits and single hyphens, at most 50 "
                             "characters (e.g. dog-breeds)")
-        if not (self.model_data.startswith("s3://") and self.model_data.endswith(".tar.gz")):
+        schemes = ("s3://", "file://") if self.local else ("s3://",)
+        if not (self.model_data.startswith(schemes) and self.model_data.endswith(".tar.gz")):
             problems.append(f"model data {self.model_data!r}: expected s3://.../model.tar.gz (train.py prints it)")
         if self.serverless_memory_mb is not None:
             if self.serverless_memory_mb not in SERVERLESS_MEMORY_MB:
@@ -52,6 +55,10 @@ class ServingSpec:
                                 + ", ".join(map(str, SERVERLESS_MEMORY_MB)))
             if not 1 <= self.serverless_concurrency <= 200:
                 problems.append(f"serverless concurrency {self.serverless_concurrency}: must be 1-200")
+        elif self.local:
+            if self.instance_type not in LOCAL_INSTANCE_TYPES:
+                problems.append(f"instance type {self.instance_type!r}: local mode takes "
+                                + " or ".join(LOCAL_INSTANCE_TYPES))
         else:
             if not (self.instance_type or "").startswith("ml."):
                 problems.append(f"instance type {self.instance_type!r}: SageMaker types start with ml. (ml.m5.large)")

@@ -15,6 +15,16 @@ def image_uri(account: str, region: str, kind: str, tag: str = DEFAULT_TAG) -> s
     return f"{registry(account, region)}/{REPOSITORIES[kind]}:{tag}"
 
 
+# SageMaker's local mode: the SDK's instance types, and the images `make build` tagged on this machine.
+LOCAL_INSTANCE_TYPES = ("local", "local_gpu")
+
+
+def local_image(kind: str, tag: str = DEFAULT_TAG) -> str:
+    return f"{REPOSITORIES[kind]}:{tag}"
+
+
 def training_kind(instance_type: str) -> str:
     """train-gpu or train-cpu by imgclf.instances' table; families no image can serve raise InstanceTypeError."""
+    if instance_type in LOCAL_INSTANCE_TYPES:
+        return "train-gpu" if instance_type == "local_gpu" else "train-cpu"
     return instances.training_image(instance_type)

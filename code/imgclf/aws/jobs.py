@@ -9,12 +9,13 @@ import shutil
 import sys
 import tarfile
 import tempfile
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
 from imgclf.aws import s3sync, scripting
-from imgclf.aws.images import image_uri, training_kind
-from imgclf.aws.session import Api, AwsError
+from imgclf.aws.images import image_uri, local_image, training_kind
+from imgclf.aws.session import Api, AwsError, check_local_image
 from imgclf.aws.training import JobSpec
 from imgclf.errors import UserError
 from imgclf.exit_codes import JobFailed
@@ -23,6 +24,8 @@ from imgclf.search.results import load_hyperparameters
 
 log = logging.getLogger("imgclf.aws")
 LOG_GROUP = "/aws/sagemaker/TrainingJobs"
+DEFAULT_INSTANCE_TYPE = "ml.g4dn.xlarge"
+LOCAL_OUTPUT = "sagemaker-local"  # --local's default output folder (what s3://<bucket>/imgclf/output is on AWS)
 
 
 def add_job_args(parser: argparse.ArgumentParser) -> None:
@@ -48,7 +51,8 @@ def add_job_args(parser: argparse.ArgumentParser) -> None:
         res.add_argument("--image", help="training image URI (default: <account>.dkr.ecr.<region>.amazonaws.com/"
                                          "imgclf-train-gpu or -cpu by instance type)"),
         res.add_argument("--image-tag", default="latest", help="tag of the default image (default latest)"),
-        res.add_argument("--instance-type", default="ml.g4dn.xlarge", help="default ml.g4dn.xlarge (GPU)"),
+        res.add_argument("--instance-type", help=f"default {DEFAULT_INSTANCE_TYPE} (GPU); with --local: local (CPU, "
+                                                 "the default) or local_gpu"),
         res.add_argument("--instance-count", type=int, default=1),
         res.add_argument("--volume-size", type=int, default=50, metavar="GB",
                          help="EBS volume per instance (default 50)"),
@@ -86,20 +90,41 @@ def s3_channels(args: argparse.Namespace) -> dict[str, str]:
 
 
 def job_spec(api: Api, args: argparse.Namespace, job_name: str, checkpoints: bool = True) -> JobSpec:
+    local = scripting.is_local(api)
     channels = s3_channels(args)
+    if local:  # local folders; the SDK's local mode mounts them as the channels
+        channels = {name: scripting.local_uri(uri, f"channel {name}") for name, uri in channels.items()}
     output = args.output
     if not output:
-        bucket, _ = s3sync.parse_s3_uri(next(iter(channels.values())))
-        output = f"s3://{bucket}/imgclf/output"
+        if local:
+            output = LOCAL_OUTPUT
+        else:
+            bucket, _ = s3sync.parse_s3_uri(next(iter(channels.values())))
+            output = f"s3://{bucket}/imgclf/output"
+    instance_type = args.instance_type or ("local" if local else DEFAULT_INSTANCE_TYPE)
+    kind = training_kind(instance_type)
+    if local:
+        output = scripting.local_uri(output, "--output", must_exist=False)
+        image = check_local_image(args.image or local_image(kind, args.image_tag))
+    else:
+        image = args.image or image_uri(scripting.account_of(api), scripting.region_of(api, args), kind,
+                                        args.image_tag)
     checkpoint = args.checkpoint_s3 or (f"{output.rstrip('/')}/{job_name}/checkpoints" if args.spot else None)
     if not checkpoints:
         checkpoint = None
-    image = args.image or image_uri(scripting.account_of(api), scripting.region_of(api, args),
-                                    training_kind(args.instance_type), args.image_tag)
     return JobSpec(image=image, role_arn=scripting.role_arn(api, args.role), channels=channels, output_path=output,
-                   instance_type=args.instance_type, instance_count=args.instance_count,
+                   instance_type=instance_type, instance_count=args.instance_count,
                    volume_gb=args.volume_size, max_runtime_s=args.max_runtime, spot=args.spot,
-                   max_wait_s=args.max_wait, checkpoint_uri=checkpoint, network_isolation=args.network_isolation)
+                   max_wait_s=args.max_wait, checkpoint_uri=checkpoint, network_isolation=args.network_isolation,
+                   local=local)
+
+
+def local_output_path(request: dict) -> dict:
+    """SageMaker writes <output>/<job>/output/model.tar.gz; the SDK's local mode writes into a file:// output path
+    itself, so the request names that folder: the same layout, and jobs do not overwrite each other's."""
+    output = request["OutputDataConfig"]["S3OutputPath"].rstrip("/")
+    return {**request, "OutputDataConfig": {**request["OutputDataConfig"],
+                                            "S3OutputPath": f"{output}/{request['TrainingJobName']}/output"}}
 
 
 def create(api: Api, operation: str, request: dict, name: str, what: str) -> None:
@@ -107,6 +132,19 @@ def create(api: Api, operation: str, request: dict, name: str, what: str) -> Non
     api.call("sagemaker", operation, request)
     if not api.dry_run:
         log.info("%s %s created", what, name)
+
+
+def local_failure(request: dict, error: JobFailed) -> JobFailed:
+    """A local training job that failed: its reason, from the output.tar.gz that the SDK still wrote (SageMaker's
+    FailureReason is the same file, output/failure)."""
+    output = Path(urllib.parse.urlsplit(request["OutputDataConfig"]["S3OutputPath"]).path) / "output.tar.gz"
+    reason = str(error)
+    try:
+        with tarfile.open(output) as tar:
+            reason = tar.extractfile("failure").read().decode(errors="replace").strip()[:1024]
+    except (OSError, KeyError, AttributeError, tarfile.TarError):
+        pass  # no failure file: the SDK's own error says what went wrong
+    return JobFailed(f"training job {request['TrainingJobName']} Failed: {reason}")
 
 
 def waits(args: argparse.Namespace, name: str, attached: bool) -> bool:
@@ -200,18 +238,26 @@ def download_reports(api: Api, job: dict, dest: Path) -> Path | None:
     if not model_uri.endswith("/model.tar.gz"):
         log.warning("no reports: the job has no model artifact path")
         return None
-    bucket, key = s3sync.parse_s3_uri(model_uri.removesuffix("model.tar.gz") + "output.tar.gz")
-    key = key.rstrip("/")
-    try:
-        answer = api.call("s3", "GetObject", {"Bucket": bucket, "Key": key}, mutates=False)
-    except AwsError as e:
-        if e.code in ("NoSuchKey", "404", "AccessDenied"):
-            log.warning("no reports at s3://%s/%s (%s)", bucket, key, e)
+    output_uri = model_uri.removesuffix("model.tar.gz") + "output.tar.gz"
+    if output_uri.startswith("file://"):  # --local: the SDK's local mode wrote it here
+        path = Path(urllib.parse.urlsplit(output_uri).path)
+        if not path.is_file():
+            log.warning("no reports at %s", path)
             return None
-        raise
+        body = path.read_bytes()
+    else:
+        bucket, key = s3sync.parse_s3_uri(output_uri)
+        key = key.rstrip("/")
+        try:
+            body = api.call("s3", "GetObject", {"Bucket": bucket, "Key": key}, mutates=False)["Body"].read()
+        except AwsError as e:
+            if e.code in ("NoSuchKey", "404", "AccessDenied"):
+                log.warning("no reports at s3://%s/%s (%s)", bucket, key, e)
+                return None
+            raise
     dest.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest) as tmp:
-        with tarfile.open(fileobj=io.BytesIO(answer["Body"].read()), mode="r:gz") as tar:
+        with tarfile.open(fileobj=io.BytesIO(body), mode="r:gz") as tar:
             tar.extractall(tmp, filter="data")  # refuses absolute paths, links out of the folder, devices
         for item in Path(tmp).iterdir():
             target = dest / item.name

@@ -10,10 +10,11 @@ import re
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import botocore.exceptions
 
-from imgclf.aws.session import Api, AwsError, make_session
+from imgclf.aws.session import LOCAL_REGION, Api, AwsError, local_session, make_session
 from imgclf.errors import UserError
 from imgclf.exit_codes import EXIT_AWS, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_TIMEOUT, EXIT_USAGE, JobFailed
 from imgclf.search.flags import CLOUD, only_for
@@ -48,6 +49,13 @@ def add_common_args(parser: argparse.ArgumentParser, role: bool = False) -> None
     group.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
+def add_local_arg(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--local", action="store_true",
+                        help=f"SageMaker's local mode: the same requests go to the SageMaker SDK's local client, which "
+                             f"runs {what} on this machine's images (`make build`) with docker-compose; local folders "
+                             "instead of S3, no AWS account or credentials")
+
+
 def add_wait_args(parser: argparse.ArgumentParser, what: str) -> None:
     group = parser.add_argument_group("waiting")
     only_for(CLOUD, group.add_argument("--no-wait", action="store_true", help=f"return once the {what} is accepted"))
@@ -65,7 +73,12 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argpa
 
 
 def make_api(args: argparse.Namespace) -> Api:
-    """Session from the flags/environment. A dry run without AWS access still works: it reads nothing."""
+    """Session from the flags/environment. A dry run without AWS access still works: it reads nothing.
+    With --local, the SDK's local clients take the requests instead of AWS."""
+    if getattr(args, "local", False):
+        if args.dry_run:
+            raise UserError("--dry-run prints the requests for AWS; --local runs them here: choose one")
+        return Api(None, local=local_session())
     try:
         session = make_session(args.region, args.profile)
     except AwsError as e:
@@ -77,21 +90,29 @@ def make_api(args: argparse.Namespace) -> Api:
 
 
 def is_offline(api: Api) -> bool:
-    return api.session is None
+    return api.session is None and api.local is None
+
+
+def is_local(api: Api) -> bool:
+    return api.local is not None
 
 
 def region_of(api: Api, args: argparse.Namespace) -> str:
+    if is_local(api):
+        return LOCAL_REGION
     return api.session.region_name if api.session else (args.region or "us-east-1")
 
 
 def account_of(api: Api) -> str:
-    if is_offline(api):
+    if api.session is None:
         return PLACEHOLDER_ACCOUNT
     return api.call("sts", "GetCallerIdentity", mutates=False)["Account"]
 
 
 def role_arn(api: Api, role: str | None) -> str:
     """An ARN as given; a bare name becomes arn:aws:iam::<account>:role/<name>."""
+    if not role and is_local(api):
+        role = "local-mode"  # the requests carry one as on AWS; the SDK's local mode assumes no role
     if not role:
         raise AwsError(f"no SageMaker execution role: pass --role (ARN or name) or set {ROLE_ENV}; "
                        "README.md (Permissions) lists the permissions it needs")
@@ -104,6 +125,16 @@ def role_arn(api: Api, role: str | None) -> str:
     region = api.session.region_name if api.session else ""
     partition = "aws-cn" if region.startswith("cn-") else "aws-us-gov" if region.startswith("us-gov-") else "aws"
     return f"arn:{partition}:iam::{account_of(api)}:role/{role}"
+
+
+def local_uri(location: str, what: str, must_exist: bool = True) -> str:
+    """A local file or folder as the file:// URI that the SDK's local mode reads and writes (--local)."""
+    if location.startswith("s3://"):
+        raise UserError(f"{what} {location}: with --local, give a folder on this machine (S3 needs AWS)")
+    path = Path(location.removeprefix("file://")).expanduser().resolve()
+    if must_exist and not path.exists():
+        raise UserError(f"{what} {location}: no such file or folder")
+    return path.as_uri()
 
 
 def describe_or_none(api: Api, service: str, operation: str, params: dict) -> dict | None:

@@ -1,13 +1,17 @@
 """Clients with clear errors, and the dry run: requests printed as JSON after botocore validates them.
 
 Every script builds its requests as dicts and sends them through `Api.call`, so `--dry-run` prints
-exactly what would be sent (validated against the service model) and sends nothing.
+exactly what would be sent (validated against the service model) and sends nothing, and `--local` sends
+them to the SageMaker SDK's local mode, which runs them on this machine's images with docker-compose.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
+import subprocess
 import sys
 from typing import Any
 
@@ -17,6 +21,7 @@ from botocore.config import Config
 from botocore.validate import validate_parameters
 
 from imgclf.errors import UserError
+from imgclf.exit_codes import JobFailed
 
 # Enough pooled connections for parallel uploads (s3sync uses up to 32 threads); retries with backoff.
 CLIENT_CONFIG = Config(max_pool_connections=32, retries={"mode": "standard"})
@@ -48,6 +53,41 @@ def make_session(region: str | None = None, profile: str | None = None) -> boto3
     return session
 
 
+# What the SDK's local clients implement; SageMaker's other services have no local mode.
+LOCAL_SERVICES = ("sagemaker", "sagemaker-runtime")
+LOCAL_REGION = "us-east-1"  # the SDK's session wants one; nothing reaches AWS
+# The SDK phones home on every local call unless opted out (and there may be no network at all).
+LOCAL_SDK_CONFIG = {"SchemaVersion": "1.0", "SageMaker": {"PythonSDK": {"Modules": {"TelemetryOptOut": True}}}}
+
+
+def local_session():
+    """The SageMaker SDK's LocalSession: its clients take boto3's requests and run them with docker-compose."""
+    compose = shutil.which("docker-compose") or (
+        shutil.which("docker") and subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0
+    )
+    if not compose:
+        raise UserError("--local runs the images with docker-compose (the SageMaker SDK's local mode), and neither "
+                        "`docker-compose` nor `docker compose` is installed: install one (e.g. apt-get install "
+                        "docker-compose), or drop --local")
+    try:
+        from sagemaker.core.local.local_session import LocalSession
+    except ImportError as e:
+        raise UserError(f"--local needs the SageMaker Python SDK ({e}): pip install -r requirements/scripts.txt"
+                        ) from None
+    # Dummy credentials: the SDK hands the session's credentials to the containers, and local mode needs none.
+    boto_session = boto3.Session(region_name=LOCAL_REGION, aws_access_key_id="local", aws_secret_access_key="local")
+    return LocalSession(boto_session=boto_session, sagemaker_config=LOCAL_SDK_CONFIG)
+
+
+def check_local_image(image: str) -> str:
+    """A locally built image, or a UserError saying how to build it (local mode never pulls)."""
+    found = subprocess.run(["docker", "image", "inspect", image], capture_output=True, text=True)
+    if found.returncode != 0:
+        raise UserError(f"image {image} not found by `docker image inspect` ({found.stderr.strip()[-200:]}): build "
+                        "it with `make build` (or pass --image-tag / --image to name one that exists)")
+    return image
+
+
 def _json_default(value: Any):
     if isinstance(value, bytes | bytearray):
         return f"<{len(value)} bytes>"
@@ -60,14 +100,20 @@ class Api:
     """Sends requests, or in dry-run mode validates and prints them (one JSON object per line)."""
 
     def __init__(self, session: boto3.Session | None, dry_run: bool = False, out=None,
-                 endpoint_url: str | None = None):
+                 endpoint_url: str | None = None, local=None):
         self.session, self.dry_run, self.out = session, dry_run, out or sys.stdout
         self.endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
+        self.local = local  # the SDK's LocalSession (--local): its clients stand in for SageMaker's
         self._clients: dict[str, Any] = {}
 
     def client(self, service: str):
         if service not in self._clients:
-            if self.session is None:  # dry run without credentials: the service model is all we need
+            if self.local is not None:
+                if service not in LOCAL_SERVICES:
+                    raise UserError(f"{service} has no local mode: this step needs AWS (drop --local)")
+                self._clients[service] = (self.local.sagemaker_client if service == "sagemaker"
+                                          else self.local.sagemaker_runtime_client)
+            elif self.session is None:  # dry run without credentials: the service model is all we need
                 self._clients[service] = boto3.client(
                     service, region_name="us-east-1", aws_access_key_id="dry-run", aws_secret_access_key="dry-run")
             else:
@@ -90,6 +136,8 @@ class Api:
                              default=_json_default, sort_keys=True), file=self.out, flush=True)
             return {}
         client = self.client(service)
+        if self.local is not None:
+            return self._call_local(client, service, operation, params)
         method = getattr(client, _snake(client, operation))
         try:
             return method(**params)
@@ -99,6 +147,25 @@ class Api:
             err = e.response.get("Error", {})
             raise AwsError(f"{service} {operation} failed: {err.get('Code')}: {err.get('Message')}",
                            code=err.get("Code")) from None
+
+
+    def _call_local(self, client, service: str, operation: str, params: dict) -> dict:
+        """The SDK's local clients run jobs and endpoints in the call itself and print docker-compose's output on
+        stdout, which carries the scripts' results: send it to stderr with the logs."""
+        method = getattr(client, botocore.xform_name(operation), None)
+        if method is None:
+            raise UserError(f"{operation} has no local mode in the SageMaker SDK: run it on AWS (drop --local)")
+        try:
+            with contextlib.redirect_stdout(sys.stderr):
+                return method(**params) or {}
+        except botocore.exceptions.ClientError as e:
+            err = e.response.get("Error", {})
+            raise AwsError(f"local {service} {operation} failed: {err.get('Code')}: {err.get('Message')}",
+                           code=err.get("Code")) from None
+        except RuntimeError as e:  # the container failed: compose exited non-zero, or /ping never answered 200
+            raise JobFailed(f"local {operation} failed: {e} (the container's log above says why)") from None
+        except TypeError as e:  # a field the local client does not take (e.g. DataCaptureConfig)
+            raise UserError(f"{operation} in local mode: {e}; the SDK's local mode lacks this option") from None
 
 
 def _snake(client, operation: str) -> str:

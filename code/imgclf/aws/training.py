@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from imgclf.aws.images import LOCAL_INSTANCE_TYPES
 from imgclf.config import CHECKPOINT_DIR, METRIC_DEFINITIONS, hyperparameter_strings
 from imgclf.errors import UserError
 from imgclf.search.results import user_hyperparameters
@@ -35,6 +36,7 @@ class JobSpec:
     checkpoint_uri: str | None = None
     network_isolation: bool = False
     environment: dict[str, str] = field(default_factory=dict)
+    local: bool = False  # SageMaker's local mode: file:// locations, instance type local or local_gpu
 
     def check(self) -> None:
         problems = []
@@ -44,11 +46,16 @@ class JobSpec:
         if "training" not in self.channels and not {"train", "valid"} <= set(self.channels):
             problems.append("no data: give --data s3://... (folder with train/ valid/ test/) or channels train and "
                             "valid")
+        schemes = ("s3://", "file://") if self.local else ("s3://",)
         for name, uri in [*self.channels.items(), ("output", self.output_path),
                           ("checkpoint", self.checkpoint_uri or "s3://")]:
-            if not uri.startswith("s3://"):
+            if not uri.startswith(schemes):
                 problems.append(f"{name} location {uri!r} is not an s3:// URI")
-        if not self.instance_type.startswith("ml."):
+        if self.local:
+            if self.instance_type not in LOCAL_INSTANCE_TYPES:
+                problems.append(f"instance type {self.instance_type!r}: local mode takes "
+                                + " or ".join(LOCAL_INSTANCE_TYPES))
+        elif not self.instance_type.startswith("ml."):
             problems.append(f"instance type {self.instance_type!r}: SageMaker types start with ml. (ml.m5.xlarge)")
         if self.spot:
             wait = self.max_wait_s or self.max_runtime_s
@@ -65,9 +72,7 @@ class JobSpec:
             raise UserError("; ".join(problems))
 
     def input_data_config(self) -> list[dict]:
-        return [{"ChannelName": name, "InputMode": "File",
-                 "DataSource": {"S3DataSource": {"S3DataType": "S3Prefix", "S3Uri": uri,
-                                                 "S3DataDistributionType": "FullyReplicated"}}}
+        return [{"ChannelName": name, "InputMode": "File", "DataSource": _data_source(uri)}
                 for name, uri in sorted(self.channels.items())]
 
     def common(self) -> dict:
@@ -89,6 +94,13 @@ class JobSpec:
         if self.environment:
             request["Environment"] = dict(self.environment)
         return request
+
+
+def _data_source(uri: str) -> dict:
+    """S3, or for the SDK's local mode a local folder (its FileDataSource, which requires the distribution type)."""
+    if uri.startswith("file://"):
+        return {"FileDataSource": {"FileUri": uri, "FileDataDistributionType": "FullyReplicated"}}
+    return {"S3DataSource": {"S3DataType": "S3Prefix", "S3Uri": uri, "S3DataDistributionType": "FullyReplicated"}}
 
 
 def metric_definitions() -> list[dict[str, str]]:

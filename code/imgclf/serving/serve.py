@@ -13,6 +13,10 @@ reason is logged once and a small stand-in server answers /ping (and everything 
 as JSON, so SageMaker sees an unhealthy container and the log says why. Later, MMS answers /ping with HTTP
 200 even when no worker is alive (its body then says "Unhealthy"); a watchdog reads that body, and when no
 worker has been alive for IMGCLF_UNHEALTHY_AFTER_S seconds it stops MMS and the stand-in answers 503.
+
+Batch transform (SAGEMAKER_BATCH set, as SageMaker and the SDK's local mode do) also asks GET /execution-parameters,
+which MMS does not serve: there a small front on the port answers it (one image per request, as many requests
+at once as MMS has workers, the payload limit) and passes everything else to MMS on a port of 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -127,6 +131,57 @@ class Watchdog(threading.Thread):
                     return
 
 
+def execution_parameters(settings: ServingSettings) -> dict:
+    """What batch transform uses when the CreateTransformJob request leaves these out."""
+    return {"MaxConcurrentTransforms": settings.workers or os.cpu_count() or 1, "BatchStrategy": "SINGLE_RECORD",
+            "MaxPayloadInMB": -(-settings.max_payload_bytes // (1024 * 1024))}
+
+
+def start_batch_front(port: int, mms_port: int, parameters: dict) -> ThreadingHTTPServer:
+    """Answer GET /execution-parameters; relay every other request to MMS on 127.0.0.1:mms_port, as it is."""
+    import http.client
+
+    answer = json.dumps(parameters).encode()
+
+    class Front(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive: batch transform sends request after request
+
+        def _send(self, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
+            self.send_response(status)
+            for name, value in headers:
+                if name.lower() not in ("content-length", "connection", "transfer-encoding"):
+                    self.send_header(name, value)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def _relay(self) -> None:
+            if self.command == "GET" and self.path == "/execution-parameters":
+                return self._send(200, [("Content-Type", "application/json")], answer)
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            mms = http.client.HTTPConnection("127.0.0.1", mms_port, timeout=3600)
+            try:
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
+                mms.request(self.command, self.path, body=body, headers=headers)
+                response = mms.getresponse()
+                self._send(response.status, response.getheaders(), response.read())
+            except OSError as e:
+                self._send(503, [("Content-Type", "application/json")], json.dumps(
+                    {"code": 503, "type": "ServiceUnavailable", "message": f"model server: {e}"}).encode())
+            finally:
+                mms.close()
+
+        do_GET = do_POST = do_PUT = do_DELETE = _relay
+
+        def log_message(self, *args) -> None:  # MMS logs each request already
+            pass
+
+    server = ThreadingHTTPServer(("0.0.0.0", port), Front)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="batch-front", daemon=True).start()
+    return server
+
+
 def serve_unhealthy(port: int, reason: str) -> int:
     """Answer every request with 503 + JSON reason until SIGTERM; SageMaker's ping check then fails visibly."""
     body = json.dumps({"code": 503, "type": "ServiceUnavailable", "status": "Unhealthy",
@@ -195,6 +250,16 @@ def main(argv: list[str] | None = None) -> int:
     # gets twice that, so only bodies over twice the limit meet MMS's bare answer; the workers get the settings
     # read above (the real limit) as one value.
     os.environ.update(settings.for_workers())
+    front = None
+    mms_port = port
+    if os.environ.get("SAGEMAKER_BATCH", "").lower() in ("1", "true", "yes"):
+        from imgclf.processes import free_port
+
+        mms_port = free_port()
+        os.environ["SAGEMAKER_BIND_TO_PORT"] = str(mms_port)  # MMS behind the front (read when MMS starts)
+        front = start_batch_front(port, mms_port, execution_parameters(settings))
+        log.info("batch transform: /execution-parameters %s; multi-model-server on 127.0.0.1:%d",
+                 execution_parameters(settings), mms_port)
     warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
     from sagemaker_inference import model_server  # reads SAGEMAKER_BASE_DIR at import time
 
@@ -222,13 +287,16 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _exit_on_signal)
     signal.signal(signal.SIGINT, lambda signum, frame: signal.getsignal(signal.SIGTERM)(signum, frame))
     log.info("starting multi-model-server on port %d for %s (handler %s)", port, model_dir, HANDLER_SERVICE)
-    watchdog = Watchdog(port, settings.unhealthy_after_s, lambda: our_mms_process().terminate())
+    watchdog = Watchdog(mms_port, settings.unhealthy_after_s, lambda: our_mms_process().terminate())
     watchdog.start()
     try:
         model_server.start_model_server(handler_service=HANDLER_SERVICE)  # returns when the MMS java process exits
     finally:
         watchdog.done.set()
         stop_leftovers()
+        if front:
+            front.shutdown()
+            front.server_close()
     if watchdog.reason:
         return serve_unhealthy(port, watchdog.reason)
     return 0
