@@ -57,8 +57,12 @@ def main(argv: list[str] | None = None) -> int:
             request = jobs.local_output_path(request)
         try:
             jobs.create(api, "CreateTrainingJob", request, name, "training job")
-        except JobFailed as e:
-            raise jobs.local_failure(request, e) if args.local else e from None
+        except JobFailed as e:  # local mode: docker-compose exited non-zero
+            if not args.local:
+                raise
+            raise JobFailed(f"training job {name} Failed: {jobs.local_failure(request) or e}") from None
+        if args.local and (reason := jobs.local_failure(request)):
+            raise JobFailed(f"training job {name} Failed: {reason}")
     if not jobs.waits(args, name, attached=bool(args.attach)):
         return EXIT_OK
 

@@ -10,9 +10,11 @@ test images and containers are removed at the end.
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -373,3 +375,80 @@ def test_sdk_model_trainer_local_mode_trains(images, tmp_path, sample_dataset, m
                                      for split in ("train", "valid", "test")], wait=True, logs=False)
     with tarfile.open(root / "compressed_artifacts" / "model.tar.gz") as tar:
         assert {"config.json", "model.safetensors"} <= set(tar.getnames())
+
+
+# ---- the cloud workflow in SageMaker's local mode, through the scripts' --local path --------------------------
+
+def script(name: str, *args: str, env: dict[str, str], timeout: float = 900) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "scripts" / name), *args], cwd=env["HOME"], env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_scripts_local_mode_train_deploy_predict_batch_delete(images, tmp_path, sample_dataset):
+    """train.py, deploy.py, predict.py and batch_predict.py with --local: their own requests go to the SageMaker
+    SDK's local clients, which run them on the images with docker-compose. docker-compose stays attached to its
+    containers (under podman that spins a core), so the job is tiny: one epoch at 64 px."""
+    home, port = tmp_path / "home", free_port()
+    (home / ".sagemaker").mkdir(parents=True)
+    # The SDK's own local-mode settings: its endpoint's port (default 8080, which something else may hold).
+    (home / ".sagemaker" / "config.yaml").write_text(f"local:\n  serving_port: {port}\n")
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("AWS_")}, "HOME": str(home),
+           "PYTHONPATH": str(REPO / "code")}
+
+    hps = [f"--hp={k}={v}" for k, v in {**HPS, "epochs": "1"}.items()]
+    train = script("train.py", "--local", "--data", str(sample_dataset), "--image", image("train-cpu"),
+                   "--job-name", f"{PREFIX}-local", *hps, env=env)
+    assert train.returncode == 0, train.stdout[-2000:] + train.stderr[-4000:]
+    model = train.stdout.strip()
+    assert model == (home / "sagemaker-local" / f"{PREFIX}-local" / "output" / "model.tar.gz").as_uri()
+    assert (home / "reports" / f"{PREFIX}-local" / "metrics.json").is_file()  # the reports, as on AWS
+
+    name = f"{PREFIX}-endpoint"
+    with (tmp_path / "deploy.log").open("w") as log:
+        deploy = subprocess.Popen([sys.executable, str(REPO / "scripts" / "deploy.py"), "--local", "--name", name,
+                                   "--model-data", model, "--image", image("serve"), "--top-k", "2"],
+                                  cwd=home, env=env, stdout=subprocess.PIPE, stderr=log, text=True,
+                                  start_new_session=True)
+    try:
+        assert deploy.stdout.readline().strip() == name, (tmp_path / "deploy.log").read_text()[-4000:]
+        predict = script("predict.py", str(DOG), "--local", "--endpoint", name, "--json", env=env, timeout=120)
+        assert predict.returncode == 0, predict.stderr[-2000:]
+        [prediction] = json.loads(predict.stdout)["predictions"]
+        assert len(prediction["top_k"]) == 2  # the model's environment (IMGCLF_TOP_K) reached the container
+
+        photos = tmp_path / "photos"  # the SDK's local mode reads the files directly in the folder
+        photos.mkdir()
+        originals = sorted((sample_dataset / "test").rglob("*.*"))[:3]
+        for i, path in enumerate(originals):
+            shutil.copy(path, photos / f"{i}{path.suffix}")
+        batch = script("batch_predict.py", "--local", "--input", str(photos), "--model-data", model,
+                       "--image", image("serve"), "--job-name", f"{PREFIX}-batch", env=env)
+        assert batch.returncode == 0, batch.stderr[-4000:]
+        assert '"BatchStrategy": "SINGLE_RECORD"' in batch.stderr  # serve's /execution-parameters, in batch mode
+        summary = Path(batch.stdout.strip())
+        assert summary == home / "sagemaker-local" / "batch" / f"{PREFIX}-batch" / "summary.csv"
+        rows = list(csv.DictReader(summary.open()))
+        assert [r["file"] for r in rows] == [f"{i}{p.suffix}" for i, p in enumerate(originals)]
+        assert all(r["class_name"] and 0 < float(r["probability"]) <= 1 and not r["error"] for r in rows), rows
+        assert all((summary.parent / f"{r['file']}.out").is_file() for r in rows)
+    finally:
+        deploy.send_signal(signal.SIGTERM)  # deletes the endpoint, its config and model
+        deploy.wait(120)
+    assert deploy.returncode == 0, (tmp_path / "deploy.log").read_text()[-4000:]
+    assert "deleting local endpoint" in (tmp_path / "deploy.log").read_text()
+    running = engine("ps", "--format", "{{.Image}}", check=False).stdout.split()
+    assert not [i for i in running if i.split("/")[-1] == image("serve")], running
+
+
+def test_scripts_local_mode_failed_training_exits_1_with_the_reason(images, tmp_path, sample_dataset):
+    """docker-compose 1.x exits 0 when the container fails, and the SDK then calls the job Completed: train.py
+    reads the job's output/failure, as SageMaker does, and fails with it."""
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("AWS_")}, "HOME": str(home),
+           "PYTHONPATH": str(REPO / "code")}
+    train = script("train.py", "--local", "--data", str(sample_dataset), "--image", image("train-cpu"),
+                   "--hp", "model=resnet9000", env=env)
+    assert train.returncode == 1, train.stderr[-3000:]
+    assert "Failed: HyperparameterError: hyperparameter model='resnet9000'" in train.stderr, train.stderr[-3000:]
+    assert not train.stdout.strip()  # no model URI for deploy.py to take

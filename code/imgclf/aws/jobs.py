@@ -134,17 +134,19 @@ def create(api: Api, operation: str, request: dict, name: str, what: str) -> Non
         log.info("%s %s created", what, name)
 
 
-def local_failure(request: dict, error: JobFailed) -> JobFailed:
-    """A local training job that failed: its reason, from the output.tar.gz that the SDK still wrote (SageMaker's
-    FailureReason is the same file, output/failure)."""
+def local_failure(request: dict) -> str | None:
+    """The reason a local training job failed, or None: the output/failure file that the SDK's local mode tars into
+    output.tar.gz (SageMaker's FailureReason is that file). docker-compose 1.x exits 0 when the container fails,
+    so the SDK may call such a job Completed: the file decides, as on SageMaker."""
     output = Path(urllib.parse.urlsplit(request["OutputDataConfig"]["S3OutputPath"]).path) / "output.tar.gz"
-    reason = str(error)
     try:
         with tarfile.open(output) as tar:
-            reason = tar.extractfile("failure").read().decode(errors="replace").strip()[:1024]
-    except (OSError, KeyError, AttributeError, tarfile.TarError):
-        pass  # no failure file: the SDK's own error says what went wrong
-    return JobFailed(f"training job {request['TrainingJobName']} Failed: {reason}")
+            failure = tar.extractfile("failure")
+            return failure.read().decode(errors="replace").strip()[:1024] or "no reason given" if failure else None
+    except KeyError:  # no failure file
+        return None
+    except (OSError, tarfile.TarError) as e:
+        return f"no output.tar.gz to read ({e})"
 
 
 def waits(args: argparse.Namespace, name: str, attached: bool) -> bool:
@@ -259,7 +261,9 @@ def download_reports(api: Api, job: dict, dest: Path) -> Path | None:
     with tempfile.TemporaryDirectory(dir=dest) as tmp:
         with tarfile.open(fileobj=io.BytesIO(body), mode="r:gz") as tar:
             tar.extractall(tmp, filter="data")  # refuses absolute paths, links out of the folder, devices
-        for item in Path(tmp).iterdir():
+        # SageMaker's output.tar.gz holds /opt/ml/output/data; the SDK's local mode tars /opt/ml/output itself.
+        root = Path(tmp) / "data" if output_uri.startswith("file://") and (Path(tmp) / "data").is_dir() else Path(tmp)
+        for item in root.iterdir():
             target = dest / item.name
             if target.is_dir():
                 shutil.rmtree(target)
