@@ -2,7 +2,8 @@
 
 This is AWS's bring-your-own-container check, automated, in every place the images run: `docker run -v
 TREE:/opt/ml IMAGE train` (and `serve`), the Makefile's local-train/local-serve/local-predict flow that the
-docs give, and the SageMaker SDK's own local mode (ModelTrainer), on images built by `make build`. Works with
+docs give, and the SageMaker SDK's own local mode (ModelTrainer, and the scripts' --local path: train, deploy,
+predict, batch transform), on images built by `make build`. Works with
 Docker or podman (DOCKER=); containers run detached, because podman's API service spins a core while a
 client stays attached. Only under `make test-images` (IMGCLF_IMAGE_TESTS=1): the builds take minutes. The
 test images and containers are removed at the end.
