@@ -262,3 +262,27 @@ def test_serve_rejects_unknown_arguments():
     result = subprocess.run([str(Path(sys.executable).parent / "serve"), "--port", "9"], capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 2 and "usage: serve" in result.stderr
+
+
+def test_batch_transform_gets_execution_parameters_and_the_same_answers(trained, tmp_path):
+    """With SAGEMAKER_BATCH (set by batch transform) `serve` answers GET /execution-parameters, which MMS does not
+    serve, and passes everything else to MMS unchanged: predictions and JSON errors alike."""
+    log, port = tmp_path / "batch.log", free_port()
+    env = {**os.environ, "SAGEMAKER_BATCH": "true", "SAGEMAKER_MAX_PAYLOAD_IN_MB": "2"}
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "imgclf.local", "serve", "--model",
+                                 str(trained[0] / "model.tar.gz"), "--port", str(port), "--workers", "1"],
+                                stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, proc, log)
+        parameters = requests.get(f"{url}/execution-parameters", timeout=10)
+        assert parameters.json() == {"MaxConcurrentTransforms": 1, "BatchStrategy": "SINGLE_RECORD",
+                                     "MaxPayloadInMB": 2}
+        answer = invoke(url, DOG.read_bytes(), "application/x-image")
+        assert answer.status_code == 200 and answer.json()["predictions"][0]["top_k"], answer.text
+        refused = invoke(url, b"not an image", "application/x-image")
+        assert refused.status_code == 400 and refused.json()["code"] == 400, refused.text
+    finally:
+        leftovers = stop_group(proc)
+    assert not leftovers, f"server processes survived SIGTERM: {leftovers}"
