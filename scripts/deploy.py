@@ -20,9 +20,11 @@ or SIGTERM, which deletes it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import re
 import signal
+import sys
 import time
 
 from imgclf.aws import endpoints, scripting
@@ -144,20 +146,25 @@ def serve_locally(api: Api, args: argparse.Namespace, model_name: str, config_na
 
     signal.signal(signal.SIGTERM, interrupt)
     port = ((api.local.config or {}).get("local") or {}).get("serving_port", 8080)
-    try:
-        api.call("sagemaker", "CreateEndpoint", endpoints.endpoint_request(args.name, config_name,
-                                                                           scripting.tags_from(args.tag)))
-        wait_in_service(api, args.name, config_name, args)
-        print(args.name, flush=True)
-        log.info("local endpoint %s InService on http://localhost:%s (predict.py --local --endpoint %s); Ctrl-C or "
-                 "SIGTERM deletes it", args.name, port, args.name)
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        log.info("deleting local endpoint %s", args.name)
-    finally:
-        for service, operation, request in endpoints.delete_requests(args.name, [config_name], [model_name], False):
-            api.call(service, operation, request)
+    out = sys.stdout
+    # The SDK's hosting thread prints docker-compose's output on stdout for as long as the endpoint lives; stdout
+    # carries only the endpoint's name.
+    with contextlib.redirect_stdout(sys.stderr):
+        try:
+            api.call("sagemaker", "CreateEndpoint", endpoints.endpoint_request(args.name, config_name,
+                                                                               scripting.tags_from(args.tag)))
+            wait_in_service(api, args.name, config_name, args)
+            print(args.name, file=out, flush=True)
+            log.info("local endpoint %s InService on http://localhost:%s (predict.py --local --endpoint %s); Ctrl-C "
+                     "or SIGTERM deletes it", args.name, port, args.name)
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            log.info("deleting local endpoint %s", args.name)
+        finally:
+            for service, operation, request in endpoints.delete_requests(args.name, [config_name], [model_name],
+                                                                         False):
+                api.call(service, operation, request)
     return EXIT_OK
 
 

@@ -419,7 +419,7 @@ def test_scripts_local_mode_train_deploy_predict_batch_delete(images, tmp_path, 
 
         photos = tmp_path / "photos"  # the SDK's local mode reads the files directly in the folder
         photos.mkdir()
-        originals = sorted((sample_dataset / "test").rglob("*.*"))[:3]
+        originals = [p for p in sorted((sample_dataset / "test").rglob("*")) if p.is_file()][:3]
         for i, path in enumerate(originals):
             shutil.copy(path, photos / f"{i}{path.suffix}")
         batch = script("batch_predict.py", "--local", "--input", str(photos), "--model-data", model,
