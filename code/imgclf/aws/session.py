@@ -81,6 +81,9 @@ def local_session():
 
 def check_local_image(image: str) -> str:
     """A locally built image, or a UserError saying how to build it (local mode never pulls)."""
+    if not shutil.which("docker"):
+        raise UserError("--local needs the `docker` command (Docker, or podman behind the Docker API: "
+                        "containers/podman.sh), which the SageMaker SDK's local mode drives")
     found = subprocess.run(["docker", "image", "inspect", image], capture_output=True, text=True)
     if found.returncode != 0:
         raise UserError(f"image {image} not found by `docker image inspect` ({found.stderr.strip()[-200:]}): build "
@@ -147,7 +150,6 @@ class Api:
             err = e.response.get("Error", {})
             raise AwsError(f"{service} {operation} failed: {err.get('Code')}: {err.get('Message')}",
                            code=err.get("Code")) from None
-
 
     def _call_local(self, client, service: str, operation: str, params: dict) -> dict:
         """The SDK's local clients run jobs and endpoints in the call itself and print docker-compose's output on
