@@ -258,8 +258,8 @@ def main(argv: list[str] | None = None) -> int:
         mms_port = free_port()
         os.environ["SAGEMAKER_BIND_TO_PORT"] = str(mms_port)  # MMS behind the front (read when MMS starts)
         front = start_batch_front(port, mms_port, execution_parameters(settings))
-        log.info("batch transform: /execution-parameters %s; multi-model-server on 127.0.0.1:%d",
-                 execution_parameters(settings), mms_port)
+        log.info("batch transform: GET /execution-parameters answers %s; multi-model-server on 127.0.0.1:%d",
+                 json.dumps(execution_parameters(settings)), mms_port)
     warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
     from sagemaker_inference import model_server  # reads SAGEMAKER_BASE_DIR at import time
 
