@@ -52,8 +52,10 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_OK
 
     job = jobs.wait_training_job(api, name, args.poll_interval, args.timeout, logs=not args.no_logs)
-    jobs.report_training_job(job)
-    jobs.download_reports(api, job, args.reports_dir or Path("reports") / name)
+    try:
+        jobs.report_training_job(job)  # raises JobFailed for a Failed or Stopped job
+    finally:  # its reports too: a failed job's rules and profiler report say why
+        jobs.download_reports(api, job, args.reports_dir or Path("reports") / name)
     print(job["ModelArtifacts"]["S3ModelArtifacts"])
     return EXIT_OK
 
