@@ -130,14 +130,12 @@ def wait_in_service(api: Api, name: str, config_name: str, args: argparse.Namesp
                             f"{ep.get('FailureReason') or 'the new config did not become healthy'}")
 
 
-def scaling_wanted(args: argparse.Namespace, scaling: tuple[dict, dict] | None) -> tuple[int, int, float] | None:
-    """(min, max, target) to register after the deploy: the flags', else what was registered before."""
-    if args.autoscale_max:
-        return args.autoscale_min or 1, args.autoscale_max, args.autoscale_target
-    if scaling:
-        target, policy = scaling
-        return target["MinCapacity"], target["MaxCapacity"], policy.get("TargetValue", args.autoscale_target)
-    return None
+def scaling_values(scaling: tuple[dict, dict] | None, default_target: float) -> tuple[int, int, float] | None:
+    """(min, max, target) of what current_scaling found, or None."""
+    if not scaling:
+        return None
+    target, policy = scaling
+    return target["MinCapacity"], target["MaxCapacity"], policy.get("TargetValue", default_target)
 
 
 def restore_scaling(api: Api, args: argparse.Namespace, wanted: tuple[int, int, float]) -> None:
@@ -201,7 +199,9 @@ def deploy(api: Api, args: argparse.Namespace) -> int:
                             f"{args.name} --delete`)")
         # SageMaker refuses an update that changes an autoscaled variant's instance type; a new model is allowed.
         lift = scaling is not None and endpoints.instance_type_of(current) != endpoints.instance_type_of(config)
-    wanted = scaling_wanted(args, scaling)
+    registered = scaling_values(scaling, args.autoscale_target)
+    # After the deploy: the flags' autoscaling, else what was registered before.
+    wanted = (args.autoscale_min or 1, args.autoscale_max, args.autoscale_target) if args.autoscale_max else registered
     if args.no_wait and changes and (lift or args.autoscale_max):
         raise UserError(f"autoscaling of {args.name} can only be registered once the endpoint is InService, and "
                         "--no-wait would leave it without: drop --no-wait (or deploy without --autoscale-* now and "
@@ -233,8 +233,8 @@ def deploy(api: Api, args: argparse.Namespace) -> int:
             if not (args.dry_run or args.no_wait):
                 wait_in_service(api, args.name, config_name, args)
         except BaseException:  # failed call, timeout, rollback, interrupt: never leave it without autoscaling
-            if lift and wanted:
-                restore_scaling(api, args, wanted)
+            if lift:
+                restore_scaling(api, args, registered)  # what it had: a rollback brings the old instances back
             raise
     if args.dry_run:
         if lift and wanted:
