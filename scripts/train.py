@@ -17,6 +17,7 @@ from pathlib import Path
 
 from imgclf import config
 from imgclf.aws import jobs, scripting
+from imgclf.aws.session import AwsError
 from imgclf.aws.training import training_job_request
 from imgclf.config import hyperparameter_strings
 from imgclf.exit_codes import EXIT_CODES_HELP, EXIT_OK
@@ -52,10 +53,13 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_OK
 
     job = jobs.wait_training_job(api, name, args.poll_interval, args.timeout, logs=not args.no_logs)
-    try:
-        jobs.report_training_job(job)  # raises JobFailed for a Failed or Stopped job
-    finally:  # its reports too: a failed job's rules and profiler report say why
+    try:  # whatever the job's end: a Failed or Stopped job's rules and profiler report say why
         jobs.download_reports(api, job, args.reports_dir or Path("reports") / name)
+    except AwsError as e:
+        if job["TrainingJobStatus"] == "Completed":
+            raise
+        log.warning("no reports: %s", e)  # the job's failure is the news, reported next
+    jobs.report_training_job(job)  # raises JobFailed for a Failed or Stopped job
     print(job["ModelArtifacts"]["S3ModelArtifacts"])
     return EXIT_OK
 

@@ -229,7 +229,7 @@ def download_reports(api: Api, job: dict, dest: Path) -> Path | None:
     try:
         answer = api.call("s3", "GetObject", {"Bucket": bucket, "Key": key}, mutates=False)
     except AwsError as e:
-        if e.code in ("NoSuchKey", "404", "AccessDenied"):
+        if e.code in ("NoSuchKey", "NoSuchBucket", "404", "AccessDenied"):
             log.warning("no reports at s3://%s/%s (%s)", bucket, key, e)
             return None
         raise
