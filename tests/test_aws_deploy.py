@@ -275,9 +275,8 @@ def test_instance_type_change_lifts_autoscaling_and_restores_it_on_timeout_and_r
 
     # The update rolls back: exit 1, autoscaling registered again.
     endpoint = backend.endpoints["lift-scaling"]
+    endpoint.endpoint_status = "InService"  # the update above finished after all
     old_config = endpoint.endpoint_config_name
-    endpoint.endpoint_status = "InService"
-    endpoint.endpoint_config_name = old_config = sagemaker_backend().endpoints["lift-scaling"].endpoint_config_name
     UPDATES.clear()
 
     def roll_back():

@@ -77,7 +77,8 @@ class ServingSpec:
 
     def model_request(self) -> dict:
         container = {"Image": self.image, "ModelDataUrl": self.model_data, "Environment": dict(self.environment)}
-        hashed: tuple = (container, self.role_arn) + ((True,) if self.network_isolation else ())  # old names stay
+        # Isolation changes the name; without it, names stay what earlier versions gave (no needless update).
+        hashed: tuple = (container, self.role_arn) + ((True,) if self.network_isolation else ())
         name = resource_name(self.name, suffix=self.suffix or content_hash(*hashed))
         request: dict = {"ModelName": name, "ExecutionRoleArn": self.role_arn, "PrimaryContainer": container}
         if self.network_isolation:
