@@ -23,8 +23,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from imgclf.aws import endpoints, s3sync, scripting, transform
-from imgclf.aws.images import image_uri, local_image
-from imgclf.aws.session import Api, AwsError, check_local_image
+from imgclf.aws.images import image_tag_default
+from imgclf.aws.session import Api, AwsError
 from imgclf.errors import UserError
 from imgclf.exit_codes import EXIT_CODES_HELP, EXIT_OK, JobFailed
 from imgclf.processes import free_port
@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--training-job", metavar="JOB", help="take the model artifact of this training job")
     model.add_argument("--image", help="serving image URI (default: <account>.dkr.ecr.<region>.amazonaws.com/"
                                        "imgclf-serve:<tag>; with --local: imgclf-serve:<tag>)")
-    model.add_argument("--image-tag", default="latest")
+    model.add_argument("--image-tag", default=image_tag_default(),
+                       help="tag of the default image (default: this checkout's git sha, what `make push` pushes)")
     model.add_argument("--workers", type=int, help="model server workers per instance (SAGEMAKER_MODEL_SERVER_WORKERS)")
     model.add_argument("--top-k", type=int, help="classes per image in each answer (IMGCLF_TOP_K; default 5)")
     model.add_argument("--env", action="append", type=scripting.key_value, default=[], metavar="KEY=VALUE",
@@ -95,11 +96,7 @@ def create_model(api: Api, args: argparse.Namespace, local: bool) -> str:
     spec = endpoints.ServingSpec(name="imgclf-batch", image="", model_data=model_data_of(api, args),
                                  role_arn=scripting.role_arn(api, args.role), environment=env,
                                  instance_type=args.instance_type or ("local" if local else "ml.m5.large"), local=local)
-    if local:
-        spec.image = check_local_image(args.image or local_image("serve", args.image_tag))
-    else:
-        spec.image = args.image or image_uri(scripting.account_of(api), scripting.region_of(api, args), "serve",
-                                             args.image_tag)
+    spec.image = scripting.serving_image(api, args)
     spec.check()
     model = spec.model_request()
     if scripting.describe_or_none(api, "sagemaker", "DescribeModel", {"ModelName": model["ModelName"]}):

@@ -28,8 +28,8 @@ import sys
 import time
 
 from imgclf.aws import endpoints, scripting
-from imgclf.aws.images import image_uri, local_image
-from imgclf.aws.session import Api, AwsError, check_local_image
+from imgclf.aws.images import image_tag_default
+from imgclf.aws.session import Api, AwsError
 from imgclf.errors import UserError
 from imgclf.exit_codes import EXIT_CODES_HELP, EXIT_OK, JobFailed
 
@@ -49,7 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--training-job", metavar="JOB", help="take the model artifact of this training job")
     model.add_argument("--image", help="serving image URI (default: <account>.dkr.ecr.<region>.amazonaws.com/"
                                        "imgclf-serve:<tag>)")
-    model.add_argument("--image-tag", default="latest")
+    model.add_argument("--image-tag", default=image_tag_default(),
+                       help="tag of the default image (default: this checkout's git sha, what `make push` pushed; "
+                            "else latest); deploy.py resolves it to the image's digest")
     model.add_argument("--workers", type=int, help="model server workers per instance (SAGEMAKER_MODEL_SERVER_WORKERS)")
     model.add_argument("--top-k", type=int, help="default number of breeds per prediction (IMGCLF_TOP_K)")
     model.add_argument("--env", action="append", type=scripting.key_value, default=[], metavar="KEY=VALUE",
@@ -64,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     fleet.add_argument("--serverless-concurrency", type=int, default=5, help="serverless: max concurrent requests")
     fleet.add_argument("--data-capture", metavar="S3URI", help="capture requests and responses to this S3 prefix")
     fleet.add_argument("--data-capture-percent", type=int, default=100, help="sampling percentage (default 100)")
+    security = parser.add_argument_group("security")
+    security.add_argument("--kms-key", metavar="KEY", help="KMS key (ID or ARN) for the instances' storage volumes")
+    security.add_argument("--network-isolation", action="store_true",
+                          help="the model container gets no network access (EnableNetworkIsolation)")
     scaling = parser.add_argument_group("autoscaling (target tracking on InvocationsPerInstance)")
     scaling.add_argument("--autoscale-min", type=int, metavar="N", help="fewest instances")
     scaling.add_argument("--autoscale-max", type=int, metavar="N", help="most instances (turns autoscaling on)")
@@ -168,6 +174,25 @@ def serve_locally(api: Api, args: argparse.Namespace, model_name: str, config_na
     return EXIT_OK
 
 
+def scaling_values(scaling: tuple[dict, dict] | None, default_target: float) -> tuple[int, int, float] | None:
+    """(min, max, target) of what current_scaling found, or None."""
+    if not scaling:
+        return None
+    target, policy = scaling
+    return target["MinCapacity"], target["MaxCapacity"], policy.get("TargetValue", default_target)
+
+
+def restore_scaling(api: Api, args: argparse.Namespace, wanted: tuple[int, int, float]) -> None:
+    """Register autoscaling again after an update that needed it lifted, however the update ended."""
+    try:
+        apply_scaling(api, args.name, *wanted)
+    except AwsError as e:  # e.g. the endpoint is still Updating after --timeout: say how to restore it
+        min_n, max_n, target = wanted
+        log.error("autoscaling of %s is NOT registered (%s): once the endpoint is InService, run deploy.py again "
+                  "with the same flags and --autoscale-min %d --autoscale-max %d --autoscale-target %g",
+                  args.name, e, min_n, max_n, target)
+
+
 def deploy(api: Api, args: argparse.Namespace) -> int:
     local = scripting.is_local(api)
     if local:
@@ -195,66 +220,85 @@ def deploy(api: Api, args: argparse.Namespace) -> int:
         instance_count=args.instance_count,
         serverless_memory_mb=args.serverless_memory, serverless_concurrency=args.serverless_concurrency,
         data_capture_uri=args.data_capture, data_capture_percent=args.data_capture_percent,
+        kms_key=args.kms_key, network_isolation=args.network_isolation, tags=scripting.tags_from(args.tag),
         suffix=scripting.timestamp() if args.timestamp_names else None, local=local)
     spec.check()  # the flags alone: before any AWS call
     spec.model_data = model_data_of(api, args)
     spec.role_arn = scripting.role_arn(api, args.role)
-    if local:
-        spec.image = check_local_image(args.image or local_image("serve", args.image_tag))
-    else:
-        spec.image = args.image or image_uri(scripting.account_of(api), scripting.region_of(api, args), "serve",
-                                             args.image_tag)
+    spec.image = scripting.serving_image(api, args)
     spec.check()
-
     model = spec.model_request()
+    config = spec.endpoint_config_request(model["ModelName"])
+    config_name = config["EndpointConfigName"]
+
+    # Everything SageMaker would refuse, and everything autoscaling needs, is decided before anything changes.
+    endpoint = scripting.describe_or_none(api, "sagemaker", "DescribeEndpoint", {"EndpointName": args.name})
+    changes = endpoint is None or endpoint["EndpointConfigName"] != config_name
+    scaling = current_scaling(api, args.name) if endpoint else None
+    lift = False  # whether autoscaling must be deregistered for the update
+    if endpoint is not None and changes:
+        if endpoint["EndpointStatus"] in BUSY:
+            raise AwsError(f"endpoint {args.name} is {endpoint['EndpointStatus']}: wait until it is InService, then "
+                           "deploy again")
+        if endpoint["EndpointStatus"] == "Failed":
+            raise AwsError(f"endpoint {args.name} is Failed ({endpoint.get('FailureReason', 'no reason given')}): "
+                           f"delete it with `deploy.py --name {args.name} --delete`, then deploy again")
+        current = api.call("sagemaker", "DescribeEndpointConfig",
+                           {"EndpointConfigName": endpoint["EndpointConfigName"]}, mutates=False)
+        if endpoints.is_serverless(current) != endpoints.is_serverless(config):
+            kinds = ("serverless", "instance") if endpoints.is_serverless(current) else ("instance", "serverless")
+            raise UserError(f"endpoint {args.name} is a {kinds[0]} endpoint and SageMaker cannot update it to a "
+                            f"{kinds[1]} one: deploy under another --name, or delete it first (`deploy.py --name "
+                            f"{args.name} --delete`)")
+        # SageMaker refuses an update that changes an autoscaled variant's instance type; a new model is allowed.
+        lift = scaling is not None and endpoints.instance_type_of(current) != endpoints.instance_type_of(config)
+    registered = scaling_values(scaling, args.autoscale_target)
+    # After the deploy: the flags' autoscaling, else what was registered before.
+    wanted = (args.autoscale_min or 1, args.autoscale_max, args.autoscale_target) if args.autoscale_max else registered
+    if args.no_wait and changes and (lift or args.autoscale_max):
+        raise UserError(f"autoscaling of {args.name} can only be registered once the endpoint is InService, and "
+                        "--no-wait would leave it without: drop --no-wait (or deploy without --autoscale-* now and "
+                        "run deploy.py with them again once it is InService)")
+
     if scripting.describe_or_none(api, "sagemaker", "DescribeModel", {"ModelName": model["ModelName"]}):
         log.info("model %s exists (same image, artifact and environment)", model["ModelName"])
     else:
         api.call("sagemaker", "CreateModel", model)
-    config = spec.endpoint_config_request(model["ModelName"])
-    config_name = config["EndpointConfigName"]
     if scripting.describe_or_none(api, "sagemaker", "DescribeEndpointConfig", {"EndpointConfigName": config_name}):
         log.info("endpoint config %s exists", config_name)
     else:
         api.call("sagemaker", "CreateEndpointConfig", config)
 
-    scaling = None
-    endpoint = scripting.describe_or_none(api, "sagemaker", "DescribeEndpoint", {"EndpointName": args.name})
     if endpoint is None:
         if local:
             return serve_locally(api, args, model["ModelName"], config_name)
-        api.call("sagemaker", "CreateEndpoint", endpoints.endpoint_request(args.name, config_name,
-                                                                           scripting.tags_from(args.tag)))
-    elif endpoint["EndpointConfigName"] == config_name:
+        api.call("sagemaker", "CreateEndpoint", endpoints.endpoint_request(args.name, config_name, spec.tags))
+    elif not changes:
         log.info("endpoint %s already uses %s: nothing to update", args.name, config_name)
-    elif endpoint["EndpointStatus"] in BUSY:
-        raise AwsError(f"endpoint {args.name} is {endpoint['EndpointStatus']}: wait until it is InService, then "
-                       "deploy again")
-    elif endpoint["EndpointStatus"] == "Failed":
-        raise AwsError(f"endpoint {args.name} is Failed ({endpoint.get('FailureReason', 'no reason given')}): "
-                       f"delete it with `deploy.py --name {args.name} --delete`, then deploy again")
     else:
-        # An update that changes the instances of an autoscaled variant fails: lift autoscaling, then restore it.
-        scaling = current_scaling(api, args.name)
-        if scaling:
+        if lift:
             for service, operation, request in endpoints.deregister_scaling_requests(args.name):
                 api.call(service, operation, request)
-        api.call("sagemaker", "UpdateEndpoint", endpoints.update_endpoint_request(args.name, config_name))
-        log.info("endpoint %s: updating from %s to %s (the old fleet serves until the new one is healthy)",
-                 args.name, endpoint["EndpointConfigName"], config_name)
+        try:
+            # Autoscaled: keep the instance count autoscaling chose rather than the config's initial count.
+            api.call("sagemaker", "UpdateEndpoint",
+                     endpoints.update_endpoint_request(args.name, config_name, keep_instance_count=bool(scaling)))
+            log.info("endpoint %s: updating from %s to %s (the old fleet serves until the new one is healthy)",
+                     args.name, endpoint["EndpointConfigName"], config_name)
+            if not (args.dry_run or args.no_wait):
+                wait_in_service(api, args.name, config_name, args)
+        except BaseException:  # failed call, timeout, rollback, interrupt: never leave it without autoscaling
+            if lift:
+                restore_scaling(api, args, registered)  # what it had: a rollback brings the old instances back
+            raise
     if args.dry_run:
+        if lift and wanted:
+            apply_scaling(api, args.name, *wanted)
         return EXIT_OK
-    if args.no_wait:
-        print(args.name)
-        return EXIT_OK
-    wait_in_service(api, args.name, config_name, args)
-
-    if args.autoscale_max:
-        apply_scaling(api, args.name, args.autoscale_min or 1, args.autoscale_max, args.autoscale_target)
-    elif scaling:
-        target, policy = scaling
-        apply_scaling(api, args.name, target["MinCapacity"], target["MaxCapacity"],
-                      policy.get("TargetValue", args.autoscale_target))
+    if endpoint is None and not args.no_wait:
+        wait_in_service(api, args.name, config_name, args)
+    if wanted and (lift or args.autoscale_max):  # --no-wait gets here only when nothing changed (checked above)
+        apply_scaling(api, args.name, *wanted)
     print(args.name)
     return EXIT_OK
 

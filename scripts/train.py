@@ -18,6 +18,7 @@ from pathlib import Path
 
 from imgclf import config
 from imgclf.aws import jobs, scripting
+from imgclf.aws.session import AwsError
 from imgclf.aws.training import training_job_request
 from imgclf.config import hyperparameter_strings
 from imgclf.errors import UserError
@@ -68,8 +69,13 @@ def main(argv: list[str] | None = None) -> int:
 
     # Local mode: the job ran within CreateTrainingJob, its log went to stderr; there is no CloudWatch.
     job = jobs.wait_training_job(api, name, args.poll_interval, args.timeout, logs=not (args.no_logs or args.local))
-    jobs.report_training_job(job)
-    jobs.download_reports(api, job, args.reports_dir or Path("reports") / name)
+    try:  # whatever the job's end: a Failed or Stopped job's rules and profiler report say why
+        jobs.download_reports(api, job, args.reports_dir or Path("reports") / name)
+    except AwsError as e:
+        if job["TrainingJobStatus"] == "Completed":
+            raise
+        log.warning("no reports: %s", e)  # the job's failure is the news, reported next
+    jobs.report_training_job(job)  # raises JobFailed for a Failed or Stopped job
     print(job["ModelArtifacts"]["S3ModelArtifacts"])
     return EXIT_OK
 

@@ -21,8 +21,8 @@ import logging
 from pathlib import Path
 
 from imgclf.aws import jobs, scripting
-from imgclf.aws.session import Api
-from imgclf.aws.training import best_hyperparameters, tuning_job_request
+from imgclf.aws.session import Api, AwsError
+from imgclf.aws.training import MAX_WARM_START_PARENTS, best_hyperparameters, check_warm_start, tuning_job_request
 from imgclf.config import hyperparameter_strings
 from imgclf.errors import UserError
 from imgclf.exit_codes import EXIT_CODES_HELP, EXIT_OK, JobFailed
@@ -109,6 +109,22 @@ def wait(api: Api, name: str, args: argparse.Namespace) -> dict:
             bar.close()
 
 
+def warm_start_parents(api: Api, names: list[str], args: argparse.Namespace) -> dict[str, dict]:
+    """The parents' descriptions, for check_warm_start (a dry run without AWS access cannot read them)."""
+    parents = {}
+    for name in names:
+        if scripting.is_offline(api):
+            log.warning("dry run without AWS access: warm start parent %s not checked", name)
+            continue
+        parent = scripting.describe_or_none(api, "sagemaker", "DescribeHyperParameterTuningJob",
+                                            {"HyperParameterTuningJobName": name})
+        if parent is None:
+            raise AwsError(f"warm start parent {name}: no such tuning job in {scripting.region_of(api, args)} "
+                           "(list them with `aws sagemaker list-hyper-parameter-tuning-jobs`)")
+        parents[name] = parent
+    return parents
+
+
 def write_best(job: dict, path: Path) -> None:
     best = job.get("BestTrainingJob") or {}
     hps = best_hyperparameters(job)
@@ -135,6 +151,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.checkpoint_s3:
             # One definition serves every training job of the tuning job: parallel jobs must not share checkpoints.
             raise UserError("--checkpoint-s3 is for train.py: the training jobs of a tuning job would share it")
+        parents = list(dict.fromkeys(args.warm_start))
+        if len(parents) > MAX_WARM_START_PARENTS:
+            raise UserError(f"--warm-start {len(parents)} tuning jobs: SageMaker takes at most "
+                            f"{MAX_WARM_START_PARENTS} parents; keep the best {MAX_WARM_START_PARENTS}")
         api = scripting.make_api(args)
         name = args.job_name or scripting.resource_name("imgclf-hpo", suffix=scripting.timestamp()[2:], max_len=32)
         if len(name) > 32:
@@ -142,8 +162,10 @@ def main(argv: list[str] | None = None) -> int:
         request = tuning_job_request(
             name, jobs.job_spec(api, args, name, checkpoints=False), space, static, objective=args.objective,
             max_jobs=args.max_jobs, max_parallel=args.max_parallel or 2, early_stopping=not args.no_early_stopping,
-            strategy=args.strategy, warm_start_from=args.warm_start, warm_start_type=args.warm_start_type,
+            strategy=args.strategy, warm_start_from=parents, warm_start_type=args.warm_start_type,
             tags=scripting.tags_from(args.tag))
+        if parents:  # SageMaker's rules, before anything is sent
+            check_warm_start(request, warm_start_parents(api, parents, args))
         jobs.create(api, "CreateHyperParameterTuningJob", request, name, "tuning job")
     if not jobs.waits(args, name, attached=bool(args.attach)):
         return EXIT_OK

@@ -51,3 +51,26 @@ def sagemaker_backend():
 
 def failed(result: subprocess.CompletedProcess) -> str:
     return f"exit {result.returncode}\nstdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-3000:]}"
+
+
+def put_ecr_image(endpoint: str, repository: str, tags: list[str], layer: str, registry: str = ACCOUNT) -> str:
+    """Record an image in the moto server's ECR (a manifest with one layer; moto derives the digest from the layers),
+    as `make push` would; return its digest."""
+    import hashlib
+
+    ecr = client("ecr", endpoint)
+    try:
+        ecr.create_repository(repositoryName=repository, registryId=registry)
+    except ecr.exceptions.RepositoryAlreadyExistsException:
+        pass
+    manifest = json.dumps({
+        "schemaVersion": 2, "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+        "config": {"mediaType": "application/vnd.docker.container.image.v1+json", "size": 2,
+                   "digest": "sha256:" + hashlib.sha256(b"{}").hexdigest()},
+        "layers": [{"mediaType": "application/vnd.docker.image.rootfs.diff.tar.gzip", "size": len(layer),
+                    "digest": "sha256:" + hashlib.sha256(layer.encode()).hexdigest()}]})
+    digest = None
+    for tag in tags:
+        digest = ecr.put_image(repositoryName=repository, registryId=registry, imageManifest=manifest,
+                               imageTag=tag)["image"]["imageId"]["imageDigest"]
+    return digest

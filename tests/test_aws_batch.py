@@ -13,11 +13,12 @@ import io
 import json
 
 import pytest
+from imgclf.aws.images import image_tag_default
 
-from tests.aws_helpers import ACCOUNT, ROLE, client, dry_run_requests, failed, offline_env, run_script
+from tests.aws_helpers import ACCOUNT, ROLE, client, dry_run_requests, failed, offline_env, put_ecr_image, run_script
 
 MODEL_DATA = "s3://dogs-batch/imgclf/output/job-1/output/model.tar.gz"
-SERVE_IMAGE = f"{ACCOUNT}.dkr.ecr.us-east-1.amazonaws.com/imgclf-serve:latest"
+SERVE_REPOSITORY = f"{ACCOUNT}.dkr.ecr.us-east-1.amazonaws.com/imgclf-serve"
 
 
 def answer(class_name: str, probability: float) -> bytes:
@@ -26,6 +27,7 @@ def answer(class_name: str, probability: float) -> bytes:
 
 
 def test_transform_job_and_summary_from_the_answers(aws_env, moto_server):
+    digest = put_ecr_image(moto_server, "imgclf-serve", [image_tag_default()], layer="serve-batch")
     s3 = client("s3", moto_server)
     s3.create_bucket(Bucket="dogs-batch")
     for key in ("photos/a.jpg", "photos/sub/b.png", "photos/c.jpg"):
@@ -57,7 +59,7 @@ def test_transform_job_and_summary_from_the_answers(aws_env, moto_server):
     assert job["TransformResources"] == {"InstanceType": "ml.c5.xlarge", "InstanceCount": 2}
     model = sm.describe_model(ModelName=job["ModelName"])
     assert job["ModelName"].startswith("imgclf-batch-")
-    assert model["PrimaryContainer"]["Image"] == SERVE_IMAGE
+    assert model["PrimaryContainer"]["Image"] == f"{SERVE_REPOSITORY}@{digest}"  # by digest, as deploy.py
     assert model["PrimaryContainer"]["ModelDataUrl"] == MODEL_DATA
     assert model["PrimaryContainer"]["Environment"] == {"IMGCLF_TOP_K": "1"}
     assert model["ExecutionRoleArn"] == ROLE

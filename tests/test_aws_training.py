@@ -121,6 +121,53 @@ def test_attach_to_a_failed_job_prints_the_failure_reason(aws_env):
     assert "training job job-that-fails Failed: ClientError: hyperparameter lr=-1" in result.stderr
 
 
+def _report_tarball(files: dict[str, object]) -> bytes:
+    report = io.BytesIO()
+    with tarfile.open(fileobj=report, mode="w:gz") as tar:
+        for name, content in files.items():
+            body = json.dumps(content).encode()
+            info = tarfile.TarInfo(name)
+            info.size = len(body)
+            tar.addfile(info, io.BytesIO(body))
+    return report.getvalue()
+
+
+@pytest.mark.parametrize("status", ["Failed", "Stopped"])
+def test_a_failed_or_stopped_job_still_gets_its_reports(aws_env, moto_server, tmp_path, status):
+    name = f"job-{status.lower()}-with-reports"
+    _create_job(aws_env, name)
+    job = sagemaker_backend().training_jobs[name]
+    job.training_job_status = status
+    job.failure_reason = "AlgorithmError: loss is nan at epoch 3"
+    job.model_artifacts = {}  # a job that ends early may have no model artifact: the output path still says where
+    s3 = client("s3", moto_server)
+    s3.create_bucket(Bucket="dogs-train")
+    s3.put_object(Bucket="dogs-train", Key=f"imgclf/output/{name}/output/output.tar.gz",
+                  Body=_report_tarball({"rules.json": {"LossNotDecreasing": "IssuesFound"}}))
+    result = run_script("train.py", "--attach", name, "--poll-interval", "0.1", "--no-logs", "--reports-dir",
+                        str(tmp_path / "reports"), env=aws_env)
+    assert result.returncode == 1, failed(result)
+    assert f"training job {name} {status}" in result.stderr
+    assert json.loads((tmp_path / "reports" / "rules.json").read_text()) == {"LossNotDecreasing": "IssuesFound"}
+
+
+def test_vpc_kms_and_inter_container_encryption(aws_env):
+    security = ["--subnet", "subnet-0a1b", "--subnet", "subnet-2c3d", "--security-group", "sg-0e4f", "--kms-key",
+                "alias/imgclf-output", "--volume-kms-key", "alias/imgclf-volume", "--encrypt-inter-container"]
+    for script, definition in (("train.py", lambda r: r), ("tune.py", lambda r: r["TrainingJobDefinition"])):
+        result = run_script(script, "--dry-run", "--data", DATA, "--role", ROLE, *security, env=offline_env())
+        assert result.returncode == 0, failed(result)
+        [sent] = dry_run_requests(result.stdout)  # validated against the service model
+        r = definition(sent["request"])
+        assert r["VpcConfig"] == {"Subnets": ["subnet-0a1b", "subnet-2c3d"], "SecurityGroupIds": ["sg-0e4f"]}
+        assert r["OutputDataConfig"]["KmsKeyId"] == "alias/imgclf-output"
+        assert r["ResourceConfig"]["VolumeKmsKeyId"] == "alias/imgclf-volume"
+        assert r["EnableInterContainerTrafficEncryption"] is True
+    half = run_script("train.py", "--dry-run", "--data", DATA, "--role", ROLE, "--subnet", "subnet-0a1b",
+                      env=offline_env())
+    assert half.returncode == 2 and "a VPC needs both --subnet and --security-group" in half.stderr, failed(half)
+
+
 def test_attach_streams_logs_then_downloads_reports(aws_env, moto_server, tmp_path):
     name = "job-that-completes"
     _create_job(aws_env, name)
@@ -205,6 +252,10 @@ def test_tuning_overrides_warm_start_and_best_hyperparameters_for_train(aws_env,
     space = tmp_path / "space.json"
     space.write_text(json.dumps({"lr": {"type": "continuous", "min": 0.0001, "max": 0.01, "scaling": "Logarithmic"},
                                  "freeze": {"type": "categorical", "values": ["head", "none"]}}))
+    parent = run_script("tune.py", "--data", DATA, "--role", ROLE, "--search-space", str(space), "--param",
+                        "epochs=2:8", "--objective", "loss", "--job-name", "imgclf-hpo-previous", "--hp",
+                        "model=resnet50", "--no-wait", env=aws_env)
+    assert parent.returncode == 0, failed(parent)
     result = run_script("tune.py", "--data", DATA, "--role", ROLE, "--search-space", str(space),
                         "--param", "epochs=3:12", "--objective", "loss", "--no-early-stopping",
                         "--warm-start", "imgclf-hpo-previous", "--job-name", "hpo-override", "--spot",
@@ -242,6 +293,39 @@ def test_tuning_overrides_warm_start_and_best_hyperparameters_for_train(aws_env,
     [sent] = dry_run_requests(train.stdout)
     assert sent["request"]["HyperParameters"] == {"model": "resnet50", "lr": "0.00231", "freeze": "none",
                                                   "epochs": "12"}
+
+
+def test_warm_start_rules_are_checked_before_sending(aws_env, moto_server):
+    sm = client("sagemaker", moto_server)
+    parent = run_script("tune.py", "--data", DATA, "--role", ROLE, "--hp", "model=resnet50", "--job-name",
+                        "ws-parent", "--no-wait", env=aws_env)
+    assert parent.returncode == 0, failed(parent)
+    base = ["tune.py", "--data", DATA, "--role", ROLE, "--job-name", "ws-child", "--no-wait"]
+
+    def refused(*args: str, code: int = 2) -> str:
+        result = run_script(*base, *args, env=aws_env)
+        assert result.returncode == code, failed(result)
+        names = [j["HyperParameterTuningJobName"] for j in sm.list_hyper_parameter_tuning_jobs()[
+            "HyperParameterTuningJobSummaries"]]
+        assert "ws-child" not in names, "a refused warm start was sent"
+        return result.stderr
+
+    too_many = refused("--hp", "model=resnet50", *[a for i in range(6) for a in ("--warm-start", f"ws-{i}")])
+    assert "SageMaker takes at most 5 parents" in too_many
+    objective = refused("--hp", "model=resnet50", "--warm-start", "ws-parent", "--objective", "loss")
+    assert ("parent ws-parent maximizes valid:accuracy, this job minimizes valid:loss: warm start needs the same "
+            "objective") in objective
+    names = refused("--hp", "model=resnet50", "--hp", "freeze=head", "--warm-start", "ws-parent")
+    assert "parent ws-parent has other hyperparameters (static and tuned together): drop freeze" in names
+    kinds = refused("--hp", "model=resnet50", "--param", "epochs=3:12", "--warm-start", "ws-parent")
+    assert "parent ws-parent tunes epochs as Categorical: a warm start keeps each range's type" in kinds
+    missing = refused("--hp", "model=resnet50", "--warm-start", "ws-nowhere", code=3)
+    assert "warm start parent ws-nowhere: no such tuning job" in missing
+
+    # The same names, kinds and objective with a narrower range: accepted.
+    ok = run_script(*base, "--hp", "model=resnet50", "--param", "lr=0.0001:0.01:log", "--warm-start", "ws-parent",
+                    env=aws_env)
+    assert ok.returncode == 0, failed(ok)
 
 
 @pytest.mark.parametrize("args, message", [

@@ -58,6 +58,25 @@ def test_metric_lines_match_the_exported_definitions(trained):
                      result.stdout, re.M)
 
 
+def test_the_last_metric_lines_are_the_selected_epochs(tmp_path, sample_dataset):
+    """A tuning job ranks by the last value of its objective in the log: it must be the epoch whose weights were
+    saved (the best by validation accuracy), not the last epoch's. Adam at lr 0.05 and patience 1 stop the run one
+    epoch after its best."""
+    hps = {**FAST_HPS, "lr": "0.05", "epochs": "6", "early-stopping-patience": "1", "image-size": "32"}
+    result = local_train(sample_dataset, tmp_path / "out", hps)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "out" / "reports" / "metrics.json").read_text())
+    assert metrics["best_epoch"] < metrics["epochs_run"], "the run must end after its best epoch for this test"
+    best = metrics["history"][metrics["best_epoch"] - 1]
+    for name in ("valid:loss", "valid:accuracy"):
+        regex = next(d["Regex"] for d in config.METRIC_DEFINITIONS if d["Name"] == name)
+        last = float(re.findall(regex, result.stdout)[-1])
+        assert last == pytest.approx(best[name.replace(":", "_")], rel=1e-6), name
+    # best_epoch=, not epoch=: the local search's pruner takes `epoch=N` lines as steps.
+    assert [line for line in result.stdout.splitlines() if "valid_accuracy=" in line][-1].startswith(
+        f"best_epoch={metrics['best_epoch']} ")
+
+
 def test_hyperparameter_validation():
     hp = config.parse_hyperparameters({"lr": "0.01", "batch-size": 256.0, "augment": "false", "model": "ResNet50"})
     assert hp.lr == 0.01 and hp.batch_size == 256 and hp.augment is False and hp.model == "resnet50"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 
 # Repository names are <prefix>-<image>; with the default prefix they are imgclf.aws.images.REPOSITORIES.
 DEFAULT_PREFIX = "imgclf"
@@ -20,15 +21,38 @@ def registry(account: str, region: str) -> str:
     return f"{account}.dkr.ecr.{region}.{domain}"
 
 
-def create_repository(name: str) -> dict:
-    """Scan on push (basic scanning: known CVEs in OS packages), encrypted at rest, tags may move (`latest`)."""
-    return {"repositoryName": name, "imageScanningConfiguration": {"scanOnPush": True},
-            "imageTagMutability": "MUTABLE", "encryptionConfiguration": {"encryptionType": "AES256"}}
+# <account>.dkr.ecr.<region>.amazonaws.com[.cn]/<repository>[:<tag>|@<digest>]
+IMAGE_URI = re.compile(r"(?P<account>\d{12})\.dkr\.ecr\.(?P<region>[a-z0-9-]+)\.amazonaws\.com(?:\.cn)?/"
+                       r"(?P<repository>[a-z0-9._/-]+?)(?::(?P<tag>[\w.-]+)|@(?P<digest>sha256:[0-9a-f]{64}))?")
 
 
-def put_image_scanning_configuration(name: str) -> dict:
+def create_repository(name: str, account: str, tags: list[dict[str, str]] | None = None) -> dict:
+    """Scan on push (basic scanning: known CVEs in OS packages), encrypted at rest, tags may move (`latest`).
+    registryId: the registry of `account` (default would be the caller's, whatever --account says)."""
+    request = {"registryId": account, "repositoryName": name, "imageScanningConfiguration": {"scanOnPush": True},
+               "imageTagMutability": "MUTABLE", "encryptionConfiguration": {"encryptionType": "AES256"}}
+    if tags:
+        request["tags"] = tags
+    return request
+
+
+def put_image_scanning_configuration(name: str, account: str) -> dict:
     """For a repository that already exists: turn scan on push on (again)."""
-    return {"repositoryName": name, "imageScanningConfiguration": {"scanOnPush": True}}
+    return {"registryId": account, "repositoryName": name, "imageScanningConfiguration": {"scanOnPush": True}}
+
+
+def describe_image_request(uri: str) -> dict | None:
+    """DescribeImages for the tag of an ECR image URI; None when the URI is not a tagged ECR image."""
+    match = IMAGE_URI.fullmatch(uri)
+    if not match or not match["tag"]:
+        return None
+    return {"registryId": match["account"], "repositoryName": match["repository"],
+            "imageIds": [{"imageTag": match["tag"]}]}
+
+
+def digest_uri(uri: str, digest: str) -> str:
+    """The tagged URI with its tag replaced by the digest: <registry>/<repository>@sha256:..."""
+    return uri.rsplit(":", 1)[0] + "@" + digest
 
 
 def lifecycle_policy(keep: int) -> dict:
@@ -43,8 +67,9 @@ def lifecycle_policy(keep: int) -> dict:
     }]}
 
 
-def put_lifecycle_policy(name: str, keep: int) -> dict:
-    return {"repositoryName": name, "lifecyclePolicyText": json.dumps(lifecycle_policy(keep), sort_keys=True)}
+def put_lifecycle_policy(name: str, keep: int, account: str) -> dict:
+    return {"registryId": account, "repositoryName": name,
+            "lifecyclePolicyText": json.dumps(lifecycle_policy(keep), sort_keys=True)}
 
 
 def docker_credentials(authorization_data: dict) -> tuple[str, str, str]:

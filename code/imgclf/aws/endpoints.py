@@ -38,6 +38,9 @@ class ServingSpec:
     serverless_concurrency: int = 5
     data_capture_uri: str | None = None
     data_capture_percent: int = 100
+    kms_key: str | None = None  # encrypts the instances' ML storage volume
+    network_isolation: bool = False  # the container gets no network access
+    tags: list[dict[str, str]] = field(default_factory=list)  # not part of the names' hash: tags change nothing served
     suffix: str | None = None  # e.g. a timestamp; default: a hash of the contents
     local: bool = False  # SageMaker's local mode: a file:// model, instance type local or local_gpu
 
@@ -55,6 +58,13 @@ class ServingSpec:
                                 + ", ".join(map(str, SERVERLESS_MEMORY_MB)))
             if not 1 <= self.serverless_concurrency <= 200:
                 problems.append(f"serverless concurrency {self.serverless_concurrency}: must be 1-200")
+            # SageMaker Serverless Inference supports neither data capture nor a volume KMS key (it has no volume).
+            if self.data_capture_uri is not None:
+                problems.append("data capture is not available on serverless endpoints: drop --data-capture, or "
+                                "deploy to instances (--instance-type) instead of --serverless-memory")
+            if self.kms_key:
+                problems.append("--kms-key encrypts instance storage volumes, which serverless endpoints do not "
+                                "have: drop --kms-key or --serverless-memory")
         elif self.local:
             if self.instance_type not in LOCAL_INSTANCE_TYPES:
                 problems.append(f"instance type {self.instance_type!r}: local mode takes "
@@ -74,8 +84,15 @@ class ServingSpec:
 
     def model_request(self) -> dict:
         container = {"Image": self.image, "ModelDataUrl": self.model_data, "Environment": dict(self.environment)}
-        name = resource_name(self.name, suffix=self.suffix or content_hash(container, self.role_arn))
-        return {"ModelName": name, "ExecutionRoleArn": self.role_arn, "PrimaryContainer": container}
+        # Isolation changes the name; without it, names stay what earlier versions gave (no needless update).
+        hashed: tuple = (container, self.role_arn) + ((True,) if self.network_isolation else ())
+        name = resource_name(self.name, suffix=self.suffix or content_hash(*hashed))
+        request: dict = {"ModelName": name, "ExecutionRoleArn": self.role_arn, "PrimaryContainer": container}
+        if self.network_isolation:
+            request["EnableNetworkIsolation"] = True
+        if self.tags:
+            request["Tags"] = list(self.tags)
+        return request
 
     def endpoint_config_request(self, model_name: str) -> dict:
         variant: dict = {"VariantName": VARIANT, "ModelName": model_name}
@@ -93,8 +110,10 @@ class ServingSpec:
                 "CaptureOptions": [{"CaptureMode": "Input"}, {"CaptureMode": "Output"}],
                 "CaptureContentTypeHeader": {"JsonContentTypes": ["application/json"]},
             }
+        if self.kms_key:
+            request["KmsKeyId"] = self.kms_key
         name = resource_name(self.name, suffix=self.suffix or content_hash(request))
-        return {"EndpointConfigName": name, **request}
+        return {"EndpointConfigName": name, **request, **({"Tags": list(self.tags)} if self.tags else {})}
 
 
 def endpoint_request(name: str, config_name: str, tags: list[dict[str, str]] | None = None) -> dict:
@@ -104,8 +123,24 @@ def endpoint_request(name: str, config_name: str, tags: list[dict[str, str]] | N
     return request
 
 
-def update_endpoint_request(name: str, config_name: str) -> dict:
-    return {"EndpointName": name, "EndpointConfigName": config_name}
+def update_endpoint_request(name: str, config_name: str, keep_instance_count: bool = False) -> dict:
+    """keep_instance_count: the variant keeps its current instance count (what autoscaling set) and weight
+    instead of the new config's InitialInstanceCount; the new config's data capture settings still apply."""
+    request: dict = {"EndpointName": name, "EndpointConfigName": config_name}
+    if keep_instance_count:
+        request.update({"RetainAllVariantProperties": True,
+                        "ExcludeRetainedVariantProperties": [{"VariantPropertyType": "DataCaptureConfig"}]})
+    return request
+
+
+def is_serverless(config: dict) -> bool:
+    """Whether a DescribeEndpointConfig answer (or a CreateEndpointConfig request) is a serverless endpoint's."""
+    return any("ServerlessConfig" in v for v in config.get("ProductionVariants", []))
+
+
+def instance_type_of(config: dict) -> str | None:
+    return next((v.get("InstanceType") for v in config.get("ProductionVariants", []) if v["VariantName"] == VARIANT),
+                None)
 
 
 def scaling_resource_id(endpoint: str) -> str:

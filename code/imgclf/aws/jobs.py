@@ -67,6 +67,18 @@ def add_job_args(parser: argparse.ArgumentParser) -> None:
                          help="no network access from the container (weights must come from the weights channel)"),
         res.add_argument("--tag", action="append", type=scripting.key_value, default=[], metavar="KEY=VALUE"),
     )
+    security = parser.add_argument_group("security (SageMaker only)")
+    only_for(
+        CLOUD,
+        security.add_argument("--subnet", action="append", default=[], metavar="SUBNET_ID",
+                              help="run in this VPC subnet (repeat; needs --security-group)"),
+        security.add_argument("--security-group", action="append", default=[], metavar="SG_ID",
+                              help="VPC security group (repeat; needs --subnet)"),
+        security.add_argument("--kms-key", metavar="KEY", help="KMS key (ID, ARN or alias) for the outputs in S3"),
+        security.add_argument("--volume-kms-key", metavar="KEY", help="KMS key for the instances' storage volumes"),
+        security.add_argument("--encrypt-inter-container", action="store_true",
+                              help="encrypt the traffic between the instances of a distributed job"),
+    )
 
 
 def hyperparameters_from(args: argparse.Namespace) -> dict[str, Any]:
@@ -116,6 +128,8 @@ def job_spec(api: Api, args: argparse.Namespace, job_name: str, checkpoints: boo
                    instance_type=instance_type, instance_count=args.instance_count,
                    volume_gb=args.volume_size, max_runtime_s=args.max_runtime, spot=args.spot,
                    max_wait_s=args.max_wait, checkpoint_uri=checkpoint, network_isolation=args.network_isolation,
+                   subnets=args.subnet, security_groups=args.security_group, output_kms_key=args.kms_key,
+                   volume_kms_key=args.volume_kms_key, encrypt_inter_container=args.encrypt_inter_container,
                    local=local)
 
 
@@ -235,12 +249,21 @@ def report_training_job(job: dict) -> None:
 
 
 def download_reports(api: Api, job: dict, dest: Path) -> Path | None:
-    """Extract the job's output.tar.gz (what the training wrote to /opt/ml/output/data) into dest."""
+    """Extract the job's output.tar.gz (what the training wrote to /opt/ml/output/data) into dest.
+
+    Whatever the job's end: SageMaker uploads output/data of Failed and Stopped jobs too, and their rules and
+    profiler reports are the ones most needed. Such jobs may have no model artifact, so the path comes from
+    the output path: <S3OutputPath>/<job>/output/output.tar.gz.
+    """
     model_uri = job.get("ModelArtifacts", {}).get("S3ModelArtifacts", "")
-    if not model_uri.endswith("/model.tar.gz"):
-        log.warning("no reports: the job has no model artifact path")
+    output_path = job.get("OutputDataConfig", {}).get("S3OutputPath", "")
+    if model_uri.endswith("/model.tar.gz"):
+        output_uri = model_uri.removesuffix("model.tar.gz") + "output.tar.gz"
+    elif output_path:
+        output_uri = f"{output_path.rstrip('/')}/{job['TrainingJobName']}/output/output.tar.gz"
+    else:
+        log.warning("no reports: the job has no output path")
         return None
-    output_uri = model_uri.removesuffix("model.tar.gz") + "output.tar.gz"
     if output_uri.startswith("file://"):  # --local: the SDK's local mode wrote it here
         path = Path(urllib.parse.urlsplit(output_uri).path)
         if not path.is_file():
@@ -253,7 +276,7 @@ def download_reports(api: Api, job: dict, dest: Path) -> Path | None:
         try:
             body = api.call("s3", "GetObject", {"Bucket": bucket, "Key": key}, mutates=False)["Body"].read()
         except AwsError as e:
-            if e.code in ("NoSuchKey", "404", "AccessDenied"):
+            if e.code in ("NoSuchKey", "NoSuchBucket", "404", "AccessDenied"):
                 log.warning("no reports at s3://%s/%s (%s)", bucket, key, e)
                 return None
             raise

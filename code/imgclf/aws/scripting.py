@@ -14,7 +14,8 @@ from pathlib import Path
 
 import botocore.exceptions
 
-from imgclf.aws.session import LOCAL_REGION, Api, AwsError, local_session, make_session
+from imgclf.aws.images import image_uri, local_image, resolve_digest
+from imgclf.aws.session import LOCAL_REGION, Api, AwsError, check_local_image, local_session, make_session
 from imgclf.errors import UserError
 from imgclf.exit_codes import EXIT_AWS, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_TIMEOUT, EXIT_USAGE, JobFailed
 from imgclf.search.flags import CLOUD, only_for
@@ -135,6 +136,14 @@ def local_uri(location: str, what: str, must_exist: bool = True) -> str:
     if must_exist and not path.exists():
         raise UserError(f"{what} {location}: no such file or folder")
     return path.as_uri()
+
+
+def serving_image(api: Api, args: argparse.Namespace) -> str:
+    """The image a model serves with: with --local the locally built one; on AWS ECR's, by digest (a tag such as
+    latest moves with every push, and a model's name hashes this URI, so a new push gives a new model)."""
+    if is_local(api):
+        return check_local_image(args.image or local_image("serve", args.image_tag))
+    return resolve_digest(api, args.image or image_uri(account_of(api), region_of(api, args), "serve", args.image_tag))
 
 
 def describe_or_none(api: Api, service: str, operation: str, params: dict) -> dict | None:

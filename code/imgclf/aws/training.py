@@ -36,6 +36,11 @@ class JobSpec:
     checkpoint_uri: str | None = None
     network_isolation: bool = False
     environment: dict[str, str] = field(default_factory=dict)
+    subnets: list[str] = field(default_factory=list)  # VPC: the job's instances run in these subnets
+    security_groups: list[str] = field(default_factory=list)
+    output_kms_key: str | None = None  # encrypts model.tar.gz, output.tar.gz (and checkpoints) in S3
+    volume_kms_key: str | None = None  # encrypts the instances' storage volumes
+    encrypt_inter_container: bool = False  # distributed training: encrypt traffic between the instances
     local: bool = False  # SageMaker's local mode: file:// locations, instance type local or local_gpu
 
     def check(self) -> None:
@@ -68,6 +73,11 @@ class JobSpec:
             problems.append(f"volume size {self.volume_gb} GB: must be 1-16384")
         if self.instance_count < 1:  # more than 1: distributed data-parallel training (imgclf.training.distributed)
             problems.append(f"instance count {self.instance_count}: must be 1 or more")
+        if bool(self.subnets) != bool(self.security_groups):
+            problems.append("a VPC needs both --subnet and --security-group (each may repeat)")
+        problems += [f"--subnet {s!r}: expected subnet-<hex>" for s in self.subnets if not s.startswith("subnet-")]
+        problems += [f"--security-group {g!r}: expected sg-<hex>" for g in self.security_groups
+                     if not g.startswith("sg-")]
         if problems:
             raise UserError("; ".join(problems))
 
@@ -93,6 +103,14 @@ class JobSpec:
             request["CheckpointConfig"] = {"S3Uri": self.checkpoint_uri, "LocalPath": CHECKPOINT_DIR}
         if self.environment:
             request["Environment"] = dict(self.environment)
+        if self.subnets:
+            request["VpcConfig"] = {"Subnets": list(self.subnets), "SecurityGroupIds": list(self.security_groups)}
+        if self.output_kms_key:
+            request["OutputDataConfig"]["KmsKeyId"] = self.output_kms_key
+        if self.volume_kms_key:
+            request["ResourceConfig"]["VolumeKmsKeyId"] = self.volume_kms_key
+        if self.encrypt_inter_container:
+            request["EnableInterContainerTrafficEncryption"] = True
         return request
 
 
@@ -169,3 +187,63 @@ def best_hyperparameters(tuning_job: dict) -> dict[str, Any]:
     merged = {**definition.get("StaticHyperParameters", {}), **best.get("TunedHyperParameters", {})}
     return hyperparameter_strings(user_hyperparameters(merged))
 
+
+
+MAX_WARM_START_PARENTS = 5  # SageMaker's limit (HyperParameterTuningJobWarmStartConfig)
+MAX_STATIC_CHANGES = 10  # tunable -> static plus changed static values, counted against the parents
+RANGE_KINDS = ("ContinuousParameterRanges", "IntegerParameterRanges", "CategoricalParameterRanges")
+
+
+def _hyperparameter_kinds(config: dict, definition: dict) -> dict[str, str]:
+    """name -> Continuous / Integer / Categorical / static, as a tuning job request or description has them."""
+    kinds = {k: "static" for k in definition.get("StaticHyperParameters", {})
+             if not k.startswith(("_", "sagemaker_"))}  # what SageMaker adds itself
+    for key in RANGE_KINDS:
+        kinds.update({r["Name"]: key.removesuffix("ParameterRanges")
+                      for r in config.get("ParameterRanges", {}).get(key, [])})
+    return kinds
+
+
+def check_warm_start(request: dict, parents: dict[str, dict]) -> None:
+    """SageMaker's warm start rules, checked before sending: `parents` maps each parent's name to its
+    DescribeHyperParameterTuningJob answer. Raises UserError naming every broken rule."""
+    config, definition = request["HyperParameterTuningJobConfig"], request["TrainingJobDefinition"]
+    objective = config["HyperParameterTuningJobObjective"]
+    kinds = _hyperparameter_kinds(config, definition)
+    static = definition.get("StaticHyperParameters", {})
+    problems = []
+    for name, parent in parents.items():
+        status = parent["HyperParameterTuningJobStatus"]
+        if status not in ("Completed", "Stopped", "Failed"):
+            problems.append(f"parent {name} is {status}: warm start needs parents that have ended")
+        p_objective = parent["HyperParameterTuningJobConfig"]["HyperParameterTuningJobObjective"]
+        if (p_objective["MetricName"], p_objective["Type"]) != (objective["MetricName"], objective["Type"]):
+            problems.append(f"parent {name} {p_objective['Type'].lower()}s {p_objective['MetricName']}, this job "
+                            f"{objective['Type'].lower()}s {objective['MetricName']}: warm start needs the same "
+                            "objective (--objective)")
+        p_definition = parent.get("TrainingJobDefinition") or {}
+        p_kinds = _hyperparameter_kinds(parent["HyperParameterTuningJobConfig"], p_definition)
+        if set(p_kinds) != set(kinds):
+            missing, extra = sorted(set(p_kinds) - set(kinds)), sorted(set(kinds) - set(p_kinds))
+            problems.append(f"parent {name} has other hyperparameters (static and tuned together): "
+                            + "; ".join(filter(None, [missing and f"add {', '.join(missing)} (--hp or --param)",
+                                                      extra and f"drop {', '.join(extra)}"])))
+        changed_kind = sorted(k for k in set(p_kinds) & set(kinds)
+                              if "static" not in (p_kinds[k], kinds[k]) and p_kinds[k] != kinds[k])
+        if changed_kind:
+            problems.append(f"parent {name} tunes {', '.join(f'{k} as {p_kinds[k]}' for k in changed_kind)}: a "
+                            "warm start keeps each range's type")
+        p_static = p_definition.get("StaticHyperParameters", {})
+        changes = [k for k in static if k in p_kinds and (p_kinds[k] != "static" or p_static.get(k) != static[k])]
+        if len(changes) > MAX_STATIC_CHANGES:
+            problems.append(f"{len(changes)} static hyperparameters differ from parent {name} "
+                            f"({', '.join(sorted(changes))}): SageMaker allows {MAX_STATIC_CHANGES}")
+        if request.get("WarmStartConfig", {}).get("WarmStartType") == "IdenticalDataAndAlgorithm":
+            image = definition["AlgorithmSpecification"]["TrainingImage"]
+            p_image = p_definition.get("AlgorithmSpecification", {}).get("TrainingImage")
+            if p_image and p_image != image:
+                problems.append(f"parent {name} trained with {p_image}, this job with {image}: "
+                                "IdenticalDataAndAlgorithm needs the same image (or --warm-start-type "
+                                "TransferLearning)")
+    if problems:
+        raise UserError("warm start: " + "; ".join(problems))

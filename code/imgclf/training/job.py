@@ -207,6 +207,12 @@ def finish(hp, paths: Paths, model, classes, state: checkpoint.State, eval_loade
     final = final_evaluations(model, classes, eval_loaders, device, dist)
     if not dist.is_main:
         return {"best_epoch": state.best_epoch, **{f"{name}_accuracy": e.accuracy for name, e in final.items()}}
+    # A tuning job's objective is the last value the log shows: make it the selected epoch's, not the last epoch's.
+    # (`best_epoch=`: no `epoch=` step for the local search's pruner.)
+    best = next((r for r in state.history if r["epoch"] == state.best_epoch), None)
+    if best is not None:
+        print(metrics_line({"best_epoch": best["epoch"]}, valid_loss=best["valid_loss"],
+                           valid_accuracy=best["valid_accuracy"]), flush=True)
     if "test" in final:
         print(metrics_line({}, test_loss=final["test"].loss, test_accuracy=final["test"].accuracy), flush=True)
     else:
