@@ -30,7 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--job-name", help="default: imgclf-<model>-<UTC timestamp>")
     parser.add_argument("--attach", metavar="JOB", help="wait for (and report on) an existing training job instead")
     parser.add_argument("--reports-dir", type=Path,
-                        help="where the job's reports are extracted (default: ./reports/<job>)")
+                        help="where the job's reports are extracted (default: ./reports/<job>); rules.json and "
+                             "profiler-report.html there are kept current while the job runs")
     parser.add_argument("--no-logs", action="store_true", help="do not stream the job's CloudWatch log")
     jobs.add_job_args(parser)
     scripting.add_wait_args(parser, "training job")
@@ -51,9 +52,12 @@ def main(argv: list[str] | None = None) -> int:
     if not jobs.waits(args, name, attached=bool(args.attach)):
         return EXIT_OK
 
-    job = jobs.wait_training_job(api, name, args.poll_interval, args.timeout, logs=not args.no_logs)
+    reports = args.reports_dir or Path("reports") / name
+    # rules.json and the report are fetched into `reports` while the job runs, then replaced by the final ones
+    job = jobs.wait_training_job(api, name, args.poll_interval, args.timeout, logs=not args.no_logs,
+                                 live=jobs.LiveReports(api, reports))
     jobs.report_training_job(job)
-    jobs.download_reports(api, job, args.reports_dir or Path("reports") / name)
+    jobs.download_reports(api, job, reports)
     print(job["ModelArtifacts"]["S3ModelArtifacts"])
     return EXIT_OK
 

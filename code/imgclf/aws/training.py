@@ -10,7 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from imgclf.config import CHECKPOINT_DIR, METRIC_DEFINITIONS, hyperparameter_strings
+from imgclf.config import (
+    CHECKPOINT_DIR,
+    METRIC_DEFINITIONS,
+    TENSORBOARD_DIR,
+    hyperparameter_strings,
+    rule_metric_definitions,
+)
+from imgclf.debugging.rules import RULES
 from imgclf.errors import UserError
 from imgclf.search.results import user_hyperparameters
 from imgclf.search.space import OBJECTIVES, check_disjoint, parameter_ranges
@@ -33,6 +40,7 @@ class JobSpec:
     spot: bool = False
     max_wait_s: int | None = None
     checkpoint_uri: str | None = None
+    tensorboard_uri: str | None = None  # live sync of /opt/ml/output/tensorboard: events, rules.json, report
     network_isolation: bool = False
     environment: dict[str, str] = field(default_factory=dict)
 
@@ -45,7 +53,8 @@ class JobSpec:
             problems.append("no data: give --data s3://... (folder with train/ valid/ test/) or channels train and "
                             "valid")
         for name, uri in [*self.channels.items(), ("output", self.output_path),
-                          ("checkpoint", self.checkpoint_uri or "s3://")]:
+                          ("checkpoint", self.checkpoint_uri or "s3://"),
+                          ("tensorboard", self.tensorboard_uri or "s3://")]:
             if not uri.startswith("s3://"):
                 problems.append(f"{name} location {uri!r} is not an s3:// URI")
         if not self.instance_type.startswith("ml."):
@@ -91,8 +100,9 @@ class JobSpec:
         return request
 
 
-def metric_definitions() -> list[dict[str, str]]:
-    return [dict(m) for m in METRIC_DEFINITIONS]
+def metric_definitions(rules: bool = False) -> list[dict[str, str]]:
+    """The training metrics; with `rules`, also the rule metrics (rules:issues, rule:<name>) for alarms."""
+    return [dict(m) for m in (*METRIC_DEFINITIONS, *(rule_metric_definitions(RULES) if rules else ()))]
 
 
 def training_job_request(name: str, spec: JobSpec, hyperparameters: dict[str, Any],
@@ -102,10 +112,12 @@ def training_job_request(name: str, spec: JobSpec, hyperparameters: dict[str, An
         "TrainingJobName": name,
         "HyperParameters": hyperparameter_strings(hyperparameters),
         "AlgorithmSpecification": {"TrainingImage": spec.image, "TrainingInputMode": "File",
-                                   "MetricDefinitions": metric_definitions(),
+                                   "MetricDefinitions": metric_definitions(rules=True),
                                    "EnableSageMakerMetricsTimeSeries": True},
         **spec.common(),
     }
+    if spec.tensorboard_uri:  # a training job only: tuning jobs' definitions have no TensorBoardOutputConfig
+        request["TensorBoardOutputConfig"] = {"S3OutputPath": spec.tensorboard_uri, "LocalPath": TENSORBOARD_DIR}
     if tags:
         request["Tags"] = tags
     return request
