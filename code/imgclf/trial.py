@@ -295,11 +295,12 @@ def _open_s3(uri: str, work: Path) -> Path:
         _s3_call(f"s3://{bucket}/{key}", s3.download_file, Bucket=bucket, Key=key, Filename=str(tarball))
         return _extract(tarball, work / "extracted", f"s3://{bucket}/{key}")
     prefix = key.strip("/") + "/" if key.strip("/") else ""
-    keys: list[str] = []
-    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-        keys += [o["Key"] for o in page.get("Contents", [])]
-    if not keys:  # paginate() raises lazily: a missing bucket surfaces here
-        _s3_call(f"s3://{bucket}/{prefix}", s3.head_bucket, Bucket=bucket)
+
+    def list_keys() -> list[str]:  # the paginator raises (a missing bucket, no access) while iterating
+        pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        return [o["Key"] for page in pages for o in page.get("Contents", [])]
+
+    keys = _s3_call(f"s3://{bucket}/{prefix}", list_keys)
     outputs = [k for k in keys if k.endswith("/output.tar.gz") or k == "output.tar.gz"]
     if len(outputs) > 1:
         shown = "\n  ".join(f"s3://{bucket}/{k}" for k in outputs[:10])
