@@ -84,6 +84,15 @@ def _jsonl(path: Path) -> list[dict]:
     return records
 
 
+def _json_file(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise TrialError(f"{path.name} is not valid JSON ({e}): the job's output is damaged") from None
+
+
 class Trial:
     """The debugging data of one job, read from its data folder (what SageMaker packs into output.tar.gz)."""
 
@@ -106,10 +115,8 @@ class Trial:
                 for layer, a in r.get("activations", {}).items():
                     for key in ("mean", "var", "non_positive"):
                         self._add(f"activation_{key}/{layer}", modes.TRAIN, step, a[key])
-        rules_path = root / RULES_FILE
-        self.rules_json: dict = json.loads(rules_path.read_text()) if rules_path.is_file() else {}
-        metrics_path = root / METRICS
-        self.metrics: dict = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+        self.rules_json: dict = _json_file(root / RULES_FILE)
+        self.metrics: dict = _json_file(root / METRICS)
 
     def _add(self, name: str, mode: str, step: int, value: float) -> None:
         self._tensors.setdefault(name, {}).setdefault(mode, {})[step] = value
@@ -157,7 +164,7 @@ class Trial:
                     if self.rules_json else "")]
         if self.rules_json.get("error"):
             lines.append(f"  error: {self.rules_json['error']}")
-        if self._tensors:
+        if "loss" in self._tensors:
             lines.append(f"  loss: {len(self.tensor('loss').values(modes.TRAIN))} TRAIN steps, "
                          f"{len(self.tensor('loss').values(modes.EVAL))} EVAL steps; {len(self._tensors)} tensors")
         rules = self.rules()
