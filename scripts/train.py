@@ -33,7 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--job-name", help="default: imgclf-<model>-<UTC timestamp>")
     parser.add_argument("--attach", metavar="JOB", help="wait for (and report on) an existing training job instead")
     parser.add_argument("--reports-dir", type=Path,
-                        help="where the job's reports are extracted (default: ./reports/<job>)")
+                        help="where the job's reports are extracted (default: ./reports/<job>); rules.json and "
+                             "profiler-report.html there are kept current while the job runs")
     parser.add_argument("--no-logs", action="store_true", help="do not stream the job's CloudWatch log")
     jobs.add_job_args(parser)
     scripting.add_wait_args(parser, "training job")
@@ -67,10 +68,13 @@ def main(argv: list[str] | None = None) -> int:
     if not jobs.waits(args, name, attached=bool(args.attach)):
         return EXIT_OK
 
-    # Local mode: the job ran within CreateTrainingJob, its log went to stderr; there is no CloudWatch.
-    job = jobs.wait_training_job(api, name, args.poll_interval, args.timeout, logs=not (args.no_logs or args.local))
+    reports = args.reports_dir or Path("reports") / name
+    # On AWS, rules.json and the report are fetched into `reports` while the job runs, then replaced by the final
+    # ones. Local mode: the job ran within CreateTrainingJob, its log went to stderr; there is no CloudWatch.
+    job = jobs.wait_training_job(api, name, args.poll_interval, args.timeout, logs=not (args.no_logs or args.local),
+                                 live=None if args.local else jobs.LiveReports(api, reports))
     try:  # whatever the job's end: a Failed or Stopped job's rules and profiler report say why
-        jobs.download_reports(api, job, args.reports_dir or Path("reports") / name)
+        jobs.download_reports(api, job, reports)
     except AwsError as e:
         if job["TrainingJobStatus"] == "Completed":
             raise

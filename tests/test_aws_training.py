@@ -10,7 +10,8 @@ import tarfile
 import time
 
 import pytest
-from imgclf.config import METRIC_DEFINITIONS
+from imgclf.config import METRIC_DEFINITIONS, rule_metric_definitions
+from imgclf.debugging.rules import RULES
 from imgclf.search.space import DEFAULT_SEARCH_SPACE
 
 from tests.aws_helpers import (
@@ -27,6 +28,7 @@ from tests.aws_helpers import (
 
 DATA = "s3://dogs-train/dogImages"
 METRICS = [dict(m) for m in METRIC_DEFINITIONS]
+RULE_METRICS = [dict(m) for m in rule_metric_definitions(RULES)]  # training jobs only: for alarms on rule results
 
 
 def test_training_dry_run_offline_has_spot_checkpoints_metrics_and_string_hyperparameters():
@@ -41,7 +43,9 @@ def test_training_dry_run_offline_has_spot_checkpoints_metrics_and_string_hyperp
     assert sent["operation"] == "CreateTrainingJob"
     r = sent["request"]
     assert r["HyperParameters"] == {"model": "resnet50", "lr": "0.01", "pretrained": "true", "batch-size": "64"}
-    assert r["AlgorithmSpecification"]["MetricDefinitions"] == METRICS
+    assert r["AlgorithmSpecification"]["MetricDefinitions"] == METRICS + RULE_METRICS
+    assert r["TensorBoardOutputConfig"] == {"S3OutputPath": "s3://dogs-train/imgclf/output/dry-job/tensorboard",
+                                            "LocalPath": "/opt/ml/output/tensorboard"}
     assert r["AlgorithmSpecification"]["TrainingImage"] == (
         "000000000000.dkr.ecr.us-east-1.amazonaws.com/imgclf-train-gpu:latest")
     assert r["EnableManagedSpotTraining"] is True and r["EnableNetworkIsolation"] is True

@@ -1,7 +1,7 @@
 """Debugging rules driven by real training runs (the real `train` entrypoint) engineered to trigger them.
 
-Runs that check what lands outside output/data (tensors, TensorBoard, monitor files) keep their own
-/opt/ml tree; the others use the local-mode CLI. All runs are resnet18/squeezenet at 64 px on a few dozen images.
+Runs that check the /opt/ml tree itself (everything under output/data, the live TensorBoard folder) keep their
+own; the others use the local-mode CLI. All runs are resnet18/squeezenet at 64 px on a few dozen images.
 """
 
 from __future__ import annotations
@@ -9,12 +9,14 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 from imgclf import local, sample_data
+from imgclf.aws.training import metric_definitions
 from imgclf.debugging import rules
 from imgclf.errors import HyperparameterError
 
@@ -73,33 +75,47 @@ def test_diverging_lr_triggers_exploding_tensor_and_loss_not_decreasing(diverged
     assert by_name["loss_not_decreasing"]["parameters"]["num_steps"] == 4  # inline JSON rules-config applied
     assert "nan" in by_name["exploding_tensor"]["finding"]["message"].lower()
     assert "rule exploding_tensor: IssuesFound" in proc.stdout  # a log line when the rule fires
+    # the metric lines SageMaker reads: rules:issues and rule:<name>, after each epoch and at the end
+    regexes = {d["Name"]: d["Regex"] for d in metric_definitions(rules=True)}
+    assert re.findall(regexes["rule:exploding_tensor"], proc.stdout) == ["1"] * 3  # NaN from epoch 1 on
+    for r in result["rules"]:
+        values = re.findall(regexes[f"rule:{r['name']}"], proc.stdout)
+        assert len(values) == 3 and values[-1] == str(int(r["status"] == rules.ISSUES)), (r["name"], values)
+    issues = re.findall(regexes["rules:issues"], proc.stdout)
+    assert len(issues) == 3 and int(issues[-1]) == sum(r["status"] == rules.ISSUES for r in result["rules"]) >= 2
+    live = json.loads((output / "tensorboard" / "rules.json").read_text())  # the live copy, synced while running
+    assert live == result
 
 
 def test_collection_modes_intervals_and_files(diverged):
     output, _ = diverged
-    scalars = jsonl(output / "tensors" / "scalars.jsonl")
+    # SageMaker uploads output/data (output.tar.gz) and syncs the live TensorBoard folder: nothing else may matter
+    assert {p.name for p in output.iterdir()} <= {"data", "tensorboard", "intermediate", "success"}
+    data = output / "data"
+    scalars = jsonl(data / "tensors" / "scalars.jsonl")
     train_steps = [r["step"] for r in scalars if r["mode"] == "TRAIN" and r["name"] == "loss"]
     eval_steps = [r["step"] for r in scalars if r["mode"] == "EVAL" and r["name"] == "loss"]
-    steps = len(jsonl(output / "profiler" / "steps.jsonl"))  # every training step is timed
+    steps = len(jsonl(data / "profiler" / "steps.jsonl"))  # every training step is timed
     assert steps == 2 * 8  # 2 epochs of 120 images in batches of 16
     assert train_steps == list(range(0, steps, 10))  # collect-train-interval=10
     assert eval_steps == list(range(2 * 3))  # every step of both validations (40 images, batches of 16)
     assert {r["name"] for r in scalars if r["mode"] == "TRAIN"} == {"loss", "lr"}
-    layers = jsonl(output / "tensors" / "layers.jsonl")
+    layers = jsonl(data / "tensors" / "layers.jsonl")
     assert [r["step"] for r in layers] == [0]  # collect-stats-interval=100
     assert "features.0.weight" in layers[0]["weights"] and "classifier.1.weight" in layers[0]["gradients"]
     assert len(layers[0]["activations"]) == 26  # the input of each of squeezenet1_1's ReLU modules
     assert all(a["var"] > 0 for a in layers[0]["activations"].values())
-    timings = jsonl(output / "profiler" / "steps.jsonl")[0]
+    timings = jsonl(data / "profiler" / "steps.jsonl")[0]
     assert all(timings[k] >= 0 for k in ("data", "forward", "backward", "optimizer"))
     assert timings["total"] >= timings["forward"] + timings["backward"]
-    assert len(jsonl(output / "profiler" / "system.jsonl")) >= 2
-    assert list((output / "tensorboard").glob("events.out.tfevents.*"))
-    traces = list((output / "data" / "profiler").glob("*.pt.trace.json.gz"))
+    assert len(jsonl(data / "profiler" / "system.jsonl")) >= 2
+    live_events = sorted(p.name for p in (output / "tensorboard").glob("events.out.tfevents.*"))
+    assert live_events and live_events == sorted(p.name for p in (data / "tensorboard").iterdir())
+    traces = list((data / "profiler").glob("*.pt.trace.json.gz"))
     assert len(traces) == 1
     events = json.loads(gzip.decompress(traces[0].read_bytes()))["traceEvents"]
     assert any(e.get("name", "").startswith("aten::conv") for e in events)
-    top = json.loads((output / "data" / "profiler" / "top_operators.json").read_text())
+    top = json.loads((data / "profiler" / "top_operators.json").read_text())
     assert top["steps"] == [5, 6, 7] and top["top_operators"]  # profiler-start-step=5, to the end of epoch 1
 
 
@@ -107,7 +123,7 @@ def test_tensorboard_reads_the_event_files(diverged):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     output, _ = diverged
-    acc = EventAccumulator(str(output / "tensorboard")).Reload()
+    acc = EventAccumulator(str(output / "data" / "tensorboard")).Reload()  # the copy SageMaker uploads
     tags = acc.Tags()["scalars"]
     assert {"loss/train", "loss/eval", "lr/train", "epoch/valid_loss", "weights/features.0.weight"} <= set(tags)
 

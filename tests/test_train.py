@@ -282,6 +282,10 @@ def test_killed_run_resumes_from_the_last_epoch(tmp_path, sample_dataset):
     ckpt = torch.load(checkpoint, weights_only=True)
     done = ckpt["state"]["epoch"]
     assert done >= 1
+    # killed mid-job: the live folder (what SageMaker syncs while a job runs) already has the rules and report
+    live = json.loads((out / "tensorboard" / "rules.json").read_text())
+    assert live["job_status"] == "InProgress" and live["epochs"] >= 1 and live["rules"]
+    assert "Job InProgress" in (out / "tensorboard" / "profiler-report.html").read_text()
     result = local_train(sample_dataset, out, hps)
     assert result.returncode == 0, result.stdout[-3000:]
     epochs = [int(m) for m in re.findall(r"^epoch=(\d+) ", result.stdout, re.M)]

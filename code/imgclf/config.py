@@ -232,6 +232,41 @@ def checkpoint_dir() -> str:
     return os.environ.get("IMGCLF_CHECKPOINT_DIR", CHECKPOINT_DIR)
 
 
+# What a training job leaves to its user. SageMaker uploads only model/ (model.tar.gz) and output/data
+# (output.tar.gz) when the job ends, so everything the debugging records goes under output/data:
+DATA_TENSORS = "tensors"  # scalars.jsonl, layers.jsonl
+DATA_TENSORBOARD = "tensorboard"  # a copy of the live folder's event files, made when the job ends
+DATA_PROFILER = "profiler"  # system.jsonl, steps.jsonl, the torch.profiler trace, top_operators.json
+# While the job runs, SageMaker syncs only the checkpoint folder and the TensorBoard folder (with a
+# TensorBoardOutputConfig, default LocalPath below) to S3. The live rules.json and report go to the
+# TensorBoard folder: it exists for watching a job, and a spot restart does not download it back.
+TENSORBOARD_DIR = "/opt/ml/output/tensorboard"
+
+
+def tensorboard_dir() -> str:
+    """The live folder: <base dir>/output/tensorboard (= TENSORBOARD_DIR on SageMaker); IMGCLF_TENSORBOARD_DIR
+    moves it (local mode keeps it in its output folder)."""
+    return os.environ.get("IMGCLF_TENSORBOARD_DIR", os.path.join(base_dir(), "output", "tensorboard"))
+
+
+# Rule results as metrics: after each rule evaluation the job prints one line,
+# `rules_with_issues=1 rule_overfit_issues=1 rule_exploding_tensor_issues=0 ...` (1: the rule found an issue).
+RULES_METRIC = {"Name": "rules:issues", "Regex": rf"\brules_with_issues={_NUMBER}"}
+
+
+def rule_metric_definitions(rule_names) -> tuple[dict[str, str], ...]:
+    """RULES_METRIC and one `rule:<name>` per rule; the names come from imgclf.debugging.rules.RULES (the
+    serving image, which reads this module, must not load the debugging code)."""
+    return (RULES_METRIC, *({"Name": f"rule:{name}", "Regex": rf"\brule_{name}_issues={_NUMBER}"}
+                            for name in rule_names))
+
+
+def rule_metric_line(issues: dict[str, bool]) -> str:
+    """The line the regexes of `rule_metric_definitions` read: {rule name: found an issue}."""
+    return " ".join([f"rules_with_issues={sum(issues.values())}",
+                     *(f"rule_{name}_issues={int(found)}" for name, found in issues.items())])
+
+
 def markdown_tables() -> str:
     """README's hyperparameter and metric tables, generated from SCHEMA and METRIC_DEFINITIONS."""
     rows = ["| hyperparameter | default | values | what it does |", "|---|---|---|---|"]

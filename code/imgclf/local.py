@@ -6,8 +6,10 @@
 `train` lays out a temporary /opt/ml tree (config JSONs, channels linked to DIR's train/valid/test,
 resourceconfig for one host), runs the toolkit's `train` command with SAGEMAKER_BASE_DIR pointing at it,
 then packs /opt/ml/model as OUTPUT/model.tar.gz like SageMaker does. OUTPUT also receives model/ (the same
-files, unpacked), reports/ (metrics, confusion matrix, ...) and checkpoints/: running the same command
-again after an interruption resumes from them.
+files, unpacked), reports/ (output/data, what SageMaker packs as output.tar.gz: metrics, rules, the report,
+collected tensors, ...), checkpoints/ (running the same command again after an interruption resumes from
+them) and tensorboard/, the live folder SageMaker syncs with a TensorBoardOutputConfig: event files,
+rules.json and the report, current while the job runs.
 
 `serve` puts the model (a training output folder, or model.tar.gz extracted as SageMaker does) in a temporary
 /opt/ml/model and runs the serving image's `serve` entrypoint on it until Ctrl-C. With --ui, a page to try the
@@ -120,16 +122,14 @@ def train(data_dir: Path, output: Path, hps: dict[str, str], weights: Path | Non
             (link / weights.name).symlink_to(weights.resolve())
         env = {**os.environ, "SAGEMAKER_BASE_DIR": str(base), "SAGEMAKER_TRAINING_MODULE": TRAINING_MODULE,
                "IMGCLF_CHECKPOINT_DIR": str(output / "checkpoints"), "PYTHONUNBUFFERED": "1",
+               "IMGCLF_TENSORBOARD_DIR": str(output / "tensorboard"),
                **(extra_env or {})}
         code = run_forwarding_signals([venv_bin("train")], env)
-        reports = output / "reports"
-        # output/data (metrics, rules, report) -> reports/; collected tensors, TensorBoard and traces beside it
-        for name, target in (("data", reports), ("tensors", output / "tensors"),
-                             ("tensorboard", output / "tensorboard"), ("profiler", output / "profiler")):
-            if target.exists():
-                shutil.rmtree(target)
-            if (base / "output" / name).is_dir():
-                shutil.copytree(base / "output" / name, target)
+        reports = output / "reports"  # output/data: all that SageMaker uploads besides the model
+        if reports.exists():
+            shutil.rmtree(reports)
+        if (base / "output" / "data").is_dir():
+            shutil.copytree(base / "output" / "data", reports)
         failure = base / "output" / "failure"
         if code != 0 or failure.exists():
             shutil.copy(failure, output / "failure") if failure.exists() else None

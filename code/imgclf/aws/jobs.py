@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import logging
 import shutil
 import sys
@@ -13,6 +14,7 @@ import urllib.parse
 from pathlib import Path
 from typing import Any
 
+from imgclf import artifacts
 from imgclf.aws import s3sync, scripting
 from imgclf.aws.images import image_uri, local_image, training_kind
 from imgclf.aws.session import Api, AwsError, check_local_image
@@ -130,7 +132,7 @@ def job_spec(api: Api, args: argparse.Namespace, job_name: str, checkpoints: boo
                    max_wait_s=args.max_wait, checkpoint_uri=checkpoint, network_isolation=args.network_isolation,
                    subnets=args.subnet, security_groups=args.security_group, output_kms_key=args.kms_key,
                    volume_kms_key=args.volume_kms_key, encrypt_inter_container=args.encrypt_inter_container,
-                   local=local)
+                   local=local, tensorboard_uri=None if local else f"{output.rstrip('/')}/{job_name}/tensorboard")
 
 
 def local_output_path(request: dict) -> dict:
@@ -217,8 +219,67 @@ class LogTail:
         return count
 
 
-def wait_training_job(api: Api, name: str, interval: float, timeout: float | None, logs: bool = True) -> dict:
-    """Wait for a training job to end, printing its log lines and status changes; return its description."""
+class LiveReports:
+    """rules.json and the profiler report of a running job, fetched into `dest` from the job's TensorBoard S3 path
+    (SageMaker syncs /opt/ml/output/tensorboard there while the job runs; output.tar.gz comes only at the end).
+
+    Each poll downloads what changed (by ETag) and logs each rule's first finding once.
+    """
+
+    FILES = ("rules.json", "profiler-report.html")
+
+    def __init__(self, api: Api, dest: Path):
+        self.api, self.dest = api, dest
+        self.etags: dict[str, str] = {}
+        self.reported: set[str] = set()
+        self.warned = False
+
+    def poll(self, job: dict) -> list[Path]:
+        """Fetch the files that changed since the last poll; return their local paths."""
+        uri = (job.get("TensorBoardOutputConfig") or {}).get("S3OutputPath")
+        if not uri:
+            return []
+        try:
+            bucket, prefix = s3sync.parse_s3_uri(uri)
+            objects = s3sync.remote_objects(self.api, bucket, prefix)
+            # by name, the shallowest key wins (in case SageMaker adds a sub-folder under the path)
+            newest = {key.rsplit("/", 1)[-1]: key for key in sorted(objects, key=lambda k: (-k.count("/"), k))}
+            fetched = []
+            for name in self.FILES:
+                key = newest.get(name)
+                if key is None or self.etags.get(name) == objects[key]["ETag"]:
+                    continue
+                body = self.api.call("s3", "GetObject", {"Bucket": bucket, "Key": key}, mutates=False)["Body"].read()
+                artifacts.write_bytes(self.dest / name, body)
+                self.etags[name] = objects[key]["ETag"]
+                fetched.append(self.dest / name)
+        except AwsError as e:  # a live view is a convenience: the job and the final reports do not depend on it
+            if not self.warned:
+                log.warning("live reports not fetched from %s: %s", uri, e)
+                self.warned = True
+            return []
+        if self.dest / "rules.json" in fetched:
+            self._log_findings(self.dest / "rules.json")
+        return fetched
+
+    def _log_findings(self, path: Path) -> None:
+        try:
+            result = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            return
+        for rule in result.get("rules", []):
+            if rule.get("status") == "IssuesFound" and rule["name"] not in self.reported:
+                self.reported.add(rule["name"])
+                finding = rule.get("finding") or {}
+                log.warning("rule %s: IssuesFound (epoch %s): %s", rule["name"], finding.get("epoch"),
+                            finding.get("message", ""))
+        log.info("live rules.json (epoch %s, %s): %s", result.get("epochs"), result.get("job_status"), path)
+
+
+def wait_training_job(api: Api, name: str, interval: float, timeout: float | None, logs: bool = True,
+                      live: LiveReports | None = None) -> dict:
+    """Wait for a training job to end, printing its log lines and status changes; return its description.
+    With `live`, fetch its rules.json and report on every poll while it runs."""
     tail = LogTail(api, name) if logs else None
     seen: dict[str, str] = {}
 
@@ -230,6 +291,8 @@ def wait_training_job(api: Api, name: str, interval: float, timeout: float | Non
             log.info("training job %s: %s%s", name, status, f" ({message})" if message else "")
         if tail:
             tail.poll()
+        if live:
+            live.poll(job)
 
     return scripting.wait_for(
         lambda: api.call("sagemaker", "DescribeTrainingJob", {"TrainingJobName": name}, mutates=False),

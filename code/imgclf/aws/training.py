@@ -11,7 +11,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from imgclf.aws.images import LOCAL_INSTANCE_TYPES
-from imgclf.config import CHECKPOINT_DIR, METRIC_DEFINITIONS, hyperparameter_strings
+from imgclf.config import (
+    CHECKPOINT_DIR,
+    METRIC_DEFINITIONS,
+    TENSORBOARD_DIR,
+    hyperparameter_strings,
+    rule_metric_definitions,
+)
+from imgclf.debugging.rules import RULES
 from imgclf.errors import UserError
 from imgclf.search.results import user_hyperparameters
 from imgclf.search.space import OBJECTIVES, check_disjoint, parameter_ranges
@@ -34,6 +41,7 @@ class JobSpec:
     spot: bool = False
     max_wait_s: int | None = None
     checkpoint_uri: str | None = None
+    tensorboard_uri: str | None = None  # live sync of /opt/ml/output/tensorboard: events, rules.json, report
     network_isolation: bool = False
     environment: dict[str, str] = field(default_factory=dict)
     subnets: list[str] = field(default_factory=list)  # VPC: the job's instances run in these subnets
@@ -53,7 +61,8 @@ class JobSpec:
                             "valid")
         schemes = ("s3://", "file://") if self.local else ("s3://",)
         for name, uri in [*self.channels.items(), ("output", self.output_path),
-                          ("checkpoint", self.checkpoint_uri or "s3://")]:
+                          ("checkpoint", self.checkpoint_uri or "s3://"),
+                          ("tensorboard", self.tensorboard_uri or "s3://")]:
             if not uri.startswith(schemes):
                 problems.append(f"{name} location {uri!r} is not an s3:// URI")
         if self.local:
@@ -121,8 +130,9 @@ def _data_source(uri: str) -> dict:
     return {"S3DataSource": {"S3DataType": "S3Prefix", "S3Uri": uri, "S3DataDistributionType": "FullyReplicated"}}
 
 
-def metric_definitions() -> list[dict[str, str]]:
-    return [dict(m) for m in METRIC_DEFINITIONS]
+def metric_definitions(rules: bool = False) -> list[dict[str, str]]:
+    """The training metrics; with `rules`, also the rule metrics (rules:issues, rule:<name>) for alarms."""
+    return [dict(m) for m in (*METRIC_DEFINITIONS, *(rule_metric_definitions(RULES) if rules else ()))]
 
 
 def training_job_request(name: str, spec: JobSpec, hyperparameters: dict[str, Any],
@@ -132,10 +142,12 @@ def training_job_request(name: str, spec: JobSpec, hyperparameters: dict[str, An
         "TrainingJobName": name,
         "HyperParameters": hyperparameter_strings(hyperparameters),
         "AlgorithmSpecification": {"TrainingImage": spec.image, "TrainingInputMode": "File",
-                                   "MetricDefinitions": metric_definitions(),
+                                   "MetricDefinitions": metric_definitions(rules=True),
                                    "EnableSageMakerMetricsTimeSeries": True},
         **spec.common(),
     }
+    if spec.tensorboard_uri:  # a training job only: tuning jobs' definitions have no TensorBoardOutputConfig
+        request["TensorBoardOutputConfig"] = {"S3OutputPath": spec.tensorboard_uri, "LocalPath": TENSORBOARD_DIR}
     if tags:
         request["Tags"] = tags
     return request

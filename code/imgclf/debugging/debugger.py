@@ -6,18 +6,26 @@ The training loop calls it at a few points; used as a context manager it always 
 last evaluation, rules.json and the report are written whether training completes, fails or is stopped
 by a rule.
 
-    <output>/tensors/{scalars,layers}.jsonl     collected tensors (append-only)
-    <output>/tensorboard/                       TensorBoard event files
-    <output>/profiler/{system,steps}.jsonl      monitor samples, per-step timings
-    <output>/data/profiler/*.pt.trace.json.gz   torch.profiler trace (Perfetto / TensorBoard), top_operators.json
-    <output>/data/rules.json                    rule results (updated every epoch)
-    <output>/data/profiler-report.html          the report
+Everything goes under <output>/data, the one output folder SageMaker uploads (output.tar.gz):
+
+    <output>/data/tensors/{scalars,layers}.jsonl       collected tensors (append-only)
+    <output>/data/profiler/{system,steps}.jsonl        monitor samples, per-step timings
+    <output>/data/profiler/*.pt.trace.json.gz          torch.profiler trace (Perfetto / TensorBoard), top_operators.json
+    <output>/data/tensorboard/                         the TensorBoard event files, copied there when the job ends
+    <output>/data/rules.json                           rule results (updated every epoch)
+    <output>/data/profiler-report.html                 the report
+
+While the job runs, the live folder (config.tensorboard_dir(): /opt/ml/output/tensorboard, which SageMaker
+syncs to S3 with a TensorBoardOutputConfig) holds the event files as they are written, and rules.json and
+the report, rewritten (atomically) after every epoch (the report less often when epochs are short). After
+each rule evaluation one metric line (config.rule_metric_line) goes to stdout, for CloudWatch metrics and alarms.
 """
 
 from __future__ import annotations
 
 import logging
 import platform
+import shutil
 import time
 from pathlib import Path
 
@@ -28,13 +36,14 @@ from imgclf import artifacts, config
 from imgclf.debugging import report
 from imgclf.debugging.collect import EVAL, TRAIN, Collector
 from imgclf.debugging.profiling import ProfilerCapture, StepTimer, SystemMonitor
-from imgclf.debugging.rules import RuleSet, configure
+from imgclf.debugging.rules import ISSUES, RuleSet, configure
 from imgclf.errors import RuleStop, TrainingInterrupted
 
 log = logging.getLogger(__name__)
 RULES_FILE = "rules.json"
 REPORT_FILE = "profiler-report.html"
 DEBUG_HOOK_CONFIG = "debughookconfig.json"  # what SageMaker writes to input/config for a Debugger job
+LIVE_REPORT_SHARE = 10  # the live report waits at least this many times what the last one cost to render
 
 
 def scale_initial_weights(model: nn.Module, factor: float) -> None:
@@ -78,6 +87,7 @@ class Debugger:
         self.enabled = enabled and bool(hp.debugging)
         self.hp, self.device, self.output_dir = hp, device, output_dir
         self.data_dir = output_dir / "data"
+        self.live_dir = Path(config.tensorboard_dir())
         self.step = 0
         self.epoch = 0
         self.history: list[dict] = []
@@ -87,15 +97,16 @@ class Debugger:
         self.smdebug: SmdebugHook | None = None
         self._stats_step = False
         self._mode = TRAIN
+        self._live_report: tuple[float, float] | None = None  # (when the last live report was written, its cost)
         if not self.enabled:
             return
         self.rules: RuleSet = configure(hp.rules, hp.rules_config, hp.rules_stop)
-        self.collector = Collector(output_dir / "tensors", output_dir / "tensorboard", hp.collect_train_interval,
+        profiler_dir = self.data_dir / config.DATA_PROFILER
+        self.collector = Collector(self.data_dir / config.DATA_TENSORS, self.live_dir, hp.collect_train_interval,
                                    hp.collect_eval_interval, hp.collect_stats_interval)
-        self.monitor = SystemMonitor(output_dir / "profiler" / "system.jsonl", hp.monitor_interval_ms).start()
-        self.timer = StepTimer(output_dir / "profiler" / "steps.jsonl", device)
-        self.profiler = ProfilerCapture(self.data_dir / "profiler", hp.profiler_start_step, hp.profiler_steps,
-                                        device)
+        self.monitor = SystemMonitor(profiler_dir / "system.jsonl", hp.monitor_interval_ms).start()
+        self.timer = StepTimer(profiler_dir / "steps.jsonl", device)
+        self.profiler = ProfilerCapture(profiler_dir, hp.profiler_start_step, hp.profiler_steps, device)
         log.info("debugging: rules %s; tensors every %d train / %d eval steps, layer statistics every %d; "
                  "system monitor every %d ms; profiler steps %d-%d",
                  ", ".join(r.rule.name + ("(stop)" if r.rule.stop else "") for r in self.rules.results) or "none",
@@ -178,14 +189,27 @@ class Debugger:
             self.rules.system(list(self.monitor.samples), list(self.timer.steps), self.monitor.has_gpu, self.epoch)
         finally:
             self.write_rules("InProgress")
+            self.print_rule_metrics()
+            self.write_live_report()
 
     # --- the end ---------------------------------------------------------------------------------------------
     def write_rules(self, job_status: str, error: str | None = None) -> None:
-        artifacts.write_json(self.data_dir / RULES_FILE, {
+        """rules.json in output/data (uploaded at the end) and in the live folder (synced while the job runs)."""
+        result = {
             "job_status": job_status, "error": error, "stopped_by": self.rules.stopped_by, "steps": self.step,
             "epochs": len(self.history), "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "rules": self.rules.to_json(),
-        })
+        }
+        artifacts.write_json(self.data_dir / RULES_FILE, result)
+        try:
+            artifacts.write_json(self.live_dir / RULES_FILE, result)
+        except OSError as e:  # the live copy is a convenience; the job goes on without it
+            log.warning("live rules.json not written to %s: %s", self.live_dir, e)
+
+    def print_rule_metrics(self) -> None:
+        """One metric line per rule evaluation; SageMaker makes CloudWatch metrics of it (rules:issues, rule:NAME)."""
+        if self.rules.results:
+            print(config.rule_metric_line({r.rule.name: r.status == ISSUES for r in self.rules.results}), flush=True)
 
     def close(self, exc: BaseException | None = None) -> None:
         """Final rule evaluation, rules.json and the report; never raises over the job's own outcome."""
@@ -207,6 +231,7 @@ class Debugger:
                   else "Interrupted" if isinstance(exc, TrainingInterrupted) else "Failed")
         error = None if exc is None else f"{type(exc).__name__}: {exc}"
         self.write_rules(status, error)
+        self.print_rule_metrics()
         for r in self.rules.results:
             log.info("rule %s: %s%s", r.rule.name, r.status, f" ({r.finding.message})" if r.finding else "")
         try:
@@ -214,10 +239,34 @@ class Debugger:
         except Exception as e:  # the report must not hide the job's own outcome
             log.exception("profiler report not written: %s", e)
         self.collector.close()
+        self.keep_event_files()
 
-    def write_report(self, status: str, error: str | None) -> None:
-        path = self.data_dir / REPORT_FILE
-        artifacts.write_text(path, report.render(report.ReportData(
+    def write_live_report(self) -> None:
+        """The report in the live folder, after an epoch; skipped while rendering it (seconds: the plots) would take
+        more than a tenth of the time since the last one, so that short epochs do not pay for it."""
+        started = time.monotonic()
+        if self._live_report and started - self._live_report[0] < LIVE_REPORT_SHARE * self._live_report[1]:
+            return
+        try:
+            self.write_report("InProgress", None, final=False)
+        except Exception as e:  # a report is not worth a job
+            log.warning("live profiler report not written: %s", e)
+        self._live_report = (time.monotonic(), time.monotonic() - started)
+
+    def keep_event_files(self) -> None:
+        """Copy the live folder's TensorBoard event files into output/data: SageMaker uploads the live folder only
+        when the job has a TensorBoardOutputConfig, output/data always."""
+        target = self.data_dir / config.DATA_TENSORBOARD
+        try:
+            for events in sorted(self.live_dir.glob("events.out.tfevents.*")):
+                target.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(events, target / events.name)
+        except OSError as e:
+            log.warning("TensorBoard event files not copied to %s: %s", target, e)
+
+    def write_report(self, status: str, error: str | None, final: bool = True) -> None:
+        """The report in the live folder (every epoch) and, when the job ends (`final`), in output/data."""
+        text = report.render(report.ReportData(
             job={"status": status, "error": error, "device": str(self.device), "model": self.hp.model,
                  "steps": self.step, "epochs": len(self.history), "host": platform.node(),
                  "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(self.started)),
@@ -228,5 +277,8 @@ class Debugger:
             rules=self.rules.to_json(), top_operators=self.profiler.top_operators,
             profiler_steps=self.profiler.captured,
             trace=str(self.profiler.trace.relative_to(self.data_dir)) if self.profiler.trace else None,
-        )))
-        log.info("profiler report written to %s", path)
+        ))
+        for folder in (self.live_dir, *([self.data_dir] if final else [])):
+            artifacts.write_text(folder / REPORT_FILE, text)
+        if final:
+            log.info("profiler report written to %s and %s", self.data_dir / REPORT_FILE, self.live_dir / REPORT_FILE)

@@ -198,7 +198,8 @@ def _operators(d: ReportData) -> str:
 def _summary(d: ReportData) -> str:
     j = d.job
     ok = j.get("status") == "Completed"
-    banner = (f'<div class="banner {"good" if ok else "bad"}">Job {_e(j.get("status"))}'
+    tone = "good" if ok else "na" if j.get("status") == "InProgress" else "bad"  # the live report: InProgress
+    banner = (f'<div class="banner {tone}">Job {_e(j.get("status"))}'
               + (f": {_e(j['error'])}" if j.get("error") else "") + "</div>")
     facts = [[k, _e(j[k])] for k in ("model", "device", "gpu", "epochs", "steps", "started", "duration_s", "host",
                                      "torch") if k in j]
