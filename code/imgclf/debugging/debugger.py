@@ -21,6 +21,7 @@ import platform
 import time
 from pathlib import Path
 
+import psutil
 import torch
 from torch import nn
 
@@ -32,6 +33,7 @@ from imgclf.debugging.rules import RuleSet, configure
 from imgclf.errors import RuleStop, TrainingInterrupted
 
 log = logging.getLogger(__name__)
+PROCESS_START = psutil.Process().create_time()  # what max_initialization_time measures from
 RULES_FILE = "rules.json"
 REPORT_FILE = "profiler-report.html"
 DEBUG_HOOK_CONFIG = "debughookconfig.json"  # what SageMaker writes to input/config for a Debugger job
@@ -166,6 +168,16 @@ class Debugger:
             eval_step = self.collector.eval_step_loss(self.epoch, loss)
             self.rules.eval_loss(eval_step, self.epoch, loss)
 
+    def backbone_forward_begin(self, model: nn.Module) -> None:
+        """Feature extraction's first batch (the frozen backbone's only forward passes): watch activations."""
+        if self.enabled:
+            self.collector.hook_activations(model)
+
+    def backbone_forward_end(self, model: nn.Module) -> None:
+        """Layer statistics of that batch (weights, activation inputs; no gradients) for the rules."""
+        if self.enabled:
+            self.rules.layer_stats(self.collector.layer_stats(model, self.step, self.epoch + 1, "feature_extraction"))
+
     def epoch_end(self, history: list[dict]) -> None:
         """After validation, with the job's history (its last record is this epoch); may raise RuleStop."""
         self.history = list(history)
@@ -208,7 +220,8 @@ class Debugger:
         error = None if exc is None else f"{type(exc).__name__}: {exc}"
         self.write_rules(status, error)
         for r in self.rules.results:
-            log.info("rule %s: %s%s", r.rule.name, r.status, f" ({r.finding.message})" if r.finding else "")
+            detail = r.finding.message if r.finding else r.to_json()["reason"]
+            log.info("rule %s: %s%s", r.rule.name, r.status, f" ({detail})" if detail else "")
         try:
             self.write_report(status, error)
         except Exception as e:  # the report must not hide the job's own outcome
@@ -222,7 +235,7 @@ class Debugger:
                  "steps": self.step, "epochs": len(self.history), "host": platform.node(),
                  "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(self.started)),
                  "duration_s": round(time.time() - self.started, 1),
-                 "torch": torch.__version__, "gpu": self.monitor.has_gpu},
+                 "torch": torch.__version__, "gpu": self.monitor.has_gpu, "process_start": PROCESS_START},
             hyperparameters=dict(self.hp), history=self.history, loss_points=self.collector.points,
             samples=list(self.monitor.samples), steps=list(self.timer.steps), step_totals=dict(self.timer.totals),
             rules=self.rules.to_json(), top_operators=self.profiler.top_operators,

@@ -131,7 +131,7 @@ def build_setup(hp, paths: Paths, splits: dict[str, data.Split], device: torch.d
                     for name, s in splits.items() if name != "train"}
     # Every rank extracts the features of all images, then trains the head on its shard (same sampler).
     cache = FrozenFeatures(hp, model, head, speed, splits, sampler, lambda ds: make_loader(ds, hp, rank_batch),
-                           rank_batch, prep)
+                           rank_batch, prep, watch=dbg)
     return Setup(hp, model, head, optimizer, scheduler, criterion, speed, device, dist, dbg,
                sampler, rank_batch, make_loader(train_set, hp, rank_batch, sampler=sampler), eval_loaders, cache,
                classes, checkpoint.fingerprint(hp, classes), paths.checkpoints, StopFlag(), prep)
