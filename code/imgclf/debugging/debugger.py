@@ -89,6 +89,7 @@ class Debugger:
         self.smdebug: SmdebugHook | None = None
         self._stats_step = False
         self._mode = TRAIN
+        self._eval_stop: RuleStop | None = None  # found during validation, raised at the epoch end
         if not self.enabled:
             return
         self.rules: RuleSet = configure(hp.rules, hp.rules_config, hp.rules_stop)
@@ -166,7 +167,10 @@ class Debugger:
         if self.enabled:
             self.profiler.stop()  # a capture ends with its epoch's training steps
             eval_step = self.collector.eval_step_loss(self.epoch, loss)
-            self.rules.eval_loss(eval_step, self.epoch, loss)
+            try:
+                self.rules.eval_loss(eval_step, self.epoch, loss)
+            except RuleStop as e:  # raised by epoch_end, where every rank checks for a stop at the same point
+                self._eval_stop = self._eval_stop or e
 
     def backbone_forward_begin(self, model: nn.Module) -> None:
         """Feature extraction's first batch (the frozen backbone's only forward passes): watch activations."""
@@ -186,6 +190,9 @@ class Debugger:
         self.profiler.stop()  # a capture ends with its epoch's training steps
         self.collector.epoch_end(history[-1])
         try:
+            if self._eval_stop is not None:
+                stop, self._eval_stop = self._eval_stop, None
+                raise stop
             self.rules.epoch_end(self.history)
             self.rules.system(list(self.monitor.samples), list(self.timer.steps), self.monitor.has_gpu, self.epoch)
         finally:

@@ -142,7 +142,7 @@ def train_one_epoch(setup: Setup, state: State, step_model: nn.Module, loader, b
         state.batches_done += 1
         stopping = coordinated_stop(setup.dist, partial(setup.dbg.step_end, loss_value),  # collection and rules
                                     lambda: setup.interruption(state))
-        if isinstance(stopping, TrainingInterrupted):
+        if stopping is not None:  # SIGTERM or a stop rule: resumable from this batch
             state.running = before.merge(sums.all_ranks(setup.dist))
             setup.save_checkpoint(state, best)
         if stopping is not None:
