@@ -164,3 +164,31 @@ def test_load_balancing():
     assert rules.LoadBalancing(patience=0).system(samples(100, gpu=[95.0, 91.0]), [], True) is None
     assert rules.LoadBalancing(patience=0).system(samples(100, gpu=[95.0]), [], True) == rules.NOT_APPLICABLE
     assert rules.LoadBalancing(patience=0).system([], [], False) == rules.NOT_APPLICABLE
+
+
+# --- overfit with label smoothing: like with like ----------------------------------------------------------------
+
+def test_overfit_compares_the_smoothed_training_loss_with_the_smoothed_validation_loss():
+    # label-smoothing=0.2 on 5 classes: a perfect model's smoothed loss is about 0.5, its plain loss about 0.1
+    record = {"epoch": 2, "train_loss": 0.52, "valid_loss": 0.15, "valid_loss_smoothed": 0.54}
+    rule = rules.Overfit()
+    rule.epoch_end([{**record, "epoch": 1, "valid_loss_smoothed": 0.53}])
+    assert rule.epoch_end([record]) is None  # 4% apart under the same criterion
+    worse = {**record, "epoch": 3, "valid_loss_smoothed": 0.80}
+    assert rule.epoch_end([worse]).evidence["label_smoothed"]
+
+
+def test_evaluate_reports_the_validation_loss_under_the_training_criterion():
+    import torch
+    from imgclf.training.evaluate import evaluate
+    from torch import nn
+
+    torch.manual_seed(0)
+    model, x, y = nn.Linear(4, 3), torch.randn(10, 4), torch.randint(0, 3, (10,))
+    batches = [(x[:6], y[:6]), (x[6:], y[6:])]
+    smoothing = nn.CrossEntropyLoss(label_smoothing=0.2)
+    ev = evaluate(model, batches, 3, torch.device("cpu"), train_criterion=smoothing)
+    with torch.no_grad():
+        assert ev.smoothed_loss == pytest.approx(smoothing(model(x), y).item(), rel=1e-5)
+        assert ev.loss == pytest.approx(nn.functional.cross_entropy(model(x), y).item(), rel=1e-5)
+    assert evaluate(model, batches, 3, torch.device("cpu")).smoothed_loss is None

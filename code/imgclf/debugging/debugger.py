@@ -27,7 +27,7 @@ from torch import nn
 
 from imgclf import artifacts, config
 from imgclf.debugging import report
-from imgclf.debugging.collect import EVAL, TRAIN, Collector
+from imgclf.debugging.collect import Collector
 from imgclf.debugging.profiling import ProfilerCapture, StepTimer, SystemMonitor
 from imgclf.debugging.rules import RuleSet, configure
 from imgclf.errors import RuleStop, TrainingInterrupted
@@ -48,31 +48,6 @@ def scale_initial_weights(model: nn.Module, factor: float) -> None:
     log.warning("init-scale=%g: conv/linear weights multiplied by %g (a debugging aid)", factor, factor)
 
 
-class SmdebugHook:
-    """SageMaker Debugger's own hook, only when smdebug is installed and SageMaker asked for it."""
-
-    def __init__(self, model: nn.Module, criterion: nn.Module | None):
-        self.hook = None
-        if not (Path(config.base_dir()) / "input" / "config" / DEBUG_HOOK_CONFIG).is_file():
-            return
-        try:
-            import smdebug.pytorch as smd
-        except ImportError:
-            log.info("SageMaker passed a Debugger hook configuration but smdebug is not installed: Debugger's "
-                     "own rules get no tensors (this image's rules run in the container; see README)")
-            return
-        self.modes = smd.modes
-        self.hook = smd.Hook.create_from_json_file()
-        self.hook.register_module(model)
-        if criterion is not None:
-            self.hook.register_loss(criterion)
-        log.info("smdebug hook registered (TRAIN/EVAL modes)")
-
-    def set_mode(self, mode: str) -> None:
-        if self.hook is not None:
-            self.hook.set_mode(self.modes.TRAIN if mode == TRAIN else self.modes.EVAL)
-
-
 class Debugger:
     """`enabled=False` (the other ranks of a distributed job) runs with debugging off whatever hp.debugging says."""
 
@@ -86,9 +61,7 @@ class Debugger:
         self.started = time.time()
         self.model: nn.Module | None = None
         self.optimizer = None
-        self.smdebug: SmdebugHook | None = None
         self._stats_step = False
-        self._mode = TRAIN
         self._eval_stop: RuleStop | None = None  # found during validation, raised at the epoch end
         if not self.enabled:
             return
@@ -111,12 +84,14 @@ class Debugger:
     def __exit__(self, exc_type, exc, tb) -> None:
         self.close(exc)
 
-    def attach(self, model: nn.Module, optimizer, criterion: nn.Module | None = None) -> None:
+    def attach(self, model: nn.Module, optimizer) -> None:
         """The model the job trains (init-scale applies here, before any checkpoint is restored)."""
         if self.hp.init_scale != 1.0:
             scale_initial_weights(model, self.hp.init_scale)
         self.model, self.optimizer = model, optimizer
-        self.smdebug = SmdebugHook(model, criterion)
+        if (Path(config.base_dir()) / "input" / "config" / DEBUG_HOOK_CONFIG).is_file():
+            log.info("SageMaker passed a Debugger hook configuration: this image does not run smdebug's hook, so "
+                     "Debugger's own rules get no tensors; its rules run in the container (docs/debugging.md)")
 
     # --- the training loop ---------------------------------------------------------------------------------
     def epoch_begin(self, epoch: int) -> None:
@@ -126,9 +101,6 @@ class Debugger:
 
     def step_begin(self) -> None:
         """The batch is on the device: data wait ends, forward begins."""
-        if self.smdebug and self._mode != TRAIN:
-            self.smdebug.set_mode(TRAIN)
-        self._mode = TRAIN
         if not self.enabled:
             return
         self.timer.mark("data")
@@ -161,9 +133,6 @@ class Debugger:
 
     def eval_batch(self, step: int, loss: float) -> None:
         """evaluate()'s on_batch callback: evaluation-mode loss of each batch."""
-        if self.smdebug and self._mode != EVAL:
-            self.smdebug.set_mode(EVAL)
-        self._mode = EVAL
         if self.enabled:
             self.profiler.stop()  # a capture ends with its epoch's training steps
             eval_step = self.collector.eval_step_loss(self.epoch, loss)

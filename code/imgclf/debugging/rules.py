@@ -156,8 +156,9 @@ class Overfit(Rule):
     name = "overfit"
     explanation = ("Compares each epoch's validation loss with its training loss; an issue when "
                    "(valid_loss - train_loss) / train_loss exceeds ratio_threshold while the validation loss is "
-                   "above its best, for patience epochs in a row. (Debugger's rule looks at the ratio alone, "
-                   "which flags nearly every run on a small dataset.)")
+                   "above its best, for patience epochs in a row. With label-smoothing the validation loss is taken "
+                   "with the same smoothing as the training loss. (Debugger's rule looks at the ratio alone, which "
+                   "flags nearly every run on a small dataset.)")
     advice = ("Add data or augmentation (augment=true), regularise (weight-decay, label-smoothing), freeze more "
               "layers or train fewer epochs (early-stopping-patience).")
     start_epoch: int = 1
@@ -170,21 +171,24 @@ class Overfit(Rule):
 
     def epoch_end(self, history):
         r = history[-1]
-        best, self._best = self._best, min(self._best, r["valid_loss"])
+        # Like with like: with label smoothing the training loss is smoothed, so is this validation loss.
+        valid = r.get("valid_loss_smoothed", r["valid_loss"])
+        best, self._best = self._best, min(self._best, valid)
         if r["epoch"] < self.start_epoch:
             return None
         self.evaluated = True
-        ratio = (r["valid_loss"] - r["train_loss"]) / max(r["train_loss"], 1e-12)
-        gap = ratio > self.ratio_threshold and not r["valid_loss"] <= best  # NaN counts as worse
+        ratio = (valid - r["train_loss"]) / max(r["train_loss"], 1e-12)
+        gap = ratio > self.ratio_threshold and not valid <= best  # NaN counts as worse
         self._count = self._count + 1 if gap else 0
         self.note = f"epoch {r['epoch']}: ratio {ratio:.3g}, best valid loss {self._best:.4g}"
         if self._count < self.patience:
             return None
         return Finding(
-            f"validation loss {r['valid_loss']:.4g} is {100 * ratio:.0f}% above training loss {r['train_loss']:.4g} "
+            f"validation loss {valid:.4g} is {100 * ratio:.0f}% above training loss {r['train_loss']:.4g} "
             f"(threshold {100 * self.ratio_threshold:.0f}%) and above its best {best:.4g}, {self._count} epochs in "
             "a row", None, r["epoch"],
-            {"train_loss": r["train_loss"], "valid_loss": r["valid_loss"], "ratio": ratio, "best_valid_loss": best})
+            {"train_loss": r["train_loss"], "valid_loss": valid, "ratio": ratio, "best_valid_loss": best,
+             "label_smoothed": "valid_loss_smoothed" in r})
 
 
 @dataclass(kw_only=True)

@@ -121,7 +121,7 @@ def build_setup(hp, paths: Paths, splits: dict[str, data.Split], device: torch.d
     optimizer = make_optimizer(hp, models.param_groups(model, head, hp.lr, hp.backbone_lr_factor))
     scheduler = make_scheduler(hp, optimizer)
     criterion = nn.CrossEntropyLoss(label_smoothing=hp.label_smoothing)
-    dbg.attach(model, optimizer, criterion)  # debugging: init-scale, layer statistics, smdebug
+    dbg.attach(model, optimizer)  # debugging: init-scale, layer statistics
 
     draft = prep.resize_size
     rank_batch = rank_batch_size(hp, dist)
