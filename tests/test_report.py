@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from imgclf.debugging import report
+from imgclf.debugging import report, rules
 from imgclf.ui import chromium
 
 
@@ -26,6 +26,9 @@ CHECK_PAGE = """JSON.stringify({
     images: s.querySelectorAll('img').length, tables: s.querySelectorAll('table').length}])),
   images: [...document.images].map(i => ({complete: i.complete, width: i.naturalWidth})),
   rules: [...document.querySelectorAll('#rules tr')].length - 1,
+  profilerRules: [...document.querySelectorAll('#profiler .profiler-rule')].map(d => [d.id,
+    d.querySelector('h3').textContent, d.querySelector('table tr td:nth-child(2)').textContent]),
+  usage: [...document.querySelectorAll('#usage tr')].slice(1).map(r => [...r.cells].map(c => c.textContent)),
 })"""
 
 
@@ -54,7 +57,18 @@ def test_report_loads_in_chromium_with_every_section(browser, trained):
     for key in ("training", "system", "steps"):
         assert result["sections"][key]["images"] == 1, key
     assert result["images"] and all(i["complete"] and i["width"] > 100 for i in result["images"]), result["images"]
-    assert result["rules"] == 9
+    assert result["rules"] == len(rules.RULES)
+    # a block per ProfilerReport rule, with its status; on a CPU-only machine the GPU rules are NotApplicable
+    assert [p[1] for p in result["profilerRules"]] == list(rules.PROFILER_RULES)
+    status = {p[1]: p[2] for p in result["profilerRules"]}
+    assert status["step_outlier"] == status["max_initialization_time"] == rules.NO_ISSUES, status
+    # the percentile table: p50 <= p95 <= p99 <= max for every metric of the node
+    metrics = [row[1] for row in result["usage"]]
+    assert {"CPU total (%)", "CPU busiest core (%)", "CPU I/O wait (%)", "memory (%)", "disk read (MB/s)",
+            "network in (MB/s)"} <= set(metrics), metrics
+    for row in result["usage"]:
+        p50, p95, p99, top = map(float, row[2:])
+        assert p50 <= p95 <= p99 <= top, row
 
 
 def test_report_is_self_contained(trained):

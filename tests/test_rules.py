@@ -143,7 +143,8 @@ def test_stop_rule_ends_the_job_with_a_clear_failure(tmp_path, sample_dataset):
 def test_tiny_training_set_trained_long_triggers_overfit_and_overtraining(tmp_path):
     data = sample_data.generate(tmp_path / "tiny", classes=3, per_split={"train": 4, "valid": 8})
     out = tmp_path / "out"
-    hps = {**FAST_HPS, "epochs": "8", "batch-size": "12", "lr-scheduler": "none"}  # fire at epochs 3 and 6
+    hps = {**FAST_HPS, "epochs": "8", "batch-size": "12", "lr-scheduler": "none",  # fire at epochs 3 and 6
+           "rules-config": '{"overtraining": {"patience_validation": 5}}'}  # the default 10 needs 11 epochs
     proc = local_train(data, out, hps)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     found = statuses(out / "reports" / "rules.json")
@@ -162,6 +163,23 @@ def test_badly_scaled_initialisation_triggers_poor_weight_initialization(tmp_pat
     assert poor["status"] == rules.ISSUES
     assert poor["finding"]["step"] == 0 and poor["finding"]["evidence"]["variance_ratio"] > 1e3
     assert result["exploding_tensor"]["status"] == rules.NO_ISSUES
+
+
+def test_frozen_backbone_with_feature_cache_is_judged_during_extraction(tmp_path, sample_dataset):
+    """freeze=head (the default) trains the head on cached features, so no training step runs the backbone:
+    poor_weight_initialization judges the backbone on feature extraction's first batch instead."""
+    hps = {**FAST_HPS, "freeze": "head", "epochs": "2", "init-scale": "0.3",
+           "rules": "poor_weight_initialization,vanishing_gradient,exploding_tensor"}
+    output, proc = run_train_job(tmp_path, sample_dataset, hps)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "feature cache on" in proc.stdout
+    extraction = [r for r in jsonl(output / "tensors" / "layers.jsonl") if r["source"] == "feature_extraction"]
+    assert len(extraction) == 1 and extraction[0]["activations"] and not extraction[0]["gradients"]
+    result = {r["name"]: r for r in json.loads((output / "data" / "rules.json").read_text())["rules"]}
+    poor = result["poor_weight_initialization"]
+    assert poor["status"] == rules.ISSUES, poor  # scaled weights, BatchNorm in eval mode: variances vanish
+    assert poor["finding"]["evidence"]["variance_ratio"] > 1e3
+    assert result["vanishing_gradient"]["status"] == rules.NO_ISSUES  # the head's gradients, every 100 steps
 
 
 # --- rule configuration and the system rules, on given data ----------------------------------------------------

@@ -92,13 +92,14 @@ class Collector:
         self._hooks = []
 
     @torch.no_grad()
-    def layer_stats(self, model: nn.Module, step: int, epoch: int) -> dict:
-        """Weights, gradients and the activations seen since `hook_activations`; written and returned."""
+    def layer_stats(self, model: nn.Module, step: int, epoch: int, source: str = "train_step") -> dict:
+        """Weights, gradients and the activations seen since `hook_activations`; written and returned.
+        `source` says which forward pass: a training step, or feature extraction (frozen backbone, no gradients)."""
         self.remove_hooks()
         params = [(n, p) for n, p in model.named_parameters()]
         grads = [(n, p.grad) for n, p in params if p.grad is not None]
         weight_norms = torch.stack([p.detach().float().norm() for _, p in params]).tolist() if params else []
-        stats: dict = {"step": step, "epoch": epoch,
+        stats: dict = {"step": step, "epoch": epoch, "source": source,
                        "weights": {n: v for (n, _), v in zip(params, weight_norms)}, "gradients": {}}
         if grads:
             g = [t.detach().float() for _, t in grads]

@@ -29,17 +29,19 @@ import shutil
 import time
 from pathlib import Path
 
+import psutil
 import torch
 from torch import nn
 
 from imgclf import artifacts, config
 from imgclf.debugging import report
-from imgclf.debugging.collect import EVAL, TRAIN, Collector
+from imgclf.debugging.collect import Collector
 from imgclf.debugging.profiling import ProfilerCapture, StepTimer, SystemMonitor
 from imgclf.debugging.rules import ISSUES, RuleSet, configure
 from imgclf.errors import RuleStop, TrainingInterrupted
 
 log = logging.getLogger(__name__)
+PROCESS_START = psutil.Process().create_time()  # what max_initialization_time measures from
 RULES_FILE = "rules.json"
 REPORT_FILE = "profiler-report.html"
 DEBUG_HOOK_CONFIG = "debughookconfig.json"  # what SageMaker writes to input/config for a Debugger job
@@ -53,31 +55,6 @@ def scale_initial_weights(model: nn.Module, factor: float) -> None:
             if isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d | nn.Linear):
                 m.weight.mul_(factor)
     log.warning("init-scale=%g: conv/linear weights multiplied by %g (a debugging aid)", factor, factor)
-
-
-class SmdebugHook:
-    """SageMaker Debugger's own hook, only when smdebug is installed and SageMaker asked for it."""
-
-    def __init__(self, model: nn.Module, criterion: nn.Module | None):
-        self.hook = None
-        if not (Path(config.base_dir()) / "input" / "config" / DEBUG_HOOK_CONFIG).is_file():
-            return
-        try:
-            import smdebug.pytorch as smd
-        except ImportError:
-            log.info("SageMaker passed a Debugger hook configuration but smdebug is not installed: Debugger's "
-                     "own rules get no tensors (this image's rules run in the container; see README)")
-            return
-        self.modes = smd.modes
-        self.hook = smd.Hook.create_from_json_file()
-        self.hook.register_module(model)
-        if criterion is not None:
-            self.hook.register_loss(criterion)
-        log.info("smdebug hook registered (TRAIN/EVAL modes)")
-
-    def set_mode(self, mode: str) -> None:
-        if self.hook is not None:
-            self.hook.set_mode(self.modes.TRAIN if mode == TRAIN else self.modes.EVAL)
 
 
 class Debugger:
@@ -94,10 +71,9 @@ class Debugger:
         self.started = time.time()
         self.model: nn.Module | None = None
         self.optimizer = None
-        self.smdebug: SmdebugHook | None = None
         self._stats_step = False
-        self._mode = TRAIN
         self._live_report: tuple[float, float] | None = None  # (when the last live report was written, its cost)
+        self._eval_stop: RuleStop | None = None  # found during validation, raised at the epoch end
         if not self.enabled:
             return
         self.rules: RuleSet = configure(hp.rules, hp.rules_config, hp.rules_stop)
@@ -119,12 +95,14 @@ class Debugger:
     def __exit__(self, exc_type, exc, tb) -> None:
         self.close(exc)
 
-    def attach(self, model: nn.Module, optimizer, criterion: nn.Module | None = None) -> None:
+    def attach(self, model: nn.Module, optimizer) -> None:
         """The model the job trains (init-scale applies here, before any checkpoint is restored)."""
         if self.hp.init_scale != 1.0:
             scale_initial_weights(model, self.hp.init_scale)
         self.model, self.optimizer = model, optimizer
-        self.smdebug = SmdebugHook(model, criterion)
+        if (Path(config.base_dir()) / "input" / "config" / DEBUG_HOOK_CONFIG).is_file():
+            log.info("SageMaker passed a Debugger hook configuration: this image does not run smdebug's hook, so "
+                     "Debugger's own rules get no tensors; its rules run in the container (docs/debugging.md)")
 
     # --- the training loop ---------------------------------------------------------------------------------
     def epoch_begin(self, epoch: int) -> None:
@@ -134,9 +112,6 @@ class Debugger:
 
     def step_begin(self) -> None:
         """The batch is on the device: data wait ends, forward begins."""
-        if self.smdebug and self._mode != TRAIN:
-            self.smdebug.set_mode(TRAIN)
-        self._mode = TRAIN
         if not self.enabled:
             return
         self.timer.mark("data")
@@ -169,13 +144,23 @@ class Debugger:
 
     def eval_batch(self, step: int, loss: float) -> None:
         """evaluate()'s on_batch callback: evaluation-mode loss of each batch."""
-        if self.smdebug and self._mode != EVAL:
-            self.smdebug.set_mode(EVAL)
-        self._mode = EVAL
         if self.enabled:
             self.profiler.stop()  # a capture ends with its epoch's training steps
             eval_step = self.collector.eval_step_loss(self.epoch, loss)
-            self.rules.eval_loss(eval_step, self.epoch, loss)
+            try:
+                self.rules.eval_loss(eval_step, self.epoch, loss)
+            except RuleStop as e:  # raised by epoch_end, where every rank checks for a stop at the same point
+                self._eval_stop = self._eval_stop or e
+
+    def backbone_forward_begin(self, model: nn.Module) -> None:
+        """Feature extraction's first batch (the frozen backbone's only forward passes): watch activations."""
+        if self.enabled:
+            self.collector.hook_activations(model)
+
+    def backbone_forward_end(self, model: nn.Module) -> None:
+        """Layer statistics of that batch (weights, activation inputs; no gradients) for the rules."""
+        if self.enabled:
+            self.rules.layer_stats(self.collector.layer_stats(model, self.step, self.epoch + 1, "feature_extraction"))
 
     def epoch_end(self, history: list[dict]) -> None:
         """After validation, with the job's history (its last record is this epoch); may raise RuleStop."""
@@ -185,6 +170,9 @@ class Debugger:
         self.profiler.stop()  # a capture ends with its epoch's training steps
         self.collector.epoch_end(history[-1])
         try:
+            if self._eval_stop is not None:
+                stop, self._eval_stop = self._eval_stop, None
+                raise stop
             self.rules.epoch_end(self.history)
             self.rules.system(list(self.monitor.samples), list(self.timer.steps), self.monitor.has_gpu, self.epoch)
         finally:
@@ -233,7 +221,8 @@ class Debugger:
         self.write_rules(status, error)
         self.print_rule_metrics()
         for r in self.rules.results:
-            log.info("rule %s: %s%s", r.rule.name, r.status, f" ({r.finding.message})" if r.finding else "")
+            detail = r.finding.message if r.finding else r.to_json()["reason"]
+            log.info("rule %s: %s%s", r.rule.name, r.status, f" ({detail})" if detail else "")
         try:
             self.write_report(status, error)
         except Exception as e:  # the report must not hide the job's own outcome
@@ -271,7 +260,7 @@ class Debugger:
                  "steps": self.step, "epochs": len(self.history), "host": platform.node(),
                  "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(self.started)),
                  "duration_s": round(time.time() - self.started, 1),
-                 "torch": torch.__version__, "gpu": self.monitor.has_gpu},
+                 "torch": torch.__version__, "gpu": self.monitor.has_gpu, "process_start": PROCESS_START},
             hyperparameters=dict(self.hp), history=self.history, loss_points=self.collector.points,
             samples=list(self.monitor.samples), steps=list(self.timer.steps), step_totals=dict(self.timer.totals),
             rules=self.rules.to_json(), top_operators=self.profiler.top_operators,

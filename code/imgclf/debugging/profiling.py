@@ -86,7 +86,8 @@ class SystemMonitor:
 
     def start(self) -> SystemMonitor:
         self._started = time.monotonic()
-        psutil.cpu_times_percent(None)  # the first call only primes the counters
+        psutil.cpu_times_percent(None)  # the first calls only prime the counters
+        psutil.cpu_percent(None, percpu=True)
         self._last = (time.monotonic(), psutil.disk_io_counters(), psutil.net_io_counters())
         self._thread.start()
         return self
@@ -120,6 +121,8 @@ class SystemMonitor:
         sample = {
             "t": round(now - self._started, 3), "time": round(time.time(), 3),
             "cpu": round(max(0.0, 100.0 - cpu.idle - iowait), 1), "iowait": round(iowait, 1),
+            # per core: one pinned core (a single-threaded loader) hides in the total of many cores
+            "cpu_cores": psutil.cpu_percent(None, percpu=True),
             "memory": psutil.virtual_memory().percent,
             "disk_read_mb_s": round((disk.read_bytes - disk0.read_bytes) / mb / dt, 3) if disk and disk0 else 0.0,
             "disk_write_mb_s": round((disk.write_bytes - disk0.write_bytes) / mb / dt, 3) if disk and disk0 else 0.0,
@@ -146,6 +149,7 @@ class StepTimer:
         self.totals = dict.fromkeys((*PHASES, "total"), 0.0)
         self.count = 0
         self._t0 = self._last = time.perf_counter()
+        self._wall = time.time()
         self._marks: dict[str, float] = {}
         self._events: dict[str, torch.cuda.Event] = {}
         self._pending: list[tuple[dict, dict]] = []
@@ -153,6 +157,7 @@ class StepTimer:
     def begin(self) -> None:
         """Start of the wait for the next batch (before the loop and after each step)."""
         self._t0 = self._last = time.perf_counter()
+        self._wall = time.time()  # the step's start on the wall clock: matches steps to monitor samples
         self._marks, self._events = {}, {}
 
     def mark(self, phase: str) -> None:
@@ -167,7 +172,8 @@ class StepTimer:
     def end(self, step: int) -> None:
         """Close `step` (after its optimizer step) and start timing the next batch's wait."""
         now = time.perf_counter()
-        record = {"step": step, **{p: round(self._marks.get(p, 0.0), 6) for p in PHASES},
+        record = {"step": step, "time": round(self._wall, 3),
+                  **{p: round(self._marks.get(p, 0.0), 6) for p in PHASES},
                   "total": round(now - self._t0, 6)}
         if self.cuda and len(self._events) == len(PHASES):
             self._pending.append((record, self._events))

@@ -20,15 +20,22 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless back
 from imgclf.debugging.profiling import PHASES  # noqa: E402
 
 SECTIONS = {"summary": "Summary", "training": "Training curves", "system": "System utilisation",
-            "steps": "Step time breakdown", "rules": "Rules", "operators": "Top operators (torch.profiler)"}
+            "usage": "System usage statistics", "steps": "Step time breakdown", "rules": "Rules",
+            "profiler": "Profiler rules", "operators": "Top operators (torch.profiler)"}
+# The usage table's rows: label and monitor-sample key; list-valued keys give a row per GPU.
+USAGE_METRICS = (("CPU total (%)", "cpu"), ("CPU busiest core (%)", "cpu_busiest"), ("CPU I/O wait (%)", "iowait"),
+                 ("memory (%)", "memory"), ("disk read (MB/s)", "disk_read_mb_s"),
+                 ("disk write (MB/s)", "disk_write_mb_s"), ("network in (MB/s)", "net_recv_mb_s"),
+                 ("network out (MB/s)", "net_sent_mb_s"), ("GPU {} (%)", "gpu"), ("GPU {} memory (%)", "gpu_memory"))
 TOP_OPERATORS = 15  # rows in the report; top_operators.json beside the trace has more
-STATUS_CLASS = {"IssuesFound": "bad", "NoIssuesFound": "good", "NotApplicable": "na", "InProgress": "na"}
+STATUS_CLASS = {"IssuesFound": "bad", "NoIssuesFound": "good", "NotApplicable": "na", "NotEvaluated": "warn",
+                "InProgress": "na"}
 CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:0 auto;max-width:1200px;padding:1em 2em;
 color:#222}h1{margin-bottom:.2em}h2{border-bottom:2px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
 table{border-collapse:collapse;margin:.5em 0;font-size:.92em}td,th{border:1px solid #ddd;padding:.3em .6em;
 text-align:left;vertical-align:top}th{background:#f4f4f4}td.num{text-align:right;font-variant-numeric:tabular-nums}
-.good{color:#17752f;font-weight:600}.bad{color:#b00020;font-weight:600}.na{color:#777}
+.good{color:#17752f;font-weight:600}.warn{color:#8a5a00;font-weight:600}.bad{color:#b00020;font-weight:600}.na{color:#777}
 img{max-width:100%;border:1px solid #eee}code{background:#f6f6f6;padding:0 .2em}.muted{color:#666}
 nav a{margin-right:1em}.banner{padding:.6em 1em;border-radius:4px;margin:.5em 0}
 td p{margin:.2em 0}.banner.bad{background:#fde8ea}.banner.good{background:#e6f4ea}
@@ -172,6 +179,8 @@ def _rules(d: ReportData) -> str:
         detail = f"<p>{_e(r['explanation'])}</p>"
         if f:
             detail = f"<p><b>{_e(f['message'])}</b></p>" + detail + f"<p><i>Advice:</i> {_e(r['advice'])}</p>"
+        if r.get("reason"):
+            detail += f'<p class="{STATUS_CLASS.get(r["status"], "na")}">{_e(r["status"])}: {_e(r["reason"])}</p>'
         if r.get("last_check"):
             detail += f'<p class="muted">last check: {_e(r["last_check"])}</p>'
         params = ", ".join(f"{k}={v}" for k, v in r["parameters"].items())
@@ -179,8 +188,73 @@ def _rules(d: ReportData) -> str:
                      f'<span class="{STATUS_CLASS.get(r["status"], "na")}">{_e(r["status"])}</span>',
                      _e(where), detail, f"<code>{_e(params)}</code>"])
     found = sum(r["status"] == "IssuesFound" for r in d.rules)
-    head = (f'<div class="banner {"bad" if found else "good"}">{found} of {len(d.rules)} rules found issues.</div>')
+    unjudged = sum(r["status"] == "NotEvaluated" for r in d.rules)
+    head = (f'<div class="banner {"bad" if found else "good"}">{found} of {len(d.rules)} rules found issues'
+            + (f"; {unjudged} could not judge (NotEvaluated: see why below)" if unjudged else "") + ".</div>")
     return head + _table(rows, ["rule", "status", "where", "finding, explanation, advice", "parameters"])
+
+
+def _quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
+
+
+def _usage(d: ReportData) -> str:
+    """p50/p95/p99 and max of every monitored quantity on this node (Debugger's OverallSystemUsage table)."""
+    if not d.samples:
+        return '<p class="muted">No monitor samples (the job was shorter than one monitor interval).</p>'
+    rows = []
+    for label, key in USAGE_METRICS:
+        values = [max(s.get("cpu_cores") or [s["cpu"]]) if key == "cpu_busiest" else s.get(key) for s in d.samples]
+        series = ([[v[i] for v in values if v is not None and i < len(v)] for i in range(len(values[-1] or []))]
+                  if "{}" in label else [values])
+        for i, vs in enumerate(series):
+            if vs:
+                rows.append([_e(d.job.get("host", "")), _e(label.format(i)),
+                             *(f"{_quantile(vs, q):.1f}" for q in (50, 95, 99)), f"{max(vs):.1f}"])
+    return (_table(rows, ["node", "metric", "p50", "p95", "p99", "max"], {2, 3, 4, 5})
+            + f'<p class="muted">{len(d.samples)} monitor samples of the node that runs rank 0.</p>')
+
+
+def _profiler_facts(name: str, d: ReportData) -> list[list]:
+    """What a profiler rule's section shows besides its status: the numbers it judged."""
+    totals = [s["total"] for s in d.steps]
+    if name == "step_outlier" and len(totals) > 1:
+        mean, std = sum(totals) / len(totals), (sum((t - sum(totals) / len(totals)) ** 2 for t in totals)
+                                                  / len(totals)) ** .5
+        return [["steps", len(totals)], ["mean (ms)", f"{1000 * mean:.1f}"], ["std (ms)", f"{1000 * std:.1f}"],
+                *([f"p{q} (ms)", f"{1000 * _quantile(totals, q):.1f}"] for q in (50, 95, 99)),
+                ["max (ms)", f"{1000 * max(totals):.1f}"]]
+    if name == "max_initialization_time" and d.steps and "time" in d.steps[0] and d.job.get("process_start"):
+        return [["process start to first step (s)", f"{d.steps[0]['time'] - d.job['process_start']:.1f}"]]
+    if name == "dataloader_wait" and totals:
+        return [["share of step time waiting for data", f"{100 * sum(s['data'] for s in d.steps) / sum(totals):.1f}%"]]
+    return []
+
+
+def _profiler(d: ReportData) -> str:
+    """One block per ProfilerReport rule: status, finding or reason, the numbers it judged, advice."""
+    from imgclf.debugging.rules import PROFILER_RULES
+
+    shown = [r for r in d.rules if r["name"] in PROFILER_RULES]
+    if not shown:
+        return '<p class="muted">No profiler rule was enabled (hyperparameter rules).</p>'
+    parts = []
+    for r in shown:
+        f = r.get("finding") or {}
+        status = f'<span class="{STATUS_CLASS.get(r["status"], "na")}">{_e(r["status"])}</span>'
+        rows = [["status", status]]
+        if f:
+            rows += [["finding", f"<b>{_e(f['message'])}</b>"], ["advice", _e(r["advice"])]]
+        if r.get("reason"):
+            rows.append(["why", _e(r["reason"])])
+        if r.get("last_check"):
+            rows.append(["last check", _e(r["last_check"])])
+        rows += [[_e(k), _e(v)] for k, v in _profiler_facts(r["name"], d)]
+        rows.append(["parameters", f"<code>{_e(', '.join(f'{k}={v}' for k, v in r['parameters'].items()))}</code>"])
+        parts.append(f'<div class="profiler-rule" id="rule-{_e(r["name"])}"><h3><code>{_e(r["name"])}</code></h3>'
+                     f"<p>{_e(r['explanation'])}</p>{_table(rows, ['', ''])}</div>")
+    return "".join(parts)
 
 
 def _operators(d: ReportData) -> str:
@@ -209,8 +283,8 @@ def _summary(d: ReportData) -> str:
 
 
 def render(d: ReportData) -> str:
-    parts = {"summary": _summary, "training": _training, "system": _system, "steps": _steps, "rules": _rules,
-             "operators": _operators}
+    parts = {"summary": _summary, "training": _training, "system": _system, "usage": _usage, "steps": _steps,
+             "rules": _rules, "profiler": _profiler, "operators": _operators}
     body = "".join(f'<section id="{key}"><h2>{_e(SECTIONS[key])}</h2>{fn(d)}</section>' for key, fn in parts.items())
     nav = "".join(f'<a href="#{k}">{_e(v)}</a>' for k, v in SECTIONS.items())
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>Profiler report: '

@@ -4,7 +4,8 @@ Each rule is a dataclass: its fields are its parameters (defaults close to Debug
 what the training loop reports (every training and evaluation loss, the layer statistics of `collect`,
 each epoch's record, the system monitor and step timer of `profiling`) and return a Finding when they see
 the problem. A rule's status is NoIssuesFound until its first finding (IssuesFound, kept with the step,
-epoch and evidence), or NotApplicable (GPU rules without a GPU).
+epoch and evidence), NotApplicable (GPU rules without a GPU) or NotEvaluated: a rule starts NotEvaluated and
+turns NoIssuesFound only once it has judged some data (`evaluated`); until then `why_not` says what it lacks.
 A rule with `stop` set ends the job with RuleStop, as Debugger's StopTraining action did.
 
 Choose rules with the hyperparameters `rules` (comma list, "all" or "none"), `rules-config` (JSON object,
@@ -18,6 +19,7 @@ import json
 import logging
 import math
 import statistics
+import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import ClassVar
@@ -27,6 +29,7 @@ from imgclf.errors import HyperparameterError, RuleStop
 log = logging.getLogger(__name__)
 
 NO_ISSUES, ISSUES, NOT_APPLICABLE = "NoIssuesFound", "IssuesFound", "NotApplicable"
+NOT_EVALUATED = "NotEvaluated"  # the rule never had the data to judge (its reason says why): not "no issues"
 
 
 @dataclass
@@ -39,6 +42,11 @@ class Finding:
 
 def _bad(x: float, only_nan: bool = False) -> bool:
     return math.isnan(x) or (not only_nan and math.isinf(x))
+
+
+def _busiest_core(sample: dict) -> float:
+    """The busiest CPU core of a monitor sample (samples written before per-core sampling: the total)."""
+    return max(sample.get("cpu_cores") or [sample["cpu"]])
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -54,6 +62,8 @@ class Rule:
     stop: bool = False  # end the job (RuleStop) when the rule finds an issue
 
     note: str = field(default="", init=False, repr=False, compare=False)  # what the last check looked at
+    evaluated: bool = field(default=False, init=False, repr=False, compare=False)  # judged any data yet?
+    why_not: str = field(default="not enough data yet", init=False, repr=False, compare=False)
 
     def parameters(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.init and f.name != "stop"}
@@ -79,31 +89,66 @@ class Rule:
 @dataclass(kw_only=True)
 class LossNotDecreasing(Rule):
     name = "loss_not_decreasing"
-    explanation = ("Compares the mean training loss of each window of num_steps steps with the window before; "
-                   "an issue when it has not fallen by at least diff_percent (or is NaN/Inf).")
+    explanation = ("Means the loss over windows of num_steps steps (`mode` TRAIN: training loss, EVAL: evaluation "
+                   "loss) and compares each window with the best earlier one: an issue when a window is NaN/Inf, or "
+                   "higher than the best by more than increase_threshold_percent and by more than 3 standard errors "
+                   "of the batch losses (noise); with diff_percent > 0 also when a window is not diff_percent below "
+                   "the best. A plateau is not an issue: a converged loss stops falling.")
     advice = ("Lower the learning rate if the loss is rising or erratic; if it has plateaued, the model may have "
               "converged (stop earlier) or need a learning-rate schedule, more capacity or unfrozen layers.")
     num_steps: int = 10
     diff_percent: float = 0.0
+    increase_threshold_percent: float = 5.0
+    mode: str = "TRAIN"
+    NOISE_SE: ClassVar[float] = 3.0  # how many standard errors of the window means count as noise
 
     def __post_init__(self):
+        if self.mode not in ("TRAIN", "EVAL"):
+            raise HyperparameterError(f"rules-config: loss_not_decreasing.mode={self.mode!r}: use TRAIN or EVAL")
         self._window: list[float] = []
-        self._previous: float | None = None
+        self._best: tuple[float, int] | None = None  # (level, last step) of the best window
+        self._spread: list[float] = []  # relative spread (stdev / mean) of recent windows
+        self.why_not = f"fewer than num_steps={self.num_steps} {self.mode} losses"
 
     def train_loss(self, step, epoch, loss):
+        return self._add(step, epoch, loss) if self.mode == "TRAIN" else None
+
+    def eval_loss(self, step, epoch, loss):
+        return self._add(step, epoch, loss) if self.mode == "EVAL" else None
+
+    def _add(self, step: int, epoch: int, loss: float) -> Finding | None:
         self._window.append(loss)
         if len(self._window) < self.num_steps:
             return None
-        mean, self._window = statistics.fmean(self._window), []
-        previous, self._previous = self._previous, mean
-        self.note = f"window ending at step {step}: mean loss {mean:.4g}"
-        if math.isfinite(mean) and (previous is None or mean < previous * (1 - self.diff_percent / 100)):
+        window, self._window = self._window, []
+        mean = statistics.fmean(window)
+        noise = 0.0
+        if math.isfinite(mean) and mean > 0:
+            # Batch noise relative to the loss, pooled over recent windows (a median: one window's spread is itself
+            # noisy); the noise of a window mean is that over sqrt(num_steps).
+            self._spread = [*self._spread[-49:], statistics.stdev(window) / mean]
+            noise = self.NOISE_SE * statistics.median(self._spread) * mean / math.sqrt(len(window))
+        best, self.evaluated = self._best, True
+        self.note = f"{self.mode} window ending at step {step}: mean loss {mean:.4g}"
+        evidence = {"window_mean": mean, "window_noise": noise, "num_steps": self.num_steps,
+                    "best_window_level": best[0] if best else None, "best_window_end_step": best[1] if best else None}
+        span = f"mean {self.mode.lower()} loss over steps {step - self.num_steps + 1}-{step}"
+        if not math.isfinite(mean):
+            return Finding(f"{span} is {mean}", step, epoch, evidence)
+        # The best level reached: the lowest window mean plus its noise (the lowest plain mean of many noisy
+        # windows is biased low, and a plateau would then look like a rise).
+        if best is None or mean + noise < best[0]:
+            self._best = (mean + noise, step)
+        if best is None:
             return None
-        return Finding(
-            f"mean training loss over steps {step - self.num_steps + 1}-{step} is {mean:.4g}, not "
-            + (f"{self.diff_percent:g}% " if self.diff_percent else "")
-            + (f"below {previous:.4g} of the {self.num_steps} steps before" if previous is not None else "finite"),
-            step, epoch, {"window_mean": mean, "previous_window_mean": previous, "num_steps": self.num_steps})
+        if mean - noise > best[0] * (1 + self.increase_threshold_percent / 100):
+            return Finding(f"{span} is {mean:.4g} (+-{noise:.2g}), {100 * (mean / best[0] - 1):.0f}% above the "
+                           f"best earlier window's {best[0]:.4g} (steps up to {best[1]}; threshold "
+                           f"{self.increase_threshold_percent:g}%)", step, epoch, evidence)
+        if self.diff_percent > 0 and mean >= best[0] * (1 - self.diff_percent / 100):
+            return Finding(f"{span} is {mean:.4g}, not {self.diff_percent:g}% below the best earlier window's "
+                           f"{best[0]:.4g}", step, epoch, evidence)
+        return None
 
 
 @dataclass(kw_only=True)
@@ -111,12 +156,13 @@ class Overfit(Rule):
     name = "overfit"
     explanation = ("Compares each epoch's validation loss with its training loss; an issue when "
                    "(valid_loss - train_loss) / train_loss exceeds ratio_threshold while the validation loss is "
-                   "above its best, for patience epochs in a row. (Debugger's rule looks at the ratio alone, "
-                   "which flags nearly every run on a small dataset.)")
+                   "above its best, for patience epochs in a row. With label-smoothing the validation loss is taken "
+                   "with the same smoothing as the training loss. (Debugger's rule looks at the ratio alone, which "
+                   "flags nearly every run on a small dataset.)")
     advice = ("Add data or augmentation (augment=true), regularise (weight-decay, label-smoothing), freeze more "
               "layers or train fewer epochs (early-stopping-patience).")
     start_epoch: int = 1
-    patience: int = 2
+    patience: int = 1
     ratio_threshold: float = 0.1
 
     def __post_init__(self):
@@ -125,20 +171,24 @@ class Overfit(Rule):
 
     def epoch_end(self, history):
         r = history[-1]
-        best, self._best = self._best, min(self._best, r["valid_loss"])
+        # Like with like: with label smoothing the training loss is smoothed, so is this validation loss.
+        valid = r.get("valid_loss_smoothed", r["valid_loss"])
+        best, self._best = self._best, min(self._best, valid)
         if r["epoch"] < self.start_epoch:
             return None
-        ratio = (r["valid_loss"] - r["train_loss"]) / max(r["train_loss"], 1e-12)
-        gap = ratio > self.ratio_threshold and not r["valid_loss"] <= best  # NaN counts as worse
+        self.evaluated = True
+        ratio = (valid - r["train_loss"]) / max(r["train_loss"], 1e-12)
+        gap = ratio > self.ratio_threshold and not valid <= best  # NaN counts as worse
         self._count = self._count + 1 if gap else 0
         self.note = f"epoch {r['epoch']}: ratio {ratio:.3g}, best valid loss {self._best:.4g}"
         if self._count < self.patience:
             return None
         return Finding(
-            f"validation loss {r['valid_loss']:.4g} is {100 * ratio:.0f}% above training loss {r['train_loss']:.4g} "
+            f"validation loss {valid:.4g} is {100 * ratio:.0f}% above training loss {r['train_loss']:.4g} "
             f"(threshold {100 * self.ratio_threshold:.0f}%) and above its best {best:.4g}, {self._count} epochs in "
             "a row", None, r["epoch"],
-            {"train_loss": r["train_loss"], "valid_loss": r["valid_loss"], "ratio": ratio, "best_valid_loss": best})
+            {"train_loss": r["train_loss"], "valid_loss": valid, "ratio": ratio, "best_valid_loss": best,
+             "label_smoothed": "valid_loss_smoothed" in r})
 
 
 @dataclass(kw_only=True)
@@ -149,7 +199,7 @@ class Overtraining(Rule):
     advice = ("Training longer no longer helps: stop earlier (early-stopping-patience, fewer epochs) or change "
               "the learning rate schedule; the best epoch's model is the one saved.")
     patience_train: int = 5
-    patience_validation: int = 5
+    patience_validation: int = 10
     delta: float = 0.01
 
     def __post_init__(self):
@@ -157,7 +207,7 @@ class Overtraining(Rule):
 
     def epoch_end(self, history):
         r = history[-1]
-        stale = {}
+        stale, self.evaluated = {}, True
         for key, patience in (("train_loss", self.patience_train), ("valid_loss", self.patience_validation)):
             best, best_epoch = self._best[key]
             if r[key] < best - self.delta:
@@ -192,13 +242,16 @@ class PoorWeightInitialization(Rule):
     def __post_init__(self):
         self._losses: list[float] = []
         self._checked = False
+        self.why_not = (f"no activation-layer inputs seen in the first {self.steps} steps (layer statistics are "
+                        "taken every collect-stats-interval steps, and on the backbone when features are cached)")
 
     def layer_stats(self, stats):
-        if self._checked or stats["step"] >= self.steps:
+        if self._checked or stats["step"] >= self.steps or not (stats.get("activations") or stats["gradients"]):
             return None
-        self._checked = True
+        self._checked = bool(stats.get("activations"))  # a cached-feature step (head only) leaves it to come
         variances = {n: a["var"] for n, a in stats.get("activations", {}).items()}
         if variances:
+            self.evaluated = True
             (low_name, low), (high_name, high) = (min(variances.items(), key=lambda kv: kv[1]),
                                                   max(variances.items(), key=lambda kv: kv[1]))
             ratio = high / low if low > 0 else math.inf
@@ -238,6 +291,9 @@ class VanishingGradient(Rule):
     threshold: float = 1e-7
 
     def layer_stats(self, stats):
+        if not stats["gradients"]:
+            return None
+        self.evaluated = True
         tiny = {n: g["mean_abs"] for n, g in stats["gradients"].items() if g["mean_abs"] < self.threshold}
         self.note = f"step {stats['step']}: {len(stats['gradients'])} gradient tensors checked"
         if not tiny:
@@ -259,7 +315,7 @@ class ExplodingTensor(Rule):
     only_nan: bool = False
 
     def _loss(self, mode: str, step: int, epoch: int, loss: float) -> Finding | None:
-        self.note = f"{mode} loss at step {step}"
+        self.note, self.evaluated = f"{mode} loss at step {step}", True
         if _bad(loss, self.only_nan):
             return Finding(f"{mode} loss is {loss} at step {step}", step, epoch, {"mode": mode, "loss": loss})
         return None
@@ -289,8 +345,14 @@ class GpuSampleRule(Rule):
         if not has_gpu:
             self.note = "no GPU found by NVML"
             return NOT_APPLICABLE
-        data = [s for s in samples if "gpu" in s][self.patience:]
+        seen = [s for s in samples if "gpu" in s]
+        data = seen[self.patience:]
         self.note = f"{len(data)} samples analysed"
+        if not data:
+            self.why_not = (f"{len(seen)} monitor samples, all within patience={self.patience} (skipped as warm-up); "
+                            "a longer job or a smaller patience gives it data")
+            return None
+        self.evaluated = True
         return self.check_samples(data)
 
     def check_samples(self, data: list[dict]) -> Finding | None:
@@ -330,8 +392,9 @@ class LowGpuUtilization(GpuSampleRule):
 class CpuBottleneck(GpuSampleRule):
     name = "cpu_bottleneck"
     explanation = ("Share of monitor samples (after skipping `patience`) in which the GPU is below gpu_threshold "
-                   "utilisation while the CPU is above cpu_threshold: the CPU (data loading, augmentation) starves "
-                   "the GPU; an issue above threshold percent.")
+                   "utilisation while a CPU core is above cpu_threshold (the busiest core: one pinned core on a "
+                   "many-core host hides in the total): the CPU (data loading, augmentation) starves the GPU; an "
+                   "issue above threshold percent.")
     advice = ("Use more num-workers, lighter augmentation, smaller stored images (resize the dataset "
               "offline), or an instance with more vCPUs per GPU.")
     threshold: float = 50.0
@@ -343,12 +406,191 @@ class CpuBottleneck(GpuSampleRule):
         if not data:
             return None
         starved = sum(1 for s in data if statistics.fmean(s["gpu"]) < self.gpu_threshold
-                      and s["cpu"] > self.cpu_threshold)
+                      and _busiest_core(s) > self.cpu_threshold)
         share = 100 * starved / len(data)
         if share <= self.threshold:
             return None
         return Finding(f"in {share:.0f}% of {len(data)} samples the CPU was above {self.cpu_threshold:g}% while "
                        f"the GPU was below {self.gpu_threshold:g}%", evidence={"share": share, "samples": len(data)})
+
+
+@dataclass(kw_only=True)
+class IoBottleneck(GpuSampleRule):
+    name = "io_bottleneck"
+    explanation = ("Share of monitor samples (after skipping `patience`) in which the GPU is below gpu_threshold "
+                   "utilisation while the CPU's I/O wait is above io_threshold percent: the GPU waits for storage; "
+                   "an issue above threshold percent.")
+    advice = ("Use the FastFile or FSx input mode, copy the data to local storage, store fewer and smaller files "
+              "(resized images, shards), or use more num-workers to overlap reading with computing.")
+    threshold: float = 50.0
+    gpu_threshold: float = 10.0
+    io_threshold: float = 50.0
+    patience: int = 1000
+
+    def check_samples(self, data):
+        waiting = sum(1 for s in data if statistics.fmean(s["gpu"]) < self.gpu_threshold
+                      and s["iowait"] > self.io_threshold)
+        share = 100 * waiting / len(data)
+        self.note = f"{len(data)} samples: {share:.0f}% with the GPU idle in I/O wait"
+        if share <= self.threshold:
+            return None
+        return Finding(f"in {share:.0f}% of {len(data)} samples the I/O wait was above {self.io_threshold:g}% while "
+                       f"the GPU was below {self.gpu_threshold:g}%", evidence={"share": share, "samples": len(data)})
+
+
+@dataclass(kw_only=True)
+class GpuMemoryIncrease(GpuSampleRule):
+    name = "gpu_memory_increase"
+    explanation = ("Means each GPU's memory utilisation over windows of `window` monitor samples (after skipping "
+                   "`patience`); an issue when a window is more than `increase` percentage points above the lowest "
+                   "earlier window (memory that keeps growing runs out in the end).")
+    advice = ("Look for tensors kept across steps (losses stored without .item() or .detach(), growing lists, "
+              "caches), or a batch size that grows; torch.cuda.memory_summary() shows who holds the memory.")
+    increase: float = 5.0
+    patience: int = 1000
+    window: int = 10
+
+    def check_samples(self, data):
+        for gpu in range(len(data[0]["gpu_memory"])):
+            memory = [s["gpu_memory"][gpu] for s in data]
+            means = [statistics.fmean(memory[i:i + self.window])
+                     for i in range(0, len(memory) - self.window + 1, self.window)]
+            self.note = f"GPU memory over {len(means)} windows of {self.window} samples"
+            for i in range(1, len(means)):
+                low = min(means[:i])
+                if means[i] - low > self.increase:
+                    return Finding(f"GPU {gpu} memory rose from {low:.1f}% to {means[i]:.1f}% (more than "
+                                   f"{self.increase:g} points)", evidence={"gpu": gpu, "lowest": low,
+                                                                           "window_mean": means[i], "window": i})
+        return None
+
+
+@dataclass(kw_only=True)
+class BatchSize(GpuSampleRule):
+    name = "batch_size"
+    explanation = ("Over the last `window` monitor samples (after skipping `patience`): an issue when the 95th "
+                   "percentiles of CPU, GPU and GPU memory utilisation are all below their thresholds: the machine "
+                   "is underused and a larger batch would use it better.")
+    advice = ("Increase batch-size (and the learning rate with it), or choose a smaller instance type.")
+    cpu_threshold_p95: float = 70.0
+    gpu_threshold_p95: float = 70.0
+    gpu_memory_threshold_p95: float = 70.0
+    patience: int = 1000
+    window: int = 500
+
+    def check_samples(self, data):
+        data = data[-self.window:]
+        cpu = _percentile([s["cpu"] for s in data], 95)
+        for gpu in range(len(data[0]["gpu"])):
+            util = _percentile([s["gpu"][gpu] for s in data], 95)
+            memory = _percentile([s["gpu_memory"][gpu] for s in data], 95)
+            evidence = {"gpu": gpu, "cpu_p95": cpu, "gpu_p95": util, "gpu_memory_p95": memory, "samples": len(data)}
+            self.note = f"{len(data)} samples: p95 CPU {cpu:.0f}%, GPU {util:.0f}%, GPU memory {memory:.0f}%"
+            if (cpu < self.cpu_threshold_p95 and util < self.gpu_threshold_p95
+                    and memory < self.gpu_memory_threshold_p95):
+                return Finding(f"underused with GPU {gpu}: 95th percentiles CPU {cpu:.0f}%, GPU {util:.0f}%, GPU "
+                               f"memory {memory:.0f}% all below their thresholds", evidence=evidence)
+        return None
+
+
+@dataclass(kw_only=True)
+class LoadBalancing(GpuSampleRule):
+    name = "load_balancing"
+    explanation = ("Compares the GPUs' utilisation histograms (10 bins, after skipping `patience` samples) pairwise; "
+                   "an issue when two differ by more than threshold (total variation distance, 0: identical, 1: "
+                   "disjoint): the work is not spread evenly. Needs two GPUs or more (on the monitored node).")
+    advice = ("Use every GPU (processes-per-host = number of GPUs, DDP), give each rank the same share of the "
+              "batch, and check that no GPU also runs something else.")
+    threshold: float = 0.5
+    patience: int = 1000
+
+    def system(self, samples, steps, has_gpu):
+        gpus = max((len(s["gpu"]) for s in samples if "gpu" in s), default=0)
+        if has_gpu and gpus == 1:
+            self.note = "one GPU: nothing to balance"
+            return NOT_APPLICABLE
+        return super().system(samples, steps, has_gpu)
+
+    def check_samples(self, data):
+        count = len(data[0]["gpu"])
+        hists = []
+        for gpu in range(count):
+            bins = [0] * 10
+            for s in data:
+                bins[min(9, int(s["gpu"][gpu] // 10))] += 1
+            hists.append([b / len(data) for b in bins])
+        pairs = [(0.5 * sum(abs(x - y) for x, y in zip(hists[i], hists[j])), i, j)
+                 for i in range(count) for j in range(i + 1, count)]
+        distance, i, j = max(pairs)
+        self.note = f"{len(data)} samples of {count} GPUs: largest histogram distance {distance:.2f}"
+        if distance <= self.threshold:
+            return None
+        means = [statistics.fmean(s["gpu"][g] for s in data) for g in (i, j)]
+        return Finding(f"GPUs {i} and {j} are loaded unevenly: utilisation histograms differ by {distance:.2f} "
+                       f"(threshold {self.threshold:g}; mean utilisation {means[0]:.0f}% vs {means[1]:.0f}%)",
+                       evidence={"gpus": [i, j], "distance": distance, "mean_utilisation": means})
+
+
+@dataclass(kw_only=True)
+class StepOutlier(Rule):
+    name = "step_outlier"
+    explanation = ("Training step durations: an issue when more than n_outliers steps take longer than the mean "
+                   "plus stddev standard deviations (stalls: slow I/O, checkpoints, other processes, recompiles).")
+    advice = ("Open the profiler trace around the slow steps (steps.jsonl has their times); look for data loader "
+              "stalls, synchronisations, torch.compile recompiles, or checkpoints and evaluation inside the loop.")
+    stddev: float = 3.0
+    n_outliers: int = 10
+
+    def system(self, samples, steps, has_gpu):
+        if len(steps) < 2:
+            self.why_not = f"{len(steps)} timed steps (needs 2 or more)"
+            return None
+        self.evaluated = True
+        totals = [s["total"] for s in steps]
+        mean, std = statistics.fmean(totals), statistics.pstdev(totals)
+        limit = mean + self.stddev * std
+        outliers = [s for s in steps if s["total"] > limit]
+        self.note = f"{len(steps)} steps: mean {1000 * mean:.1f} ms, {len(outliers)} above {1000 * limit:.1f} ms"
+        if len(outliers) <= self.n_outliers:
+            return None
+        slowest = sorted(outliers, key=lambda s: s["total"], reverse=True)[:5]
+        return Finding(f"{len(outliers)} of {len(steps)} steps took longer than {1000 * limit:.1f} ms (mean "
+                       f"{1000 * mean:.1f} ms + {self.stddev:g} x {1000 * std:.1f} ms), e.g. step "
+                       f"{slowest[0]['step']}: {1000 * slowest[0]['total']:.0f} ms", slowest[0]["step"], None,
+                       {"outliers": len(outliers), "mean_s": mean, "std_s": std, "limit_s": limit,
+                        "slowest": {s["step"]: s["total"] for s in slowest}})
+
+
+def _process_start() -> float:
+    import psutil
+
+    return psutil.Process().create_time()
+
+
+@dataclass(kw_only=True)
+class MaxInitializationTime(Rule):
+    name = "max_initialization_time"
+    explanation = ("Time from the start of the training process to the start of the first training step (imports, "
+                   "data validation, model building, weights, feature extraction); an issue above threshold minutes.")
+    advice = ("Check what the log shows between the start and the first step: slow data validation (many small "
+              "files: FastFile/FSx or fewer, larger files), weight downloads (bake them into a weights channel), "
+              "feature extraction or torch.compile.")
+    threshold: float = 20.0  # minutes
+    process_start: float = field(default_factory=_process_start, init=False, repr=False, compare=False)
+
+    def system(self, samples, steps, has_gpu):
+        started = steps[0]["time"] if steps and "time" in steps[0] else None
+        waited = (started if started is not None else time.time()) - self.process_start
+        evidence = {"seconds": waited, "threshold_minutes": self.threshold}
+        if started is None and waited <= 60 * self.threshold:
+            self.why_not = f"no training step yet ({waited:.0f} s since the process started)"
+            return None
+        self.evaluated = True
+        self.note = f"first step after {waited:.1f} s" if started is not None else f"no step after {waited:.0f} s"
+        if waited <= 60 * self.threshold:
+            return None
+        return Finding(f"the first training step {'started' if started else 'had not started'} {waited / 60:.1f} "
+                       f"minutes after the process started (threshold {self.threshold:g})", evidence=evidence)
 
 
 @dataclass(kw_only=True)
@@ -366,8 +608,9 @@ class DataloaderWait(Rule):
         data = [s for s in steps if s["step"] >= self.patience]
         total = sum(s["total"] for s in data)
         if not data or total <= 0:
-            self.note = "no steps analysed yet"
+            self.why_not = f"{len(steps)} timed steps, all within patience={self.patience}"
             return None
+        self.evaluated = True
         wait = sum(s["data"] for s in data)
         share = 100 * wait / total
         iowait = [s["iowait"] for s in samples]
@@ -382,13 +625,17 @@ class DataloaderWait(Rule):
 
 RULES: dict[str, type[Rule]] = {cls.name: cls for cls in (
     LossNotDecreasing, Overfit, Overtraining, PoorWeightInitialization, VanishingGradient, ExplodingTensor,
-    LowGpuUtilization, CpuBottleneck, DataloaderWait)}
+    LowGpuUtilization, CpuBottleneck, DataloaderWait, StepOutlier, MaxInitializationTime, IoBottleneck,
+    GpuMemoryIncrease, BatchSize, LoadBalancing)}
+# What the profiler report's rule sections show (Debugger's ProfilerReport rules); the others are training rules.
+PROFILER_RULES = ("low_gpu_utilization", "cpu_bottleneck", "dataloader_wait", "step_outlier", "max_initialization_time",
+                  "io_bottleneck", "gpu_memory_increase", "batch_size", "load_balancing")
 
 
 @dataclass
 class Result:
     rule: Rule
-    status: str = NO_ISSUES
+    status: str = NOT_EVALUATED
     finding: Finding | None = None
     count: int = 0  # findings so far (the first one is kept)
 
@@ -396,7 +643,8 @@ class Result:
         r = self.rule
         return {"name": r.name, "status": self.status, "stop": r.stop, "parameters": r.parameters(),
                 "finding": self.finding.__dict__ if self.finding else None, "findings": self.count,
-                "last_check": r.note or "not evaluated yet (not enough data)", "explanation": r.explanation,
+                "reason": r.why_not if self.status == NOT_EVALUATED else r.note if self.status == NOT_APPLICABLE
+                else None, "last_check": r.note or None, "explanation": r.explanation,
                 "advice": r.advice}
 
 
@@ -410,6 +658,8 @@ class RuleSet:
     def _dispatch(self, method: str, *args, step: int | None = None, epoch: int | None = None) -> None:
         for result in self.results:
             outcome = getattr(result.rule, method)(*args)
+            if result.status == NOT_EVALUATED and result.rule.evaluated:
+                result.status = NO_ISSUES
             if outcome is None:
                 continue
             if outcome == NOT_APPLICABLE:

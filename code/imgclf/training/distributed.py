@@ -167,10 +167,12 @@ class Context:
         if self.world_size == 1:
             return ev
         seen = int(ev.confusion.sum())
-        values = self.sum([ev.loss * seen, *ev.confusion.flatten().tolist()])
-        confusion = torch.tensor(values[1:], dtype=torch.float64).round().long().view_as(ev.confusion)
+        smoothed = ev.smoothed_loss  # every rank computes it or none does (the same hyperparameters)
+        values = self.sum([ev.loss * seen, (smoothed or 0.0) * seen, *ev.confusion.flatten().tolist()])
+        confusion = torch.tensor(values[2:], dtype=torch.float64).round().long().view_as(ev.confusion)
         total = int(confusion.sum())
-        return Evaluation(values[0] / max(total, 1), float(confusion.diag().sum()) / max(total, 1), confusion)
+        return Evaluation(values[0] / max(total, 1), float(confusion.diag().sum()) / max(total, 1), confusion,
+                          values[1] / max(total, 1) if smoothed is not None else None)
 
     def first_error(self, error: BaseException | None) -> BaseException | None:
         """Collective: the first rank's error (stop request, rule stop) for every rank, or None when no rank has

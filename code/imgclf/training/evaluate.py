@@ -13,6 +13,7 @@ class Evaluation:
     loss: float
     accuracy: float
     confusion: torch.Tensor  # [true, predicted] counts
+    smoothed_loss: float | None = None  # mean loss under the training criterion (label smoothing), when asked
 
     def per_class_accuracy(self, class_names: list[str]) -> dict[str, float]:
         totals = self.confusion.sum(dim=1).clamp(min=1)
@@ -20,18 +21,22 @@ class Evaluation:
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, loader, num_classes: int, device: torch.device, on_batch=None) -> Evaluation:
-    """One pass over `loader`; `on_batch(step, loss)` sees each batch's mean loss (evaluation-mode collection)."""
+def evaluate(model: nn.Module, loader, num_classes: int, device: torch.device, on_batch=None,
+             train_criterion: nn.Module | None = None) -> Evaluation:
+    """One pass over `loader`; `on_batch(step, loss)` sees each batch's mean loss (evaluation-mode collection).
+    `train_criterion` (the training loss, with label smoothing) is also computed, to compare like with like."""
     was_training = model.training
     model.eval()
     criterion = nn.CrossEntropyLoss(reduction="sum")
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
-    total_loss, seen = 0.0, 0
+    total_loss, smoothed, seen = 0.0, 0.0, 0
     for step, (images, labels) in enumerate(loader):
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         logits = model(images).float()
         loss = criterion(logits, labels)
         total_loss += loss.item()
+        if train_criterion is not None:
+            smoothed += train_criterion(logits, labels).item() * labels.numel()
         seen += labels.numel()
         confusion += torch.bincount(
             (labels * num_classes + logits.argmax(1)).cpu(), minlength=num_classes * num_classes
@@ -40,4 +45,5 @@ def evaluate(model: nn.Module, loader, num_classes: int, device: torch.device, o
             on_batch(step, loss.item() / labels.numel())
     model.train(was_training)
     accuracy = float(confusion.diag().sum()) / max(seen, 1)
-    return Evaluation(total_loss / max(seen, 1), accuracy, confusion)
+    return Evaluation(total_loss / max(seen, 1), accuracy, confusion,
+                      smoothed / max(seen, 1) if train_criterion is not None else None)

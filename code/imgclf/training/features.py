@@ -94,8 +94,11 @@ def head_module(model: nn.Module, head: list[str]) -> nn.Module:
 
 
 @torch.no_grad()  # not inference_mode: the head's backward saves these features
-def extract(model: nn.Module, head: list[str], loader, speed) -> FeatureCache:
+def extract(model: nn.Module, head: list[str], loader, speed, watch=None) -> FeatureCache:
     """Run the (eval-mode) model over `loader` once; keep the input of the head layer for every image.
+
+    `watch` (the Debugger) sees the backbone's activations on the first batch: training steps on cached
+    features never run the backbone, so this is where poor_weight_initialization can judge it.
 
     `loader` must yield the split's samples in index order (no shuffling). The features keep the dtype the
     trunk produced under autocast, so the head computes exactly what it computes inside the full model.
@@ -109,7 +112,11 @@ def extract(model: nn.Module, head: list[str], loader, speed) -> FeatureCache:
         for images, batch_labels in loader:
             captured.clear()
             with speed.autocast():
+                if watch is not None and not chunks:
+                    watch.backbone_forward_begin(model)
                 logits = model(speed.inputs(images))
+                if watch is not None and not chunks:
+                    watch.backbone_forward_end(model)
                 if len(captured) != 1:
                     raise FeatureCacheUnsupported(f"head layer {head[0]} ran {len(captured)} times in one forward")
                 if not checked:  # the model's output must be the head's output, nothing after it
@@ -135,11 +142,12 @@ class FrozenFeatures:
     for an epoch whose backbone is frozen, or None for the normal loop. Extraction happens on first use."""
 
     def __init__(self, hp, model: nn.Module, head: list[str], speed, splits: dict, sampler, make_loader,
-                 batch_size: int, prep: data.Preprocessing):
+                 batch_size: int, prep: data.Preprocessing, watch=None):
         self.enabled, why = should_cache(hp)
         log.info("feature cache %s: %s", "on" if self.enabled else "off", why)
         self.hp, self.model, self.head, self.speed, self.splits = hp, model, head, speed, splits
         self.sampler, self.make_loader, self.batch_size, self.prep = sampler, make_loader, batch_size, prep
+        self.watch = watch  # the Debugger: sees the backbone during extraction
         self.train: FeatureCache | None = None
         self.valid: FeatureCache | None = None
 
@@ -152,7 +160,7 @@ class FrozenFeatures:
             return None
         if self.train is None:
             try:
-                self.train = extract(self.model, self.head, self._loader("train"), self.speed)
+                self.train = extract(self.model, self.head, self._loader("train"), self.speed, self.watch)
                 self.valid = extract(self.model, self.head, self._loader("valid"), self.speed)
             except FeatureCacheUnsupported as e:
                 log.warning("feature cache off: %s; training with the normal loop", e)

@@ -24,8 +24,9 @@ import torch
 from torch import nn
 
 from imgclf import artifacts, config, data, devices, models
+from imgclf.debugging import stop_action
 from imgclf.debugging.debugger import Debugger
-from imgclf.errors import UserError
+from imgclf.errors import RuleStop, UserError
 from imgclf.training import accel, checkpoint, cuda_check, distributed
 from imgclf.training.distributed import SINGLE, Context
 from imgclf.training.evaluate import Evaluation, evaluate
@@ -120,7 +121,7 @@ def build_setup(hp, paths: Paths, splits: dict[str, data.Split], device: torch.d
     optimizer = make_optimizer(hp, models.param_groups(model, head, hp.lr, hp.backbone_lr_factor))
     scheduler = make_scheduler(hp, optimizer)
     criterion = nn.CrossEntropyLoss(label_smoothing=hp.label_smoothing)
-    dbg.attach(model, optimizer, criterion)  # debugging: init-scale, layer statistics, smdebug
+    dbg.attach(model, optimizer)  # debugging: init-scale, layer statistics
 
     draft = prep.resize_size
     rank_batch = rank_batch_size(hp, dist)
@@ -131,7 +132,7 @@ def build_setup(hp, paths: Paths, splits: dict[str, data.Split], device: torch.d
                     for name, s in splits.items() if name != "train"}
     # Every rank extracts the features of all images, then trains the head on its shard (same sampler).
     cache = FrozenFeatures(hp, model, head, speed, splits, sampler, lambda ds: make_loader(ds, hp, rank_batch),
-                           rank_batch, prep)
+                           rank_batch, prep, watch=dbg)
     return Setup(hp, model, head, optimizer, scheduler, criterion, speed, device, dist, dbg,
                sampler, rank_batch, make_loader(train_set, hp, rank_batch, sampler=sampler), eval_loaders, cache,
                classes, checkpoint.fingerprint(hp, classes), paths.checkpoints, StopFlag(), prep)
@@ -182,11 +183,11 @@ def train_job(hp, paths: Paths, device: torch.device, dbg: Debugger, dist: Conte
         if dist.is_main:
             print(epoch_line(state.history[-1]), flush=True)
         stopping = coordinated_stop(dist, lambda: dbg.epoch_end(state.history))  # epoch rules, rules.json
-        if stopping is not None:
-            raise stopping
         best = select_best(state, valid, setup.model, best)
         state.next_epoch()
         setup.save_checkpoint(state, best)
+        if stopping is not None:  # a stop rule, after the epoch's checkpoint
+            raise stopping
         if stops_early(hp, state):
             break
     setup.model.load_state_dict(best)
@@ -277,6 +278,13 @@ def main() -> None:
         paths = Paths(Path(env.model_dir), Path(env.output_data_dir), Path(config.checkpoint_dir()),
                       dict(env.channel_input_dirs))
         train_or_launch(config.parse_hyperparameters(env.hyperparameters), paths, env)
+    except RuleStop as e:
+        if stop_action.stop_own_job():  # Debugger's StopTraining action: SageMaker ends the job Stopped
+            log.warning("training stopped: %s", e)
+            return
+        log.error("training failed: %s", e)
+        write_failure(failure, f"{type(e).__name__}: {e}")
+        raise
     except UserError as e:
         log.error("training failed: %s", e)
         write_failure(failure, f"{type(e).__name__}: {e}")

@@ -142,7 +142,7 @@ def train_one_epoch(setup: Setup, state: State, step_model: nn.Module, loader, b
         state.batches_done += 1
         stopping = coordinated_stop(setup.dist, partial(setup.dbg.step_end, loss_value),  # collection and rules
                                     lambda: setup.interruption(state))
-        if isinstance(stopping, TrainingInterrupted):
+        if stopping is not None:  # SIGTERM or a stop rule: resumable from this batch
             state.running = before.merge(sums.all_ranks(setup.dist))
             setup.save_checkpoint(state, best)
         if stopping is not None:
@@ -152,7 +152,9 @@ def train_one_epoch(setup: Setup, state: State, step_model: nn.Module, loader, b
 
 def validate(setup: Setup, step_model: nn.Module, loader, cached: bool) -> Evaluation:
     with setup.speed.autocast():
-        valid = evaluate(step_model, loader, len(setup.classes), setup.device, on_batch=setup.dbg.eval_batch)
+        # With label smoothing the training loss is smoothed: the validation loss under the same criterion too.
+        valid = evaluate(step_model, loader, len(setup.classes), setup.device, on_batch=setup.dbg.eval_batch,
+                         train_criterion=setup.criterion if setup.hp.label_smoothing else None)
     # Each rank evaluated its shard, except on cached features, where every rank has all of valid.
     return valid if cached else setup.dist.reduce_evaluation(valid)
 

@@ -48,6 +48,8 @@ def epoch_record(epoch: int, sums: RunningSums, valid: Evaluation, lr: float, st
     return {
         "epoch": epoch + 1, "train_loss": sums.mean_loss, "train_accuracy": sums.accuracy, "valid_loss": valid.loss,
         "valid_accuracy": valid.accuracy, "lr": lr, "seconds": round(time.monotonic() - started, 3),
+        # the validation loss under the training criterion (label smoothing): what the overfit rule compares
+        **({"valid_loss_smoothed": valid.smoothed_loss} if valid.smoothed_loss is not None else {}),
     }
 
 
