@@ -173,7 +173,7 @@ def test_frozen_backbone_with_feature_cache_is_judged_during_extraction(tmp_path
     output, proc = run_train_job(tmp_path, sample_dataset, hps)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "feature cache on" in proc.stdout
-    extraction = [r for r in jsonl(output / "tensors" / "layers.jsonl") if r["source"] == "feature_extraction"]
+    extraction = [r for r in jsonl(output / "data" / "tensors" / "layers.jsonl") if r["source"] == "feature_extraction"]
     assert len(extraction) == 1 and extraction[0]["activations"] and not extraction[0]["gradients"]
     result = {r["name"]: r for r in json.loads((output / "data" / "rules.json").read_text())["rules"]}
     poor = result["poor_weight_initialization"]
