@@ -4,7 +4,7 @@
 - ours_torch: the real server (`python -m imgclf.local serve`: MMS + our handlers) on a model without model.onnx
 - ours_onnx_float32: the same server on the exported graph (ONNX Runtime, exact fp32: the default)
 - ours_onnx_int8: the same graph quantized (IMGCLF_SERVE_DTYPE=int8), with the export's accuracy check
-- workers: ours_onnx_float32 with 1 worker x all threads and 1 thread x one worker per CPU (the workers rule)
+- ours_onnx_float32_1_worker_x_N_threads: the default's other end (the default: one 1-thread worker per CPU)
 
 Latency p50/p95/p99 at concurrency 1; throughput (requests/s) at concurrency 4. FLOP/s: the forward pass's
 FLOPs per image (torch.utils.flop_counter: 2 per multiply-add of convolutions and matrix products) times the
@@ -141,11 +141,9 @@ def bench_model(arch: str, args, tmp: Path, valid: list[Path], image: bytes, swe
             "ours_onnx_float32": ([*ours, str(exported), "--port"], {})}
     if export_figures["int8"]["accepted"]:
         runs["ours_onnx_int8"] = ([*ours, str(exported), "--port"], {"IMGCLF_SERVE_DTYPE": "int8"})
-    if sweep:  # the workers x threads rule: both ends, on the default graph
+    if sweep and cpus > 1:  # the workers x threads rule: the default is one worker per CPU, one thread each
         runs[f"ours_onnx_float32_1_worker_x_{cpus}_threads"] = ([*ours, str(exported), "--workers", "1", "--port"],
                                                                  {})
-        runs[f"ours_onnx_float32_{cpus}_workers_x_1_thread"] = ([*ours, str(exported), "--workers", str(cpus),
-                                                                 "--port"], {})
     results = {}
     for name, (cmd, env) in runs.items():
         port = free_port()
