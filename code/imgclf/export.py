@@ -173,7 +173,12 @@ def export(model_dir: str | os.PathLike, images: list[Path] | None = None, int8:
     source = f"{len(x)} validation images" if images else f"{len(x)} synthetic images (no --data given)"
     (model_dir / INT8_FILE).unlink(missing_ok=True)  # never serve a stale graph of earlier weights
     with artifacts.atomic_path(model_dir / artifacts.ONNX_FILE) as tmp:
-        export_graph(net, prep.image_size, tmp)
+        try:
+            export_graph(net, prep.image_size, tmp)
+        except Exception as e:  # an operator torch.onnx cannot translate: say which model, keep the message
+            raise ExportError(f"torch.onnx cannot export {config['architecture']}: {type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''}; model.safetensors is written, and "
+                              "serves with PyTorch (a serving image that has it)") from None
         reference = torch_logits(net, x)
         logits = run_session(session(tmp), x)
         parity = check_parity(reference, logits)
