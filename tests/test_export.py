@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -13,15 +14,18 @@ import tarfile
 import numpy as np
 import onnxruntime as ort
 import pytest
+import requests
 import torch
 from imgclf import artifacts, data, export
 from imgclf.errors import ExportError
+from imgclf.processes import free_port
 from imgclf.serving import inference
 from PIL import Image
 from torchvision import transforms
 
 from tests.conftest import REPO
-from tests.photos import forms
+from tests.photos import DOG, forms
+from tests.servers import stop_group, wait_healthy
 
 ENV = {"PYTHONPATH": str(REPO / "code"), "PATH": ""}
 
@@ -67,6 +71,23 @@ def test_export_command_on_an_existing_model_with_int8(trained, sample_dataset, 
     assert int8["max_probability_difference"] < int8["bound"] == export.INT8_MAX_PROBABILITY_DIFFERENCE
     assert (model / export.INT8_FILE).is_file()
     assert "int8 graph accepted: top-1 agrees on 40 of 40 images" in result.stderr
+
+    # served: IMGCLF_SERVE_DTYPE=int8 through the real server, which logs the export's figures
+    log, port = tmp_path / "serve.log", free_port()
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "imgclf.local", "serve", "--model", str(model), "--port",
+                                 str(port), "--workers", "1"], stdout=out, stderr=subprocess.STDOUT,
+                                env={**os.environ, "IMGCLF_SERVE_DTYPE": "int8"}, start_new_session=True)
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}", proc, log)
+        response = requests.post(f"http://127.0.0.1:{port}/invocations", data=DOG.read_bytes(), timeout=120,
+                                 headers={"Content-Type": "image/jpeg"})
+        assert response.status_code == 200, response.text
+    finally:
+        stop_group(proc)
+    text = log.read_text()
+    assert "ONNX Runtime" in text and "(model.int8.onnx)" in text, text[-3000:]
+    assert "int8 graph checked at export on 40 validation images: top-1 agrees on 40" in text
 
 
 def test_export_command_refuses_bad_input_clearly(trained, tmp_path):
