@@ -56,7 +56,7 @@ PRETRAINED_MODELS ?=
 # PYTHON_IMAGE=$(BASE_IMAGE).
 PYTHON_IMAGE ?=
 BASE_IMAGE ?= localhost/imgclf-python:3.11-bookworm
-# The CPU images' torch: cpu (PyTorch's CPU index, the default) or pypi (PyPI's CUDA build, several GB larger,
+# The CPU training image's torch (the serving image has none): cpu (PyTorch's CPU index, the default) or pypi (PyPI's CUDA build, several GB larger,
 # for builds that cannot reach download.pytorch.org).
 TORCH_SOURCE ?= cpu
 PLATFORM ?= linux/amd64
@@ -73,7 +73,7 @@ build-%:
 	$(DOCKER) build --platform $(PLATFORM) -f $(dockerfile_$*) -t $(IMAGE_PREFIX)-$*:$(TAG) -t $(IMAGE_PREFIX)-$*:latest \
 		--build-arg VERSION=$(VERSION) --build-arg GIT_SHA=$(or $(shell git rev-parse --verify -q HEAD 2>/dev/null),unknown) \
 		--build-arg SOURCE=$(SOURCE_URL) $(if $(PYTHON_IMAGE),--build-arg PYTHON_IMAGE=$(PYTHON_IMAGE)) \
-		$(if $(filter-out train-gpu,$*),--build-arg TORCH_SOURCE=$(TORCH_SOURCE)) \
+		$(if $(filter train-cpu,$*),--build-arg TORCH_SOURCE=$(TORCH_SOURCE)) \
 		$(if $(and $(PRETRAINED_MODELS),$(filter train-%,$*)),--build-arg PRETRAINED_MODELS="$(PRETRAINED_MODELS)") .
 
 base-image: ## a Python 3.11 base image from Debian's packages (debootstrap, root): builds without Docker Hub

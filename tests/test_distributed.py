@@ -121,7 +121,8 @@ def test_two_simulated_hosts(tmp_path, sample_dataset, ddp_run):
     assert sorted(first) == [(e, 0) for e in (1, 2, 3)] and sorted(second) == [(e, 1) for e in (1, 2, 3)]
     assert all(first[e, 0][1] != second[e, 1][1] for e in (1, 2, 3))
     # only algo-1 (rank 0) writes the model, reports, checkpoints and metric lines
-    assert sorted(p.name for p in (bases["algo-1"] / "model").iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in (bases["algo-1"] / "model").iterdir()) == ["config.json", "model.onnx",
+                                                                         "model.safetensors"]
     assert list((bases["algo-2"] / "model").iterdir()) == []
     assert list((bases["algo-2"] / "output" / "data").iterdir()) == []
     assert (tmp_path / "ckpt-algo-1" / "checkpoint.pt").exists() and not (tmp_path / "ckpt-algo-2").exists()

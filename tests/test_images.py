@@ -162,7 +162,7 @@ def test_images_are_labelled_and_configured_for_sagemaker(images):
 
 
 @pytest.mark.parametrize("name,torch_build,compiler", [
-    ("train-cpu", TORCH_SOURCE, False), ("serve", TORCH_SOURCE, False), ("train-gpu", "pypi", True)])
+    ("train-cpu", TORCH_SOURCE, False), ("train-gpu", "pypi", True)])
 def test_image_contents(images, name, torch_build, compiler):
     """The torch build each image should carry, and a C compiler exactly where compile=on needs one."""
     probe = ("import shutil, torch, torchvision; "
@@ -174,8 +174,15 @@ def test_image_contents(images, name, torch_build, compiler):
     else:
         assert not version.endswith("+cpu") and cuda.startswith("13."), out
     assert (gcc and gxx) == compiler, out
-    if name == "serve":
-        engine("run", "--rm", "--entrypoint", "sh", image(name), "-c", "java -version && command -v multi-model-server")
+
+
+def test_serving_image_has_onnx_runtime_and_no_torch(images):
+    """It serves the exported graph: ONNX Runtime, PIL, numpy, MMS and Java; torch would only add gigabytes."""
+    probe = ("import importlib.util as u, onnxruntime, PIL, numpy; "
+             "print(onnxruntime.__version__, [m for m in ('torch', 'torchvision', 'timm') if u.find_spec(m)])")
+    out = engine("run", "--rm", "--entrypoint", "python", image("serve"), "-c", probe).stdout.strip()
+    assert out.endswith(" []"), out
+    engine("run", "--rm", "--entrypoint", "sh", image("serve"), "-c", "java -version && command -v multi-model-server")
 
 
 # ---- training ------------------------------------------------------------------------------------------------
@@ -192,6 +199,7 @@ def test_train_cpu_writes_the_model(trained_tree):
     tree, status, logs = trained_tree
     assert status == 0, logs[-3000:]
     assert (tree / "model" / "config.json").is_file() and (tree / "model" / "model.safetensors").is_file()
+    assert json.loads((tree / "model" / "config.json").read_text())["onnx"]["parity"]["passed"]  # what serve runs
     assert not (tree / "output" / "failure").exists()
     assert "valid_accuracy=" in logs
 
@@ -286,6 +294,29 @@ def test_serving_answers_bad_requests_with_json_4xx(server, body, headers, statu
     url, _, _ = server
     response = requests.post(f"{url}/invocations", data=body, headers=headers, timeout=60)
     assert response.status_code == status and response.json()["code"] == status, response.text
+
+
+def test_serving_a_model_without_onnx_says_how_to_export_it(trained_tree, tmp_path):
+    """A model trained before the export existed: /ping answers 503 with the command to run, no traceback."""
+    model = tmp_path / "model"
+    shutil.copytree(trained_tree[0] / "model", model)
+    (model / "model.onnx").unlink()
+    port = free_port()
+    name = run_detached(image("serve"), "serve", options=("-p", f"127.0.0.1:{port}:8080", "-v",
+                                                           f"{model}:/opt/ml/model:ro"))
+    try:
+        deadline, response = time.monotonic() + 120, None
+        while response is None and time.monotonic() < deadline:
+            try:
+                response = requests.get(f"http://127.0.0.1:{port}/ping", timeout=5)
+            except requests.RequestException:
+                time.sleep(0.5)
+        assert response is not None and response.status_code == 503, engine("logs", name, check=False).stderr
+        assert "python -m imgclf.export MODEL_DIR" in response.json()["message"], response.text
+        logs = engine("logs", name, check=False)
+        assert "Traceback" not in logs.stdout + logs.stderr
+    finally:
+        engine("rm", "-f", name, check=False)
 
 
 def test_serving_stops_within_sagemakers_30_s(server):

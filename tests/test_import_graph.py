@@ -125,3 +125,15 @@ def test_role_packages_import():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                             env={"PYTHONPATH": str(REPO / "code"), "PATH": ""})
     assert result.returncode == 0, result.stderr
+
+
+def test_serving_an_exported_model_imports_no_torch(trained):
+    """The slim serving image has no torch: the handler modules, loading model.onnx, must not need it."""
+    code = ("import sys; from imgclf.serving import handler_service, inference; "
+            f"m = inference.model_fn({str(trained[0] / 'model')!r}); "
+            "print(type(m.run).__name__, sorted(k for k in sys.modules if k.split('.')[0] in "
+            "('torch', 'torchvision', 'safetensors', 'timm')))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                            env={"PYTHONPATH": str(REPO / "code"), "PATH": ""})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["OnnxRunner", "[]"], result.stdout

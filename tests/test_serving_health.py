@@ -100,7 +100,8 @@ def test_ping_stops_saying_healthy_when_the_workers_die_for_good(trained, tmp_pa
             time.sleep(0.5)
         assert requests.post(f"http://127.0.0.1:{port}/invocations", data=DOG.read_bytes(), timeout=60,
                              headers={"Content-Type": "image/jpeg"}).status_code == 200
-        (tree / "model" / "model.safetensors").unlink()  # a restarted worker cannot load the model any more
+        for name in ("model.safetensors", "model.onnx"):  # a restarted worker cannot load the model any more
+            (tree / "model" / name).unlink()
         for worker in _workers(proc):
             worker.kill()  # as the kernel's OOM killer would
         unhealthy = first_ping(port, proc, timeout=240, status=503)
@@ -108,3 +109,22 @@ def test_ping_stops_saying_healthy_when_the_workers_die_for_good(trained, tmp_pa
     finally:
         output = stop(proc)
     assert proc.returncode == 1, output[-3000:]
+
+
+def test_a_model_without_onnx_where_torch_is_missing_says_how_to_export(trained, tmp_path):
+    """The slim serving image has no torch: a model trained before the export gets 503 saying what to run."""
+    tree = model_tree(trained, tmp_path)
+    (tree / "model" / "model.onnx").unlink()
+    hidden = tmp_path / "no_torch" / "torch"
+    hidden.mkdir(parents=True)
+    (hidden / "__init__.py").write_text("raise ImportError(\"No module named 'torch' (hidden by the test)\")\n")
+    port = free_port()
+    proc = start_serve(tree, port, PYTHONPATH=f"{hidden.parent}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    try:
+        response = first_ping(port, proc)
+        message = response.json()["message"]
+        assert response.status_code == 503 and "model.onnx is missing" in message, response.text
+        assert "python -m imgclf.export MODEL_DIR" in message
+    finally:
+        output = stop(proc)
+    assert "Traceback" not in output, output

@@ -75,7 +75,7 @@ def test_serving_transform_equals_timms(timm_trained, sample_dataset):
             rgb = img.convert("RGB")
         for size in [(96, 96), (123, 77), (300, 200)]:  # landscape, portrait, upscaling and downscaling
             image = rgb.resize(size)
-            ours, theirs = model.transform(image), timm_tf(image)
+            ours, theirs = torch.from_numpy(model.preprocessing.eval_array(image)), timm_tf(image)
             assert ours.shape == theirs.shape == (3, 160, 160)
             torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
 

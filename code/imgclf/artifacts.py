@@ -11,15 +11,16 @@ import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-
-import torch
-from safetensors.torch import load_file, save_file
-from torch import nn
+from typing import TYPE_CHECKING
 
 from imgclf.errors import WeightsError
 
+if TYPE_CHECKING:  # torch is imported where weights are read or written: the slim serving image has none
+    from torch import nn
+
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+ONNX_FILE = "model.onnx"  # the exported graph (imgclf.export); the weights above stay the source of truth
 FORMAT_VERSION = 1
 
 
@@ -53,6 +54,8 @@ def write_json(path: str | os.PathLike, data) -> None:
 
 
 def save_model(model_dir: str | os.PathLike, model: nn.Module, config: dict) -> None:
+    from safetensors.torch import save_file
+
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     with atomic_path(Path(model_dir) / WEIGHTS_FILE) as tmp:
         save_file(state, str(tmp))
@@ -77,6 +80,8 @@ def read_config(model_dir: str | os.PathLike) -> dict:
 
 def load_model(model_dir: str | os.PathLike) -> tuple[nn.Module, dict]:
     """Rebuild the architecture from config.json and load the safetensors weights (no pickle), in eval mode."""
+    from safetensors.torch import load_file
+
     from imgclf.models import build_model
 
     config = read_config(model_dir)
@@ -97,5 +102,7 @@ def load_model(model_dir: str | os.PathLike) -> tuple[nn.Module, dict]:
 
 
 def torch_save(path: str | os.PathLike, obj) -> None:
+    import torch
+
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)

@@ -1,24 +1,32 @@
-"""Datasets, image decoding, transforms and the validation of ImageFolder splits.
+"""Datasets, transforms and the validation of ImageFolder splits.
 
-The eval transform and the decoder are defined here once: evaluation and serving both use them.
+The decoder and the eval transform are defined once, in imgclf.preprocessing (PIL + numpy, no torch):
+evaluation uses them through this module, serving directly.
 """
 
 from __future__ import annotations
 
 import logging
-import math
-import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
 
-import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from torchvision import transforms
 
+from imgclf import preprocessing
 from imgclf.errors import DataError
+from imgclf.preprocessing import (  # noqa: F401 (the decoder and its settings, re-exported for training)
+    CROP_MODES,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    INTERPOLATIONS,
+    Preprocessing,
+    load_rgb,
+    resize_size,
+    to_rgb,
+)
 
 log = logging.getLogger(__name__)
 
@@ -26,102 +34,24 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".t
 SPLITS = ("train", "valid", "test")
 # Other names users give the validation split.
 SPLIT_ALIASES = {"valid": ("valid", "validation", "val")}
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 MAX_LISTED = 10  # problems listed per kind in an error message
 
 
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Apply EXIF orientation, then convert any mode to 8-bit RGB; transparency is composited on white."""
-    img = ImageOps.exif_transpose(img)
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        arr = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if arr.max() > 255 else 255.0
-        img = Image.fromarray(np.clip(arr / top * 255.0, 0, 255).astype(np.uint8), "L")
-    if img.mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(background, rgba)
-    return img if img.mode == "RGB" else img.convert("RGB")
+class EvalTransform:
+    """preprocessing.eval_array as a torch tensor: evaluation and serving share one definition."""
 
+    def __init__(self, *args):
+        preprocessing.check_transform(args[3], args[5])
+        self.args = args
 
-def load_rgb(source: str | os.PathLike | IO[bytes], draft_size: int | None = None) -> Image.Image:
-    """Decode an image file to RGB. With draft_size, JPEGs decode at a reduced scale no smaller than it."""
-    with Image.open(source) as img:
-        if draft_size and img.format == "JPEG":
-            img.draft("RGB", (draft_size, draft_size))
-        img.load()
-        return to_rgb(img)
-
-
-INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")  # torchvision InterpolationMode values
-CROP_MODES = ("center", "squash")
-
-
-def resize_size(image_size: int, crop_pct: float | None = None) -> int:
-    """The side the image is resized to before the centre crop: image_size / crop_pct, floored as timm does;
-    without crop_pct, torchvision's 256/224 proportion (rounded)."""
-    if crop_pct is None:
-        return int(round(image_size * 256 / 224))
-    return math.floor(image_size / crop_pct)
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        return torch.from_numpy(preprocessing.eval_array(img, *self.args))
 
 
 def eval_transform(image_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD, interpolation: str = "bilinear",
-                   crop_pct: float | None = None, crop_mode: str = "center") -> transforms.Compose:
-    """Resize + centre crop + normalise: THE eval transform, used by validation, test and serving.
-
-    center: the shorter side to resize_size(image_size, crop_pct), then the centre image_size square (timm's
-    and torchvision's evaluation); squash: both sides to resize_size (aspect ratio not kept), then the crop.
-    """
-    if interpolation not in INTERPOLATIONS or crop_mode not in CROP_MODES:
-        raise ValueError(f"interpolation={interpolation!r} (one of {INTERPOLATIONS}), crop_mode={crop_mode!r} "
-                         f"(one of {CROP_MODES})")
-    side = resize_size(image_size, crop_pct)
-    return transforms.Compose([
-        transforms.Resize(side if crop_mode == "center" else (side, side),
-                          interpolation=transforms.InterpolationMode(interpolation), antialias=True),
-        transforms.CenterCrop(image_size),
-        transforms.ToTensor(),
-        transforms.Normalize(mean, std),
-    ])
-
-
-@dataclass(frozen=True)
-class Preprocessing:
-    """How an image becomes the model's input. Decided once in training (models.preprocessing), stored in
-    config.json (to_config) and read back by serving (from_config): both build the same eval_transform."""
-    image_size: int
-    mean: tuple[float, ...] = IMAGENET_MEAN
-    std: tuple[float, ...] = IMAGENET_STD
-    interpolation: str = "bilinear"
-    crop_pct: float | None = None  # None: torchvision's 224/256
-    crop_mode: str = "center"
-
-    @property
-    def resize_size(self) -> int:
-        """Also the JPEG draft size: decoding at a reduced scale never goes below what the resize needs."""
-        return resize_size(self.image_size, self.crop_pct)
-
-    def eval_transform(self) -> transforms.Compose:
-        return eval_transform(self.image_size, self.mean, self.std, self.interpolation, self.crop_pct,
-                              self.crop_mode)
-
-    def train_transform(self, augment: bool):
-        return train_transform(self.image_size, augment, self.mean, self.std, self.interpolation, self.crop_pct,
-                               self.crop_mode)
-
-    def to_config(self) -> dict:
-        return {"image_size": self.image_size, "resize_size": self.resize_size, "mean": list(self.mean),
-                "std": list(self.std), "interpolation": self.interpolation, "crop_pct": self.crop_pct,
-                "crop_mode": self.crop_mode}
-
-    @classmethod
-    def from_config(cls, config: dict) -> Preprocessing:
-        """From config.json; files written before interpolation/crop_pct were stored get the defaults they used."""
-        return cls(int(config["image_size"]), tuple(config["mean"]), tuple(config["std"]),
-                   config.get("interpolation", "bilinear"), config.get("crop_pct"), config.get("crop_mode", "center"))
+                   crop_pct: float | None = None, crop_mode: str = "center") -> EvalTransform:
+    """Resize + centre crop + normalise (imgclf.preprocessing.eval_array): validation, test and serving."""
+    return EvalTransform(image_size, tuple(mean), tuple(std), interpolation, crop_pct, crop_mode)
 
 
 def train_transform(image_size: int, augment: bool, mean=IMAGENET_MEAN, std=IMAGENET_STD,

@@ -26,6 +26,10 @@ class WeightsError(UserError):
     pass
 
 
+class ExportError(UserError):
+    """The exported graph (model.onnx) does not compute what the PyTorch model computes, or cannot be made."""
+
+
 class CheckpointError(UserError):
     pass
 

@@ -1,5 +1,6 @@
-"""Benchmark (d): the model's forward pass alone, one image, with the serving settings (inference.model_fn:
-eval mode, channels_last, the serving dtype, the torch threads of one server worker). The serving benchmark
+"""Benchmark (d): the model's forward pass alone, one image, with the serving settings (inference.model_fn: ONNX
+Runtime on model.onnx when the model has one, else PyTorch in eval mode, channels_last, the serving dtype; the
+threads of one server worker). The serving benchmark
 divides its latency by this figure: what the server adds on top of the network.
 
     python scripts/bench/forward.py [--model resnet50] [--threads N] [--quick]
@@ -28,15 +29,12 @@ def measure(model_path: Path, threads: int, iterations: int) -> dict:
     prep, fwd = [], []
     for _ in range(iterations):
         t0 = time.perf_counter()
-        batch = model.transform(inference.decode(image, model.draft_size)).unsqueeze(0)
-        batch = batch.to(model.device, memory_format=torch.channels_last)
+        batch = model.preprocessing.eval_array(inference.decode(image, model.draft_size))[None]
         t1 = time.perf_counter()
-        with torch.inference_mode(), torch.autocast(model.device.type, dtype=model.autocast_dtype or torch.bfloat16,
-                                                    enabled=model.autocast_dtype is not None):
-            model.net(batch)
+        model.run(batch)
         fwd.append(time.perf_counter() - t1)
         prep.append(t1 - t0)
-    return {"threads": threads, "forward_seconds": common.percentiles(fwd),
+    return {"threads": threads, "runtime": model.run.description, "forward_seconds": common.percentiles(fwd),
             "decode_transform_seconds": common.percentiles(prep)}
 
 

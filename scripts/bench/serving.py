@@ -1,16 +1,24 @@
-"""Benchmark (c): serving over HTTP, the real server (`python -m imgclf.local serve`: MMS + our handlers)
-against a naive baseline server (scripts/bench/naive_server.py: single-threaded http.server, PIL, fp32, one
-image at a time), same model directory, same photo, in one run. Also times the bare forward pass (benchmark
-(d), with one server worker's torch threads) so that the serving overhead shows as a ratio.
+"""Benchmark (c): serving over HTTP, in one run, per model (ResNet50 and VGG16, random weights, 133 classes):
 
-Latency p50/p95/p99 at concurrency 1; throughput (requests/s) at concurrency 4.
+- naive: scripts/bench/naive_server.py (single-threaded http.server, PIL, eager fp32 torch, one image at a time)
+- ours_torch: the real server (`python -m imgclf.local serve`: MMS + our handlers) on a model without model.onnx
+- ours_onnx_float32: the same server on the exported graph (ONNX Runtime, exact fp32: the default)
+- ours_onnx_int8: the same graph quantized (IMGCLF_SERVE_DTYPE=int8), with the export's accuracy check
+- ours_onnx_float32_1_worker_x_N_threads: the default's other end (the default: one 1-thread worker per CPU)
 
-    python scripts/bench/serving.py [--model resnet50] [--requests 40] [--quick]
+Latency p50/p95/p99 at concurrency 1; throughput (requests/s) at concurrency 4. FLOP/s: the forward pass's
+FLOPs per image (torch.utils.flop_counter: 2 per multiply-add of convolutions and matrix products) times the
+requests per second at concurrency 4, as a share of the CPU's fp32 peak: cores x clock x 64 (AVX-512: two FMA
+units x 16 fp32 lanes x 2 operations), the clock from /proc/cpuinfo. The export's own figures (time, parity,
+int8 agreement on the generated validation images) are in `export`.
+
+    python scripts/bench/serving.py [--models resnet50 vgg16] [--requests 40] [--quick]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import subprocess
@@ -23,15 +31,17 @@ from pathlib import Path
 
 import common
 import requests
+import torch
 from imgclf.processes import free_port
 
 BENCH = Path(__file__).resolve().parent
+FP32_FLOPS_PER_CYCLE = 64  # AVX-512: 2 FMA units x 16 fp32 lanes x 2 (multiply + add)
 
 
 @contextmanager
-def server(cmd: list[str], port: int, log: Path, timeout: float = 300):
+def server(cmd: list[str], port: int, log: Path, env: dict | None = None, timeout: float = 300):
     """Start a server process (own process group), wait for /ping 200, stop it (and its children) after."""
-    env = {**os.environ, "PYTHONPATH": str(common.REPO / "code")}
+    env = {**os.environ, "PYTHONPATH": str(common.REPO / "code"), **(env or {})}
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
@@ -72,7 +82,8 @@ def load(url: str, image: bytes, concurrency: int, count: int) -> dict:
         return times
 
     share = [count // concurrency + (i < count % concurrency) for i in range(concurrency)]
-    client(1)  # warm-up (connection, first request)
+    for _ in range(concurrency):  # warm-up: every worker has answered once
+        client(1)
     started = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
         latencies = [t for ts in pool.map(client, share) for t in ts]
@@ -85,46 +96,94 @@ def measure(url: str, image: bytes, requests_c1: int, requests_c4: int) -> dict:
     return {"concurrency_1": load(url, image, 1, requests_c1), "concurrency_4": load(url, image, 4, requests_c4)}
 
 
+def flops_per_image(arch: str, image_size: int) -> int:
+    from imgclf import models
+    from torch.utils.flop_counter import FlopCounterMode
+
+    net, _ = models.build_model(arch, 133)
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        net.eval()(torch.zeros(1, 3, image_size, image_size))
+    return counter.get_total_flops()
+
+
+def peak_fp32_flops() -> tuple[float, str]:
+    """cores x clock x 64 fp32 operations per cycle (AVX-512 with two FMA units); the clock from /proc/cpuinfo."""
+    cpus = os.cpu_count() or 1
+    try:
+        mhz = max(float(line.split(":")[1]) for line in open("/proc/cpuinfo") if line.startswith("cpu MHz"))
+    except (OSError, ValueError):
+        mhz = 2800.0
+    return cpus * mhz * 1e6 * FP32_FLOPS_PER_CYCLE, f"{cpus} cores x {mhz:.0f} MHz x {FP32_FLOPS_PER_CYCLE}"
+
+
+def prepare(root: Path, arch: str, image_size: int, valid: list[Path]) -> tuple[Path, Path, dict]:
+    """Two model directories of the same random weights: torch only, and exported (model.onnx + int8)."""
+    from imgclf import export
+
+    exported = common.model_dir(root / "exported", arch, image_size)
+    torch_only = root / "torch_only"
+    torch_only.mkdir()
+    (torch_only / "model.safetensors").symlink_to(exported / "model.safetensors")
+    (torch_only / "config.json").write_text((exported / "config.json").read_text())  # before the export edits it
+    started = time.monotonic()
+    entry = export.export(exported, valid, int8=True)
+    return torch_only, exported, {"seconds": round(time.monotonic() - started, 1), **entry}
+
+
+def bench_model(arch: str, args, tmp: Path, valid: list[Path], image: bytes, sweep: bool) -> dict:
+    root = tmp / arch
+    root.mkdir()
+    torch_only, exported, export_figures = prepare(root, arch, args.image_size, valid)
+    cpus = os.cpu_count() or 1
+    ours = [sys.executable, "-m", "imgclf.local", "serve", "--model"]
+    runs = {"naive": ([sys.executable, str(BENCH / "naive_server.py"), "--model", str(torch_only), "--port"], {}),
+            "ours_torch": ([*ours, str(torch_only), "--port"], {}),
+            "ours_onnx_float32": ([*ours, str(exported), "--port"], {})}
+    if export_figures["int8"]["accepted"]:
+        runs["ours_onnx_int8"] = ([*ours, str(exported), "--port"], {"IMGCLF_SERVE_DTYPE": "int8"})
+    if sweep and cpus > 1:  # the workers x threads rule: the default is one worker per CPU, one thread each
+        runs[f"ours_onnx_float32_1_worker_x_{cpus}_threads"] = ([*ours, str(exported), "--workers", "1", "--port"],
+                                                                 {})
+    results = {}
+    for name, (cmd, env) in runs.items():
+        port = free_port()
+        with server(cmd + [str(port)], port, root / f"{name}.log", env) as url:
+            results[name] = measure(url, image, args.requests, args.requests)
+        print(f"{arch} {name}: {json.dumps(results[name])}", file=sys.stderr, flush=True)
+    flops = flops_per_image(arch, args.image_size)
+    peak, how = peak_fp32_flops()
+    naive = results["naive"]
+    for r in results.values():
+        rps = r["concurrency_4"]["requests_per_second"]
+        r["throughput_c4_vs_naive"] = round(rps / naive["concurrency_4"]["requests_per_second"], 3)
+        r["p50_c1_vs_naive"] = round(r["concurrency_1"]["latency_seconds"]["p50"]
+                                     / naive["concurrency_1"]["latency_seconds"]["p50"], 3)
+        r["gflops_per_second_c4"] = round(flops * rps / 1e9, 1)
+        r["share_of_fp32_peak_c4"] = round(flops * rps / peak, 3)
+    return {**results, "export": export_figures, "gflops_per_image": round(flops / 1e9, 3),
+            "fp32_peak_gflops": round(peak / 1e9, 1), "fp32_peak_estimate": how}
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="resnet50")
+    parser.add_argument("--models", nargs="+", default=["resnet50", "vgg16"])
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--requests", type=int, default=40, help="per load level")
-    parser.add_argument("--workers", type=int, default=0, help="our server's workers (0: its default)")
+    parser.add_argument("--valid-images", type=int, default=40, help="generated validation images for the export")
     parser.add_argument("--quick", action="store_true", help="smoke test: tiny model, few requests")
     args = parser.parse_args(argv)
     if args.quick:
-        args.model, args.image_size, args.requests = "resnet18", 32, 4
+        args.models, args.image_size, args.requests, args.valid_images = ["resnet18"], 32, 4, 8
     image = common.photo()
-    cpus = os.cpu_count() or 1
-    workers = args.workers or cpus  # the serve entrypoint's default: one worker per CPU
     with tempfile.TemporaryDirectory(prefix="bench_serving.") as tmp:
-        model = common.model_dir(Path(tmp) / "model", args.model, args.image_size)
-        ours_cmd = [sys.executable, "-m", "imgclf.local", "serve", "--model", str(model), "--port"]
-        naive_cmd = [sys.executable, str(BENCH / "naive_server.py"), "--model", str(model), "--port"]
-        # The bare forward pass in a child process: the same torch threads as one worker of our server.
-        bare = subprocess.run([sys.executable, "-c", (
-            f"import sys, json; sys.path.insert(0, {str(BENCH)!r}); import forward; "
-            f"print(json.dumps(forward.measure(__import__('pathlib').Path({str(model)!r}), "
-            f"{max(1, cpus // workers)}, {max(3, args.requests // 2)})))")],
-            capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": str(common.REPO / "code")})
-        bare_fwd = __import__("json").loads(bare.stdout.strip().splitlines()[-1])
-        results = {}
-        for name, cmd in (("naive", naive_cmd), ("ours", ours_cmd)):
-            port = free_port()
-            with server(cmd + [str(port)] + (["--workers", str(workers)] if name == "ours" else []), port,
-                        Path(tmp) / f"{name}.log") as url:
-                results[name] = measure(url, image, args.requests, args.requests)
-    ours, naive = results["ours"], results["naive"]
-    p50 = ours["concurrency_1"]["latency_seconds"]["p50"]
-    return common.emit("serving", {
-        **results, "bare_forward": bare_fwd,
-        "throughput_c4_vs_naive": round(ours["concurrency_4"]["requests_per_second"]
-                                        / naive["concurrency_4"]["requests_per_second"], 3),
-        "p50_c1_vs_bare_forward": round(p50 / bare_fwd["forward_seconds"]["p50"], 3),
-        "p50_c1_vs_naive": round(p50 / naive["concurrency_1"]["latency_seconds"]["p50"], 3),
-    }, settings={"model": args.model, "image_size": args.image_size, "our_workers": workers,
-                 "photo_bytes": len(image), "requests_per_level": args.requests})
+        data = common.dataset(Path(tmp) / "data", classes=4, train=1, valid=args.valid_images // 4)
+        valid = sorted(p for p in (data / "valid").rglob("*.jpg"))
+        figures = {arch: bench_model(arch, args, Path(tmp), valid, image, sweep=i == 0)
+                   for i, arch in enumerate(args.models)}
+    return common.emit("serving", figures, settings={
+        "image_size": args.image_size, "photo_bytes": len(image), "requests_per_level": args.requests,
+        "default_workers": "serve's default (imgclf.serving.settings)", "weights": "random (speed does not "
+        "depend on them; the int8 check then runs on near-uniform outputs, its hardest case)"})
 
 
 if __name__ == "__main__":

@@ -1,12 +1,13 @@
 """Serving: the sagemaker-inference handler functions and the request handling around them.
 
-    model_fn(model_dir)             -> ServingModel (network in eval mode, channels_last, warmed up)
+    model_fn(model_dir)             -> ServingModel (ONNX Runtime on model.onnx, else PyTorch; warmed up)
     input_fn(body, content_type)    -> ImageRequest (decoded RGB images, optional top_k)
     predict_fn(request, model)      -> Prediction (class probabilities of every image, one batch)
     output_fn(prediction, accept)   -> JSON text
 
-Images are decoded and transformed exactly as evaluation does it (data.load_rgb with the JPEG draft size,
-then data.eval_transform with config.json's preprocessing: size, resize, mean/std, interpolation). Every
+Images are decoded and transformed exactly as evaluation does it, by the same functions (imgclf.preprocessing:
+load_rgb with the JPEG draft size, then eval_array with config.json's preprocessing: size, resize, crop,
+mean/std, interpolation), in PIL and numpy: serving an exported model imports no torch. Every
 bad request raises RequestError (an HTTP status and a message saying what was wrong and what is accepted);
 `handle_request` turns it into a JSON error body, so nothing a client sends can crash a worker or come back
 as a 500 with a traceback.
@@ -34,13 +35,14 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from pathlib import Path
 
-import torch
+import numpy as np
 from PIL import Image
 from sagemaker_inference.errors import GenericInferenceToolkitError
-from torch import nn
 
-from imgclf import artifacts, data, devices
+from imgclf import artifacts
 from imgclf.errors import UserError, WeightsError
+from imgclf.preprocessing import Preprocessing, load_rgb
+from imgclf.serving import runtime
 from imgclf.serving.settings import ServingSettings
 
 DEFAULT_SETTINGS = ServingSettings()
@@ -71,15 +73,16 @@ def error_body(status: int, message: str) -> str:
 
 @dataclass
 class ServingModel:
-    net: nn.Module
+    run: object  # runtime.OnnxRunner | runtime.TorchRunner: float32 batch -> logits
     config: dict
     class_names: list[str]
     labels: list[str]
-    transform: object
-    draft_size: int
-    device: torch.device
-    autocast_dtype: torch.dtype | None
+    preprocessing: Preprocessing
     settings: ServingSettings = DEFAULT_SETTINGS
+
+    @property
+    def draft_size(self) -> int:
+        return self.preprocessing.resize_size
 
 
 def label_of(class_name: str) -> str:
@@ -87,18 +90,23 @@ def label_of(class_name: str) -> str:
     return re.sub(r"^\d+\.", "", class_name).replace("_", " ")
 
 
-def check_model_dir(model_dir: str | os.PathLike) -> None:
-    """Raise WeightsError if the model directory cannot be served, without reading the weights themselves.
+def check_model_dir(model_dir: str | os.PathLike, settings: ServingSettings = DEFAULT_SETTINGS) -> None:
+    """Raise WeightsError if the model directory cannot be served, before any worker starts.
 
-    config.json is read, the architecture is built on the meta device (no memory), and the names and shapes
-    in the safetensors header are compared with it: missing files, corrupt headers and config mismatches
-    show up here, before any worker starts.
-    """
-    from safetensors import safe_open
-
+    With model.onnx the graph is what runs (model_fn loads it next). Without it, the safetensors weights are
+    checked without reading them: the architecture is built on the meta device and the names and shapes in
+    the file's header are compared with it (missing files, corrupt headers, config mismatches)."""
+    config = artifacts.read_config(model_dir)
+    if runtime.onnx_file(model_dir, config, settings.dtype) is not None:
+        return
+    try:
+        import torch
+        from safetensors import safe_open
+    except ImportError:
+        raise WeightsError(f"{Path(model_dir) / artifacts.ONNX_FILE} is missing, and this serving image has no "
+                           f"PyTorch to run {artifacts.WEIGHTS_FILE}: {runtime.EXPORT_HINT}") from None
     from imgclf.models import build_model
 
-    config = artifacts.read_config(model_dir)
     path = Path(model_dir) / artifacts.WEIGHTS_FILE
     if not path.is_file():
         raise WeightsError(f"{path} is missing next to {artifacts.CONFIG_FILE}: the model directory must be a "
@@ -123,40 +131,25 @@ def check_model_dir(model_dir: str | os.PathLike) -> None:
                            f"{len(config['class_names'])} classes): {'; '.join(problems)}")
 
 
-def set_torch_threads(settings: ServingSettings) -> int:
-    """Share the CPUs between MMS workers instead of every worker starting one thread per CPU."""
-    cpus = os.cpu_count() or 1
-    workers = settings.workers or (torch.cuda.device_count() or cpus)
-    threads = settings.torch_threads or max(1, cpus // workers)
-    torch.set_num_threads(threads)
-    try:
-        torch.set_num_interop_threads(1)
-    except RuntimeError:  # only settable before the first parallel work; not worth failing over
-        pass
-    return threads
-
-
 def model_fn(model_dir: str, settings: ServingSettings | None = None) -> ServingModel:
-    """Rebuild the network from config.json, load the safetensors weights (no pickle), prepare it once, warm up.
+    """Load what runs the network (runtime.load_runner), the preprocessing of config.json, warm up.
     The settings are read here, once per worker, unless given."""
     settings = settings or ServingSettings.load()
-    threads = set_torch_threads(settings)
     Image.MAX_IMAGE_PIXELS = settings.max_image_pixels  # PIL refuses 2x this itself; `decode` refuses 1x with a 413
-    net, config = artifacts.load_model(model_dir)
-    preprocessing = data.Preprocessing.from_config(config)  # what evaluation used: same size, resize, statistics
-    device = devices.default_device()
-    dtype_name = settings.dtype
-    net = net.to(device, memory_format=torch.channels_last).eval()
-    net.requires_grad_(False)
+    config = artifacts.read_config(model_dir)
     model = ServingModel(
-        net=net, config=config, class_names=list(config["class_names"]),
-        labels=[label_of(c) for c in config["class_names"]],
-        transform=preprocessing.eval_transform(), draft_size=preprocessing.resize_size, device=device,
-        autocast_dtype=torch.bfloat16 if dtype_name == "bfloat16" else None, settings=settings,
+        run=runtime.load_runner(model_dir, config, settings), config=config,
+        class_names=list(config["class_names"]), labels=[label_of(c) for c in config["class_names"]],
+        preprocessing=Preprocessing.from_config(config), settings=settings,
     )
     warm_up(model)
-    log.info("model %s loaded from %s: %d classes, %d px, %s on %s, %d torch threads", config["architecture"],
-             model_dir, len(model.class_names), config["image_size"], dtype_name, device, threads)
+    log.info("model %s loaded from %s: %d classes, %d px, %s", config["architecture"], model_dir,
+             len(model.class_names), config["image_size"], model.run.description)
+    int8 = (config.get("onnx") or {}).get("int8")
+    if settings.dtype == "int8" and int8:  # the accuracy the export measured for the faster graph
+        log.info("int8 graph checked at export on %d validation images: top-1 agrees on %d, largest probability "
+                 "difference %.4f (bound %.4f)", int8["images"], int8["top1_agreements"],
+                 int8["max_probability_difference"], int8["bound"])
     return model
 
 
@@ -177,7 +170,7 @@ class ImageRequest:
 
 @dataclass
 class Prediction:
-    probabilities: torch.Tensor  # (images, classes), float32 on CPU
+    probabilities: np.ndarray  # (images, classes), float32
     class_names: list[str]
     labels: list[str]
     top_k: int
@@ -276,7 +269,7 @@ def decode(image: bytes, draft_size: int, where: str = "image",
                 raise RequestError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
                                    f"{where}: {width}x{height} = {width * height} pixels is over the limit of "
                                    f"{limit} (IMGCLF_MAX_IMAGE_PIXELS); downscale it")
-            return data.load_rgb(io.BytesIO(image), draft_size=draft_size)
+            return load_rgb(io.BytesIO(image), draft_size=draft_size)
     except Image.DecompressionBombError as e:
         raise RequestError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"{where}: {e}") from None
     except RequestError:
@@ -290,14 +283,13 @@ def decode(image: bytes, draft_size: int, where: str = "image",
 def predict_fn(request: ImageRequest, model: ServingModel) -> Prediction:
     """Decode and transform every image once, then one batched forward pass."""
     where = "image" if len(request.images) == 1 else "instances[{}]"
-    batch = torch.stack([
-        model.transform(decode(img, model.draft_size, where.format(i), model.settings.max_image_pixels))
+    batch = np.stack([
+        model.preprocessing.eval_array(decode(img, model.draft_size, where.format(i), model.settings.max_image_pixels))
         for i, img in enumerate(request.images)
-    ]).to(model.device, memory_format=torch.channels_last)
-    with torch.inference_mode(), torch.autocast(model.device.type, dtype=model.autocast_dtype or torch.bfloat16,
-                                                enabled=model.autocast_dtype is not None):
-        logits = model.net(batch)
-    probabilities = torch.softmax(logits.float(), dim=1).cpu()
+    ])
+    logits = model.run(batch).astype(np.float32)
+    exp = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probabilities = exp / exp.sum(axis=1, keepdims=True)
     top_k = request.top_k or model.settings.top_k
     return Prediction(probabilities, model.class_names, model.labels, min(top_k, len(model.class_names)))
 
@@ -311,12 +303,12 @@ def check_accept(accept: str | None) -> None:
 
 def output_fn(prediction: Prediction, accept: str | None) -> str:
     check_accept(accept)
-    values, indices = prediction.probabilities.topk(prediction.top_k, dim=1)
+    # highest first; equal probabilities in index order, as torch.topk on the CPU
+    indices = np.argsort(-prediction.probabilities, axis=1, kind="stable")[:, :prediction.top_k]
     return json.dumps({"predictions": [
         {"top_k": [{"label": prediction.labels[i], "class_name": prediction.class_names[i], "index": i,
-                    "probability": round(p, 6)}
-                   for p, i in zip(row_p.tolist(), row_i.tolist())]}
-        for row_p, row_i in zip(values, indices)
+                    "probability": round(float(row[i]), 6)} for i in row_i.tolist()]}
+        for row, row_i in zip(prediction.probabilities, indices)
     ]})
 
 

@@ -5,8 +5,9 @@ validated, then passed around as one frozen value; nothing reads the environment
     IMGCLF_MAX_IMAGE_PIXELS         40000000    pixels per image (decompression bombs get 413)
     IMGCLF_MAX_IMAGES               64          images per JSON request
     SAGEMAKER_MAX_PAYLOAD_IN_MB     6           request body limit (SageMaker's real-time endpoints: 6 MB)
-    IMGCLF_SERVE_DTYPE              float32     float32 | bfloat16 (autocast)
-    IMGCLF_TORCH_THREADS            0           torch threads per worker; 0 = CPUs / workers
+    IMGCLF_SERVE_DTYPE              float32     float32 (exact) | int8 (model.onnx quantized, if the export
+                                                accepted it) | bfloat16 (PyTorch autocast, models without model.onnx)
+    IMGCLF_TORCH_THREADS            0           ONNX Runtime or torch threads per worker; 0 = CPUs / workers
     SAGEMAKER_MODEL_SERVER_WORKERS  0           MMS workers; 0 = MMS's default (one per CPU, or per GPU)
     SAGEMAKER_MODEL_SERVER_TIMEOUT  60          seconds a worker may take per request (read by MMS)
     IMGCLF_UNHEALTHY_AFTER_S        30          seconds with no live model worker before /ping answers 503
@@ -28,7 +29,7 @@ from imgclf.errors import UserError
 
 SETTINGS_ENV = "IMGCLF_SERVING_SETTINGS"
 PAYLOAD_ENV = "SAGEMAKER_MAX_PAYLOAD_IN_MB"
-DTYPES = ("float32", "bfloat16")
+DTYPES = ("float32", "int8", "bfloat16")
 MB = 1024 * 1024
 
 

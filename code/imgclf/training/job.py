@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from imgclf import artifacts, config, data, devices, models
+from imgclf import artifacts, config, data, devices, export, models
 from imgclf.debugging import stop_action
 from imgclf.debugging.debugger import Debugger
 from imgclf.errors import RuleStop, UserError
@@ -192,8 +192,11 @@ def train_job(hp, paths: Paths, device: torch.device, dbg: Debugger, dist: Conte
             break
     setup.model.load_state_dict(best)
     log.info("best epoch %d (validation accuracy %.4f)", state.best_epoch, state.best_accuracy)
-    return finish(hp, paths, setup.model, setup.classes, state, setup.eval_loaders, device, setup.preprocessing,
-                  dist)
+    metrics = finish(hp, paths, setup.model, setup.classes, state, setup.eval_loaders, device, setup.preprocessing,
+                     dist)
+    if dist.is_main:  # model.onnx for serving, checked against the written weights on the validation images
+        export.export(paths.model, [path for path, _ in splits["valid"].samples])
+    return metrics
 
 
 def final_evaluations(model, classes, eval_loaders, device, dist: Context) -> dict[str, Evaluation]:

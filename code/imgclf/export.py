@@ -1,0 +1,244 @@
+"""Export a model directory to ONNX and check the graph against PyTorch: what serving runs.
+
+    python -m imgclf.export MODEL_DIR [--data VALID_DIR] [--int8]
+
+Training calls `export` after the best epoch is written (the `train` entrypoint), with the validation images;
+the command does the same for an existing model directory (model.safetensors + config.json, which stay the
+source of truth: the graph is rebuilt from them).
+
+- model.onnx: the fp32 network, dynamic batch (input `images` (N, 3, S, S) float32, output `logits` (N, classes)).
+  Parity: every validation image (preprocessed as evaluation does) goes through PyTorch and ONNX Runtime; each
+  logit must agree within PARITY_ATOL + PARITY_RTOL * |torch logit|, else the export fails (ExportError: in a
+  training job, the failure file) and no model.onnx is left behind.
+- model.int8.onnx (--int8): ONNX Runtime's static quantization (QDQ, per-channel weights, calibrated on the
+  validation images). Accepted only when top-1 agrees with fp32 on every validation image and the largest
+  difference of any class probability is under INT8_MAX_PROBABILITY_DIFFERENCE; otherwise it is deleted and the
+  reason recorded. Either way config.json's `onnx.int8` holds the figures; serving (IMGCLF_SERVE_DTYPE=int8) logs
+  them and refuses a graph that was not accepted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from imgclf import artifacts, data
+from imgclf.errors import ExportError, UserError
+from imgclf.preprocessing import Preprocessing, load_rgb
+
+log = logging.getLogger("imgclf.export")
+
+PARITY_ATOL = 1e-3
+PARITY_RTOL = 1e-3
+INT8_FILE = "model.int8.onnx"
+INT8_MAX_PROBABILITY_DIFFERENCE = 0.05
+CALIBRATION_IMAGES = 64  # enough for stable activation ranges; more only costs export time
+BATCH = 16
+SYNTHETIC_IMAGES = 8
+OPSET = 17
+
+
+def images_of(folder: Path) -> list[Path]:
+    """Every image of an ImageFolder split (class folders) or of a plain folder."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and data.is_image_file(p))
+    if not files:
+        raise ExportError(f"--data {folder}: no image files ({', '.join(data.IMAGE_EXTENSIONS[:4])}...) in it")
+    return files
+
+
+def preprocess(paths: list[Path], prep: Preprocessing) -> np.ndarray:
+    """The evaluation inputs of `paths`: decoded with the draft size, eval_array (what serving feeds the graph)."""
+    return np.stack([prep.eval_array(load_rgb(p, prep.resize_size)) for p in paths])
+
+
+def synthetic_inputs(prep: Preprocessing) -> np.ndarray:
+    """Without validation images: a few photo-like pictures (gradients, shapes, noise) for the parity check."""
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(0)
+    out = []
+    for i in range(SYNTHETIC_IMAGES):
+        size = prep.resize_size + 13 * i
+        img = Image.fromarray(rng.integers(0, 255, (size, size + 7 * i, 3), dtype=np.uint8))
+        ImageDraw.Draw(img).ellipse([size // 4, size // 4, size // 2, size // 2], fill=(200, 120, 40))
+        out.append(prep.eval_array(img))
+    return np.stack(out)
+
+
+def batches(x: np.ndarray):
+    for i in range(0, len(x), BATCH):
+        yield x[i:i + BATCH]
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    exp = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return exp / exp.sum(axis=1, keepdims=True)
+
+
+def session(path: Path):
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def run_session(sess, x: np.ndarray) -> np.ndarray:
+    name = sess.get_inputs()[0].name
+    return np.concatenate([sess.run(None, {name: b})[0] for b in batches(x)])
+
+
+def torch_logits(net, x: np.ndarray) -> np.ndarray:
+    import torch
+
+    with torch.inference_mode():
+        return np.concatenate([net(torch.from_numpy(b)).float().numpy() for b in batches(x)])
+
+
+def export_graph(net, image_size: int, path: Path) -> None:
+    """torch.onnx's TorchScript exporter: a ResNet50 in seconds where the dynamo exporter takes ten times as
+    long (it still ships with torch 2.14, deprecated); the parity check below is what makes either trustworthy."""
+    import warnings
+
+    import torch
+
+    example = torch.zeros(2, 3, image_size, image_size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(net, (example,), str(path), input_names=["images"], output_names=["logits"],
+                          dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False,
+                          opset_version=OPSET)
+
+
+def check_parity(reference: np.ndarray, got: np.ndarray) -> dict:
+    diff = np.abs(got - reference)
+    allowed = PARITY_ATOL + PARITY_RTOL * np.abs(reference)
+    worst = float((diff - allowed).max())
+    return {"images": len(reference), "max_abs_logit_difference": float(diff.max()),
+            "tolerance": f"|onnx - torch| <= {PARITY_ATOL:g} + {PARITY_RTOL:g} * |torch| for every logit",
+            "passed": worst <= 0}
+
+
+def quantize_int8(fp32: Path, path: Path, calibration: np.ndarray) -> None:
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.items = iter([{"images": x[None]} for x in calibration])
+
+        def get_next(self):
+            return next(self.items, None)
+
+    prepared = path.with_name(path.name + ".pre.onnx")
+    try:
+        quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
+        quantize_static(str(prepared), str(path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    finally:
+        prepared.unlink(missing_ok=True)
+
+
+def check_int8(fp32_logits: np.ndarray, int8_logits: np.ndarray) -> dict:
+    p32, p8 = softmax(fp32_logits), softmax(int8_logits)
+    agreements = int((p32.argmax(1) == p8.argmax(1)).sum())
+    max_diff = float(np.abs(p32 - p8).max())
+    accepted = agreements == len(p32) and max_diff < INT8_MAX_PROBABILITY_DIFFERENCE
+    reason = None if accepted else (
+        f"top-1 differs from float32 on {len(p32) - agreements} of {len(p32)} validation images"
+        if agreements != len(p32) else
+        f"largest probability difference {max_diff:.4f} is not under {INT8_MAX_PROBABILITY_DIFFERENCE}")
+    return {"file": INT8_FILE, "accepted": accepted, "images": len(p32), "top1_agreements": agreements,
+            "max_probability_difference": max_diff, "bound": INT8_MAX_PROBABILITY_DIFFERENCE, "reason": reason}
+
+
+def export(model_dir: str | os.PathLike, images: list[Path] | None = None, int8: bool = False) -> dict:
+    """Write model_dir/model.onnx (and model.int8.onnx), checked as the module docstring says; return the
+    `onnx` entry written to config.json. Raise ExportError when the fp32 graph does not match PyTorch."""
+    import onnxruntime
+    import torch
+
+    model_dir = Path(model_dir)
+    started = time.monotonic()
+    net, config = artifacts.load_model(model_dir)
+    prep = Preprocessing.from_config(config)
+    if int8 and not images:
+        raise ExportError("--int8 needs the validation images (--data VALID_DIR): the quantized graph is "
+                          "accepted only if it agrees with float32 on them")
+    x = preprocess(images, prep) if images else synthetic_inputs(prep)
+    source = f"{len(x)} validation images" if images else f"{len(x)} synthetic images (no --data given)"
+    (model_dir / INT8_FILE).unlink(missing_ok=True)  # never serve a stale graph of earlier weights
+    with artifacts.atomic_path(model_dir / artifacts.ONNX_FILE) as tmp:
+        try:
+            export_graph(net, prep.image_size, tmp)
+        except Exception as e:  # an operator torch.onnx cannot translate: say which model, keep the message
+            raise ExportError(f"torch.onnx cannot export {config['architecture']}: {type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''}; model.safetensors is written, and "
+                              "serves with PyTorch (a serving image that has it)") from None
+        reference = torch_logits(net, x)
+        logits = run_session(session(tmp), x)
+        parity = check_parity(reference, logits)
+        if not parity["passed"]:
+            raise ExportError(
+                f"{artifacts.ONNX_FILE} of {config['architecture']} does not match PyTorch on {source}: largest "
+                f"logit difference {parity['max_abs_logit_difference']:.3g}, allowed {parity['tolerance']}. No "
+                f"{artifacts.ONNX_FILE} was written; the model serves with PyTorch (report the architecture)")
+        entry = {"file": artifacts.ONNX_FILE, "opset": _opset(tmp), "torch": torch.__version__,
+                 "onnxruntime": onnxruntime.__version__, "inputs": source, "parity": parity}
+    if int8:
+        tmp8 = model_dir / f".{INT8_FILE}.tmp"
+        try:
+            quantize_int8(model_dir / artifacts.ONNX_FILE, tmp8, x[:CALIBRATION_IMAGES])
+            entry["int8"] = check_int8(logits, run_session(session(tmp8), x))
+            if entry["int8"]["accepted"]:  # a rejected graph is not kept: it cannot be served by mistake
+                os.replace(tmp8, model_dir / INT8_FILE)
+        finally:
+            tmp8.unlink(missing_ok=True)
+    config["onnx"] = entry
+    artifacts.write_json(model_dir / artifacts.CONFIG_FILE, config)
+    log.info("exported %s in %.1f s: %s; parity on %s: largest logit difference %.2g (%s)", artifacts.ONNX_FILE,
+             time.monotonic() - started, model_dir, source, parity["max_abs_logit_difference"], parity["tolerance"])
+    if "int8" in entry:
+        q = entry["int8"]
+        log.info("int8 graph %s: top-1 agrees on %d of %d images, largest probability difference %.4f (bound %g)%s",
+                 "accepted" if q["accepted"] else "rejected", q["top1_agreements"], q["images"],
+                 q["max_probability_difference"], q["bound"], f": {q['reason']}" if q["reason"] else "")
+    return entry
+
+
+def _opset(path: Path) -> int:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m imgclf.export", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model_dir", type=Path, help="a training output's model/ folder (config.json + "
+                                                     "model.safetensors)")
+    parser.add_argument("--data", type=Path, help="validation images for the checks (e.g. dogImages/valid); "
+                                                  "without it, a few synthetic images")
+    parser.add_argument("--int8", action="store_true", help="also write the quantized graph, if it passes")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        images = images_of(args.data) if args.data else None
+        entry = export(args.model_dir, images, args.int8)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if args.int8 and not entry["int8"]["accepted"]:
+        print(f"error: the int8 graph was not accepted: {entry['int8']['reason']}; model.onnx (float32) was "
+              "written and serves", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
