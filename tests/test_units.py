@@ -252,9 +252,9 @@ def record(epoch: int, train_loss: float, valid_loss: float) -> dict:
 
 def test_loss_not_decreasing_compares_windows():
     rule = rules.LossNotDecreasing(num_steps=2)
-    findings = [rule.train_loss(step, 1, loss) for step, loss in enumerate([4.0, 3.0, 2.0, 1.0, 2.0, 3.0])]
-    assert findings[:5] == [None] * 5  # 3.5, then 1.5: falling; then 2.5
-    assert "is 2.5, not below 1.5" in findings[5].message and findings[5].step == 5
+    findings = [rule.train_loss(step, 1, loss) for step, loss in enumerate([4.0, 4.02, 1.0, 1.02, 3.0, 3.02])]
+    assert findings[:5] == [None] * 5  # windows 4.01, then 1.01: falling; then 3.01, far beyond its noise
+    assert "above the best earlier window" in findings[5].message and findings[5].step == 5
     assert rules.LossNotDecreasing(num_steps=1).train_loss(0, 1, math.nan) is not None
 
 
