@@ -155,3 +155,15 @@ def test_the_numpy_transform_equals_torchvisions_on_any_shape(size):
     config = {"image_size": 64, "resize_size": 73, "mean": data.IMAGENET_MEAN, "std": data.IMAGENET_STD}
     assert torch.equal(data.eval_transform(64)(img), torchvision_eval(config)(img))
 
+
+
+def test_parity_holds_for_a_diverged_model_and_fails_on_any_other_difference():
+    """A NaN model (diverged training) exports: its graph gives NaN where PyTorch does; anything else must match."""
+    ref = np.array([[1.0, np.nan, 3.0], [np.inf, 2.0, -1.0]], dtype=np.float32)
+    assert export.check_parity(ref, ref.copy())["passed"]
+    assert export.check_parity(ref, ref + 5e-4)["passed"] is True
+    assert not export.check_parity(ref, np.nan_to_num(ref))["passed"]  # NaN where PyTorch had a number
+    shifted = ref.copy()
+    shifted[0, 0] += 0.01
+    result = export.check_parity(ref, shifted)
+    assert not result["passed"] and abs(result["max_abs_logit_difference"] - 0.01) < 1e-6

@@ -38,7 +38,7 @@ def first_ping(port: int, proc: subprocess.Popen, timeout: float = 240, status: 
             response = requests.get(f"http://127.0.0.1:{port}/ping", timeout=5)
             if status is None or response.status_code == status:
                 return response
-        except requests.ConnectionError:
+        except (requests.ConnectionError, requests.Timeout):  # not up yet, or busy restarting its workers
             pass
         time.sleep(0.5)
     output = proc.communicate(timeout=30)[0] if proc.poll() is not None else ""
