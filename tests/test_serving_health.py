@@ -41,8 +41,9 @@ def first_ping(port: int, proc: subprocess.Popen, timeout: float = 240, status: 
         except (requests.ConnectionError, requests.Timeout):  # not up yet, or busy restarting its workers
             pass
         time.sleep(0.5)
-    output = proc.communicate(timeout=30)[0] if proc.poll() is not None else ""
-    pytest.fail(f"no /ping answer (exit {proc.poll()}): {output[-3000:]}")
+    output = proc.communicate(timeout=30)[0] if proc.poll() is not None else stop(proc)  # its log says why
+    pytest.fail(f"no /ping answer{'' if status is None else f' with status {status}'} (exit {proc.poll()}): "
+                f"{output[-6000:]}")
 
 
 def stop(proc: subprocess.Popen) -> str:

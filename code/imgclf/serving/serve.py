@@ -124,10 +124,15 @@ class Watchdog(threading.Thread):
             elif healthy_once:
                 bad_since = bad_since or time.monotonic()
                 if time.monotonic() - bad_since >= self.unhealthy_after:
-                    self.reason = (f"no model worker has been running for {self.unhealthy_after:g} s (multi-model-"
-                                   f"server /ping: {status}); the worker log above says why")
-                    log.error("%s: stopping multi-model-server, answering 503 until stopped", self.reason)
-                    self.stop_mms()
+                    reason = (f"no model worker has been running for {self.unhealthy_after:g} s (multi-model-"
+                              f"server /ping: {status}); the worker log above says why")
+                    try:
+                        self.stop_mms()
+                    except Exception as e:  # e.g. the java process not found this second: try again next one
+                        log.warning("%s, but stopping multi-model-server failed (%s); retrying", reason, e)
+                        continue
+                    self.reason = reason
+                    log.error("%s: stopped multi-model-server, answering 503 until stopped", reason)
                     return
 
 
