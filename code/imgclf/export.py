@@ -119,7 +119,7 @@ def check_parity(reference: np.ndarray, got: np.ndarray) -> dict:
     # every finite logit must be within the tolerance.
     close = np.isclose(got, reference, rtol=PARITY_RTOL, atol=PARITY_ATOL, equal_nan=True)
     finite = np.isfinite(reference) & np.isfinite(got)
-    diff = np.abs(got - reference)[finite]
+    diff = np.abs(got[finite] - reference[finite])
     return {"images": len(reference), "max_abs_logit_difference": float(diff.max()) if diff.size else 0.0,
             "non_finite_logits": int((~np.isfinite(reference)).sum()),
             "tolerance": f"|onnx - torch| <= {PARITY_ATOL:g} + {PARITY_RTOL:g} * |torch| for every logit",
