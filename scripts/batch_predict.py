@@ -147,17 +147,10 @@ def write_summary(api: Api, output_uri: str, rows: list[tuple[str, ...]]) -> str
 
 
 def wait_transform_job(api: Api, name: str, args: argparse.Namespace) -> dict:
-    seen: dict[str, str] = {}
-
-    def on_poll(job: dict) -> None:
-        if seen.get("status") != job["TransformJobStatus"]:
-            seen["status"] = job["TransformJobStatus"]
-            log.info("transform job %s: %s", name, job["TransformJobStatus"])
-
     job = scripting.wait_for(
         lambda: api.call("sagemaker", "DescribeTransformJob", {"TransformJobName": name}, mutates=False),
         lambda j: j["TransformJobStatus"], {"Completed", "Failed", "Stopped"}, args.poll_interval, args.timeout,
-        on_poll)
+        scripting.log_status_changes("transform job", name, lambda d: d["TransformJobStatus"]))
     if job["TransformJobStatus"] != "Completed":
         raise JobFailed(f"transform job {name} {job['TransformJobStatus']}: "
                         f"{job.get('FailureReason') or 'no reason given'}")

@@ -125,17 +125,11 @@ def apply_scaling(api: Api, endpoint: str, min_n: int, max_n: int, target: float
 
 
 def wait_in_service(api: Api, name: str, config_name: str, args: argparse.Namespace) -> None:
-    seen: dict[str, str] = {}
-
-    def on_poll(ep: dict) -> None:
-        if seen.get("status") != ep["EndpointStatus"]:
-            seen["status"] = ep["EndpointStatus"]
-            log.info("endpoint %s: %s", name, ep["EndpointStatus"])
-
     ep = scripting.wait_for(
         lambda: api.call("sagemaker", "DescribeEndpoint", {"EndpointName": name}, mutates=False),
         lambda e: e["EndpointStatus"], {"InService", "Failed", "OutOfService", "UpdateRollbackFailed"},
-        args.poll_interval, args.timeout, on_poll)
+        args.poll_interval, args.timeout,
+        scripting.log_status_changes("endpoint", name, lambda d: d["EndpointStatus"]))
     if ep["EndpointStatus"] != "InService":
         raise JobFailed(f"endpoint {name} {ep['EndpointStatus']}: {ep.get('FailureReason') or 'no reason given'}")
     if ep["EndpointConfigName"] != config_name:

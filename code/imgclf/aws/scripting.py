@@ -188,6 +188,17 @@ def tags_from(pairs: list[tuple[str, str]] | None) -> list[dict[str, str]]:
     return [{"Key": k, "Value": v} for k, v in (pairs or [])]
 
 
+def log_status_changes(what: str, name: str, status_of: Callable[[dict], str]) -> Callable[[dict], None]:
+    """An on_poll for wait_for: one log line each time the status changes."""
+    seen: list[str] = []
+
+    def on_poll(description: dict) -> None:
+        if seen[-1:] != [status_of(description)]:
+            seen.append(status_of(description))
+            log.info("%s %s: %s", what, name, seen[-1])
+    return on_poll
+
+
 def wait_for(describe: Callable[[], dict], status_of: Callable[[dict], str], done: set[str],
              interval: float, timeout: float | None, on_poll: Callable[[dict], None] | None = None,
              sleep: Callable[[float], None] = time.sleep) -> dict:
