@@ -79,21 +79,50 @@ def build_args() -> list[str]:
                                                if os.environ.get("PYTHON_IMAGE") else [])
 
 
+# The three builds' peak on the engine's disk with TORCH_SOURCE=pypi: a 5.5 GB torch layer, committed (a second
+# copy while it is written), and the layers above it.
+BUILD_DISK_GB = 20
+
+
+def dangling() -> set[str]:
+    return set(engine("images", "-q", "--no-trunc", "--filter", "dangling=true").stdout.split())
+
+
+def check_disk() -> None:
+    """Fail before a build that would stop half-way with `no space left on device` (and leave its layers)."""
+    root = engine("info", "--format", "{{.DockerRootDir}}", check=False).stdout.strip()
+    if root and Path(root).is_dir():  # a local engine: its storage is on this machine's disk
+        free = shutil.disk_usage(root).free / 2**30
+        if free < BUILD_DISK_GB:
+            pytest.fail(f"{root} has {free:.1f} GB free; building the three images needs about {BUILD_DISK_GB} GB. "
+                        f"Free some: `{ENGINE} image prune` (untagged images), `{ENGINE} rmi` old imgclf tags",
+                        pytrace=False)
+
+
 @pytest.fixture(scope="session")
 def images():
-    """All three images, built by the Makefile target users run; removed, with the test containers, at the end."""
+    """All three images, built by the Makefile target users run; removed, with the test containers and the
+    untagged build-stage images the builds left, at the end."""
+    check_disk()
+    before = dangling()
     started = time.monotonic()
-    build = make("build", f"TAG={TAG}", *build_args())
-    assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-5000:]
-    print(f"\nbuilt the three images in {time.monotonic() - started:.0f} s", file=sys.stderr)
-    yield
-    # Containers first, by image name (the SDK's docker-compose names its containers itself).
-    for line in engine("ps", "-a", "--format", "{{.ID}} {{.Image}}", check=False).stdout.splitlines():
-        cid, _, used = line.partition(" ")
-        if used.split("/")[-1] in {image(n) for n in ("train-cpu", "train-gpu", "serve")}:
-            engine("rm", "-f", cid, check=False)
-    for name in ("train-cpu", "train-gpu", "serve"):
-        engine("rmi", image(name), image(name, "latest"), check=False)
+    try:
+        build = make("build", f"TAG={TAG}", *build_args())
+        assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-5000:]
+        print(f"\nbuilt the three images in {time.monotonic() - started:.0f} s", file=sys.stderr)
+        yield
+    finally:
+        # Containers first, by image name (the SDK's docker-compose names its containers itself).
+        for line in engine("ps", "-a", "--format", "{{.ID}} {{.Image}}", check=False).stdout.splitlines():
+            cid, _, used = line.partition(" ")
+            if used.split("/")[-1] in {image(n) for n in ("train-cpu", "train-gpu", "serve")}:
+                engine("rm", "-f", cid, check=False)
+        for name in ("train-cpu", "train-gpu", "serve"):
+            engine("rmi", image(name), image(name, "latest"), check=False)
+        # The deps and weights stages of the multi-stage builds stay as untagged images (7 GB each with PyPI's
+        # torch, mostly shared), as do a failed build's layers: remove those this run made, not the user's own.
+        if left := dangling() - before:
+            engine("rmi", *left, check=False)
 
 
 def make_tree(tree: Path, data: Path, hps: dict[str, str]) -> Path:
