@@ -43,3 +43,4 @@ def test_benchmark_runs_and_prints_its_figures(script):
         for name in ("naive", "ours_torch", "ours_onnx_float32"):
             assert figures[name]["concurrency_4"]["requests_per_second"] > 0
         assert figures["export"]["parity"]["passed"] and "accepted" in figures["export"]["int8"]
+        assert figures["training"]["epochs"] == 2  # --quick trains its model with the training job

@@ -23,7 +23,7 @@ from imgclf.serving import inference
 from PIL import Image
 from torchvision import transforms
 
-from tests.conftest import REPO
+from tests.conftest import FAST_HPS, REPO, local_train
 from tests.photos import DOG, forms
 from tests.servers import stop_group, wait_healthy
 
@@ -51,6 +51,18 @@ def test_training_writes_a_checked_dynamic_batch_graph(trained, sample_dataset):
         with torch.inference_mode():
             expected = net(torch.from_numpy(x)).numpy()
         np.testing.assert_allclose(logits, expected, atol=export.PARITY_ATOL, rtol=export.PARITY_RTOL)
+
+
+def test_training_with_export_int8_writes_the_quantized_graph_it_checked(sample_dataset, tmp_path):
+    result = local_train(sample_dataset, tmp_path, {**FAST_HPS, "epochs": "2", "export-int8": "true"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    int8 = json.loads((tmp_path / "model" / "config.json").read_text())["onnx"]["int8"]
+    assert int8["images"] == len(valid_images(sample_dataset))
+    assert int8["bound"] == export.INT8_MAX_PROBABILITY_DIFFERENCE
+    assert (tmp_path / "model" / export.INT8_FILE).is_file() == int8["accepted"], int8
+    assert f"int8 graph {'accepted' if int8['accepted'] else 'rejected'}: top-1 agrees on" in result.stdout
+    with tarfile.open(tmp_path / "model.tar.gz") as tar:
+        assert (export.INT8_FILE in tar.getnames()) == int8["accepted"]
 
 
 def test_export_command_on_an_existing_model_with_int8(trained, sample_dataset, tmp_path):

@@ -329,3 +329,17 @@ def test_instance_table_and_its_docs_table():
     assert all(float(cc) >= 7.5 for _, cc in instances.GPU_FAMILIES.values())
     table = instances.markdown_table()
     assert "| g4dn | NVIDIA T4 | 7.5 | train-gpu |" in table and "| p3 | NVIDIA V100 |" in table
+
+
+@pytest.mark.parametrize("cpus, settings, expected", [
+    (2, {}, (2, False)),                     # 2 workers x 2 threads: a lone request on both cores, no spinning
+    (2, {"workers": 1}, (2, True)),          # threads no more than CPUs: spinning helps
+    (2, {"torch_threads": 1}, (1, True)),    # the throughput end: one thread per worker
+    (16, {}, (4, False)),                    # up to 4 threads each
+    (1, {}, (1, True)),
+])
+def test_onnx_threads_rule(monkeypatch, cpus, settings, expected):
+    from imgclf.serving import runtime
+
+    monkeypatch.setattr(runtime.os, "cpu_count", lambda: cpus)
+    assert runtime.onnx_threads(ServingSettings(**settings)) == expected

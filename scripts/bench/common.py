@@ -74,14 +74,15 @@ def training_hyperparameters(args, freeze: str, quick_epochs: int, **extra) -> d
             "lr-scheduler": "none", "debugging": False, **extra}
 
 
-def train_ours(data_dir: Path, work: Path, hps: dict) -> dict:
-    """imgclf.training.job.run, the training job's own loop, in this process; returns its metrics (history: seconds)."""
+def train_ours(data_dir: Path, work: Path, hps: dict, weights: Path | None = None) -> dict:
+    """imgclf.training.job.run, the training job's own loop, in this process; returns its metrics (history: seconds).
+    `weights`: the weights channel (pretrained=true without a download)."""
     from imgclf import config
     from imgclf.training import job
 
+    channels = {split: str(data_dir / split) for split in ("train", "valid", "test") if (data_dir / split).is_dir()}
     paths = job.Paths(work / "model", work / "output" / "data", work / "checkpoints",
-                      {split: str(data_dir / split) for split in ("train", "valid", "test")
-                       if (data_dir / split).is_dir()})
+                      {**channels, **({"weights": str(weights)} if weights else {})})
     for d in (paths.model, paths.output_data, paths.checkpoints):
         d.mkdir(parents=True, exist_ok=True)
     with contextlib.redirect_stdout(sys.stderr):  # its metric lines: stdout stays the benchmark's JSON

@@ -1,18 +1,25 @@
-"""Benchmark (c): serving over HTTP, in one run, per model (ResNet50 and VGG16, random weights, 133 classes):
+"""Benchmark (c): serving over HTTP, in one run, per model (ResNet50 and VGG16, 224 px):
 
 - naive: scripts/bench/naive_server.py (single-threaded http.server, PIL, eager fp32 torch, one image at a time)
 - ours_torch: the real server (`python -m imgclf.local serve`: MMS + our handlers) on a model without model.onnx
 - ours_onnx_float32: the same server on the exported graph (ONNX Runtime, exact fp32: the default)
-- ours_onnx_int8: the same graph quantized (IMGCLF_SERVE_DTYPE=int8), with the export's accuracy check
-- ours_onnx_float32_1_worker_x_N_threads: the default's other end (the default: one 1-thread worker per CPU)
+- ours_onnx_int8: the same graph quantized (IMGCLF_SERVE_DTYPE=int8), if the export's accuracy check accepted it
+- for the first model, the workers x threads rule's alternatives: N workers x 1 thread, 1 worker x N threads
+  (the default: one worker per CPU, each with up to 4 threads that sleep when idle: imgclf.serving.runtime)
+
+The models: --trained ones (default resnet50) are trained by the training job itself (all layers, from random
+weights: no pretrained weights here) on generated images of 8 classes until they classify them, so the int8
+check judges a model with real margins; the others keep random weights (speed does not depend on them, but on
+near-uniform outputs the int8 check rightly refuses the quantized graph). 8 classes, not 133: the classifier's
+size changes the FLOPs by under 0.1%.
 
 Latency p50/p95/p99 at concurrency 1; throughput (requests/s) at concurrency 4. FLOP/s: the forward pass's
 FLOPs per image (torch.utils.flop_counter: 2 per multiply-add of convolutions and matrix products) times the
 requests per second at concurrency 4, as a share of the CPU's fp32 peak: cores x clock x 64 (AVX-512: two FMA
 units x 16 fp32 lanes x 2 operations), the clock from /proc/cpuinfo. The export's own figures (time, parity,
-int8 agreement on the generated validation images) are in `export`.
+int8 agreement on the generated validation images) are in `export`, the training's in `training`.
 
-    python scripts/bench/serving.py [--models resnet50 vgg16] [--requests 40] [--quick]
+    python scripts/bench/serving.py [--models resnet50 vgg16] [--trained resnet50] [--requests 40] [--quick]
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ import torch
 from imgclf.processes import free_port
 
 BENCH = Path(__file__).resolve().parent
+CLASSES = 8
 FP32_FLOPS_PER_CYCLE = 64  # AVX-512: 2 FMA units x 16 fp32 lanes x 2 (multiply + add)
 
 
@@ -116,24 +124,38 @@ def peak_fp32_flops() -> tuple[float, str]:
     return cpus * mhz * 1e6 * FP32_FLOPS_PER_CYCLE, f"{cpus} cores x {mhz:.0f} MHz x {FP32_FLOPS_PER_CYCLE}"
 
 
-def prepare(root: Path, arch: str, image_size: int, valid: list[Path]) -> tuple[Path, Path, dict]:
-    """Two model directories of the same random weights: torch only, and exported (model.onnx + int8)."""
+def prepare(root: Path, arch: str, args, data: Path, train: bool) -> tuple[Path, Path, dict, dict | None]:
+    """Two model directories of the same weights: torch only, and exported (model.onnx + int8)."""
     from imgclf import export
 
-    exported = common.model_dir(root / "exported", arch, image_size)
+    training = None
+    if train:
+        started = time.monotonic()
+        metrics = common.train_ours(data, root / "job", {
+            "model": arch, "pretrained": False, "freeze": "none", "augment": False, "image-size": args.image_size,
+            "batch-size": 16, "epochs": args.train_epochs, "lr": 0.001, "lr-scheduler": "none", "debugging": False})
+        exported = root / "job" / "model"
+        training = {"seconds": round(time.monotonic() - started, 1), "epochs": args.train_epochs,
+                    **{k: metrics[k] for k in ("best_epoch", "valid_accuracy", "test_accuracy") if k in metrics}}
+    else:
+        exported = common.model_dir(root / "exported", arch, args.image_size, classes=CLASSES)
+    for f in exported.glob("*.onnx"):
+        f.unlink()  # the training job's own export: measured below
     torch_only = root / "torch_only"
     torch_only.mkdir()
     (torch_only / "model.safetensors").symlink_to(exported / "model.safetensors")
-    (torch_only / "config.json").write_text((exported / "config.json").read_text())  # before the export edits it
+    config = json.loads((exported / "config.json").read_text())
+    config.pop("onnx", None)
+    (torch_only / "config.json").write_text(json.dumps(config))
     started = time.monotonic()
-    entry = export.export(exported, valid, int8=True)
-    return torch_only, exported, {"seconds": round(time.monotonic() - started, 1), **entry}
+    entry = export.export(exported, sorted((data / "valid").rglob("*.jpg")), int8=True)
+    return torch_only, exported, {"seconds": round(time.monotonic() - started, 1), **entry}, training
 
 
-def bench_model(arch: str, args, tmp: Path, valid: list[Path], image: bytes, sweep: bool) -> dict:
+def bench_model(arch: str, args, tmp: Path, data: Path, image: bytes, sweep: bool) -> dict:
     root = tmp / arch
     root.mkdir()
-    torch_only, exported, export_figures = prepare(root, arch, args.image_size, valid)
+    torch_only, exported, export_figures, training = prepare(root, arch, args, data, arch in args.trained)
     cpus = os.cpu_count() or 1
     ours = [sys.executable, "-m", "imgclf.local", "serve", "--model"]
     runs = {"naive": ([sys.executable, str(BENCH / "naive_server.py"), "--model", str(torch_only), "--port"], {}),
@@ -141,7 +163,9 @@ def bench_model(arch: str, args, tmp: Path, valid: list[Path], image: bytes, swe
             "ours_onnx_float32": ([*ours, str(exported), "--port"], {})}
     if export_figures["int8"]["accepted"]:
         runs["ours_onnx_int8"] = ([*ours, str(exported), "--port"], {"IMGCLF_SERVE_DTYPE": "int8"})
-    if sweep and cpus > 1:  # the workers x threads rule: the default is one worker per CPU, one thread each
+    if sweep and cpus > 1:  # the workers x threads rule's alternatives (the default: imgclf.serving.runtime)
+        runs[f"ours_onnx_float32_{cpus}_workers_x_1_thread"] = ([*ours, str(exported), "--port"],
+                                                                {"IMGCLF_TORCH_THREADS": "1"})
         runs[f"ours_onnx_float32_1_worker_x_{cpus}_threads"] = ([*ours, str(exported), "--workers", "1", "--port"],
                                                                  {})
     results = {}
@@ -160,30 +184,36 @@ def bench_model(arch: str, args, tmp: Path, valid: list[Path], image: bytes, swe
                                      / naive["concurrency_1"]["latency_seconds"]["p50"], 3)
         r["gflops_per_second_c4"] = round(flops * rps / 1e9, 1)
         r["share_of_fp32_peak_c4"] = round(flops * rps / peak, 3)
-    return {**results, "export": export_figures, "gflops_per_image": round(flops / 1e9, 3),
+    return {**results, "export": export_figures, **({"training": training} if training else {}),
+            "gflops_per_image": round(flops / 1e9, 3),
             "fp32_peak_gflops": round(peak / 1e9, 1), "fp32_peak_estimate": how}
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["resnet50", "vgg16"])
+    parser.add_argument("--trained", nargs="*", default=["resnet50"],
+                        help="models trained on the generated images first (the others: random weights)")
+    parser.add_argument("--train-epochs", type=int, default=8)
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--requests", type=int, default=40, help="per load level")
-    parser.add_argument("--valid-images", type=int, default=40, help="generated validation images for the export")
     parser.add_argument("--quick", action="store_true", help="smoke test: tiny model, few requests")
     args = parser.parse_args(argv)
+    train, valid = 16, 5  # per class: 128 training and 40 validation images
     if args.quick:
-        args.models, args.image_size, args.requests, args.valid_images = ["resnet18"], 32, 4, 8
+        args.models, args.trained, args.image_size, args.requests, args.train_epochs = (["resnet18"], ["resnet18"],
+                                                                                        32, 4, 2)
+        train, valid = 2, 1
     image = common.photo()
     with tempfile.TemporaryDirectory(prefix="bench_serving.") as tmp:
-        data = common.dataset(Path(tmp) / "data", classes=4, train=1, valid=args.valid_images // 4)
-        valid = sorted(p for p in (data / "valid").rglob("*.jpg"))
-        figures = {arch: bench_model(arch, args, Path(tmp), valid, image, sweep=i == 0)
+        data = common.dataset(Path(tmp) / "data", classes=CLASSES, train=train, valid=valid)
+        figures = {arch: bench_model(arch, args, Path(tmp), data, image, sweep=i == 0)
                    for i, arch in enumerate(args.models)}
     return common.emit("serving", figures, settings={
         "image_size": args.image_size, "photo_bytes": len(image), "requests_per_level": args.requests,
-        "default_workers": "serve's default (imgclf.serving.settings)", "weights": "random (speed does not "
-        "depend on them; the int8 check then runs on near-uniform outputs, its hardest case)"})
+        "classes": CLASSES, "images_per_class": {"train": train, "valid": valid},
+        "default_workers": "serve's default (imgclf.serving.runtime.onnx_threads)",
+        "weights": f"trained by the training job: {args.trained or 'none'}; random: the others"})
 
 
 if __name__ == "__main__":

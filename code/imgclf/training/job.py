@@ -195,7 +195,7 @@ def train_job(hp, paths: Paths, device: torch.device, dbg: Debugger, dist: Conte
     metrics = finish(hp, paths, setup.model, setup.classes, state, setup.eval_loaders, device, setup.preprocessing,
                      dist)
     if dist.is_main:  # model.onnx for serving, checked against the written weights on the validation images
-        export.export(paths.model, [path for path, _ in splits["valid"].samples])
+        export.export(paths.model, [path for path, _ in splits["valid"].samples], int8=hp["export-int8"])
     return metrics
 
 
