@@ -2,9 +2,10 @@
 
 - naive: scripts/bench/naive_server.py (single-threaded http.server, PIL, eager fp32 torch, one image at a time)
 - ours_torch: the real server (`python -m imgclf.local serve`: MMS + our handlers) on a model without model.onnx
+- ours_torch_bfloat16: the same with IMGCLF_SERVE_DTYPE=bfloat16 (PyTorch's autocast; no accuracy check)
 - ours_onnx_float32: the same server on the exported graph (ONNX Runtime, exact fp32: the default)
 - ours_onnx_int8: the same graph quantized (IMGCLF_SERVE_DTYPE=int8), if the export's accuracy check accepted it
-- for the first model, the workers x threads rule's alternatives: N workers x 1 thread, 1 worker x N threads
+- the workers x threads rule's alternatives: N workers x 1 thread, 1 worker x N threads (N = CPUs)
   (the default: one worker per CPU, each with up to 4 threads that sleep when idle: imgclf.serving.runtime)
 
 The models: --trained ones (default resnet50) are trained by the training job itself (all layers, from random
@@ -13,7 +14,8 @@ check judges a model with real margins; the others keep random weights (speed do
 near-uniform outputs the int8 check rightly refuses the quantized graph). 8 classes, not 133: the classifier's
 size changes the FLOPs by under 0.1%.
 
-Latency p50/p95/p99 at concurrency 1; throughput (requests/s) at concurrency 4. FLOP/s: the forward pass's
+Latency p50/p95/p99 at concurrency 1; throughput (requests/s) at concurrency 4; all servers run at once and
+are measured in --rounds interleaved turns (this machine's speed drifts by tens of percent). FLOP/s: the forward pass's
 FLOPs per image (torch.utils.flop_counter: 2 per multiply-add of convolutions and matrix products) times the
 requests per second at concurrency 4, as a share of the CPU's fp32 peak: cores x clock x 64 (AVX-512: two FMA
 units x 16 fp32 lanes x 2 operations), the clock from /proc/cpuinfo. The export's own figures (time, parity,
@@ -33,7 +35,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import common
@@ -76,8 +78,8 @@ def server(cmd: list[str], port: int, log: Path, env: dict | None = None, timeou
             proc.wait()
 
 
-def load(url: str, image: bytes, concurrency: int, count: int) -> dict:
-    """`count` requests from `concurrency` clients; latency percentiles and requests per second."""
+def load(url: str, image: bytes, concurrency: int, count: int) -> tuple[list[float], float]:
+    """`count` requests from `concurrency` clients: (each request's latency, wall seconds for all)."""
     def client(n: int) -> list[float]:
         times = []
         with requests.Session() as s:
@@ -90,18 +92,27 @@ def load(url: str, image: bytes, concurrency: int, count: int) -> dict:
         return times
 
     share = [count // concurrency + (i < count % concurrency) for i in range(concurrency)]
-    for _ in range(concurrency):  # warm-up: every worker has answered once
-        client(1)
     started = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
         latencies = [t for ts in pool.map(client, share) for t in ts]
-    wall = time.perf_counter() - started
-    return {"requests": count, "latency_seconds": common.percentiles(latencies),
-            "requests_per_second": round(count / wall, 3)}
+    return latencies, time.perf_counter() - started
 
 
-def measure(url: str, image: bytes, requests_c1: int, requests_c4: int) -> dict:
-    return {"concurrency_1": load(url, image, 1, requests_c1), "concurrency_4": load(url, image, 4, requests_c4)}
+def measure(urls: dict[str, str], image: bytes, count: int, rounds: int) -> dict:
+    """Every server at concurrency 1 and 4, `count` requests per level in all, in `rounds` interleaved rounds
+    (A B C A B C ...): a slow spell of a shared machine then hits every server, not one."""
+    samples = {name: {c: ([], 0.0) for c in (1, 4)} for name in urls}
+    for url in urls.values():  # warm-up: every worker has answered once
+        load(url, image, 4, 4)
+    for r in range(rounds):
+        for name, url in urls.items():
+            for c in (1, 4):
+                latencies, wall = load(url, image, c, count // rounds + (r < count % rounds))
+                done, seconds = samples[name][c]
+                samples[name][c] = (done + latencies, seconds + wall)
+    return {name: {f"concurrency_{c}": {"requests": len(lat), "latency_seconds": common.percentiles(lat),
+                                        "requests_per_second": round(len(lat) / wall, 3)}
+                   for c, (lat, wall) in levels.items()} for name, levels in samples.items()}
 
 
 def flops_per_image(arch: str, image_size: int) -> int:
@@ -152,7 +163,7 @@ def prepare(root: Path, arch: str, args, data: Path, train: bool) -> tuple[Path,
     return torch_only, exported, {"seconds": round(time.monotonic() - started, 1), **entry}, training
 
 
-def bench_model(arch: str, args, tmp: Path, data: Path, image: bytes, sweep: bool) -> dict:
+def bench_model(arch: str, args, tmp: Path, data: Path, image: bytes) -> dict:
     root = tmp / arch
     root.mkdir()
     torch_only, exported, export_figures, training = prepare(root, arch, args, data, arch in args.trained)
@@ -160,20 +171,23 @@ def bench_model(arch: str, args, tmp: Path, data: Path, image: bytes, sweep: boo
     ours = [sys.executable, "-m", "imgclf.local", "serve", "--model"]
     runs = {"naive": ([sys.executable, str(BENCH / "naive_server.py"), "--model", str(torch_only), "--port"], {}),
             "ours_torch": ([*ours, str(torch_only), "--port"], {}),
+            "ours_torch_bfloat16": ([*ours, str(torch_only), "--port"], {"IMGCLF_SERVE_DTYPE": "bfloat16"}),
             "ours_onnx_float32": ([*ours, str(exported), "--port"], {})}
     if export_figures["int8"]["accepted"]:
         runs["ours_onnx_int8"] = ([*ours, str(exported), "--port"], {"IMGCLF_SERVE_DTYPE": "int8"})
-    if sweep and cpus > 1:  # the workers x threads rule's alternatives (the default: imgclf.serving.runtime)
+    if cpus > 1 and not args.quick:  # the workers x threads rule's alternatives (the default: imgclf.serving.runtime)
         runs[f"ours_onnx_float32_{cpus}_workers_x_1_thread"] = ([*ours, str(exported), "--port"],
                                                                 {"IMGCLF_TORCH_THREADS": "1"})
         runs[f"ours_onnx_float32_1_worker_x_{cpus}_threads"] = ([*ours, str(exported), "--workers", "1", "--port"],
                                                                  {})
-    results = {}
-    for name, (cmd, env) in runs.items():
-        port = free_port()
-        with server(cmd + [str(port)], port, root / f"{name}.log", env) as url:
-            results[name] = measure(url, image, args.requests, args.requests)
-        print(f"{arch} {name}: {json.dumps(results[name])}", file=sys.stderr, flush=True)
+    with ExitStack() as stack:  # all servers up at once (idle ones cost no CPU), measured in turns
+        urls = {}
+        for name, (cmd, env) in runs.items():
+            port = free_port()
+            urls[name] = stack.enter_context(server(cmd + [str(port)], port, root / f"{name}.log", env))
+        results = measure(urls, image, args.requests, args.rounds)
+    for name, r in results.items():
+        print(f"{arch} {name}: {json.dumps(r)}", file=sys.stderr, flush=True)
     flops = flops_per_image(arch, args.image_size)
     peak, how = peak_fp32_flops()
     naive = results["naive"]
@@ -196,21 +210,22 @@ def main(argv: list[str] | None = None) -> dict:
                         help="models trained on the generated images first (the others: random weights)")
     parser.add_argument("--train-epochs", type=int, default=8)
     parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--requests", type=int, default=40, help="per load level")
+    parser.add_argument("--requests", type=int, default=40, help="per server and load level")
+    parser.add_argument("--rounds", type=int, default=4, help="interleaved rounds the requests are split into")
     parser.add_argument("--quick", action="store_true", help="smoke test: tiny model, few requests")
     args = parser.parse_args(argv)
     train, valid = 16, 5  # per class: 128 training and 40 validation images
     if args.quick:
-        args.models, args.trained, args.image_size, args.requests, args.train_epochs = (["resnet18"], ["resnet18"],
-                                                                                        32, 4, 2)
+        args.models, args.trained, args.image_size, args.requests, args.train_epochs, args.rounds = (
+            ["resnet18"], ["resnet18"], 32, 4, 2, 2)
         train, valid = 2, 1
     image = common.photo()
     with tempfile.TemporaryDirectory(prefix="bench_serving.") as tmp:
         data = common.dataset(Path(tmp) / "data", classes=CLASSES, train=train, valid=valid)
-        figures = {arch: bench_model(arch, args, Path(tmp), data, image, sweep=i == 0)
-                   for i, arch in enumerate(args.models)}
+        figures = {arch: bench_model(arch, args, Path(tmp), data, image) for arch in args.models}
     return common.emit("serving", figures, settings={
         "image_size": args.image_size, "photo_bytes": len(image), "requests_per_level": args.requests,
+        "rounds": args.rounds,
         "classes": CLASSES, "images_per_class": {"train": train, "valid": valid},
         "default_workers": "serve's default (imgclf.serving.runtime.onnx_threads)",
         "weights": f"trained by the training job: {args.trained or 'none'}; random: the others"})

@@ -7,7 +7,8 @@ validated, then passed around as one frozen value; nothing reads the environment
     SAGEMAKER_MAX_PAYLOAD_IN_MB     6           request body limit (SageMaker's real-time endpoints: 6 MB)
     IMGCLF_SERVE_DTYPE              float32     float32 (exact) | int8 (model.onnx quantized, if the export
                                                 accepted it) | bfloat16 (PyTorch autocast, models without model.onnx)
-    IMGCLF_TORCH_THREADS            0           ONNX Runtime or torch threads per worker; 0 = CPUs / workers
+    IMGCLF_TORCH_THREADS            0           ONNX Runtime or torch threads per worker; 0 = automatic
+                                                (imgclf.serving.runtime: onnx_threads, threads_per_worker)
     SAGEMAKER_MODEL_SERVER_WORKERS  0           MMS workers; 0 = MMS's default (one per CPU, or per GPU)
     SAGEMAKER_MODEL_SERVER_TIMEOUT  60          seconds a worker may take per request (read by MMS)
     IMGCLF_UNHEALTHY_AFTER_S        30          seconds with no live model worker before /ping answers 503
