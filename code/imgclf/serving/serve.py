@@ -99,10 +99,10 @@ class Watchdog(threading.Thread):
     """Reads MMS's /ping body every second; once MMS has been healthy, `unhealthy_after` seconds without a live
     worker (or without an answer) set `reason` and call `stop_mms`."""
 
-    def __init__(self, port: int, unhealthy_after: float, stop_mms) -> None:
+    def __init__(self, port: int, unhealthy_after: float, stop_mms, live_workers=None) -> None:
         super().__init__(name="mms-watchdog", daemon=True)
         self.url = f"http://127.0.0.1:{port}/ping"
-        self.unhealthy_after, self.stop_mms = unhealthy_after, stop_mms
+        self.unhealthy_after, self.stop_mms, self.live_workers = unhealthy_after, stop_mms, live_workers
         self.reason: str | None = None
         self.done = threading.Event()
 
@@ -119,6 +119,10 @@ class Watchdog(threading.Thread):
         healthy_once, bad_since = False, None
         while not self.done.wait(1.0):
             status = self.status()
+            # MMS can go on saying Healthy after its worker was killed (seen in CI: no restart logged for minutes):
+            # count the worker processes too.
+            if status in ("Healthy", "Partial Healthy") and self.live_workers and self.live_workers() == 0:
+                status = f"{status}, but no model worker process is alive"
             if status in ("Healthy", "Partial Healthy"):
                 healthy_once, bad_since = True, None
             elif healthy_once:
@@ -285,6 +289,23 @@ def main(argv: list[str] | None = None) -> int:
                 continue
         raise RuntimeError(f"multi-model-server with config {config_file} is not running (yet)")
 
+    def live_workers() -> int | None:
+        """MMS's Python model workers alive (zombies excluded), or None when that cannot be told."""
+        import psutil
+
+        try:
+            children = our_mms_process().children(recursive=True)
+        except (RuntimeError, psutil.Error):
+            return None
+        count = 0
+        for child in children:
+            try:
+                if child.status() != psutil.STATUS_ZOMBIE and "model_service_worker" in " ".join(child.cmdline()):
+                    count += 1
+            except psutil.Error:
+                continue
+        return count
+
     model_server._retrieve_mms_server_process = our_mms_process
     become_subreaper()
     # Until the toolkit installs its handler (SIGTERM -> java), SIGTERM stops us through the `finally` below;
@@ -292,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _exit_on_signal)
     signal.signal(signal.SIGINT, lambda signum, frame: signal.getsignal(signal.SIGTERM)(signum, frame))
     log.info("starting multi-model-server on port %d for %s (handler %s)", port, model_dir, HANDLER_SERVICE)
-    watchdog = Watchdog(mms_port, settings.unhealthy_after_s, lambda: our_mms_process().terminate())
+    watchdog = Watchdog(mms_port, settings.unhealthy_after_s, lambda: our_mms_process().terminate(), live_workers)
     watchdog.start()
     try:
         model_server.start_model_server(handler_service=HANDLER_SERVICE)  # returns when the MMS java process exits
