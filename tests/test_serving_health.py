@@ -47,6 +47,8 @@ def first_ping(port: int, proc: subprocess.Popen, timeout: float = 240, status: 
 
 
 def stop(proc: subprocess.Popen) -> str:
+    if proc.returncode is not None:  # already stopped and read (first_ping does so to show the log)
+        return ""
     os.killpg(proc.pid, signal.SIGTERM)
     return proc.communicate(timeout=60)[0]
 

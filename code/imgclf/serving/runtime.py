@@ -41,9 +41,8 @@ def onnx_threads(settings: ServingSettings) -> tuple[int, bool]:
     """ONNX Runtime: (intra-op threads per worker, whether they may spin-wait).
 
     Every worker gets up to MAX_ONNX_THREADS threads, which sleep instead of spinning when the workers' threads
-    outnumber the CPUs: a lone request runs on several cores, and under load the workers share them (measured on
-    2 cores in docs/serving.md: half the latency at concurrency 1, the same throughput at concurrency 4 for VGG16,
-    -10% for ResNet50)."""
+    outnumber the CPUs: a lone request runs on several cores, and under load the workers share them (the
+    measurements behind the rule: docs/serving.md, "Workers and threads")."""
     cpus = os.cpu_count() or 1
     workers = settings.workers or cpus
     threads = settings.torch_threads or min(cpus, MAX_ONNX_THREADS)
