@@ -3,16 +3,33 @@
 MMS creates one HandlerService per worker process, calls `initialize` once (load the model) and `handle`
 for each batch of requests. The toolkit's own Transformer answers errors as "message + traceback" text,
 so requests go through `inference.handle_request`, which answers every outcome with a JSON body.
+
+Each worker also writes whether it holds the model to WORKER_STATE_ENV's folder, one file per process: MMS's
+/ping counts a worker whose model failed to load as running, so serve's watchdog reads these files instead.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from http import HTTPStatus
+from pathlib import Path
 
 from imgclf.serving import inference
 
 log = logging.getLogger(__name__)
+
+WORKER_STATE_ENV = "IMGCLF_WORKER_STATE_DIR"  # set by serve for MMS's workers
+
+
+def report_state(loaded: bool, error: str | None = None) -> None:
+    """<folder>/<pid>.json = {"loaded": ..., "error": ...}, replaced atomically (the watchdog reads it)."""
+    folder = os.environ.get(WORKER_STATE_ENV)
+    if folder:
+        path = Path(folder) / f"{os.getpid()}.json"
+        path.with_suffix(".tmp").write_text(json.dumps({"loaded": loaded, "error": error}))
+        path.with_suffix(".tmp").replace(path)
 
 
 class HandlerService:
@@ -22,11 +39,13 @@ class HandlerService:
 
     def initialize(self, context) -> None:
         model_dir = context.system_properties.get("model_dir")
+        report_state(loaded=False)  # loading
         try:
             self.model = inference.model_fn(model_dir)
         except Exception as e:  # MMS would swallow it; keep the reason for the 503 answers
             self.load_error = f"{type(e).__name__}: {e}"
             log.error("cannot load the model from %s: %s", model_dir, self.load_error)
+        report_state(loaded=self.model is not None, error=self.load_error)
 
     def handle(self, data: list[dict], context) -> list[str]:
         responses = []

@@ -11,8 +11,10 @@ The serving settings (imgclf.serving.settings) are read and checked once here an
 settings (weights, config, device, dtype, one warm-up request): when that fails, or a setting is bad, the
 reason is logged once and a small stand-in server answers /ping (and everything else) with 503 and the reason
 as JSON, so SageMaker sees an unhealthy container and the log says why. Later, MMS answers /ping with HTTP
-200 even when no worker is alive (its body then says "Unhealthy"); a watchdog reads that body, and when no
-worker has been alive for IMGCLF_UNHEALTHY_AFTER_S seconds it stops MMS and the stand-in answers 503.
+200 even when no worker is alive (its body then says "Unhealthy"), and says "Healthy" while a restarted worker
+cannot load the model (our handler answers its requests 503). A watchdog reads MMS's /ping body and what each
+worker process reports (handler_service.report_state); when no live worker has held or been loading the model
+for IMGCLF_UNHEALTHY_AFTER_S seconds it stops MMS and the stand-in answers 503 with the reason.
 
 Batch transform (SAGEMAKER_BATCH set, as SageMaker and the SDK's local mode do) also asks GET /execution-parameters,
 which MMS does not serve: there a small front on the port answers it (one image per request, as many requests
@@ -27,9 +29,11 @@ import gc
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
 import tarfile
+import tempfile
 import threading
 import time
 import warnings
@@ -96,13 +100,14 @@ def _exit_on_signal(signum, frame) -> None:
 
 
 class Watchdog(threading.Thread):
-    """Reads MMS's /ping body every second; once MMS has been healthy, `unhealthy_after` seconds without a live
-    worker (or without an answer) set `reason` and call `stop_mms`."""
+    """Every second reads MMS's /ping body and `worker_states()` (pid -> load error, None when the worker holds or
+    is loading the model). Once a worker has held the model (or one failed to load it), `unhealthy_after`
+    seconds without a good live worker set `reason` and call `stop_mms`."""
 
-    def __init__(self, port: int, unhealthy_after: float, stop_mms, live_workers=None) -> None:
+    def __init__(self, port: int, unhealthy_after: float, stop_mms, worker_states) -> None:
         super().__init__(name="mms-watchdog", daemon=True)
         self.url = f"http://127.0.0.1:{port}/ping"
-        self.unhealthy_after, self.stop_mms, self.live_workers = unhealthy_after, stop_mms, live_workers
+        self.unhealthy_after, self.stop_mms, self.worker_states = unhealthy_after, stop_mms, worker_states
         self.reason: str | None = None
         self.done = threading.Event()
 
@@ -115,21 +120,28 @@ class Watchdog(threading.Thread):
         except (OSError, ValueError) as e:
             return f"no answer ({e})"
 
+    def problem(self) -> tuple[str | None, bool]:
+        """(what is wrong now or None, whether a worker failed to load the model)."""
+        status = self.status()
+        if status not in ("Healthy", "Partial Healthy"):
+            return f"multi-model-server /ping: {status}", False
+        errors = list(self.worker_states().values())  # None: holds or is loading the model
+        if None in errors:
+            return None, False
+        if errors:
+            return f"the model workers cannot load the model: {errors[0]}", True
+        return f"multi-model-server /ping: {status}, but no model worker process is alive", False
+
     def run(self) -> None:
         healthy_once, bad_since = False, None
         while not self.done.wait(1.0):
-            status = self.status()
-            # MMS can go on saying Healthy after its worker was killed (seen in CI: no restart logged for minutes):
-            # count the worker processes too.
-            if status in ("Healthy", "Partial Healthy") and self.live_workers and self.live_workers() == 0:
-                status = f"{status}, but no model worker process is alive"
-            if status in ("Healthy", "Partial Healthy"):
+            problem, failed_load = self.problem()
+            if problem is None:
                 healthy_once, bad_since = True, None
-            elif healthy_once:
+            elif healthy_once or failed_load:
                 bad_since = bad_since or time.monotonic()
                 if time.monotonic() - bad_since >= self.unhealthy_after:
-                    reason = (f"no model worker has been running for {self.unhealthy_after:g} s (multi-model-"
-                              f"server /ping: {status}); the worker log above says why")
+                    reason = f"no model worker has been running for {self.unhealthy_after:g} s ({problem})"
                     try:
                         self.stop_mms()
                     except Exception as e:  # e.g. the java process not found this second: try again next one
@@ -138,6 +150,25 @@ class Watchdog(threading.Thread):
                     self.reason = reason
                     log.error("%s: stopped multi-model-server, answering 503 until stopped", reason)
                     return
+
+
+def worker_states(folder: Path) -> dict[int, str | None]:
+    """pid -> load error (None: holds or is loading the model) of the live MMS workers that reported to `folder`
+    (handler_service.report_state); the reports of dead workers are removed."""
+    import psutil
+
+    states = {}
+    for path in folder.glob("*.json"):
+        try:
+            alive = psutil.Process(int(path.stem)).status() != psutil.STATUS_ZOMBIE
+        except (psutil.Error, ValueError):
+            alive = False
+        if not alive:
+            path.unlink(missing_ok=True)
+            continue
+        with contextlib.suppress(OSError, ValueError, KeyError):  # written by replace(): whole or absent
+            states[int(path.stem)] = json.loads(path.read_text())["error"]
+    return states
 
 
 def execution_parameters(settings: ServingSettings) -> dict:
@@ -240,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from imgclf.errors import UserError
     from imgclf.serving import inference
+    from imgclf.serving.handler_service import WORKER_STATE_ENV
 
     model_dir = base_dir / "model"
     try:
@@ -289,23 +321,6 @@ def main(argv: list[str] | None = None) -> int:
                 continue
         raise RuntimeError(f"multi-model-server with config {config_file} is not running (yet)")
 
-    def live_workers() -> int | None:
-        """MMS's Python model workers alive (zombies excluded), or None when that cannot be told."""
-        import psutil
-
-        try:
-            children = our_mms_process().children(recursive=True)
-        except (RuntimeError, psutil.Error):
-            return None
-        count = 0
-        for child in children:
-            try:
-                if child.status() != psutil.STATUS_ZOMBIE and "model_service_worker" in " ".join(child.cmdline()):
-                    count += 1
-            except psutil.Error:
-                continue
-        return count
-
     model_server._retrieve_mms_server_process = our_mms_process
     become_subreaper()
     # Until the toolkit installs its handler (SIGTERM -> java), SIGTERM stops us through the `finally` below;
@@ -313,13 +328,17 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _exit_on_signal)
     signal.signal(signal.SIGINT, lambda signum, frame: signal.getsignal(signal.SIGTERM)(signum, frame))
     log.info("starting multi-model-server on port %d for %s (handler %s)", port, model_dir, HANDLER_SERVICE)
-    watchdog = Watchdog(mms_port, settings.unhealthy_after_s, lambda: our_mms_process().terminate(), live_workers)
+    states = Path(tempfile.mkdtemp(prefix="imgclf-workers-"))
+    os.environ[WORKER_STATE_ENV] = str(states)  # MMS hands its environment to the workers
+    watchdog = Watchdog(mms_port, settings.unhealthy_after_s, lambda: our_mms_process().terminate(),
+                        lambda: worker_states(states))
     watchdog.start()
     try:
         model_server.start_model_server(handler_service=HANDLER_SERVICE)  # returns when the MMS java process exits
     finally:
         watchdog.done.set()
         stop_leftovers()
+        shutil.rmtree(states, ignore_errors=True)
         if front:
             front.shutdown()
             front.server_close()

@@ -11,7 +11,7 @@ validated, then passed around as one frozen value; nothing reads the environment
                                                 (imgclf.serving.runtime: onnx_threads, threads_per_worker)
     SAGEMAKER_MODEL_SERVER_WORKERS  0           MMS workers; 0 = MMS's default (one per CPU, or per GPU)
     SAGEMAKER_MODEL_SERVER_TIMEOUT  60          seconds a worker may take per request (read by MMS)
-    IMGCLF_UNHEALTHY_AFTER_S        30          seconds with no live model worker before /ping answers 503
+    IMGCLF_UNHEALTHY_AFTER_S        30          seconds with no worker holding the model before /ping answers 503
 
 `serve` gives multi-model-server twice the payload limit (SAGEMAKER_MAX_PAYLOAD_IN_MB, MMS's own variable),
 so that the handler, not MMS, answers an oversized body with a JSON 413. The workers, which MMS starts with
