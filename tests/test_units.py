@@ -343,3 +343,30 @@ def test_onnx_threads_rule(monkeypatch, cpus, settings, expected):
 
     monkeypatch.setattr(runtime.os, "cpu_count", lambda: cpus)
     assert runtime.onnx_threads(ServingSettings(**settings)) == expected
+
+
+def test_watchdog_goes_by_the_workers_reports_when_mms_says_healthy(tmp_path, monkeypatch):
+    import os
+    import subprocess
+    import sys
+
+    from imgclf.serving.serve import Watchdog, worker_states
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    me = tmp_path / f"{os.getpid()}.json"
+    me.write_text(json.dumps({"loaded": False, "error": "WeightsError: model.safetensors is missing"}))
+    (tmp_path / f"{dead.pid}.json").write_text(json.dumps({"loaded": True, "error": None}))
+    assert worker_states(tmp_path) == {os.getpid(): "WeightsError: model.safetensors is missing"}
+    assert not (tmp_path / f"{dead.pid}.json").exists()  # a dead worker's report is dropped
+
+    watchdog = Watchdog(0, 5, stop_mms=None, worker_states=lambda: worker_states(tmp_path))
+    monkeypatch.setattr(watchdog, "status", lambda: "Healthy")
+    assert watchdog.problem() == ("the model workers cannot load the model: WeightsError: model.safetensors is "
+                                  "missing", True)
+    me.write_text(json.dumps({"loaded": False, "error": None}))  # loading
+    assert watchdog.problem() == (None, False)
+    me.unlink()
+    assert watchdog.problem() == ("multi-model-server /ping: Healthy, but no model worker process is alive", False)
+    monkeypatch.setattr(watchdog, "status", lambda: "Unhealthy")
+    assert watchdog.problem() == ("multi-model-server /ping: Unhealthy", False)
