@@ -16,6 +16,7 @@ import os
 from http import HTTPStatus
 from pathlib import Path
 
+from imgclf import artifacts
 from imgclf.serving import inference
 
 log = logging.getLogger(__name__)
@@ -24,12 +25,10 @@ WORKER_STATE_ENV = "IMGCLF_WORKER_STATE_DIR"  # set by serve for MMS's workers
 
 
 def report_state(loaded: bool, error: str | None = None) -> None:
-    """<folder>/<pid>.json = {"loaded": ..., "error": ...}, replaced atomically (the watchdog reads it)."""
+    """<folder>/<pid>.json = {"loaded": ..., "error": ...}, written atomically (the watchdog reads it)."""
     folder = os.environ.get(WORKER_STATE_ENV)
     if folder:
-        path = Path(folder) / f"{os.getpid()}.json"
-        path.with_suffix(".tmp").write_text(json.dumps({"loaded": loaded, "error": error}))
-        path.with_suffix(".tmp").replace(path)
+        artifacts.write_text(Path(folder) / f"{os.getpid()}.json", json.dumps({"loaded": loaded, "error": error}))
 
 
 class HandlerService:

@@ -166,7 +166,7 @@ def worker_states(folder: Path) -> dict[int, str | None]:
         if not alive:
             path.unlink(missing_ok=True)
             continue
-        with contextlib.suppress(OSError, ValueError, KeyError):  # written by replace(): whole or absent
+        with contextlib.suppress(OSError, ValueError, KeyError):  # written atomically: whole or absent
             states[int(path.stem)] = json.loads(path.read_text())["error"]
     return states
 
