@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 export PYTHONPATH := $(CURDIR)/code
 
-.PHONY: help install test test-fast lint demo clean build push lock local-train local-serve local-predict test-images base-image \
+.PHONY: help install system-deps test test-unit lint demo clean build push audit lock local-train local-serve local-predict test-images base-image \
 	report-screenshot ui-screenshot
 
 help:
@@ -23,11 +23,19 @@ $(VENV)/.installed: $(BIN)/python requirements/*.txt pyproject.toml
 
 install: $(VENV)/.installed ## create .venv with the pinned dependencies and the package
 
-test: install ## run the test suite (what CI runs)
-	$(BIN)/pytest -q
+# The programs outside Python that the tests need (scripts/system_deps.sh): Chromium (the browser tests) and Java
+# (multi-model-server). Missing ones are apt-installed where apt-get and root or passwordless sudo are; elsewhere
+# it stops, before any test runs, naming them and the command that installs them. SYSTEM_DEPS= skips the check.
+SYSTEM_DEPS ?= chromium java
+system-deps: ## install (apt-get, as root or with sudo) or name the programs the tests need: Chromium, Java
+	@scripts/system_deps.sh $(SYSTEM_DEPS)
 
-test-fast: install ## the tests that neither train, serve nor build (about 3 minutes)
-	$(BIN)/pytest -q -m "not slow and not images"
+# The tiers are folders (tests/conftest.py): unit (in-process), integration (real processes), images.
+test: system-deps install ## the unit and integration tests (what CI runs before the image tests)
+	$(BIN)/pytest -q tests/unit tests/integration
+
+test-unit: install ## the in-process tests: no process, no server, no network (seconds)
+	$(BIN)/pytest -q tests/unit
 
 lint: install ## ruff on the code, scripts and tests
 	$(BIN)/ruff check code scripts tests containers
@@ -35,7 +43,8 @@ lint: install ## ruff on the code, scripts and tests
 DATA ?=
 MODEL ?=
 WEIGHTS ?=
-demo: install ## sample data -> train -> serve -> predict, on this machine (DATA=, MODEL=, WEIGHTS= for your own)
+demo: SYSTEM_DEPS = java
+demo: system-deps install ## sample data -> train -> serve -> predict, on this machine (DATA=, MODEL=, WEIGHTS= for your own)
 	$(BIN)/python scripts/demo.py $(if $(DATA),--data $(DATA)) $(if $(MODEL),--model $(MODEL)) $(if $(WEIGHTS),--weights $(WEIGHTS))
 
 # ---- Images: build, lock, push, and the `docker run` local mode (docs/images.md) --------------------------
@@ -79,10 +88,14 @@ build-%:
 base-image: ## a Python 3.11 base image from Debian's packages (debootstrap, root): builds without Docker Hub
 	DOCKER=$(DOCKER) containers/base/build.sh $(BASE_IMAGE)
 
-push: install ## push the images to ECR (REGION=, ACCOUNT=, PROFILE=, TAG=, KEEP_IMAGES=, DRY_RUN=1)
+ALLOW_CRITICAL ?=
+push: install ## push the images to ECR (REGION=, ACCOUNT=, PROFILE=, TAG=, KEEP_IMAGES=, DRY_RUN=1, ALLOW_CRITICAL=1)
 	$(BIN)/python scripts/push_images.py $(IMAGES) --prefix $(IMAGE_PREFIX) --tag $(TAG) --tag latest \
 		--keep $(KEEP_IMAGES) --docker "$(DOCKER)" $(if $(REGION),--region $(REGION)) $(if $(ACCOUNT),--account $(ACCOUNT)) \
-		$(if $(PROFILE),--profile $(PROFILE)) $(if $(DRY_RUN),--dry-run)
+		$(if $(PROFILE),--profile $(PROFILE)) $(if $(DRY_RUN),--dry-run) $(if $(ALLOW_CRITICAL),--allow-critical)
+
+audit: install ## known vulnerabilities: pip-audit over the image locks (exit 3: service unreachable), MMS's Java libraries
+	$(BIN)/python scripts/audit.py
 
 # requirements/lock/: one fully pinned, hashed set per image, resolved from requirements/*.txt on PyPI.
 UV_COMPILE = $(BIN)/uv pip compile --quiet --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
@@ -98,31 +111,33 @@ lock: install ## regenerate requirements/lock/ from requirements/*.txt (needs Py
 
 # Local mode with Docker, as in AWS's bring-your-own examples: a /opt/ml tree on this machine, mounted.
 # The containers run detached with their logs followed (containers/run_container.sh): Ctrl-C stops them as
-# SageMaker does (SIGTERM, SIGKILL 30 s later).
+# SageMaker does (SIGTERM, SIGKILL 30 s later), then removes them. RUN_OPTS: more `docker run` options (e.g. a --label).
 LOCAL_TREE ?= demo-output/docker/opt_ml
 LOCAL_TRAIN_IMAGE ?= train-cpu
 LOCAL_TAG ?= latest
 PORT ?= 8080
 SHM_SIZE ?= 2g
 NETWORK ?=
+RUN_OPTS ?=
 HPS ?= model=resnet18 pretrained=false image-size=64 epochs=2 batch-size=16 num-workers=0
 PREDICT_FILE ?= $(firstword $(wildcard $(LOCAL_TREE)/input/data/test/*/*))
 CONTENT_TYPE ?= application/x-image
 local-train: install ## run IMAGE train over LOCAL_TREE (DATA= your ImageFolder, else sample data; HPS=; NETWORK=none)
 	$(BIN)/python containers/local_tree.py $(LOCAL_TREE) --clean $(if $(DATA),--data $(DATA)) $(addprefix --hp ,$(HPS))
-	containers/run_container.sh "$(DOCKER)" --shm-size $(SHM_SIZE) --hostname algo-1 $(if $(NETWORK),--network $(NETWORK)) \
+	containers/run_container.sh "$(DOCKER)" $(RUN_OPTS) --shm-size $(SHM_SIZE) --hostname algo-1 $(if $(NETWORK),--network $(NETWORK)) \
 		$(if $(filter train-gpu,$(LOCAL_TRAIN_IMAGE)),--gpus all) -v $(abspath $(LOCAL_TREE)):/opt/ml \
 		$(IMAGE_PREFIX)-$(LOCAL_TRAIN_IMAGE):$(LOCAL_TAG) train
 
-local-serve: ## run IMAGE serve on localhost:PORT with LOCAL_TREE/model mounted read-only (Ctrl-C stops it)
+# The port is published on 127.0.0.1 only: the server (and MMS's management API on the same port) is not for the network.
+local-serve: ## run IMAGE serve on 127.0.0.1:PORT with LOCAL_TREE/model mounted read-only (Ctrl-C stops it)
 	@test -f $(LOCAL_TREE)/model/config.json || { echo "error: no model in $(LOCAL_TREE)/model: run make local-train first"; exit 2; }
-	containers/run_container.sh "$(DOCKER)" -p $(PORT):8080 -v $(abspath $(LOCAL_TREE))/model:/opt/ml/model:ro \
+	containers/run_container.sh "$(DOCKER)" $(RUN_OPTS) -p 127.0.0.1:$(PORT):8080 -v $(abspath $(LOCAL_TREE))/model:/opt/ml/model:ro \
 		$(IMAGE_PREFIX)-serve:$(LOCAL_TAG) serve
 
 local-predict: ## POST PREDICT_FILE to the local-serve server's /invocations
 	@test -n "$(PREDICT_FILE)" || { echo "error: no image: pass PREDICT_FILE=photo.jpg"; exit 2; }
 	curl -sS --fail-with-body -H "Content-Type: $(CONTENT_TYPE)" --data-binary @$(PREDICT_FILE) \
-		http://localhost:$(PORT)/invocations
+		http://127.0.0.1:$(PORT)/invocations
 	@echo
 
 # The profiler report of a small sample run, rendered by headless Chromium (Debian: apt-get install chromium).
@@ -137,12 +152,12 @@ ui-screenshot: install ## screenshot the try-a-model page to docs/images/try-a-m
 
 test-images: install ## build the three images, run the image tests on them, remove them (docker or podman)
 	IMGCLF_IMAGE_TESTS=1 DOCKER=$(DOCKER) PYTHON_IMAGE=$(PYTHON_IMAGE) TORCH_SOURCE=$(TORCH_SOURCE) \
-		$(BIN)/pytest -q -m images tests/test_images.py
+		$(BIN)/pytest -q tests/images
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache
 
-# ---- Benchmarks (README: "Performance"). `make test` runs each with --quick (tests/test_bench_smoke.py). --
+# ---- Benchmarks (README: "Performance"). `make test` runs each with --quick (tests/integration/test_bench_smoke.py). --
 # Every scripts/bench/*.py that is a benchmark (not a helper); gpu.py needs a GPU: make bench-gpu.
 BENCH_HELPERS := common reference naive_server gpu images
 BENCHES ?= $(filter-out $(BENCH_HELPERS),$(basename $(notdir $(wildcard scripts/bench/*.py))))

@@ -13,20 +13,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
-import signal
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "code"))
 
 from imgclf import data, local, sample_data  # noqa: E402
-from imgclf.processes import free_port  # noqa: E402
 
 STEPS = ("data", "train", "serve", "predict", "stop")
 # The built-in sample data: a model learns it from scratch in about a minute on 2 CPU cores.
@@ -86,41 +81,6 @@ def train(args, data_dir: Path) -> dict:
     return metrics
 
 
-def start_server(args) -> tuple[subprocess.Popen, str]:
-    port = args.port or free_port()
-    log_path = args.output / "serve.log"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "imgclf.local", "serve", "--model", str(args.output / "train" / "model.tar.gz"),
-         "--port", str(port)],
-        stdout=log_path.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
-        env={**os.environ, "PYTHONPATH": str(REPO / "code")})
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + args.startup_timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise StepFailed(f"the server exited ({proc.returncode}); its log: {log_path}")
-        try:
-            with urllib.request.urlopen(url + "/ping", timeout=2) as response:
-                if response.status == 200:
-                    print(f"server ready at {url} (log: {log_path})")
-                    return proc, url
-        except OSError:
-            pass
-        time.sleep(1)
-    stop_server(proc)
-    raise StepFailed(f"no healthy /ping from {url} within {args.startup_timeout:.0f} s; its log: {log_path}")
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
 def predict(url: str, data_dir: Path, count: int) -> None:
     split = "test" if (data_dir / "test").is_dir() else "valid"
     images = sorted(p for p in (data_dir / split).rglob("*") if p.is_file() and data.is_image_file(p))
@@ -144,7 +104,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--startup-timeout", type=float, default=180.0)
     args = parser.parse_args(argv)
     args.output.mkdir(parents=True, exist_ok=True)
-    server = None
     step = 0
     try:
         step = 1
@@ -155,23 +114,23 @@ def main(argv: list[str] | None = None) -> int:
         train(args, data_dir)
         step = 3
         banner(step, "serve (the serving image's `serve` entrypoint, local mode)")
-        server, url = start_server(args)
-        step = 4
-        banner(step, f"predict: {args.images} test images -> top-3 breeds")
-        predict(url, data_dir, args.images)
-        step = 5
-        banner(step, "stop the server")
-        stop_server(server)
-        server = None
-    except StepFailed as e:
+        log = args.output / "serve.log"
+        with local.serving(args.output / "train" / "model.tar.gz", args.port, workers=None, log=log,
+                           timeout=args.startup_timeout) as server:
+            print(f"server ready at {server.url} (log: {log})")
+            step = 4
+            banner(step, f"predict: {args.images} test images -> top-3 breeds")
+            predict(server.url, data_dir, args.images)
+            step = 5
+            banner(step, "stop the server")
+            if leftovers := server.stop():
+                raise StepFailed(f"server processes ignored SIGTERM and were killed: {leftovers}")
+    except (StepFailed, local.ServerFailed) as e:
         print(f"\ndemo failed at step {step}/{len(STEPS)} ({STEPS[step - 1]}): {e}", file=sys.stderr)
         return step
     except KeyboardInterrupt:
         print(f"\ndemo interrupted at step {step} ({STEPS[step - 1]})", file=sys.stderr)
         return 130
-    finally:
-        if server is not None:
-            stop_server(server)
     print(f"\ndemo finished: every step worked. Everything is under {args.output}")
     return 0
 

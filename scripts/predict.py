@@ -135,7 +135,7 @@ def table(path: str, response: str) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="image files (JPEG, PNG, WebP, ...)")
@@ -150,6 +150,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top-k", type=int, help="breeds per image (default: the server's, 5)")
     parser.add_argument("--json", action="store_true", help="print each raw JSON response on one line")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds per request (default 60)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.local and not args.endpoint:
         parser.error("--local goes with --endpoint NAME (an endpoint of deploy.py --local)")

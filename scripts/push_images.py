@@ -2,11 +2,16 @@
 
     python scripts/push_images.py [train-cpu train-gpu serve] --tag TAG [--tag latest] [--keep 20]
                                   [--region R] [--profile P] [--account ID] [--dry-run]
+                                  [--scan-timeout 300] [--allow-critical]
 
 For each image: make sure the ECR repository <prefix>-<image> exists with scan on push on and a lifecycle
 policy that keeps the last --keep images; then log Docker in with an ECR authorization token, and tag and
-push the local image <prefix>-<image>:<first tag> as every --tag. --dry-run prints each AWS request (as
-validated JSON) and each docker command, and runs none of them.
+push the local image <prefix>-<image>:<first tag> as every --tag. Then wait for ECR's scan of each pushed
+digest (at most --scan-timeout seconds in all) and print its findings: counts per severity, and each CRITICAL
+and HIGH finding with its package. Exit 1 when a pushed image has a CRITICAL finding, unless --allow-critical
+(the images are pushed either way); no scan, a failed or unsupported scan, or one still running at the
+timeout is said in one line and is not a failure. --dry-run prints each AWS request (as validated JSON) and
+each docker command, and runs none of them.
 """
 
 from __future__ import annotations
@@ -94,12 +99,13 @@ class Docker:
             raise AwsError(f"`{shlex.join(cmd[:3])} ...` failed (exit {result.returncode}): "
                            f"{detail[-1] if detail else 'no output'}")
 
-    def push(self, image: str, report_every: float = 30.0) -> None:
+    def push(self, image: str, report_every: float = 30.0) -> str | None:
         """`docker push`, its output read as it comes: a line per layer state change (at most every few seconds)
-        and one every `report_every` seconds while nothing changes, so a long upload does not look hung."""
+        and one every `report_every` seconds while nothing changes, so a long upload does not look hung.
+        Returns the pushed digest when the engine prints it (docker does, podman does not)."""
         if self.dry_run:
             self.run("push", image)
-            return
+            return None
         log.info("%s", shlex.join([self.exe, "push", image]))
         proc = subprocess.Popen([self.exe, "push", image], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, bufsize=1)
@@ -132,6 +138,7 @@ class Docker:
                            f"{detail[-1] if detail else 'no output'}")
         log.info("%s; pushed%s", progress.summary(time.monotonic() - started),
                  f" as {progress.digest}" if progress.digest else "")
+        return progress.digest
 
     def check_running(self) -> None:
         """`docker info` answers only when the engine runs; the client alone is not enough."""
@@ -186,7 +193,7 @@ def login(api: Api, docker: Docker, host: str, account: str) -> None:
     docker.run("login", "--username", user, "--password-stdin", f"https://{host}", stdin=password, timeout=120)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="push_images.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("images", nargs="*", metavar="IMAGE", help=f"which images (default: all: {' '.join(IMAGES)})")
@@ -200,10 +207,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--docker", default="docker", help="the docker command (default: docker)")
     parser.add_argument("--repository-tag", action="append", type=scripting.key_value, default=[],
                         metavar="KEY=VALUE", help="tag the repositories it creates (repeat; AWS resource tags)")
+    parser.add_argument("--scan-timeout", type=float, default=300.0, metavar="SECONDS",
+                        help="wait at most this long in all for ECR's scans of the pushed images (default: 300)")
+    parser.add_argument("--allow-critical", action="store_true",
+                        help="exit 0 even when a pushed image has CRITICAL scan findings (they are still printed)")
     scripting.add_common_args(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = scripting.parse_args(parser, argv)
     if args.keep < 1:
         parser.error(f"--keep {args.keep}: keep at least 1 image")
+    if args.scan_timeout < 0:
+        parser.error(f"--scan-timeout {args.scan_timeout:g}: give 0 or more seconds")
     unknown = [i for i in args.images if i not in IMAGES]
     if unknown:
         parser.error(f"unknown image {', '.join(unknown)}: choose from {' '.join(IMAGES)}")
@@ -221,11 +239,18 @@ def main(argv: list[str] | None = None) -> int:
     for image in images:
         ensure_repository(api, ecr.repository_name(args.prefix, image), args.keep, account, tags)
     login(api, docker, host, account)
+    pushed = []  # (repository, first tag, digest or None): every tag of an image is the same digest
     for image in images:
         name = ecr.repository_name(args.prefix, image)
+        digest = None
         for tag in args.tag:
             docker.run("tag", f"{name}:{args.tag[0]}", f"{host}/{name}:{tag}")
-            docker.push(f"{host}/{name}:{tag}")
+            digest = docker.push(f"{host}/{name}:{tag}") or digest
+        pushed.append((name, args.tag[0], digest))
+    if args.dry_run:
+        log.info("dry run: nothing pushed, so no scan findings to read")
+        return 0
+    ecr.check_scan_findings(api, account, pushed, timeout=args.scan_timeout, allow_critical=args.allow_critical)
     return 0
 
 

@@ -27,7 +27,7 @@ from imgclf.exit_codes import EXIT_CODES_HELP, EXIT_OK, JobFailed
 log = logging.getLogger("train")
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, epilog=EXIT_CODES_HELP,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--job-name", help="default: imgclf-<model>-<UTC timestamp>")
@@ -40,6 +40,11 @@ def main(argv: list[str] | None = None) -> int:
     scripting.add_wait_args(parser, "training job")
     scripting.add_common_args(parser, role=True)
     scripting.add_local_arg(parser, "the training job")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = scripting.parse_args(parser, argv)
     if args.local and (args.attach or args.no_wait):
         raise UserError("--local runs the job within this command (the SDK's local mode keeps no jobs between "

@@ -12,12 +12,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
-import subprocess
 import sys
 import tempfile
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -26,7 +22,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "code"))
 
 from imgclf import artifacts, local, sample_data  # noqa: E402
-from imgclf.processes import free_port  # noqa: E402
 from imgclf.ui import chromium  # noqa: E402
 from PIL import Image  # noqa: E402
 from report_screenshot import HPS  # noqa: E402 (scripts/ is on the path: the same small run)
@@ -49,43 +44,25 @@ def example_photo(data: Path, model_url: str) -> Path:
     raise SystemExit(f"the model gets no test image of {data} right with some doubt; pass --photo")
 
 
-def wait_healthy(url: str, proc: subprocess.Popen) -> None:
-    deadline = time.monotonic() + STARTUP_TIMEOUT
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            with urllib.request.urlopen(f"{url}ping", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            time.sleep(0.5)
-    raise SystemExit(f"the model server did not become healthy (exit {proc.poll()}); see its log above")
-
-
 def shoot(model: Path, data: Path, photo: Path | None, png: Path) -> None:
-    port, ui_port = free_port(), free_port()
-    server = subprocess.Popen([sys.executable, "-m", "imgclf.local", "serve", "--model", str(model), "--port",
-                               str(port), "--workers", "1", "--ui", "--ui-port", str(ui_port)],
-                              env={**os.environ, "PYTHONPATH": str(REPO / "code")}, start_new_session=True)
-    url = f"http://127.0.0.1:{ui_port}/"
     try:
-        wait_healthy(url, server)
-        photo = photo or example_photo(data, f"http://127.0.0.1:{port}")
-        with tempfile.TemporaryDirectory(prefix="ui-screenshot.") as tmp, chromium.launch(Path(tmp)) as browser:
-            browser.set_viewport(*VIEWPORT)
-            browser.navigate(url)
-            browser.wait_until("document.getElementById('status').textContent === 'Model server ready'")
-            browser.set_files("#file", [photo])
-            browser.wait_until("document.querySelectorAll('#predictions li').length > 0 || "
-                               "!document.getElementById('error').hidden", timeout=120)
-            browser.evaluate("document.getElementById('filename').textContent = "
-                             "document.getElementById('filename').textContent.split(' · ')[0]")  # no timing
-            raw = browser.screenshot(Path(tmp) / "raw.png")
-            with Image.open(raw) as img, artifacts.atomic_path(png) as out:
-                img.convert("RGB").quantize(colors=128, method=Image.Quantize.MEDIANCUT).save(out, "PNG",
-                                                                                               optimize=True)
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=60)
+        with local.serving(model, ui=True, timeout=STARTUP_TIMEOUT) as server:
+            photo = photo or example_photo(data, server.url)
+            with tempfile.TemporaryDirectory(prefix="ui-screenshot.") as tmp, chromium.launch(Path(tmp)) as browser:
+                browser.set_viewport(*VIEWPORT)
+                browser.navigate(server.ui_url)
+                browser.wait_until("document.getElementById('status').textContent === 'Model server ready'")
+                browser.set_files("#file", [photo])
+                browser.wait_until("document.querySelectorAll('#predictions li').length > 0 || "
+                                   "!document.getElementById('error').hidden", timeout=120)
+                browser.evaluate("document.getElementById('filename').textContent = "
+                                 "document.getElementById('filename').textContent.split(' · ')[0]")  # no timing
+                raw = browser.screenshot(Path(tmp) / "raw.png")
+                with Image.open(raw) as img, artifacts.atomic_path(png) as out:
+                    img.convert("RGB").quantize(colors=128, method=Image.Quantize.MEDIANCUT).save(out, "PNG",
+                                                                                                   optimize=True)
+    except local.ServerFailed as e:
+        raise SystemExit(f"the model server did not become healthy: {e}") from None
     png.chmod(0o644)  # a file to commit, not a private temporary one
     size = png.stat().st_size
     print(f"screenshot: {png} ({size // 1000} kB)")

@@ -4,7 +4,7 @@
 A generated table sits between two marker comments, `<!-- NAME:start -->` and `<!-- NAME:end -->`, where NAME
 is one of GENERATORS: `hyperparameters` (imgclf.config's hyperparameter and metric tables), `rules` (the
 debugging rules and their parameters) or `instances` (the GPU instance families of imgclf.instances).
-`--check` rewrites nothing: it names the files whose tables are out of date and exits 1 (tests/test_docs.py
+`--check` rewrites nothing: it names the files whose tables are out of date and exits 1 (tests/integration/test_docs.py
 asserts the same).
 """
 
@@ -64,9 +64,14 @@ def regenerate(text: str, where: str = "") -> str:
     return MARKER.sub(replace, text)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check", action="store_true", help="change nothing; exit 1 if a table is out of date")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     stale = []
     for path in documents():

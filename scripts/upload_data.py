@@ -20,7 +20,7 @@ from imgclf.exit_codes import EXIT_CODES_HELP, EXIT_OK
 log = logging.getLogger("upload_data")
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, epilog=EXIT_CODES_HELP,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("data", type=Path, help="dataset folder holding train/, valid/ and optionally test/")
@@ -29,6 +29,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-decode-check", action="store_true",
                         help="skip decoding every image during validation (faster; corrupt files then fail training)")
     scripting.add_common_args(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = scripting.parse_args(parser, argv)
 
     bucket, prefix = s3sync.parse_s3_uri(args.destination)

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import re
 import socket
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
-from imgclf import sample_data
+from imgclf import local, sample_data
 
 REPO = Path(__file__).resolve().parents[1]
 # Small and fast on 2 CPU cores, and learns the sample data well above chance.
@@ -25,6 +28,41 @@ def local_train(data: Path, output: Path, hps: dict[str, str], weights: Path | N
     if weights is not None:
         cmd += ["--weights", str(weights)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kwargs)
+
+
+def train_in_process(tmp: Path, data: Path, hps: dict[str, str], weights: Path | None = None) -> Path:
+    """The training job's own function (`imgclf.training.job.run`) over an /opt/ml tree laid out as local mode
+    does, in this process: what the `train` entrypoint runs, without its two interpreter starts. Debugging is off
+    unless `hps` turns it on. Returns the tree (model/, output/data/); raises what the job raises."""
+    from imgclf import config, local
+    from imgclf.training import job
+
+    hps = {"debugging": "false", **hps}
+    base = tmp / "opt_ml"
+    channels = local.split_channels(data)
+    if weights is not None:  # a channel is a folder: this one holds just the file, as local mode's
+        channels["weights"] = tmp / "weights_channel"
+        channels["weights"].mkdir(parents=True)
+        (channels["weights"] / weights.name).symlink_to(weights.resolve())
+    local.write_tree(base, hps, channels)
+    inputs = base / "input" / "data"
+    paths = job.Paths(base / "model", base / "output" / "data", tmp / "checkpoints",
+                      {name: str(inputs / name) for name in channels})
+    hp = config.parse_hyperparameters(hps)  # the strings write_tree put in hyperparameters.json
+    env = {"SAGEMAKER_BASE_DIR": str(base), "IMGCLF_CHECKPOINT_DIR": str(paths.checkpoints)}  # nothing in /opt/ml
+    with mock.patch.dict(os.environ, env):
+        job.run(hp, paths)
+    return base
+
+
+def random_resnet18_weights(path: Path) -> Path:
+    """A file in torchvision's format (1000-class state_dict) with random tensors: no download needed."""
+    import torch
+    from imgclf import models
+
+    torch.manual_seed(0)
+    torch.save(models.build_backbone("resnet18").state_dict(), path)
+    return path
 
 
 def free_port() -> int:
@@ -45,6 +83,25 @@ def trained(tmp_path_factory, sample_dataset) -> tuple[Path, subprocess.Complete
     result = local_train(sample_dataset, out, FAST_HPS)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return out, result
+
+
+SERVED_PAYLOAD_MB = 1  # small, so that over-size requests stay small
+
+
+@pytest.fixture(scope="session")
+def served(trained, tmp_path_factory):
+    """The session's one shared model server (`python -m imgclf.local serve --ui` on the trained model.tar.gz, 2
+    workers, top_k 3 by default): the read-only serving and page tests use it; those that kill workers or need
+    other settings start their own. Stopped at the end, and it must stop cleanly."""
+    from tests.hostile import BODY_TIMEOUT_S
+
+    env = {"IMGCLF_TOP_K": "3", "SAGEMAKER_MAX_PAYLOAD_IN_MB": str(SERVED_PAYLOAD_MB),
+           "IMGCLF_BODY_TIMEOUT_S": str(BODY_TIMEOUT_S)}
+    with local.serving(trained[0] / "model.tar.gz", workers=2, ui=True, env=env,
+                       log=tmp_path_factory.mktemp("served") / "server.log") as server:
+        yield server
+        leftovers = server.stop()
+        assert not leftovers, f"server processes survived SIGTERM: {leftovers}"
 
 
 @pytest.fixture(scope="session")
@@ -71,15 +128,51 @@ def aws_env(moto_server, monkeypatch) -> dict[str, str]:
     return {**os.environ, **env}
 
 
-# Tests that train, serve or build are `slow`: `make test-fast` (pytest -m "not slow and not images") skips them:
-# those that use these fixtures, and every test of the modules that train or start servers themselves.
-SLOW_FIXTURES = {"trained", "server", "ddp_run", "diverged", "images"}
-SLOW_MODULES = {"test_train", "test_distributed", "test_tune_local", "test_demo", "test_bench_smoke", "test_features",
-                "test_timm", "test_ui", "test_serving_health", "test_report", "test_containers", "test_accel"}
+# The tier is the folder (`make test-unit`, `make test`, `make test-images`): tests/unit runs in-process only
+# (tests/unit/conftest.py refuses processes and non-loopback sockets), tests/integration runs the real
+# entrypoints, servers, scripts and moto, tests/images builds and runs the images. Each test gets its tier as a
+# marker, so `-m unit` works from anywhere too.
+TESTS = Path(__file__).resolve().parent
+TIERS = ("unit", "integration", "images")
 
 
 def pytest_collection_modifyitems(items):
     for item in items:
-        module = item.module.__name__.rsplit(".", 1)[-1]
-        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or module in SLOW_MODULES:
-            item.add_marker(pytest.mark.slow)
+        tier = Path(item.path).resolve().relative_to(TESTS).parts[0]
+        if tier not in TIERS:
+            raise pytest.UsageError(f"{item.nodeid}: a test lives in tests/unit (in-process), tests/integration "
+                                    "(processes, servers, moto) or tests/images (the built images)")
+        item.add_marker(getattr(pytest.mark, tier))
+
+
+# In CI (CI=true) a skip because something is missing (an engine, a program, a package) would turn a broken
+# environment into a green run: such a skip fails there. Skips for other reasons (the image tests outside
+# `make test-images`, an empty parameter list) stay skips. tests/integration/test_ci_skips.py runs this on real skips.
+MISSING = re.compile(r"not found|not installed|cannot import|could not import|no module named|"
+                     r"not on path|no (podman|docker|java|chromium|container engine)\b|\bmissing\b", re.I)
+
+
+def fails_in_ci(reason: str) -> bool:
+    return os.environ.get("CI") == "true" and MISSING.search(reason) is not None
+
+
+def _fail_missing_skip(report) -> None:
+    if report.skipped and not hasattr(report, "wasxfail") and isinstance(report.longrepr, tuple):
+        reason = str(report.longrepr[2]).removeprefix("Skipped: ")
+        if fails_in_ci(reason):
+            report.outcome = "failed"
+            report.longrepr = f"CI=true: a skip for something missing fails here (install it); skip reason: {reason}"
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    _fail_missing_skip(report)
+    return report
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_make_collect_report(collector):
+    report = yield  # a module-level pytest.skip or importorskip
+    _fail_missing_skip(report)
+    return report

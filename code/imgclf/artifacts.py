@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
+import stat
+import tarfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -24,19 +26,51 @@ ONNX_FILE = "model.onnx"  # the exported graph (imgclf.export); the weights abov
 FORMAT_VERSION = 1
 
 
+def _create_beside(path: Path) -> Path:
+    """A new empty file with a random name beside `path`, created as open() creates files (mode 0666 less the
+    umask: 0644 usually). A 0600 file renamed into place is one a non-root reader cannot open (a model directory
+    that SageMaker tars into model.tar.gz, read by a serving container's user)."""
+    for _ in range(100):
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        return tmp
+    raise FileExistsError(f"no free temporary name beside {path}")
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike):
-    """Yield a temporary name beside `path`; rename it over `path` only if the block succeeds."""
+    """Yield a temporary name beside `path`; rename it over `path` only if the block succeeds. The file gets the
+    permissions a plain open() would give it (umask), whatever the writer did: mkstemp and safetensors (0.8)
+    make 0600 files."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
+    tmp = _create_beside(path)
+    mode = stat.S_IMODE(tmp.stat().st_mode)  # 0666 less the umask, without changing the process's umask
     try:
-        yield Path(tmp)
+        yield tmp
+        os.chmod(tmp, mode)  # a writer may have replaced the file with a 0600 one of its own
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def extract(tar: tarfile.TarFile, dest: str | os.PathLike) -> None:
+    """Extract an untrusted archive: plain files and folders inside `dest` only (no absolute paths, `..`, links
+    or devices). tarfile's "data" filter does this from Python 3.11.4; Debian 12's Python 3.11.2, in the
+    images, lacks it, so the same rule is applied here before extracting."""
+    if hasattr(tarfile, "data_filter"):
+        tar.extractall(dest, filter="data")
+        return
+    root = Path(dest).resolve()
+    for member in tar.getmembers():
+        inside = (root / member.name).resolve()
+        if not (member.isfile() or member.isdir()) or (inside != root and root not in inside.parents):
+            raise tarfile.TarError(f"{member.name!r} is not a plain file or folder inside the archive; refused")
+    tar.extractall(dest)
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

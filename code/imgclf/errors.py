@@ -34,6 +34,11 @@ class CheckpointError(UserError):
     pass
 
 
+class TrainingDiverged(UserError):
+    """No epoch has a finite validation loss (NaN/Inf: the model diverged); nothing is written to the model
+    directory."""
+
+
 class TrainingInterrupted(UserError):
     """SIGTERM arrived (spot interruption, StopTrainingJob); a checkpoint was saved."""
 

@@ -7,9 +7,10 @@ the command does the same for an existing model directory (model.safetensors + c
 source of truth: the graph is rebuilt from them).
 
 - model.onnx: the fp32 network, dynamic batch (input `images` (N, 3, S, S) float32, output `logits` (N, classes)).
-  Parity: every validation image (preprocessed as evaluation does) goes through PyTorch and ONNX Runtime; each
-  logit must agree within PARITY_ATOL + PARITY_RTOL * |torch logit|, else the export fails (ExportError: in a
-  training job, the failure file) and no model.onnx is left behind.
+  A model whose logits are NaN/Inf on any of the images (diverged in training) is refused (ExportError). Parity:
+  every validation image (preprocessed as evaluation does) goes through PyTorch and ONNX Runtime; each logit must
+  agree within PARITY_ATOL + PARITY_RTOL * |torch logit|, else the export fails (ExportError: in a training job,
+  the failure file) and no model.onnx is left behind.
 - model.int8.onnx (--int8; in training, export-int8=true): ONNX Runtime's static quantization of the convolutions
   and fully connected layers but the first and the classifier (QDQ, per-channel weights, calibrated on the
   validation images). Accepted only when top-1 agrees with fp32 on every validation image and the largest
@@ -115,9 +116,19 @@ def export_graph(net, image_size: int, path: Path) -> None:
                           opset_version=OPSET)
 
 
+def check_finite(reference: np.ndarray, source: str) -> None:
+    """A model whose logits are NaN/Inf (diverged in training) is not exported: its probabilities would be NaN,
+    which is not even JSON. Training fails such a run before writing it (TrainingDiverged); this catches a model
+    directory written before that check, given to `python -m imgclf.export`."""
+    bad = int((~np.isfinite(reference).all(axis=1)).sum())
+    if bad:
+        raise ExportError(f"the model's logits are not finite (NaN/Inf) on {bad} of the {source}: it diverged in "
+                          "training; nothing was exported: train it again with a lower lr")
+
+
 def check_parity(reference: np.ndarray, got: np.ndarray) -> dict:
-    # A diverged model's NaN/Inf logits must be NaN/Inf in the graph too (its rules report the divergence);
-    # every finite logit must be within the tolerance.
+    # export() refuses non-finite PyTorch logits before this (check_finite); should any come here, NaN/Inf must be
+    # NaN/Inf in the graph too, and every finite logit must be within the tolerance.
     close = np.isclose(got, reference, rtol=PARITY_RTOL, atol=PARITY_ATOL, equal_nan=True)
     finite = np.isfinite(reference) & np.isfinite(got)
     diff = np.abs(got[finite] - reference[finite])
@@ -187,6 +198,12 @@ def export(model_dir: str | os.PathLike, images: list[Path] | None = None, int8:
     x = preprocess(images, prep) if images else synthetic_inputs(prep)
     source = f"{len(x)} validation images" if images else f"{len(x)} synthetic images (no --data given)"
     (model_dir / INT8_FILE).unlink(missing_ok=True)  # never serve a stale graph of earlier weights
+    reference = torch_logits(net, x)
+    try:
+        check_finite(reference, source)
+    except ExportError:
+        (model_dir / artifacts.ONNX_FILE).unlink(missing_ok=True)  # a graph of these weights would answer NaN too
+        raise
     with artifacts.atomic_path(model_dir / artifacts.ONNX_FILE) as tmp:
         try:
             export_graph(net, prep.image_size, tmp)
@@ -194,7 +211,6 @@ def export(model_dir: str | os.PathLike, images: list[Path] | None = None, int8:
             raise ExportError(f"torch.onnx cannot export {config['architecture']}: {type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else ''}; model.safetensors is written, and "
                               "serves with PyTorch (a serving image that has it)") from None
-        reference = torch_logits(net, x)
         logits = run_session(session(tmp), x)
         parity = check_parity(reference, logits)
         if not parity["passed"]:

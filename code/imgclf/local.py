@@ -23,14 +23,20 @@ import argparse
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tarfile
 import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from imgclf import artifacts, data
 from imgclf.errors import DataError
-from imgclf.processes import MAX_PORT, run_forwarding_signals, venv_bin
+from imgclf.processes import MAX_PORT, free_port, run_forwarding_signals, stop_group, venv_bin
 from imgclf.ui import server as ui_server
 
 # What the training images set (containers/train/Dockerfile.*): the public entry point, a shim of
@@ -94,10 +100,27 @@ def write_tree(base: Path, hps: dict[str, str], channels: dict[str, Path], hosts
         (base / d).mkdir(parents=True, exist_ok=True)
 
 
+def training_env(base: Path, checkpoints: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment the training images give the `train` entrypoint, over the /opt/ml tree at `base`."""
+    return {**os.environ, "SAGEMAKER_BASE_DIR": str(base), "SAGEMAKER_TRAINING_MODULE": TRAINING_MODULE,
+            "IMGCLF_CHECKPOINT_DIR": str(checkpoints), "PYTHONUNBUFFERED": "1", **(extra or {})}
+
+
+def readable_member(info: tarfile.TarInfo) -> tarfile.TarInfo:
+    """Members any user can read, whoever extracts them (a serving container's non-root user): files 0644,
+    folders 0755, whatever the modes and umask of the folder packed."""
+    if info.isdir():
+        info.mode = 0o755
+    elif info.isreg():
+        info.mode = 0o644
+    return info
+
+
 def pack_model(model_dir: Path, tarball: Path) -> None:
+    """model.tar.gz as SageMaker makes it of /opt/ml/model: the folder's contents at the top level."""
     with artifacts.atomic_path(tarball) as tmp, tarfile.open(tmp, "w:gz") as tar:
         for item in sorted(model_dir.iterdir()):
-            tar.add(item, arcname=item.name)
+            tar.add(item, arcname=item.name, filter=readable_member)
 
 
 def train(data_dir: Path, output: Path, hps: dict[str, str], weights: Path | None = None,
@@ -120,10 +143,8 @@ def train(data_dir: Path, output: Path, hps: dict[str, str], weights: Path | Non
             link.unlink()
             link.mkdir()
             (link / weights.name).symlink_to(weights.resolve())
-        env = {**os.environ, "SAGEMAKER_BASE_DIR": str(base), "SAGEMAKER_TRAINING_MODULE": TRAINING_MODULE,
-               "IMGCLF_CHECKPOINT_DIR": str(output / "checkpoints"), "PYTHONUNBUFFERED": "1",
-               "IMGCLF_TENSORBOARD_DIR": str(output / "tensorboard"),
-               **(extra_env or {})}
+        env = training_env(base, output / "checkpoints",
+                           {"IMGCLF_TENSORBOARD_DIR": str(output / "tensorboard"), **(extra_env or {})})
         code = run_forwarding_signals([venv_bin("train")], env)
         reports = output / "reports"  # output/data: all that SageMaker uploads besides the model
         if reports.exists():
@@ -179,7 +200,7 @@ def _serve(model: Path, port: int, workers: int | None, extra_env: dict[str, str
         else:
             try:
                 with tarfile.open(model) as tar:
-                    tar.extractall(target, filter="data")
+                    artifacts.extract(tar, target)
             except (tarfile.TarError, OSError) as e:
                 raise SystemExit(f"--model {model}: not a readable model.tar.gz ({e})") from None
         env = {**os.environ, "SAGEMAKER_BASE_DIR": tmp, "SAGEMAKER_BIND_TO_PORT": str(port), "PYTHONUNBUFFERED": "1",
@@ -187,6 +208,76 @@ def _serve(model: Path, port: int, workers: int | None, extra_env: dict[str, str
         print(f"serving {model} on http://127.0.0.1:{port} (GET /ping, POST /invocations); Ctrl-C stops it",
               file=sys.stderr, flush=True)
         return run_forwarding_signals([venv_bin("serve")], env)
+
+
+STARTUP_TIMEOUT = 240.0  # Java and a Python worker loading the model, on 2 shared cores
+
+
+class ServerFailed(RuntimeError):
+    """A local server that exited or never answered /ping 200; the message ends with its log's tail."""
+
+
+@dataclass
+class LocalServer:
+    """A `python -m imgclf.local serve` process group: `url` answers /ping and /invocations, `ui_url` the page."""
+    url: str
+    proc: subprocess.Popen
+    log: Path
+    ui_url: str | None = None
+
+    def wait_healthy(self, timeout: float = STARTUP_TIMEOUT) -> None:
+        ping = (self.ui_url or self.url + "/") + "ping"  # with the page, through it: both answer
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise ServerFailed(f"the server exited with {self.proc.returncode}; its log ({self.log}) ends:\n"
+                                   + self.log.read_text(errors="replace")[-4000:])
+            try:
+                with urllib.request.urlopen(ping, timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.5)
+        raise ServerFailed(f"no healthy {ping} within {timeout:.0f} s; the log ({self.log}) ends:\n"
+                           + self.log.read_text(errors="replace")[-4000:])
+
+    def stop(self) -> list[str]:
+        """SIGTERM the whole group (serve, Java, workers) as Ctrl-C would; what had to be SIGKILLed (none, if
+        it stopped cleanly)."""
+        return stop_group(self.proc) if self.proc.returncode is None else []
+
+
+@contextmanager
+def server_process(cmd: list[str], url: str, log: Path, env: dict[str, str] | None = None,
+                   timeout: float = STARTUP_TIMEOUT, ui_url: str | None = None) -> Iterator[LocalServer]:
+    """`cmd` (a server answering `url`/ping) in its own process group, healthy on entry, stopped on exit."""
+    code_dir = str(Path(__file__).resolve().parents[1])  # this package, whether installed or run from the repo
+    path = os.pathsep.join(p for p in (code_dir, os.environ.get("PYTHONPATH")) if p)
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, "PYTHONPATH": path, **(env or {})})
+    server = LocalServer(url, proc, log, ui_url)
+    try:
+        server.wait_healthy(timeout)
+        yield server
+    finally:
+        server.stop()
+
+
+def serving(model: Path, port: int | None = None, workers: int | None = 1, ui: bool = False,
+            env: dict[str, str] | None = None, log: Path | None = None,
+            timeout: float = STARTUP_TIMEOUT):
+    """`python -m imgclf.local serve` as a context manager yielding a healthy LocalServer: the one recipe the
+    demo, the tests, the benchmarks and the screenshot scripts start local servers with."""
+    port = port or free_port()
+    cmd = [sys.executable, "-m", "imgclf.local", "serve", "--model", str(model), "--port", str(port)]
+    cmd += ["--workers", str(workers)] if workers else []
+    ui_port = free_port() if ui else None
+    cmd += ["--ui", "--ui-port", str(ui_port)] if ui else []
+    log = log or Path(tempfile.mkdtemp(prefix="imgclf-serve-")) / "server.log"
+    return server_process(cmd, f"http://127.0.0.1:{port}", log, env, timeout,
+                          f"http://127.0.0.1:{ui_port}/" if ui else None)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,7 +25,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from imgclf import config
+from imgclf import artifacts, config
 from imgclf.errors import UserError
 
 RULES_FILE, SCALARS, LAYERS, METRICS = "rules.json", "scalars.jsonl", "layers.jsonl", "metrics.json"
@@ -188,8 +188,6 @@ class Trial:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        from imgclf.artifacts import atomic_path
-
         loss = self.tensor("loss")
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))
         for ax, mode, colour in zip(axes, (modes.TRAIN, modes.EVAL), ("tab:blue", "tab:orange")):
@@ -201,7 +199,7 @@ class Trial:
             ax.grid(alpha=0.3)
         fig.suptitle(self.source, fontsize=9)
         fig.tight_layout()
-        with atomic_path(path) as tmp:
+        with artifacts.atomic_path(path) as tmp:
             fig.savefig(tmp, format="png", dpi=100)
         plt.close(fig)
 
@@ -232,7 +230,7 @@ def _data_root(folder: Path, source: str) -> Path:
 def _extract(tarball: Path, into: Path, source: str) -> Path:
     try:
         with tarfile.open(tarball) as tar:
-            tar.extractall(into, filter="data")  # refuses absolute paths, links out of the folder, devices
+            artifacts.extract(tar, into)
     except (tarfile.TarError, OSError, EOFError) as e:
         raise TrialError(f"{source} is not a readable .tar.gz ({e}): {WHAT}") from None
     return _data_root(into, source)

@@ -8,7 +8,9 @@ this process, so that its CPU time is the whole cost. Epoch 1 holds the fixed co
 of 10 steps, the layer statistics of step 0, starting the monitor); later epochs show the steady state.
 Last, the Debugger's own cost per training step is measured on a trivial model, where nothing hides it.
 
-    python scripts/bench/collection_overhead.py [--repeats 2] [--epochs 3] [--image-size 64]
+    python scripts/bench/collection_overhead.py [--repeats 2] [--epochs 3] [--image-size 64] [--quick]
+
+--quick is the smoke test of `make test`: one run per setting, 2 epochs of a few 32 px images, fewer Debugger steps.
 """
 
 from __future__ import annotations
@@ -74,14 +76,18 @@ def overhead(on: list[float], off: list[float]) -> float:
     return round(100 * (statistics.fmean(on) / statistics.fmean(off) - 1), 2)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=2, help="runs per setting, alternated")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--model", default="resnet18")
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--train-per-class", type=int, default=64, help="5 classes; batches of 16")
-    args = parser.parse_args()
+    parser.add_argument("--quick", action="store_true", help="smoke test: one run each, tiny images, 2 epochs")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.repeats, args.epochs, args.image_size, args.train_per_class = 1, 2, 32, 4
+    valid_per_class = 2 if args.quick else 16
     torch.set_num_threads(1)
     hps = {"model": args.model, "pretrained": False, "freeze": "none", "augment": True, "epochs": args.epochs,
            "image-size": args.image_size, "batch-size": 16, "lr": 0.001, "num-workers": 0}
@@ -90,7 +96,7 @@ def main() -> None:
     # per setting: [(epoch number, cpu seconds, wall seconds)]
     epochs: dict[str, list[tuple[int, float, float]]] = {"off": [], "on": []}
     with tempfile.TemporaryDirectory(prefix="bench-overhead.") as tmp:
-        data = dataset(Path(tmp) / "data", classes=5, train=args.train_per_class, valid=16, size=96)
+        data = dataset(Path(tmp) / "data", classes=5, train=args.train_per_class, valid=valid_per_class, size=96)
         for i in range(args.repeats):
             for setting in ("off", "on"):
                 marks.clear()
@@ -114,11 +120,11 @@ def main() -> None:
             "wall_seconds_on": statistics.fmean(pick("on", 2, first)),
             "wall_overhead_percent": overhead(pick("on", 2, first), pick("off", 2, first)),
         }
-    figures["per_step"] = per_step_cost()
+    figures["per_step"] = per_step_cost(steps=100 if args.quick else 3000)
     figures["epochs"] = {k: [[n, round(c, 3), round(w, 3)] for n, c, w in v] for k, v in epochs.items()}
-    emit("collection_overhead", figures, setup={
+    return emit("collection_overhead", figures, setup={
         **hps, "train_images": 5 * args.train_per_class, "steps_per_epoch": -(-5 * args.train_per_class // 16),
-        "valid_images": 80, "repeats": args.repeats, "torch_threads": 1,
+        "valid_images": 5 * valid_per_class, "repeats": args.repeats, "torch_threads": 1, "quick": args.quick,
         "defaults": "collect-train-interval=10, collect-eval-interval=1, collect-stats-interval=100, "
                     "monitor-interval-ms=500, profiler-steps=10 from step 5, rules=all"})
 

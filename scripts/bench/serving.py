@@ -29,53 +29,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import subprocess
 import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 
 import common
 import requests
 import torch
+from imgclf import local
 from imgclf.processes import free_port
 
 BENCH = Path(__file__).resolve().parent
 CLASSES = 8
 FP32_FLOPS_PER_CYCLE = 64  # AVX-512: 2 FMA units x 16 fp32 lanes x 2 (multiply + add)
-
-
-@contextmanager
-def server(cmd: list[str], port: int, log: Path, env: dict | None = None, timeout: float = 300):
-    """Start a server process (own process group), wait for /ping 200, stop it (and its children) after."""
-    env = {**os.environ, "PYTHONPATH": str(common.REPO / "code"), **(env or {})}
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode}: {log.read_text()[-2000:]}")
-            try:
-                if requests.get(f"{url}/ping", timeout=5).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"server not ready after {timeout} s: {log.read_text()[-2000:]}")
-            time.sleep(0.5)
-        yield url
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)  # the group this benchmark started
-            proc.wait()
 
 
 def load(url: str, image: bytes, concurrency: int, count: int) -> tuple[list[float], float]:
@@ -184,7 +153,8 @@ def bench_model(arch: str, args, tmp: Path, data: Path, image: bytes) -> dict:
         urls = {}
         for name, (cmd, env) in runs.items():
             port = free_port()
-            urls[name] = stack.enter_context(server(cmd + [str(port)], port, root / f"{name}.log", env))
+            urls[name] = stack.enter_context(local.server_process(
+                cmd + [str(port)], f"http://127.0.0.1:{port}", root / f"{name}.log", env, timeout=300)).url
         results = measure(urls, image, args.requests, args.rounds)
     for name, r in results.items():
         print(f"{arch} {name}: {json.dumps(r)}", file=sys.stderr, flush=True)

@@ -346,7 +346,7 @@ def download_reports(api: Api, job: dict, dest: Path) -> Path | None:
     dest.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest) as tmp:
         with tarfile.open(fileobj=io.BytesIO(body), mode="r:gz") as tar:
-            tar.extractall(tmp, filter="data")  # refuses absolute paths, links out of the folder, devices
+            artifacts.extract(tar, tmp)
         # SageMaker's output.tar.gz holds /opt/ml/output/data; the SDK's local mode tars /opt/ml/output itself.
         root = Path(tmp) / "data" if output_uri.startswith("file://") and (Path(tmp) / "data").is_dir() else Path(tmp)
         for item in root.iterdir():

@@ -18,10 +18,10 @@ from pathlib import Path
 
 from imgclf import artifacts
 from imgclf.serving import inference
+from imgclf.serving.model_server import MODEL_DIR_ENV, WORKER_STATE_ENV
 
 log = logging.getLogger(__name__)
 
-WORKER_STATE_ENV = "IMGCLF_WORKER_STATE_DIR"  # set by serve for MMS's workers
 
 
 def report_state(loaded: bool, error: str | None = None) -> None:
@@ -37,7 +37,8 @@ class HandlerService:
         self.load_error: str | None = None
 
     def initialize(self, context) -> None:
-        model_dir = context.system_properties.get("model_dir")
+        # serve gives MMS an empty stand-in folder (MMS imports from it) and the real model folder here
+        model_dir = os.environ.get(MODEL_DIR_ENV) or context.system_properties.get("model_dir")
         report_state(loaded=False)  # loading
         try:
             self.model = inference.model_fn(model_dir)

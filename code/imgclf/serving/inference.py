@@ -42,7 +42,7 @@ from sagemaker_inference.errors import GenericInferenceToolkitError
 from imgclf import artifacts
 from imgclf.errors import UserError, WeightsError
 from imgclf.preprocessing import Preprocessing, load_rgb
-from imgclf.serving import runtime
+from imgclf.serving import front, runtime
 from imgclf.serving.settings import ServingSettings
 
 DEFAULT_SETTINGS = ServingSettings()
@@ -65,8 +65,7 @@ class RequestError(GenericInferenceToolkitError):
 
 
 def error_body(status: int, message: str) -> str:
-    kind = HTTPStatus(status).phrase.title().replace(" ", "").replace("-", "")
-    return json.dumps({"code": status, "type": kind, "message": message})
+    return front.error_body(status, message).decode()
 
 
 # --- model -------------------------------------------------------------------------------------------------
@@ -142,7 +141,7 @@ def model_fn(model_dir: str, settings: ServingSettings | None = None) -> Serving
         class_names=list(config["class_names"]), labels=[label_of(c) for c in config["class_names"]],
         preprocessing=Preprocessing.from_config(config), settings=settings,
     )
-    warm_up(model)
+    warm_up(model, model_dir)
     log.info("model %s loaded from %s: %d classes, %d px, %s", config["architecture"], model_dir,
              len(model.class_names), config["image_size"], model.run.description)
     int8 = (config.get("onnx") or {}).get("int8")
@@ -153,11 +152,15 @@ def model_fn(model_dir: str, settings: ServingSettings | None = None) -> Serving
     return model
 
 
-def warm_up(model: ServingModel) -> None:
-    """One full request (encode, decode, transform, forward, JSON) so the first client request is not slow."""
+def warm_up(model: ServingModel, model_dir: str) -> None:
+    """One full request (encode, decode, transform, forward, JSON) so the first client request is not slow, and
+    a model whose outputs are not finite (it diverged in training) is refused before any client sees them."""
     buf = io.BytesIO()
     Image.new("RGB", (model.draft_size * 2, model.draft_size * 2), (128, 96, 64)).save(buf, "JPEG")
-    output_fn(predict_fn(input_fn(buf.getvalue(), "image/jpeg", model.settings), model), JSON_TYPE)
+    try:
+        output_fn(predict_fn(input_fn(buf.getvalue(), "image/jpeg", model.settings), model), JSON_TYPE)
+    except RequestError as e:
+        raise WeightsError(f"{model_dir}: the warm-up request failed: {e.message}") from None
 
 
 # --- request -----------------------------------------------------------------------------------------------
@@ -182,8 +185,9 @@ def media_type(header: str | None) -> str:
 
 
 def parse_top_k(value, source: str) -> int:
-    if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, str) and value.strip().isdigit())):
-        raise RequestError(HTTPStatus.BAD_REQUEST, f"{source}: top_k={value!r} is not a positive integer")
+    text_ok = isinstance(value, str) and re.fullmatch(r"[0-9]{1,9}", value.strip()) is not None  # ASCII digits
+    if isinstance(value, bool) or not (isinstance(value, int) or text_ok):
+        raise RequestError(HTTPStatus.BAD_REQUEST, f"{source}: top_k={str(value)[:20]!r} is not a positive integer")
     top_k = int(value)
     if top_k < 1:
         raise RequestError(HTTPStatus.BAD_REQUEST, f"{source}: top_k={top_k} must be at least 1")
@@ -220,8 +224,11 @@ def _b64(item, where: str) -> bytes:
 def parse_json(body: bytes, max_images: int = DEFAULT_SETTINGS.max_images) -> ImageRequest:
     try:
         doc = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise RequestError(HTTPStatus.BAD_REQUEST, f"body is not valid JSON ({e}); send {JSON_EXAMPLE}") from None
+    except RecursionError:
+        raise RequestError(HTTPStatus.BAD_REQUEST, f"JSON body nested too deeply; send {JSON_EXAMPLE}") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an integer of thousands of digits
+        raise RequestError(HTTPStatus.BAD_REQUEST, f"body is not valid JSON ({str(e)[:200]}); send {JSON_EXAMPLE}"
+                           ) from None
     if isinstance(doc, dict) and "instances" in doc:
         items = doc["instances"]
     elif isinstance(doc, dict) and "b64" in doc:
@@ -255,20 +262,40 @@ def input_fn(input_data: bytes | str, content_type: str | None,
     return parse_json(body, settings.max_images) if kind == JSON_TYPE else ImageRequest([body])
 
 
-def decode(image: bytes, draft_size: int, where: str = "image",
-           limit: int = DEFAULT_SETTINGS.max_image_pixels) -> Image.Image:
-    """Check the pixel count from the header (decompression bombs), then decode as evaluation does."""
+def check_shape(width: int, height: int, where: str, settings: ServingSettings) -> None:
+    """Before decoding: the header's pixel count, and the aspect ratio, which bounds the resized image (a 1x5000
+    image keeps its ratio when resized to 256 wide: 256x1,280,000 pixels)."""
+    if width * height > settings.max_image_pixels:
+        raise RequestError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                           f"{where}: {width}x{height} = {width * height} pixels is over the limit of "
+                           f"{settings.max_image_pixels} (IMGCLF_MAX_IMAGE_PIXELS); downscale it")
+    if min(width, height) < 1 or max(width, height) > settings.max_aspect_ratio * min(width, height):
+        raise RequestError(HTTPStatus.BAD_REQUEST,
+                           f"{where}: {width}x{height} is too thin: the longer side may be at most "
+                           f"{settings.max_aspect_ratio} times the shorter (IMGCLF_MAX_ASPECT_RATIO); crop it")
+
+
+def decode(image: bytes, draft_size: int, where: str = "image", settings: ServingSettings = DEFAULT_SETTINGS,
+           budget: list[int] | None = None) -> Image.Image:
+    """Check the header's size (decompression bombs, thin images) and what the request's images decode to
+    together (`budget`: pixels left, shared by a request's images), then decode as evaluation does."""
     if not image:
         raise RequestError(HTTPStatus.BAD_REQUEST, f"{where}: empty image")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(image)) as probe:
-                width, height = probe.size
-            if width * height > limit:
-                raise RequestError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                                   f"{where}: {width}x{height} = {width * height} pixels is over the limit of "
-                                   f"{limit} (IMGCLF_MAX_IMAGE_PIXELS); downscale it")
+                check_shape(*probe.size, where, settings)
+                if probe.format == "JPEG":  # what load_rgb will decode: JPEGs at a reduced scale
+                    probe.draft("RGB", (draft_size, draft_size))
+                pixels = probe.size[0] * probe.size[1]
+            if budget is not None:
+                if pixels > budget[0]:
+                    raise RequestError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                                       f"{where}: the request's images decode to more than "
+                                       f"{settings.max_request_pixels} pixels together (IMGCLF_MAX_REQUEST_PIXELS); "
+                                       "send fewer or smaller images per request")
+                budget[0] -= pixels
             return load_rgb(io.BytesIO(image), draft_size=draft_size)
     except Image.DecompressionBombError as e:
         raise RequestError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"{where}: {e}") from None
@@ -276,18 +303,33 @@ def decode(image: bytes, draft_size: int, where: str = "image",
         raise
     except Exception as e:  # PIL raises many types for bad bytes (UnidentifiedImageError, OSError, SyntaxError...)
         raise RequestError(HTTPStatus.BAD_REQUEST,
-                           f"{where}: not a readable image ({type(e).__name__}: {e}); send a complete JPEG, PNG, "
-                           "WebP, GIF, BMP or TIFF file") from None
+                           f"{where}: not a readable image ({type(e).__name__}: {str(e)[:200]}); send a complete "
+                           "JPEG, PNG, WebP, GIF, BMP or TIFF file") from None
+
+
+def model_input(image: bytes, model: ServingModel, where: str, budget: list[int]) -> np.ndarray:
+    """One image as the model's float32 (3, H, W) input; whatever the bytes cause is a 4xx."""
+    img = decode(image, model.draft_size, where, model.settings, budget)
+    try:
+        return model.preprocessing.eval_array(img)
+    except MemoryError:
+        raise RequestError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"{where}: too large to prepare; downscale it"
+                           ) from None
+    except Exception as e:
+        raise RequestError(HTTPStatus.BAD_REQUEST, f"{where}: cannot be prepared ({type(e).__name__}: "
+                                                   f"{str(e)[:200]})") from None
 
 
 def predict_fn(request: ImageRequest, model: ServingModel) -> Prediction:
-    """Decode and transform every image once, then one batched forward pass."""
+    """Decode and transform every image once (within the request's pixel budget), then one batched forward pass."""
     where = "image" if len(request.images) == 1 else "instances[{}]"
-    batch = np.stack([
-        model.preprocessing.eval_array(decode(img, model.draft_size, where.format(i), model.settings.max_image_pixels))
-        for i, img in enumerate(request.images)
-    ])
+    budget = [model.settings.max_request_pixels]
+    batch = np.stack([model_input(img, model, where.format(i), budget) for i, img in enumerate(request.images)])
     logits = model.run(batch).astype(np.float32)
+    if not np.isfinite(logits).all():  # never NaN in a response (not JSON either)
+        raise RequestError(HTTPStatus.INTERNAL_SERVER_ERROR,
+                           "the model's outputs are not finite (NaN or infinity): it diverged in training; retrain "
+                           "it with a lower learning rate")
     exp = np.exp(logits - logits.max(axis=1, keepdims=True))
     probabilities = exp / exp.sum(axis=1, keepdims=True)
     top_k = request.top_k or model.settings.top_k
@@ -305,7 +347,7 @@ def output_fn(prediction: Prediction, accept: str | None) -> str:
     check_accept(accept)
     # highest first; equal probabilities in index order, as torch.topk on the CPU
     indices = np.argsort(-prediction.probabilities, axis=1, kind="stable")[:, :prediction.top_k]
-    return json.dumps({"predictions": [
+    return json.dumps(allow_nan=False, obj={"predictions": [
         {"top_k": [{"label": prediction.labels[i], "class_name": prediction.class_names[i], "index": i,
                     "probability": round(float(row[i]), 6)} for i in row_i.tolist()]}
         for row, row_i in zip(prediction.probabilities, indices)

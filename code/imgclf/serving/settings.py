@@ -2,7 +2,9 @@
 validated, then passed around as one frozen value; nothing reads the environment per request.
 
     IMGCLF_TOP_K                    5           predictions per image when the request does not say
-    IMGCLF_MAX_IMAGE_PIXELS         40000000    pixels per image (decompression bombs get 413)
+    IMGCLF_MAX_IMAGE_PIXELS         40000000    pixels per image, as its header says (decompression bombs get 413)
+    IMGCLF_MAX_REQUEST_PIXELS       40000000    pixels decoded per request, all its images together (413)
+    IMGCLF_MAX_ASPECT_RATIO         20          longer side / shorter side (thin images resize into huge ones: 400)
     IMGCLF_MAX_IMAGES               64          images per JSON request
     SAGEMAKER_MAX_PAYLOAD_IN_MB     6           request body limit (SageMaker's real-time endpoints: 6 MB)
     IMGCLF_SERVE_DTYPE              float32     float32 (exact) | int8 (model.onnx quantized, if the export
@@ -10,13 +12,18 @@ validated, then passed around as one frozen value; nothing reads the environment
     IMGCLF_TORCH_THREADS            0           ONNX Runtime or torch threads per worker; 0 = automatic
                                                 (imgclf.serving.runtime: onnx_threads, threads_per_worker)
     SAGEMAKER_MODEL_SERVER_WORKERS  0           MMS workers; 0 = MMS's default (one per CPU, or per GPU)
-    SAGEMAKER_MODEL_SERVER_TIMEOUT  60          seconds a worker may take per request (read by MMS)
+    SAGEMAKER_MODEL_SERVER_TIMEOUT  60          seconds a worker may take per request (then a JSON 500; MMS
+                                                counts the toolkit's value in minutes: serve gives it seconds);
+                                                SAGEMAKER_MODEL_SERVER_TIMEOUT_SECONDS, the toolkit's name, wins
     IMGCLF_UNHEALTHY_AFTER_S        30          seconds with no worker holding the model before /ping answers 503
+    IMGCLF_BODY_TIMEOUT_S           10          seconds for a request body to arrive once its head has (then 408)
+    IMGCLF_IDLE_TIMEOUT_S           75          seconds a connection may wait for its next request head
+    IMGCLF_MAX_CONNECTIONS          1000        connections at once on the serving port (more get 503)
 
-`serve` gives multi-model-server twice the payload limit (SAGEMAKER_MAX_PAYLOAD_IN_MB, MMS's own variable),
-so that the handler, not MMS, answers an oversized body with a JSON 413. The workers, which MMS starts with
-serve's environment, must still see the real limit: serve hands them the settings it read as one JSON value
-(IMGCLF_SERVING_SETTINGS), which `ServingSettings.load` prefers to the individual variables.
+The front on the serving port (imgclf.serving.front) refuses a body over the payload limit with a JSON 413
+before reading it; multi-model-server behind it gets twice the limit. The workers, which MMS starts with
+serve's environment, get the settings serve read as one JSON value (IMGCLF_SERVING_SETTINGS), which
+`ServingSettings.load` prefers to the individual variables.
 """
 
 from __future__ import annotations
@@ -42,6 +49,8 @@ class SettingsError(UserError):
 class ServingSettings:
     top_k: int = 5
     max_image_pixels: int = 40_000_000
+    max_request_pixels: int = 40_000_000
+    max_aspect_ratio: int = 20
     max_images: int = 64
     max_payload_bytes: int = 6 * MB
     dtype: str = "float32"
@@ -49,10 +58,14 @@ class ServingSettings:
     workers: int = 0
     model_server_timeout: int = 60
     unhealthy_after_s: int = 30
+    body_timeout_s: int = 10
+    idle_timeout_s: int = 75
+    max_connections: int = 1000
 
     def __post_init__(self) -> None:
-        for name in ("top_k", "max_image_pixels", "max_images", "max_payload_bytes", "model_server_timeout",
-                     "unhealthy_after_s"):
+        for name in ("top_k", "max_image_pixels", "max_request_pixels", "max_aspect_ratio", "max_images",
+                     "max_payload_bytes", "model_server_timeout", "unhealthy_after_s", "body_timeout_s",
+                     "idle_timeout_s", "max_connections"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"serving setting {name}={getattr(self, name)}: must be at least 1")
         if self.torch_threads < 0 or self.workers < 0:
@@ -68,13 +81,19 @@ class ServingSettings:
         return cls(
             top_k=_int(env, "IMGCLF_TOP_K", default.top_k),
             max_image_pixels=_int(env, "IMGCLF_MAX_IMAGE_PIXELS", default.max_image_pixels),
+            max_request_pixels=_int(env, "IMGCLF_MAX_REQUEST_PIXELS", default.max_request_pixels),
+            max_aspect_ratio=_int(env, "IMGCLF_MAX_ASPECT_RATIO", default.max_aspect_ratio),
             max_images=_int(env, "IMGCLF_MAX_IMAGES", default.max_images),
             max_payload_bytes=_int(env, PAYLOAD_ENV, default.max_payload_bytes // MB) * MB,
             dtype=env.get("IMGCLF_SERVE_DTYPE", "").strip().lower() or default.dtype,
             torch_threads=_int(env, "IMGCLF_TORCH_THREADS", default.torch_threads),
             workers=_int(env, "SAGEMAKER_MODEL_SERVER_WORKERS", default.workers),
-            model_server_timeout=_int(env, "SAGEMAKER_MODEL_SERVER_TIMEOUT", default.model_server_timeout),
+            model_server_timeout=_int(env, "SAGEMAKER_MODEL_SERVER_TIMEOUT_SECONDS", _int(
+                env, "SAGEMAKER_MODEL_SERVER_TIMEOUT", default.model_server_timeout)),
             unhealthy_after_s=_int(env, "IMGCLF_UNHEALTHY_AFTER_S", default.unhealthy_after_s),
+            body_timeout_s=_int(env, "IMGCLF_BODY_TIMEOUT_S", default.body_timeout_s),
+            idle_timeout_s=_int(env, "IMGCLF_IDLE_TIMEOUT_S", default.idle_timeout_s),
+            max_connections=_int(env, "IMGCLF_MAX_CONNECTIONS", default.max_connections),
         )
 
     @classmethod
@@ -90,9 +109,8 @@ class ServingSettings:
             raise SettingsError(f"{SETTINGS_ENV}: not the settings `serve` writes ({e}); unset it") from None
 
     def for_workers(self) -> dict[str, str]:
-        """The variables `serve` sets for multi-model-server and its workers."""
-        payload_mb = -(-self.max_payload_bytes // MB)
-        return {SETTINGS_ENV: json.dumps(asdict(self)), PAYLOAD_ENV: str(2 * payload_mb)}
+        """The variable `serve` sets for multi-model-server's workers."""
+        return {SETTINGS_ENV: json.dumps(asdict(self))}
 
 
 def _int(env: Mapping[str, str], name: str, default: int) -> int:

@@ -3,8 +3,10 @@ a shim of it) and what torchrun runs in each worker (`python -m imgclf.training.
 
 Reads hyperparameters and channels through the toolkit's Environment, validates everything before the
 first step, fine-tunes, selects the best epoch on the validation split, evaluates it once on the test
-split and writes the model directory and reports. Checkpoints every epoch (and on SIGTERM, mid-epoch) so
-that a managed spot job resumes where it stopped and ends with the same epochs as an uninterrupted one.
+split and writes the model directory and reports. A run whose validation loss is NaN/Inf in every epoch
+(diverged) fails with TrainingDiverged and writes no model (its rules and profiler report are written).
+Checkpoints every epoch (and on SIGTERM, mid-epoch) so that a managed spot job resumes where it stopped and
+ends with the same epochs as an uninterrupted one.
 
 `train_job` reads top to bottom: build the setup, resume, then per epoch `train_one_epoch`, `validate`,
 select, checkpoint (imgclf.training.loop, imgclf.training.checkpoint); `finish` writes the results.
@@ -34,6 +36,7 @@ from imgclf.training.features import FrozenFeatures
 from imgclf.training.loop import (
     Setup,
     StopFlag,
+    check_selected,
     coordinated_stop,
     epoch_batches,
     select_best,
@@ -190,6 +193,7 @@ def train_job(hp, paths: Paths, device: torch.device, dbg: Debugger, dist: Conte
             raise stopping
         if stops_early(hp, state):
             break
+    check_selected(hp, state)  # a diverged run (no finite validation loss): fail before writing the model
     setup.model.load_state_dict(best)
     log.info("best epoch %d (validation accuracy %.4f)", state.best_epoch, state.best_accuracy)
     metrics = finish(hp, paths, setup.model, setup.classes, state, setup.eval_loaders, device, setup.preprocessing,

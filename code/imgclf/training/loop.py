@@ -1,15 +1,16 @@
 """One epoch of training and one validation pass, in the manner of torchvision's references/classification.
 
 `train_one_epoch` runs this rank's steps, `validate` the validation pass, `select_best` keeps the best
-epoch's weights; `job.train_job` wires them together over a `Setup`. Every rank runs the same steps: a stop
-(SIGTERM, a rule that stops the job) is agreed between the ranks by `coordinated_stop` so that all stop at the
-same one.
+epoch's weights and `check_selected` fails a run that has none (diverged); `job.train_job` wires them together
+over a `Setup`. Every rank runs the same steps: a stop (SIGTERM, a rule that stops the job) is agreed between
+the ranks by `coordinated_stop` so that all stop at the same one.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import math
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from torch import nn
 from imgclf import models
 from imgclf.data import Preprocessing
 from imgclf.debugging.debugger import Debugger
-from imgclf.errors import RuleStop, TrainingInterrupted
+from imgclf.errors import RuleStop, TrainingDiverged, TrainingInterrupted
 from imgclf.training import checkpoint, distributed
 from imgclf.training.accel import Accel
 from imgclf.training.checkpoint import State
@@ -160,13 +161,39 @@ def validate(setup: Setup, step_model: nn.Module, loader, cached: bool) -> Evalu
 
 
 def select_best(state: State, valid: Evaluation, model: nn.Module, best: dict | None) -> dict | None:
-    """The weights of the best epoch so far (by validation accuracy), on the CPU."""
-    if valid.accuracy > state.best_accuracy:
+    """The weights of the best epoch so far (by validation accuracy), on the CPU. An epoch whose validation loss
+    is not finite (NaN/Inf: diverged) is never selected, however its accuracy compares: NaN logits still
+    have an argmax, so a diverged model scores the share of one class."""
+    if not math.isfinite(valid.loss):
+        log.warning("epoch %d: validation loss is %s: the model diverged; this epoch cannot be selected",
+                    state.epoch + 1, valid.loss)
+    elif valid.accuracy > state.best_accuracy:
         state.best_accuracy, state.best_epoch = valid.accuracy, state.epoch + 1
         state.epochs_without_improvement = 0
         return copy.deepcopy({k: v.cpu() for k, v in model.state_dict().items()})
     state.epochs_without_improvement += 1
     return best
+
+
+def check_selected(hp, state: State) -> None:
+    """Raise TrainingDiverged unless the selected epoch has a finite validation loss: a diverged model is not
+    written, exported or served (its NaN probabilities are not even JSON). The rules and the profiler report,
+    written however the job ends, show where the loss went non-finite."""
+    selected = next((r for r in state.history if r["epoch"] == state.best_epoch), None)
+    if selected is not None and math.isfinite(selected["valid_loss"]):
+        return
+    bad = [r for r in state.history if not math.isfinite(r["valid_loss"])]
+    advice = (f"lower lr (now {hp.lr:g}: try a tenth of it); rules.json and the profiler report "
+              "(exploding_tensor, loss_not_decreasing) show the step where the loss first went NaN/Inf")
+    if selected is not None:  # selected before this check existed (a checkpoint of an older version)
+        raise TrainingDiverged(
+            f"validation loss is {selected['valid_loss']} at the selected epoch {selected['epoch']}: the model "
+            f"diverged and nothing was exported; {advice}")
+    if not bad:  # no epoch ran: nothing to select
+        raise TrainingDiverged(f"no epoch was selected ({len(state.history)} run): nothing to export")
+    losses = ", ".join(f"epoch {r['epoch']}: {r['valid_loss']}" for r in bad[:4]) + (", ..." if len(bad) > 4 else "")
+    raise TrainingDiverged(f"validation loss is not finite in any epoch ({losses}): the model diverged and nothing "
+                           f"was exported; {advice}")
 
 
 def stops_early(hp, state: State) -> bool:

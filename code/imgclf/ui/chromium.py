@@ -1,6 +1,6 @@
 """Headless Chromium (Debian's `chromium` package) driven over the DevTools protocol.
 
-What the browser tests (tests/test_report.py, tests/test_ui.py) and the screenshot scripts
+What the browser tests (tests/integration/test_report.py, tests/integration/test_ui.py) and the screenshot scripts
 (scripts/report_screenshot.py, scripts/ui_screenshot.py) share: the flags, starting a browser with a new empty
 profile, and a minimal protocol client. Host-side only; needs the `websocket-client` package
 (requirements/dev.txt), imported when a browser is launched.

@@ -1,0 +1,33 @@
+"""Frozen-backbone feature cache: same metrics as the normal loop, through the real train entrypoint."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.conftest import FAST_HPS, local_train
+
+HEAD_HPS = {**FAST_HPS, "freeze": "head", "augment": "false", "epochs": "3", "debugging": "false", "image-size": "32"}
+
+
+def history(out) -> list[dict]:
+    return json.loads((out / "reports" / "metrics.json").read_text())["history"]
+
+
+def test_cached_head_training_matches_the_normal_loop(sample_dataset, tmp_path):
+    runs = {}
+    for mode in ("off", "on"):
+        result = local_train(sample_dataset, tmp_path / mode, {**HEAD_HPS, "feature-cache": mode})
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        runs[mode] = (history(tmp_path / mode), result.stdout + result.stderr)
+    (slow, slow_log), (cached, cached_log) = runs["off"], runs["on"]
+    assert "feature cache: " not in slow_log and "feature cache: 120 images" in cached_log  # 5 classes x 24
+    assert len(slow) == len(cached) == 3
+    for a, b in zip(slow, cached):
+        for key in ("train_loss", "train_accuracy", "valid_loss", "valid_accuracy"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), (key, a, b)
+    # The head learned something (the loss moved), so equal metrics are not two untouched models.
+    assert cached[-1]["train_loss"] != cached[0]["train_loss"]
+    # Epochs after the extraction skip the backbone entirely.
+    assert max(e["seconds"] for e in cached[1:]) < min(e["seconds"] for e in slow) / 3

@@ -1,0 +1,272 @@
+"""The package's import graph has no cycle, and each deployment role imports on its own.
+
+The graph holds every import statement of the package: those that run when a module loads (eager) and those
+inside functions (lazy: they run when the function does). A lazy import of a package module or of a framework
+that the slim serving image lacks (FRAMEWORKS) must be listed in LAZY_IMPORTS with the reason it is lazy; the
+role checks follow eager and lazy edges alike, except the listed ones that the role never takes."""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import REPO
+
+PACKAGE = REPO / "code" / "imgclf"
+FRAMEWORKS = ("torch", "torchvision", "safetensors", "timm")  # not in the serving image (onnxruntime serves)
+
+# (module, what it imports inside a function) -> why that import is lazy. A new lazy import must be added here,
+# with its reason; an entry that no longer matches an import fails too.
+LAZY_IMPORTS = {
+    ("imgclf.artifacts", "safetensors"): "weights are read or written only by training, export and PyTorch serving",
+    ("imgclf.artifacts", "torch"): "torch_save: checkpoints, training only; serving reads config.json without torch",
+    ("imgclf.artifacts", "imgclf.models"): "load_model builds the architecture (torch); models imports artifacts' "
+                                           "siblings, and serving's ONNX path never calls load_model",
+    ("imgclf.aws.ecr", "imgclf.aws.session"): "AwsError only on the error path of a scan read",
+    ("imgclf.aws.images", "imgclf.aws.session"): "AwsError only on the error path of a digest lookup",
+    ("imgclf.debugging.report", "imgclf.debugging.rules"): "the profiler rules only when the report has a "
+                                                          "profiler section",
+    ("imgclf.export", "torch"): "export runs in the training image; the module's constants and helpers are "
+                                "importable without torch",
+    ("imgclf.local", "imgclf.config"): "only for --hyperparameters files",
+    ("imgclf.local", "imgclf.search.results"): "only for --hyperparameters files (a search's best trial)",
+    ("imgclf.models", "timm"): "timm only for timm architectures (import time of ~1 s otherwise)",
+    ("imgclf.models", "safetensors"): "only for a .safetensors weights file",
+    ("imgclf.preprocessing", "imgclf.data"): "the torchvision transforms for training and evaluation; serving "
+                                             "uses the numpy path (eval_array) and never calls these",
+    ("imgclf.search.local_search", "imgclf.local"): "the channel split of local mode, only when checking data",
+    ("imgclf.serving.inference", "torch"): "check_model_dir without model.onnx: PyTorch serving (not the slim image)",
+    ("imgclf.serving.inference", "safetensors"): "check_model_dir without model.onnx: PyTorch serving",
+    ("imgclf.serving.inference", "imgclf.models"): "check_model_dir without model.onnx: PyTorch serving",
+    ("imgclf.serving.runtime", "torch"): "TorchRunner: only without model.onnx (PyTorch serving)",
+    ("imgclf.serving.runtime", "imgclf.devices"): "TorchRunner's device (torch): only without model.onnx",
+    ("imgclf.serving.serve", "imgclf.errors"): "after the port opens: serve answers /ping before heavy imports",
+    ("imgclf.serving.serve", "imgclf.serving.inference"): "after the port opens: serve answers /ping before the "
+                                                          "handler's imports (numpy, PIL, onnxruntime)",
+}
+# The lazy imports that serving an exported model (model.onnx) never runs: the PyTorch fallback without model.onnx,
+# and the torch helpers of the shared modules. test_serving_a_request_loads_no_torch runs a request to prove it.
+ONNX_SERVING_NEVER_RUNS = {
+    ("imgclf.serving.inference", "torch"), ("imgclf.serving.inference", "safetensors"),
+    ("imgclf.serving.inference", "imgclf.models"), ("imgclf.serving.runtime", "torch"),
+    ("imgclf.serving.runtime", "imgclf.devices"), ("imgclf.artifacts", "imgclf.models"),
+    ("imgclf.artifacts", "safetensors"), ("imgclf.artifacts", "torch"), ("imgclf.preprocessing", "imgclf.data"),
+}
+SERVING_ROOTS = ("imgclf.serve", "imgclf.serving.serve", "imgclf.serving.handler_service")  # serve; MMS workers
+TRAINING_ROOTS = ("imgclf.train", "imgclf.training.job", "imgclf.export")  # the image's `train`; torchrun; export
+HOST = ("imgclf.search", "imgclf.aws", "imgclf.local", "imgclf.ui", "imgclf.trial")
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def module_imports(path: Path, modules: set[str]) -> tuple[set[str], set[str]]:
+    """(eager, lazy): the package's modules and FRAMEWORKS that `path` imports when it is loaded, and those it
+    imports inside functions (or in its `if __name__ == "__main__"` block). `if TYPE_CHECKING:` never runs."""
+    name = module_name(path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    eager: set[str] = set()
+    lazy: set[str] = set()
+
+    def resolve(target: str, is_lazy: bool) -> None:
+        top = target.split(".")[0]
+        if top in FRAMEWORKS:
+            (lazy if is_lazy else eager).add(top)
+            return
+        while target and target not in modules:  # imgclf.aws.scripting.run -> imgclf.aws.scripting
+            target = target.rpartition(".")[0]
+        if target and target != name:
+            (lazy if is_lazy else eager).add(target)
+
+    def visit(node: ast.AST, is_lazy: bool) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.Import):
+                for alias in child.names:
+                    resolve(alias.name, is_lazy)
+            elif isinstance(child, ast.ImportFrom):
+                base = child.module or ""
+                if child.level:
+                    anchor = package.split(".")[: len(package.split(".")) - (child.level - 1)]
+                    base = ".".join(anchor + ([base] if base else []))
+                for alias in child.names:  # `from imgclf.training import job` imports the module job
+                    resolve(f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base, is_lazy)
+            elif isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda):
+                visit(child, True)
+            elif isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test):
+                visit(ast.Module(body=child.orelse, type_ignores=[]), is_lazy)
+            elif isinstance(child, ast.If) and "__name__" in ast.unparse(child.test):
+                visit(child, True)
+            else:  # module-level conditionals, try, with, class bodies: they run at import
+                visit(child, is_lazy)
+
+    visit(ast.parse(path.read_text(), str(path)), False)
+    return eager, lazy - eager
+
+
+def import_graphs() -> tuple[dict[str, set[str]], dict[str, set[str]]]:
+    """(eager, lazy) edges of every module of the package."""
+    paths = sorted(PACKAGE.rglob("*.py"))
+    modules = {module_name(p) for p in paths}
+    eager, lazy = {}, {}
+    for p in paths:
+        eager[module_name(p)], lazy[module_name(p)] = module_imports(p, modules)
+    for name in list(eager):  # importing a.b.c runs a/__init__ and a/b/__init__ first
+        parent = name.rpartition(".")[0]
+        if parent in eager:
+            eager[name].add(parent)
+    return eager, lazy
+
+
+def import_graph() -> dict[str, set[str]]:
+    """The eager edges only: what loading a module loads."""
+    return import_graphs()[0]
+
+
+def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        for target in graph.get(todo.pop(), set()) - seen:
+            seen.add(target)
+            todo.append(target)
+    return seen
+
+
+def without(graph: dict[str, set[str]], edges: set[tuple[str, str]]) -> dict[str, set[str]]:
+    return {a: {b for b in targets if (a, b) not in edges} for a, targets in graph.items()}
+
+
+def merged(*graphs: dict[str, set[str]]) -> dict[str, set[str]]:
+    return {name: set().union(*(g.get(name, set()) for g in graphs)) for name in graphs[0]}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def walk(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for target in sorted(graph.get(node, ())):
+            if state.get(target) == 1:
+                return path[path.index(target):] + [target]
+            if target not in state and (cycle := walk(target)):
+                return cycle
+        path.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := walk(node)):
+            return cycle
+    return None
+
+
+def test_the_graph_is_read_correctly():
+    eager, lazy = import_graphs()
+    assert "imgclf.training.job" in eager["imgclf.train"]
+    assert {"imgclf.training.loop", "imgclf.training.checkpoint", "imgclf.config"} <= eager["imgclf.training.job"]
+    assert "imgclf.serving" in eager["imgclf.serving.inference"]  # the parent package runs first
+    assert {"torch", "torchvision"} <= eager["imgclf.models"]  # frameworks are nodes too
+    assert "torch" in lazy["imgclf.serving.runtime"] and "torch" not in eager["imgclf.serving.runtime"]
+    assert "imgclf.serving.inference" in lazy["imgclf.serving.serve"]  # inside a function
+    assert "torch" not in eager["imgclf.artifacts"]  # `if TYPE_CHECKING:` never runs
+    assert reachable({"a": {"b"}, "b": {"c"}, "c": set()}, "a") == {"b", "c"}
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_every_lazy_import_is_listed_with_its_reason():
+    _, lazy = import_graphs()
+    found = {(module, target) for module, targets in lazy.items() for target in targets}
+    unlisted = sorted(found - set(LAZY_IMPORTS))
+    assert not unlisted, f"imports inside functions that LAZY_IMPORTS does not list (add each with its reason, or " \
+                         f"import at module level): {unlisted}"
+    stale = sorted(set(LAZY_IMPORTS) - found)
+    assert not stale, f"LAZY_IMPORTS entries that match no import inside a function any more: {stale}"
+    assert ONNX_SERVING_NEVER_RUNS <= set(LAZY_IMPORTS)
+    assert all(reason.strip() for reason in LAZY_IMPORTS.values())
+
+
+def test_no_import_cycle():
+    cycle = find_cycle(import_graph())  # lazy imports may close a loop: they run after both modules loaded
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_roles_stay_apart():
+    """Serving never loads training, debugging or host code, even lazily; training and export nothing of serving or
+    the host tools; an exported model serves with no framework that the slim image lacks."""
+    eager, lazy = import_graphs()
+    graph = merged(eager, lazy)
+    for root in SERVING_ROOTS + TRAINING_ROOTS:
+        assert root in graph, root
+
+    for root in SERVING_ROOTS:
+        loaded = reachable(graph, root)
+        assert not {m for m in loaded if m.startswith(("imgclf.training", "imgclf.debugging", *HOST))}, (root, loaded)
+        onnx_path = reachable(without(graph, ONNX_SERVING_NEVER_RUNS), root)
+        assert not {m for m in onnx_path if m.split(".")[0] in FRAMEWORKS}, (root, onnx_path)
+    for root in TRAINING_ROOTS:
+        loaded = reachable(graph, root)
+        assert not {m for m in loaded if m.startswith(("imgclf.serving", *HOST))}, (root, loaded)
+    assert not {m for m in reachable(graph, "imgclf.export") if m.startswith(("imgclf.training", "imgclf.debugging"))}
+    assert not {m for m in reachable(graph, "imgclf.search.local_search") if m.startswith("imgclf.aws")}
+
+
+def test_role_packages_import():
+    code = "import imgclf.train, imgclf.export, imgclf.training, imgclf.serving, imgclf.debugging, imgclf.search"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                            env={"PYTHONPATH": str(REPO / "code"), "PATH": ""})
+    assert result.returncode == 0, result.stderr
+
+
+SERVE_A_REQUEST = """
+import base64, io, json, sys
+from PIL import Image
+from imgclf.serving import handler_service, inference
+
+def image(color, kind):
+    buf = io.BytesIO()
+    Image.new("RGB", (48, 40), color).save(buf, kind)
+    return buf.getvalue()
+
+model = inference.model_fn(sys.argv[1])
+raw = inference.output_fn(inference.predict_fn(inference.input_fn(image((200, 30, 10), "PNG"), "image/png",
+                                                                  model.settings), model), "application/json")
+colors = ((9, 9, 9), (0, 90, 250))
+body = json.dumps({"instances": [{"b64": base64.b64encode(image(c, "JPEG")).decode()} for c in colors], "top_k": 2})
+request = inference.input_fn(body, "application/json; charset=utf-8", model.settings)
+batch = inference.output_fn(inference.predict_fn(request, model), "*/*")
+status, handled = inference.handle_request(model, body.encode(), {"Content-Type": "application/json"})
+loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "torchvision", "safetensors", "timm")
+                or m.startswith(("imgclf.training", "imgclf.debugging")))
+print(json.dumps({"runner": type(model.run).__name__, "raw": json.loads(raw), "batch": json.loads(batch),
+                  "status": status, "handled": json.loads(handled), "loaded": loaded}))
+"""
+
+
+def test_serving_a_request_loads_no_torch(tmp_path):
+    """The slim serving image has no torch: loading model.onnx and a full input_fn -> predict_fn -> output_fn (raw
+    image and JSON with base64 images and top_k), in a fresh interpreter, leave no torch, training or debugging
+    module loaded."""
+    from imgclf import artifacts, export, models
+    from imgclf.preprocessing import Preprocessing
+
+    net, _ = models.build_model("squeezenet1_1", 3)  # small, random weights: no training run needed
+    artifacts.save_model(tmp_path, net, {"architecture": "squeezenet1_1", "class_names": ["001.a", "002.b", "003.c"],
+                                         **Preprocessing(32).to_config()})
+    export.export(tmp_path)
+    result = subprocess.run([sys.executable, "-c", SERVE_A_REQUEST, str(tmp_path)], capture_output=True, text=True,
+                            timeout=300, env={"PYTHONPATH": str(REPO / "code"), "PATH": ""})
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.splitlines()[-1])
+    assert report["runner"] == "OnnxRunner", report
+    assert [len(p["top_k"]) for p in report["raw"]["predictions"]] == [3], report
+    assert [len(p["top_k"]) for p in report["batch"]["predictions"]] == [2, 2], report
+    assert report["status"] == 200 and report["handled"] == report["batch"], report
+    assert {e["label"] for e in report["raw"]["predictions"][0]["top_k"]} == {"a", "b", "c"}
+    assert report["loaded"] == [], report["loaded"]

@@ -1,0 +1,198 @@
+"""The training capability through the real `train` entrypoint (toolkit + SAGEMAKER_TRAINING_MODULE)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from imgclf import artifacts, config, data, local, models
+from safetensors.torch import load_file
+
+from tests.conftest import FAST_HPS, local_train, random_resnet18_weights, train_in_process
+
+
+def test_trained_artifacts(trained):
+    out, result = trained
+    model_dir = out / "model"
+    cfg = json.loads((model_dir / "config.json").read_text())
+    assert cfg["architecture"] == "resnet18"
+    assert cfg["class_names"] == sorted(cfg["class_names"]) and len(cfg["class_names"]) == 5
+    assert cfg["image_size"] == 64 and cfg["resize_size"] == data.resize_size(64)
+    state = load_file(str(model_dir / "model.safetensors"))
+    assert state["fc.weight"].shape == (5, 512)
+    model, _ = artifacts.load_model(model_dir)  # rebuilt from config.json alone
+    assert not model.training
+
+    import tarfile
+
+    with tarfile.open(out / "model.tar.gz") as tar:
+        assert sorted(tar.getnames()) == ["config.json", "model.onnx", "model.safetensors"]
+
+    metrics = json.loads((out / "reports" / "metrics.json").read_text())
+    assert [h["epoch"] for h in metrics["history"]] == [1, 2, 3, 4]
+    assert metrics["test_accuracy"] >= 0.6, metrics  # 5 classes: chance is 0.2
+    assert set(metrics["per_class_accuracy"]) == {"split", *cfg["class_names"]}
+    best = max(metrics["history"], key=lambda h: h["valid_accuracy"])
+    assert metrics["best_epoch"] == best["epoch"]
+    confusion = (out / "reports" / "confusion_matrix_test.csv").read_text().splitlines()
+    assert len(confusion) == 6 and sum(int(v) for row in confusion[1:] for v in row.split(",")[1:]) == 40
+
+
+def test_metric_lines_match_the_exported_definitions(trained):
+    _, result = trained
+    found = {d["Name"]: re.findall(d["Regex"], result.stdout) for d in config.METRIC_DEFINITIONS}
+    # four epochs, then the selected epoch's line again (the value a tuning job ranks by)
+    assert len(found["valid:accuracy"]) == 5 and len(found["train:loss"]) == 4
+    assert len(found["test:accuracy"]) == 1
+    assert all(0.0 <= float(v) <= 1.0 for v in found["valid:accuracy"])
+    assert re.search(r"^epoch=1 train_loss=\S+ train_accuracy=\S+ valid_loss=\S+ valid_accuracy=\S+$",
+                     result.stdout, re.M)
+
+
+def test_the_last_metric_lines_are_the_selected_epochs(tmp_path, sample_dataset):
+    """A tuning job ranks by the last value of its objective in the log: it must be the epoch whose weights were
+    saved (the best by validation accuracy), not the last epoch's. Adam at lr 0.05 and patience 1 stop the run one
+    epoch after its best."""
+    hps = {**FAST_HPS, "lr": "0.05", "epochs": "6", "early-stopping-patience": "1", "image-size": "32",
+           "debugging": "false"}
+    result = local_train(sample_dataset, tmp_path / "out", hps)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "out" / "reports" / "metrics.json").read_text())
+    assert metrics["best_epoch"] < metrics["epochs_run"], "the run must end after its best epoch for this test"
+    best = metrics["history"][metrics["best_epoch"] - 1]
+    for name in ("valid:loss", "valid:accuracy"):
+        regex = next(d["Regex"] for d in config.METRIC_DEFINITIONS if d["Name"] == name)
+        last = float(re.findall(regex, result.stdout)[-1])
+        assert last == pytest.approx(best[name.replace(":", "_")], rel=1e-6), name
+    # best_epoch=, not epoch=: the local search's pruner takes `epoch=N` lines as steps.
+    assert [line for line in result.stdout.splitlines() if "valid_accuracy=" in line][-1].startswith(
+        f"best_epoch={metrics['best_epoch']} ")
+
+
+def _failure(out: Path, result: subprocess.CompletedProcess) -> str:
+    assert result.returncode != 0, result.stdout[-2000:]
+    text = (out / "failure").read_text()
+    assert "Traceback" not in text.splitlines()[0]
+    return text
+
+
+def test_bad_hyperparameter_fails_the_job_clearly(tmp_path, sample_dataset):
+    result = local_train(sample_dataset, tmp_path, {**FAST_HPS, "epochs": "zero", "colour": "red"})
+    text = _failure(tmp_path, result)
+    assert text.startswith("HyperparameterError: unknown hyperparameter(s) colour; known: lr, batch-size")
+    assert "epochs='zero': expected int" in text
+    assert "training failed" in result.stderr
+
+
+def test_pretrained_weights_from_channel_and_torch_home(tmp_path, sample_dataset, caplog, monkeypatch):
+    caplog.set_level(logging.INFO, "imgclf")
+    weights = random_resnet18_weights(tmp_path / "resnet18-random.pth")
+    hps = {**FAST_HPS, "pretrained": "true", "freeze": "head", "epochs": "1", "image-size": "32"}
+    tree = train_in_process(tmp_path / "a", sample_dataset, hps, weights=weights)
+    assert re.search(r"pretrained resnet18 weights loaded from \S+/input/data/weights/resnet18-random.pth",
+                     caplog.text)
+    # frozen backbone: every backbone tensor is still the file's
+    trained = load_file(str(tree / "model" / "model.safetensors"))
+    original = torch.load(weights, weights_only=True)
+    assert torch.equal(trained["layer1.0.conv1.weight"], original["layer1.0.conv1.weight"])
+    assert not torch.equal(trained["fc.bias"][:5], torch.zeros(5))
+
+    home = tmp_path / "torch_home"
+    cache = models.torch_home_weights("resnet18").relative_to(Path(torch.hub.get_dir()).parent)
+    (home / cache).parent.mkdir(parents=True)
+    shutil.copy(weights, home / cache)
+    monkeypatch.setenv("TORCH_HOME", str(home))
+    train_in_process(tmp_path / "b", sample_dataset, hps)
+    assert f"loaded from {home / cache}" in caplog.text
+
+
+def test_training_channel_layout(tmp_path, sample_dataset):
+    """One `training` channel holding train/valid/test, as the reference project uploaded dogImages."""
+    base = tmp_path / "opt_ml"
+    local.write_tree(base, {**FAST_HPS, "epochs": "1", "image-size": "32", "debugging": "false"},
+                     {"training": sample_dataset})
+    result = subprocess.run([local.venv_bin("train")], env=local.training_env(base, tmp_path / "ckpt"),
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "Reporting training SUCCESS" in result.stdout + result.stderr
+    assert (base / "output" / "success").exists()
+    assert (base / "model" / "model.safetensors").exists()
+    assert "test_accuracy=" in result.stdout
+
+
+def _start(data_dir: Path, out: Path, hps: dict) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "imgclf.local", "train", "--data", str(data_dir), "--output", str(out)]
+    for k, v in hps.items():
+        cmd += ["--hp", f"{k}={v}"]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for(proc: subprocess.Popen, marker: str, timeout: float = 300) -> str:
+    seen, deadline = [], time.monotonic() + timeout
+    for line in proc.stdout:
+        seen.append(line)
+        if marker in line or time.monotonic() > deadline:
+            break
+    return "".join(seen)
+
+
+def test_sigterm_checkpoints_and_resume_matches_uninterrupted_run(tmp_path, sample_dataset, trained):
+    out = tmp_path / "out"
+    proc = _start(sample_dataset, out, FAST_HPS)
+    before = _wait_for(proc, "epoch=1 ")
+    assert "epoch=1 " in before
+    proc.send_signal(signal.SIGTERM)  # forwarded by local mode to `train`, as SageMaker signals a spot stop
+    rest = proc.communicate(timeout=300)[0]
+    assert proc.returncode != 0
+    assert "TrainingInterrupted: stopped by SIGTERM in epoch" in (out / "failure").read_text()
+    assert (out / "checkpoints" / "checkpoint.pt").exists()
+    assert "epoch=4" not in rest
+
+    result = local_train(sample_dataset, out, FAST_HPS)  # same command again: resumes
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "resuming from checkpoint" in result.stdout
+    assert "epoch=1 " not in result.stdout
+    assert not (out / "failure").exists()
+    resumed = json.loads((out / "reports" / "metrics.json").read_text())
+    reference = json.loads((trained[0] / "reports" / "metrics.json").read_text())
+    assert [h["epoch"] for h in resumed["history"]] == [1, 2, 3, 4]
+    for got, want in zip(resumed["history"], reference["history"], strict=True):
+        for key in ("train_loss", "train_accuracy", "valid_loss", "valid_accuracy", "lr"):
+            assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-5), (key, got, want)
+    assert resumed["test_accuracy"] == pytest.approx(reference["test_accuracy"])
+
+
+def test_killed_run_resumes_from_the_last_epoch(tmp_path, sample_dataset):
+    out = tmp_path / "out"
+    hps = {**FAST_HPS, "epochs": "3"}
+    proc = _start(sample_dataset, out, hps)
+    _wait_for(proc, "epoch=1 ")
+    checkpoint = out / "checkpoints" / "checkpoint.pt"
+    deadline = time.monotonic() + 120  # written (atomically) right after the metrics line
+    while not checkpoint.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    subprocess.run(["pkill", "-KILL", "-P", str(proc.pid)])  # kill `train` outright: no chance to save
+    proc.kill()
+    proc.wait(timeout=60)
+    ckpt = torch.load(checkpoint, weights_only=True)
+    done = ckpt["state"]["epoch"]
+    assert done >= 1
+    # killed mid-job: the live folder (what SageMaker syncs while a job runs) already has the rules and report
+    live = json.loads((out / "tensorboard" / "rules.json").read_text())
+    assert live["job_status"] == "InProgress" and live["epochs"] >= 1 and live["rules"]
+    assert "Job InProgress" in (out / "tensorboard" / "profiler-report.html").read_text()
+    result = local_train(sample_dataset, out, hps)
+    assert result.returncode == 0, result.stdout[-3000:]
+    epochs = [int(m) for m in re.findall(r"^epoch=(\d+) ", result.stdout, re.M)]
+    assert epochs == list(range(done + 1, 4))
+    metrics = json.loads((out / "reports" / "metrics.json").read_text())
+    assert [h["epoch"] for h in metrics["history"]] == [1, 2, 3]

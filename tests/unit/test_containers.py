@@ -1,0 +1,148 @@
+"""The Dockerfiles, locks and entrypoints read as files: stages, pins, hashes, copy sources, entrypoints."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import re
+import tomllib
+from pathlib import Path
+
+import pytest
+from imgclf import local
+from packaging.version import Version
+
+from tests.conftest import REPO
+from tests.dockerfiles import (
+    CUDA_ONLY,
+    DOCKERFILES,
+    TOP_LEVEL,
+    copy_sources,
+    final_env,
+    final_stage,
+    ignored,
+    installed_locks,
+    instructions,
+    lock_pins,
+    top_level,
+)
+
+
+@pytest.mark.parametrize("image", DOCKERFILES)
+def test_copy_sources_exist_and_are_in_the_build_context(image):
+    patterns = [line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()
+                if line.strip() and not line.startswith("#")]
+    for source in copy_sources(DOCKERFILES[image]):
+        path = REPO / source
+        assert path.exists(), f"{DOCKERFILES[image]}: COPY {source}: no such file in the repository"
+        files = [path] if path.is_file() else [p for p in path.rglob("*.py") if "__pycache__" not in p.parts]
+        for f in files:
+            rel = f.relative_to(REPO).as_posix()
+            assert not ignored(rel, patterns), f"{rel} is COPY'd by {DOCKERFILES[image]} but .dockerignore drops it"
+    assert ignored("tests/conftest.py", patterns) and ignored(".venv/bin/python", patterns)
+    assert ignored("code/imgclf/__pycache__/x.pyc", patterns)
+
+
+@pytest.mark.parametrize("image", DOCKERFILES)
+def test_images_are_lean_multi_stage_builds(image):
+    dockerfile = DOCKERFILES[image]
+    stages = [a for _, op, a in instructions(dockerfile) if op == "FROM"]
+    assert len(stages) >= 2 and " AS deps" in stages[0], f"{dockerfile}: build the dependencies in a deps stage"
+    assert stages[-1] == "deps", f"{dockerfile}: the image is the dependencies plus small layers (no venv copy)"
+    final = final_stage(dockerfile)
+    runs = " ".join(a for op, a in final if op == "RUN")
+    # A compiler stays only where compile=on needs one (the GPU image); elsewhere it leaves in the step that
+    # brought it, so no layer keeps it.
+    for _, op, args in instructions(dockerfile):
+        if op == "RUN" and re.search(r"apt-get install[^&]*\bgcc\b", args):
+            purged = re.search(r"apt-get purge[^&]*\bgcc\b", args)
+            assert bool(purged) == (image != "train-gpu"), args
+            assert image != "train-gpu" or "g++" in args, "torch.compile needs g++ too"
+    installs = re.findall(r"pip install [^&]*", runs)
+    assert installs == ["pip install --no-cache-dir --no-deps --no-build-isolation --no-compile /src "], installs
+    copies = [args for op, args in final if op == "COPY"]
+    assert all(args.split()[-1] == "/opt/torch" for args in copies if "--from=" in args), copies
+    # Dependencies before the package: a code or README change leaves their layers as they are.
+    package = [i for i, args in enumerate(copies) if "code/imgclf" in args or "README.md" in args]
+    assert package and all("--from=" not in args for args in copies[package[0]:]), copies
+    weights = [a for _, op, a in instructions(dockerfile) if op == "FROM" and " AS weights" in a]
+    assert all(a.startswith("deps ") for a in weights), "baked weights must build from the dependencies only"
+    if "apt-get install" in runs:
+        assert "--no-install-recommends" in runs and "rm -rf /var/lib/apt/lists/*" in runs
+    for _, op, args in instructions(dockerfile):
+        if op == "RUN" and "pip install" in args:
+            assert "--no-cache-dir" in args, args
+    env = final_env(dockerfile)
+    assert env.get("PYTHONUNBUFFERED") == "1" and env.get("PYTHONDONTWRITEBYTECODE") == "1", env
+    assert env["PATH"].startswith("/opt/venv/bin:")
+    assert "/opt/ml/model" in runs and "mkdir -p" in runs
+
+
+@pytest.mark.parametrize("image", ["train-cpu", "train-gpu"])
+def test_training_module_is_the_one_local_mode_runs_and_imports(image):
+    env = final_env(DOCKERFILES[image])
+    assert env["SAGEMAKER_TRAINING_MODULE"] == local.TRAINING_MODULE
+    module, _, function = env["SAGEMAKER_TRAINING_MODULE"].partition(":")
+    assert callable(getattr(importlib.import_module(module), function))
+    for d in ("input/config", "input/data", "model", "output/data", "checkpoints"):
+        assert f"/opt/ml/{d}" in " ".join(a for op, a in final_stage(DOCKERFILES[image]) if op == "RUN")
+    # `docker run IMAGE` with no command (the SDK's ModelTrainer local mode) trains.
+    assert [a for op, a in final_stage(DOCKERFILES[image]) if op == "CMD"] == ['["train"]']
+
+
+def test_serve_entrypoint_is_the_serve_script_of_the_serving_tests():
+    final = final_stage(DOCKERFILES["serve"])
+    entrypoints = [a for op, a in final if op == "ENTRYPOINT"]
+    assert entrypoints == ['["serve"]'], f"exec-form ENTRYPOINT [\"serve\"] expected, got {entrypoints}"
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts.get("serve") == "imgclf.serving.serve:main", scripts
+    # The serving tests start the same `serve` executable (directly, or through imgclf.local's serve command).
+    starts_serve = re.compile(r'(venv_bin\("serve"\)|parent / "serve"|BIN / "serve")')
+    serving_tests = [p for p in (REPO / "tests").rglob("test_*.py")
+                     if p.name != Path(__file__).name and starts_serve.search(p.read_text())]
+    assert serving_tests, "no serving test starts imgclf.serve or the `serve` script"
+    assert importlib.import_module("imgclf.serve").main
+    labels = " ".join(a for op, a in final if op == "LABEL")
+    assert "com.amazonaws.sagemaker.capabilities.accept-bind-to-port=true" in labels
+    runs = " ".join(a for op, a in final if op == "RUN")
+    assert re.search(r"openjdk-\d+-jre-headless", runs), "multi-model-server needs a Java runtime"
+    assert "EXPOSE 8080" in " ".join(f"{op} {a}" for op, a in final)
+
+
+@pytest.mark.parametrize("image", DOCKERFILES)
+def test_image_pins_are_the_pins_ci_installs(image):
+    """One source of truth: every top-level pin of requirements/*.txt is the version locked in the image."""
+    locks = installed_locks(DOCKERFILES[image])
+    pins: dict[str, str] = {}
+    for lock in locks:
+        for name, version in lock_pins(lock).items():
+            assert pins.setdefault(name, version) == version, f"{name} locked twice, differently, for {image}"
+    for name, req in top_level(REPO / TOP_LEVEL[image]).items():
+        assert name in pins, f"{name} ({TOP_LEVEL[image]}) is not in {image}'s locks: run `make lock`"
+        locked = Version(pins[name])
+        if str(req.specifier).startswith("=="):
+            assert locked.public == Version(str(req.specifier)[2:]).public, f"{name} {locked} vs {req}: make lock"
+        else:
+            assert req.specifier.contains(locked.public), f"{image}: {name} {locked} does not satisfy {req}"
+    cuda = sorted(n for n in pins if n in CUDA_ONLY)
+    if image == "train-gpu":
+        assert "torch" in pins and cuda, "the GPU image installs PyPI's CUDA build of torch with its CUDA wheels"
+    elif image == "serve":  # the exported graph runs on ONNX Runtime: no torch, no CUDA, nothing that needs them
+        assert "onnxruntime" in pins and not {"torch", "torchvision", "timm", "safetensors"} & set(pins), pins
+        assert not cuda, cuda
+    else:
+        assert pins["torch"].endswith("+cpu") and pins["torchvision"].endswith("+cpu") and not cuda, cuda
+    dev = (REPO / "requirements/dev.txt").read_text().split()
+    assert "train.txt" in dev and "serve.txt" in dev  # CI installs dev.txt: the same top-level pins
+
+
+@pytest.mark.parametrize("lock", ["build.txt", "train-cpu.txt", "train-gpu.txt", "serve-cpu.txt"])
+def test_locks_are_hashed_and_made_by_make_lock(lock):
+    text = (REPO / "requirements/lock" / lock).read_text()
+    assert "#    make lock" in text.splitlines()[1], "regenerate with `make lock`"
+    entries = re.split(r"\n(?=[A-Za-z])", text.split("\n", 2)[2])
+    for entry in entries:
+        if "==" in entry.splitlines()[0]:
+            assert "--hash=sha256:" in entry, f"{lock}: {entry.splitlines()[0]} has no hash"
+    makefile = (REPO / "Makefile").read_text()
+    assert f"-o requirements/lock/{lock}" in makefile

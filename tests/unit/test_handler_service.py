@@ -1,0 +1,85 @@
+"""The module MMS loads, driven in-process as multi-model-server drives it: `initialize(context)` once, then
+`handle(data, context)` per batch, with MMS's own Context and RequestProcessor objects (the inference toolkit's
+unit tests do the same with mocks). What reaches the HTTP client is the status and content type set on them."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from imgclf import artifacts, export, models
+from imgclf.preprocessing import Preprocessing
+from imgclf.serving import handler_service
+from imgclf.serving.model_server import MODEL_DIR_ENV, WORKER_STATE_ENV
+from mms.context import Context, RequestProcessor
+
+from tests.photos import DOG
+
+CLASSES = ["001.Affenpinscher", "002.Afghan_hound", "003.Airedale_terrier"]
+
+
+def mms_context(model_dir, headers: list[dict]) -> Context:
+    context = Context("model", str(model_dir), {}, len(headers), None, "1.1.11")
+    context.request_processor = [RequestProcessor(h) for h in headers]
+    return context
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A squeezenet of 3 classes at 32 px (random weights), saved and exported as training writes it."""
+    folder = tmp_path_factory.mktemp("model")
+    torch.manual_seed(0)
+    net, _ = models.build_model("squeezenet1_1", len(CLASSES))
+    artifacts.save_model(folder, net.eval(), {"architecture": "squeezenet1_1", "class_names": CLASSES,
+                                              **Preprocessing(32).to_config()})
+    export.export(folder)
+    return folder
+
+
+@pytest.fixture
+def service(model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv(WORKER_STATE_ENV, str(tmp_path))
+    monkeypatch.delenv(MODEL_DIR_ENV, raising=False)
+    handler = handler_service.HandlerService()
+    handler.initialize(mms_context(model_dir, []))
+    return handler
+
+
+def test_initialize_loads_the_model_and_reports_it(service, tmp_path):
+    import os
+
+    assert service.model is not None and service.load_error is None
+    assert json.loads((tmp_path / f"{os.getpid()}.json").read_text()) == {"loaded": True, "error": None}
+
+
+def test_a_batch_gets_one_json_answer_per_request_with_its_own_status(service, model_dir):
+    headers = [{"Content-Type": "image/jpeg", "X-Amzn-SageMaker-Custom-Attributes": "top_k=2"},
+               {"content-type": "image/jpeg"},
+               {"Content-Type": "text/csv"},
+               {"Content-Type": "image/jpeg", "Accept": "text/html"}]
+    bodies = [DOG.read_bytes(), b"not an image", b"1,2,3", DOG.read_bytes()]
+    context = mms_context(model_dir, headers)
+    answers = service.handle([{"body": b} for b in bodies], context)
+    statuses = [context.get_response_status(i)[0] for i in range(len(bodies))]
+    assert statuses == [200, 400, 415, 406], answers
+    assert all(context.get_response_content_type(i) == "application/json" for i in range(len(bodies)))
+    top = json.loads(answers[0])["predictions"][0]["top_k"]
+    assert len(top) == 2 and {t["class_name"] for t in top} <= set(CLASSES)
+    for answer, status in zip(answers[1:], statuses[1:]):
+        assert json.loads(answer)["code"] == status
+
+
+def test_a_model_that_cannot_load_answers_503_with_the_reason(tmp_path, monkeypatch):
+    import os
+
+    monkeypatch.setenv(WORKER_STATE_ENV, str(tmp_path))
+    handler = handler_service.HandlerService()
+    handler.initialize(mms_context(tmp_path / "empty", []))  # MMS would log and go on: the worker stays up
+    state = json.loads((tmp_path / f"{os.getpid()}.json").read_text())
+    assert state["loaded"] is False and "config.json is missing" in state["error"]
+    context = mms_context(tmp_path, [{"Content-Type": "image/jpeg"}])
+    answer = json.loads(handler.handle([{"body": DOG.read_bytes()}], context)[0])
+    assert context.get_response_status(0)[0] == 503 == answer["code"]
+    message = answer["message"]
+    assert message.startswith("model not loaded: WeightsError: ") and "config.json is missing" in message
