@@ -21,7 +21,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "code"))
 
-from imgclf import data, local, sample_data  # noqa: E402
+from imgclf import local, sample_data, splits  # noqa: E402
+from imgclf.errors import DataError  # noqa: E402
 
 STEPS = ("data", "train", "serve", "predict", "stop")
 # The built-in sample data: a model learns it from scratch in about a minute on 2 CPU cores.
@@ -41,8 +42,8 @@ def prepare_data(args) -> Path:
     if args.data:
         root = args.data.expanduser()
         try:
-            data.validate_splits(local.split_channels(root))
-        except data.DataError as e:
+            splits.validate_splits(local.split_channels(root))
+        except DataError as e:
             raise StepFailed(str(e)) from None
         return root
     root = args.output / "data"
@@ -83,7 +84,7 @@ def train(args, data_dir: Path) -> dict:
 
 def predict(url: str, data_dir: Path, count: int) -> None:
     split = "test" if (data_dir / "test").is_dir() else "valid"
-    images = sorted(p for p in (data_dir / split).rglob("*") if p.is_file() and data.is_image_file(p))
+    images = sorted(p for p in (data_dir / split).rglob("*") if p.is_file() and splits.is_image_file(p))
     picks = random.Random(0).sample(images, min(count, len(images)))
     print(f"sending {len(picks)} images from {data_dir / split} (their folder is the true breed)", flush=True)
     result = subprocess.run([sys.executable, str(REPO / "scripts" / "predict.py"), *map(str, picks),

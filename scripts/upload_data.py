@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"{args.data}: not a folder; give the dataset folder holding train/, valid/ and test/")
     api = scripting.make_api(args)
     s3sync.check_bucket(api, bucket)
-    from imgclf.data import find_split_dirs, validate_splits  # imports torch: only once the arguments are good
+    from imgclf.splits import find_split_dirs, validate_splits
 
     splits = validate_splits(find_split_dirs({"training": str(args.data)}), check_decode=not args.no_decode_check)
     root = args.data.resolve()

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from imgclf import artifacts, data
+from imgclf import artifacts, splits
 from imgclf.errors import ExportError, UserError
 from imgclf.preprocessing import Preprocessing, load_rgb
 
@@ -48,9 +48,9 @@ OPSET = 17
 
 def images_of(folder: Path) -> list[Path]:
     """Every image of an ImageFolder split (class folders) or of a plain folder."""
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and data.is_image_file(p))
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and splits.is_image_file(p))
     if not files:
-        raise ExportError(f"--data {folder}: no image files ({', '.join(data.IMAGE_EXTENSIONS[:4])}...) in it")
+        raise ExportError(f"--data {folder}: no image files ({', '.join(splits.IMAGE_EXTENSIONS[:4])}...) in it")
     return files
 
 

@@ -34,7 +34,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from imgclf import artifacts, data
+from imgclf import artifacts, splits
 from imgclf.errors import DataError
 from imgclf.processes import MAX_PORT, free_port, run_forwarding_signals, stop_group, venv_bin
 from imgclf.ui import server as ui_server
@@ -72,7 +72,7 @@ def split_channels(data_dir: Path) -> dict[str, Path]:
     """A dataset folder's train/valid/test sub-folders as channels, found by the training code's own lookup
     (aliases too); a folder without them is a DataError that shows the layout."""
     try:
-        return data.find_split_dirs({"training": str(data_dir)})
+        return splits.find_split_dirs({"training": str(data_dir)})
     except DataError:
         raise DataError(f"--data {data_dir}: expected sub-folders train/ and valid/ (and test/), each with one "
                         "folder per class, e.g. train/001.Affenpinscher/*.jpg") from None

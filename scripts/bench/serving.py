@@ -140,10 +140,11 @@ def bench_model(arch: str, args, tmp: Path, data: Path, image: bytes) -> dict:
     ours = [sys.executable, "-m", "imgclf.local", "serve", "--model"]
     runs = {"naive": ([sys.executable, str(BENCH / "naive_server.py"), "--model", str(torch_only), "--port"], {}),
             "ours_torch": ([*ours, str(torch_only), "--port"], {}),
-            "ours_torch_bfloat16": ([*ours, str(torch_only), "--port"], {"IMGCLF_SERVE_DTYPE": "bfloat16"}),
             "ours_onnx_float32": ([*ours, str(exported), "--port"], {})}
-    if export_figures["int8"]["accepted"]:
-        runs["ours_onnx_int8"] = ([*ours, str(exported), "--port"], {"IMGCLF_SERVE_DTYPE": "int8"})
+    if not args.quick:  # the smoke run starts one server per runtime (each a Java model server: seconds of CPU)
+        runs["ours_torch_bfloat16"] = ([*ours, str(torch_only), "--port"], {"IMGCLF_SERVE_DTYPE": "bfloat16"})
+        if export_figures["int8"]["accepted"]:
+            runs["ours_onnx_int8"] = ([*ours, str(exported), "--port"], {"IMGCLF_SERVE_DTYPE": "int8"})
     if cpus > 1 and not args.quick:  # the workers x threads rule's alternatives (the default: imgclf.serving.runtime)
         runs[f"ours_onnx_float32_{cpus}_workers_x_1_thread"] = ([*ours, str(exported), "--port"],
                                                                 {"IMGCLF_TORCH_THREADS": "1"})

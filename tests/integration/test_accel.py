@@ -8,7 +8,7 @@ from imgclf import config, models
 from imgclf.errors import HyperparameterError
 from imgclf.training import accel
 
-from tests.conftest import FAST_HPS, local_train
+from tests.conftest import TINY_HPS, local_train
 
 CPU = torch.device("cpu")
 
@@ -48,7 +48,7 @@ def test_inputs_are_moved_in_the_model_memory_format():
 
 def test_training_with_every_speed_option_off(sample_dataset, tmp_path):
     """fp32, NCHW, one worker with its own prefetch depth: the plain path still trains end to end."""
-    hps = {**FAST_HPS, "epochs": "1", "amp": "off", "channels-last": "off", "compile": "off",
+    hps = {**TINY_HPS, "epochs": "1", "amp": "off", "channels-last": "off", "compile": "off",
            "num-workers": "1", "prefetch-factor": "2", "debugging": "false"}
     result = local_train(sample_dataset, tmp_path, hps)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -16,6 +16,8 @@ import pytest
 
 from tests.conftest import REPO
 
+pytestmark = pytest.mark.long  # scheduled first: see tests/conftest.py
+
 BENCH = REPO / "scripts" / "bench"
 # Benchmarks that `make bench` leaves out but whose --quick runs anywhere.
 QUICK_HELPERS = {"gpu.py"}

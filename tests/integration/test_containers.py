@@ -22,7 +22,7 @@ import torch
 from imgclf import models
 from imgclf.aws.images import REPOSITORIES
 
-from tests.conftest import FAST_HPS, REPO
+from tests.conftest import FAST_HPS, REPO, TINY_HPS
 from tests.dockerfiles import (
     CUDA_ONLY,
     DOCKERFILES,
@@ -88,7 +88,7 @@ def test_makefile_builds_images_under_the_ecr_repository_names():
 def test_local_tree_runs_the_training_image_environment(tmp_path, sample_dataset):
     """`make local-train`'s tree: self-contained (no links out), and the image's `train` + ENV train over it."""
     tree = tmp_path / "opt_ml"
-    hps = {**FAST_HPS, "epochs": "1", "image-size": "32", "debugging": "false"}
+    hps = {**TINY_HPS, "epochs": "1", "image-size": "32"}
     cmd = [sys.executable, REPO / "containers/local_tree.py", tree, "--data", sample_dataset]
     subprocess.run(cmd + [f"--hp={k}={v}" for k, v in hps.items()], check=True, cwd=REPO, capture_output=True)
     assert not [p for p in tree.rglob("*") if p.is_symlink()]

@@ -7,7 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import REPO
+
+pytestmark = pytest.mark.long  # scheduled first: see tests/conftest.py
 
 DEMO = [sys.executable, str(REPO / "scripts" / "demo.py")]
 

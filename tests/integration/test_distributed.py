@@ -19,6 +19,8 @@ from safetensors.torch import load_file
 
 from tests.conftest import FAST_HPS, free_port, local_train
 
+pytestmark = pytest.mark.long  # scheduled first: see tests/conftest.py
+
 # 3 epochs: a SIGTERM sent after epoch 1's line lands inside the run. 32 px keeps each epoch ~2 s.
 HPS = {**FAST_HPS, "epochs": "3", "image-size": "32", "debugging": "false"}  # not what these test
 DDP_HPS = {**HPS, "processes-per-host": "2"}

@@ -24,6 +24,8 @@ from torchvision import transforms
 from tests.conftest import FAST_HPS, REPO, local_train
 from tests.photos import DOG, forms
 
+pytestmark = pytest.mark.long  # scheduled first: see tests/conftest.py
+
 ENV = {"PYTHONPATH": str(REPO / "code"), "PATH": ""}
 
 

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from tests.conftest import FAST_HPS, local_train
+from tests.conftest import TINY_HPS, local_train
 
-HEAD_HPS = {**FAST_HPS, "freeze": "head", "augment": "false", "epochs": "3", "debugging": "false", "image-size": "32"}
+HEAD_HPS = {**TINY_HPS, "freeze": "head", "augment": "false", "epochs": "3", "image-size": "32"}
 
 
 def history(out) -> list[dict]:

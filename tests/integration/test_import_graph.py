@@ -270,3 +270,14 @@ def test_serving_a_request_loads_no_torch(tmp_path):
     assert report["status"] == 200 and report["handled"] == report["batch"], report
     assert {e["label"] for e in report["raw"]["predictions"][0]["top_k"]} == {"a", "b", "c"}
     assert report["loaded"] == [], report["loaded"]
+
+
+def test_the_local_cli_and_the_split_checks_load_no_torch():
+    """`python -m imgclf.local` launches `train` and `serve`, which import torch themselves: the CLI, and the split
+    checks it and scripts/upload_data.py run first, load none (2.5 to 6 s per call on 2 cores)."""
+    code = ("import sys, imgclf.local, imgclf.splits; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision', 'timm')))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            env={"PYTHONPATH": str(REPO / "code"), "PATH": ""})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]", result.stdout

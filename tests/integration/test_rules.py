@@ -24,6 +24,8 @@ from imgclf.errors import RuleStop
 
 from tests.conftest import FAST_HPS, local_train, train_in_process
 
+pytestmark = pytest.mark.long  # scheduled first: see tests/conftest.py
+
 HEALTHY_OK = {rules.NO_ISSUES, rules.NOT_APPLICABLE}
 
 

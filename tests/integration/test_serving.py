@@ -33,6 +33,8 @@ from tests.photos import DOG, encode
 from tests.photos import forms as images
 from tests.servers import model_workers, verdict
 
+pytestmark = pytest.mark.long  # scheduled first: see tests/conftest.py
+
 PAYLOAD_MB = SERVED_PAYLOAD_MB
 
 
@@ -44,9 +46,10 @@ def server(served):
 
 @pytest.fixture(scope="module")
 def reference(trained):
-    """The evaluation path in this process: load_rgb with the draft size, eval_transform, the saved weights."""
+    """The evaluation path in this process: load_rgb with the draft size, the config's eval transform (its size,
+    mean, std, interpolation and crop), the saved weights."""
     net, config = artifacts.load_model(trained[0] / "model")
-    transform = data.eval_transform(config["image_size"], config["mean"], config["std"])
+    transform = data.Preprocessing.from_config(config).eval_transform()
 
     def probabilities(image: bytes) -> list[float]:
         x = transform(data.load_rgb(io.BytesIO(image), draft_size=config["resize_size"]))

@@ -17,7 +17,9 @@ import torch
 from imgclf import artifacts, config, data, local, models
 from safetensors.torch import load_file
 
-from tests.conftest import FAST_HPS, local_train, random_resnet18_weights, train_in_process
+from tests.conftest import FAST_HPS, TINY_HPS, local_train, random_resnet18_weights, train_in_process
+
+pytestmark = pytest.mark.long  # scheduled first: see tests/conftest.py
 
 
 def test_trained_artifacts(trained):
@@ -118,7 +120,7 @@ def test_pretrained_weights_from_channel_and_torch_home(tmp_path, sample_dataset
 def test_training_channel_layout(tmp_path, sample_dataset):
     """One `training` channel holding train/valid/test, as the reference project uploaded dogImages."""
     base = tmp_path / "opt_ml"
-    local.write_tree(base, {**FAST_HPS, "epochs": "1", "image-size": "32", "debugging": "false"},
+    local.write_tree(base, {**TINY_HPS, "epochs": "1", "image-size": "32"},
                      {"training": sample_dataset})
     result = subprocess.run([local.venv_bin("train")], env=local.training_env(base, tmp_path / "ckpt"),
                             capture_output=True, text=True, timeout=600)
@@ -145,9 +147,9 @@ def _wait_for(proc: subprocess.Popen, marker: str, timeout: float = 300) -> str:
     return "".join(seen)
 
 
-def test_sigterm_checkpoints_and_resume_matches_uninterrupted_run(tmp_path, sample_dataset, trained):
+def test_sigterm_checkpoints_and_resume_matches_uninterrupted_run(tmp_path, sample_dataset):
     out = tmp_path / "out"
-    proc = _start(sample_dataset, out, FAST_HPS)
+    proc = _start(sample_dataset, out, TINY_HPS)
     before = _wait_for(proc, "epoch=1 ")
     assert "epoch=1 " in before
     proc.send_signal(signal.SIGTERM)  # forwarded by local mode to `train`, as SageMaker signals a spot stop
@@ -157,13 +159,15 @@ def test_sigterm_checkpoints_and_resume_matches_uninterrupted_run(tmp_path, samp
     assert (out / "checkpoints" / "checkpoint.pt").exists()
     assert "epoch=4" not in rest
 
-    result = local_train(sample_dataset, out, FAST_HPS)  # same command again: resumes
+    result = local_train(sample_dataset, out, TINY_HPS)  # same command again: resumes
     assert result.returncode == 0, result.stdout[-3000:]
     assert "resuming from checkpoint" in result.stdout
     assert "epoch=1 " not in result.stdout
     assert not (out / "failure").exists()
     resumed = json.loads((out / "reports" / "metrics.json").read_text())
-    reference = json.loads((trained[0] / "reports" / "metrics.json").read_text())
+    uninterrupted = local_train(sample_dataset, tmp_path / "uninterrupted", TINY_HPS)
+    assert uninterrupted.returncode == 0, uninterrupted.stdout[-3000:]
+    reference = json.loads((tmp_path / "uninterrupted" / "reports" / "metrics.json").read_text())
     assert [h["epoch"] for h in resumed["history"]] == [1, 2, 3, 4]
     for got, want in zip(resumed["history"], reference["history"], strict=True):
         for key in ("train_loss", "train_accuracy", "valid_loss", "valid_accuracy", "lr"):
@@ -173,7 +177,7 @@ def test_sigterm_checkpoints_and_resume_matches_uninterrupted_run(tmp_path, samp
 
 def test_killed_run_resumes_from_the_last_epoch(tmp_path, sample_dataset):
     out = tmp_path / "out"
-    hps = {**FAST_HPS, "epochs": "3"}
+    hps = {**TINY_HPS, "epochs": "3", "debugging": "true"}  # the live rules and report
     proc = _start(sample_dataset, out, hps)
     _wait_for(proc, "epoch=1 ")
     checkpoint = out / "checkpoints" / "checkpoint.pt"

@@ -27,6 +27,8 @@ from optuna.trial import TrialState
 
 from tests.conftest import REPO
 
+pytestmark = pytest.mark.long  # scheduled first: see tests/conftest.py
+
 TUNE = [sys.executable, str(REPO / "scripts" / "tune.py")]
 SPACE = {
     "lr": {"type": "continuous", "min": 0.001, "max": 0.01, "scaling": "Logarithmic"},

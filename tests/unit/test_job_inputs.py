@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from imgclf import config, data, models
+from imgclf import config, models, splits
 from imgclf.errors import DataError, HyperparameterError, WeightsError
 
 from tests.conftest import FAST_HPS, random_resnet18_weights, train_in_process
@@ -71,7 +71,7 @@ def test_bad_data_is_reported_by_path_before_training(tmp_path, sample_dataset, 
     expected = breaker(root)
     # The validator names the real path; the job names the path as its channel sees it.
     with pytest.raises(DataError) as err:
-        data.validate_splits(data.find_split_dirs({s: str(root / s) for s in data.SPLITS}))
+        splits.validate_splits(splits.find_split_dirs({s: str(root / s) for s in splits.SPLITS}))
     assert expected in str(err.value)
     with pytest.raises(DataError, match="^dataset is not usable") as err:  # the job's own check, before training
         train_in_process(tmp_path, root, FAST_HPS)
@@ -80,7 +80,7 @@ def test_bad_data_is_reported_by_path_before_training(tmp_path, sample_dataset, 
 
 def test_missing_split_names_the_channels(tmp_path, sample_dataset):
     with pytest.raises(DataError, match="missing data split.s. valid: give channels train, valid"):
-        data.find_split_dirs({"train": str(sample_dataset / "train")})
+        splits.find_split_dirs({"train": str(sample_dataset / "train")})
 
 
 def test_pretrained_weights_missing_offline(tmp_path, sample_dataset, monkeypatch):

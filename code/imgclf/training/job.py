@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from imgclf import artifacts, config, data, devices, export, models
+from imgclf import artifacts, config, data, devices, export, models, splits
 from imgclf.debugging import stop_action
 from imgclf.debugging.debugger import Debugger
 from imgclf.errors import RuleStop, UserError
@@ -110,7 +110,7 @@ def build_model(hp, paths: Paths, num_classes: int,
     return model.to(device), head, prep
 
 
-def build_setup(hp, paths: Paths, splits: dict[str, data.Split], device: torch.device, dbg: Debugger,
+def build_setup(hp, paths: Paths, splits: dict[str, splits.Split], device: torch.device, dbg: Debugger,
               dist: Context) -> Setup:
     """Model, speed settings, optimizer, loaders and feature cache of a run (seeded: every rank the same)."""
     classes = splits["train"].classes
@@ -160,10 +160,10 @@ def run(hp, paths: Paths, device: torch.device | None = None, dist: Context = SI
         return train_job(hp, paths, device, dbg, dist)
 
 
-def check_inputs(hp, paths: Paths, check_decode: bool = True) -> dict[str, data.Split]:
+def check_inputs(hp, paths: Paths, check_decode: bool = True) -> dict[str, splits.Split]:
     """Model name and data, before anything trains (the distributed launcher runs it before the workers)."""
     models.check_model_name(hp.model)
-    return data.validate_splits(data.find_split_dirs(paths.channels), check_decode=check_decode,
+    return splits.validate_splits(splits.find_split_dirs(paths.channels), check_decode=check_decode,
                                 workers=max(2, num_workers(hp)))
 
 
