@@ -16,7 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from imgclf import local, sample_data
+from imgclf import local, sample_data, splits
 from imgclf.errors import DataError
 
 MARKER = Path("input") / "config" / "hyperparameters.json"
@@ -37,7 +37,7 @@ def make_tree(tree: Path, data: Path | None, hps: dict[str, str], clean: bool = 
         if data is None:
             data = sample_data.generate(Path(tmp) / "sample", classes=5)
         try:
-            channels = local.split_channels(data)
+            channels = splits.split_channels(data)
         except DataError as e:
             raise SystemExit(str(e)) from None
         local.write_tree(tree, hps, channels)

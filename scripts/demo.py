@@ -42,7 +42,7 @@ def prepare_data(args) -> Path:
     if args.data:
         root = args.data.expanduser()
         try:
-            splits.validate_splits(local.split_channels(root))
+            splits.validate_splits(splits.split_channels(root))
         except DataError as e:
             raise StepFailed(str(e)) from None
         return root

@@ -45,12 +45,12 @@ def train_in_process(tmp: Path, data: Path, hps: dict[str, str], weights: Path |
     """The training job's own function (`imgclf.training.job.run`) over an /opt/ml tree laid out as local mode
     does, in this process: what the `train` entrypoint runs, without its two interpreter starts. Debugging is off
     unless `hps` turns it on. Returns the tree (model/, output/data/); raises what the job raises."""
-    from imgclf import config, local
+    from imgclf import config, local, splits
     from imgclf.training import job
 
     hps = {"debugging": "false", **hps}
     base = tmp / "opt_ml"
-    channels = local.split_channels(data)
+    channels = splits.split_channels(data)
     if weights is not None:  # a channel is a folder: this one holds just the file, as local mode's
         channels["weights"] = tmp / "weights_channel"
         channels["weights"].mkdir(parents=True)

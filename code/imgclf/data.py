@@ -1,4 +1,5 @@
-"""Datasets and transforms (the splits are found and checked in imgclf.splits).
+"""Datasets and transforms as tensors, for training and evaluation (the splits are found and checked in
+imgclf.splits).
 
 The decoder and the eval transform are defined once, in imgclf.preprocessing (PIL + numpy, no torch):
 evaluation uses them through this module, serving directly.
@@ -12,46 +13,34 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
-from imgclf import preprocessing
-from imgclf.preprocessing import (  # noqa: F401 (the decoder and its settings, re-exported for training)
-    CROP_MODES,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    INTERPOLATIONS,
-    Preprocessing,
-    load_rgb,
-    resize_size,
-    to_rgb,
-)
+from imgclf.preprocessing import Preprocessing, check_transform, load_rgb
 
 
 class EvalTransform:
-    """preprocessing.eval_array as a torch tensor: evaluation and serving share one definition."""
+    """Preprocessing.eval_array as a torch tensor: evaluation and serving share one definition."""
 
-    def __init__(self, *args):
-        preprocessing.check_transform(args[3], args[5])
-        self.args = args
+    def __init__(self, prep: Preprocessing):
+        check_transform(prep.interpolation, prep.crop_mode)
+        self.prep = prep
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
-        return torch.from_numpy(preprocessing.eval_array(img, *self.args))
+        return torch.from_numpy(self.prep.eval_array(img))
 
 
-def eval_transform(image_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD, interpolation: str = "bilinear",
-                   crop_pct: float | None = None, crop_mode: str = "center") -> EvalTransform:
-    """Resize + centre crop + normalise (imgclf.preprocessing.eval_array): validation, test and serving."""
-    return EvalTransform(image_size, tuple(mean), tuple(std), interpolation, crop_pct, crop_mode)
+def eval_transform(prep: Preprocessing) -> EvalTransform:
+    """Resize + centre crop + normalise (imgclf.preprocessing.eval_array): validation and test."""
+    return EvalTransform(prep)
 
 
-def train_transform(image_size: int, augment: bool, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                    interpolation: str = "bilinear", crop_pct: float | None = None, crop_mode: str = "center"):
+def train_transform(prep: Preprocessing, augment: bool):
     if not augment:
-        return eval_transform(image_size, mean, std, interpolation, crop_pct, crop_mode)
+        return eval_transform(prep)
     return transforms.Compose([
-        transforms.RandomResizedCrop(image_size, interpolation=transforms.InterpolationMode(interpolation),
+        transforms.RandomResizedCrop(prep.image_size, interpolation=transforms.InterpolationMode(prep.interpolation),
                                      antialias=True),
         transforms.RandomHorizontalFlip(),
         transforms.ToTensor(),
-        transforms.Normalize(mean, std),
+        transforms.Normalize(prep.mean, prep.std),
     ])
 
 

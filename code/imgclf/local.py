@@ -68,16 +68,6 @@ def hyperparameters_file(path: Path | None) -> dict[str, str]:
         raise SystemExit(str(e)) from None
 
 
-def split_channels(data_dir: Path) -> dict[str, Path]:
-    """A dataset folder's train/valid/test sub-folders as channels, found by the training code's own lookup
-    (aliases too); a folder without them is a DataError that shows the layout."""
-    try:
-        return splits.find_split_dirs({"training": str(data_dir)})
-    except DataError:
-        raise DataError(f"--data {data_dir}: expected sub-folders train/ and valid/ (and test/), each with one "
-                        "folder per class, e.g. train/001.Affenpinscher/*.jpg") from None
-
-
 def write_tree(base: Path, hps: dict[str, str], channels: dict[str, Path], hosts: list[str] | None = None,
                current_host: str = "algo-1") -> None:
     """The /opt/ml layout SageMaker gives a training container, channels as symlinks (no copy); `hosts` and
@@ -127,7 +117,7 @@ def train(data_dir: Path, output: Path, hps: dict[str, str], weights: Path | Non
           extra_env: dict[str, str] | None = None) -> int:
     """Run the real `train` entrypoint over a temporary /opt/ml tree; return its exit code."""
     try:
-        channels = split_channels(data_dir)
+        channels = splits.split_channels(data_dir)
     except DataError as e:
         raise SystemExit(str(e)) from None
     if weights is not None:

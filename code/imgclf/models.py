@@ -17,8 +17,8 @@ import torch
 from torch import nn
 from torchvision import models
 
-from imgclf.data import Preprocessing
 from imgclf.errors import HyperparameterError, WeightsError
+from imgclf.preprocessing import Preprocessing
 
 log = logging.getLogger(__name__)
 

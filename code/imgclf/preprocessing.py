@@ -121,19 +121,6 @@ class Preprocessing:
         return eval_array(img, self.image_size, self.mean, self.std, self.interpolation, self.crop_pct,
                           self.crop_mode)
 
-    def eval_transform(self):
-        """The same steps returning a torch tensor (evaluation's DataLoaders); imports torch."""
-        from imgclf.data import eval_transform
-
-        return eval_transform(self.image_size, self.mean, self.std, self.interpolation, self.crop_pct,
-                              self.crop_mode)
-
-    def train_transform(self, augment: bool):
-        from imgclf.data import train_transform
-
-        return train_transform(self.image_size, augment, self.mean, self.std, self.interpolation, self.crop_pct,
-                               self.crop_mode)
-
     def to_config(self) -> dict:
         return {"image_size": self.image_size, "resize_size": self.resize_size, "mean": list(self.mean),
                 "std": list(self.std), "interpolation": self.interpolation, "crop_pct": self.crop_pct,

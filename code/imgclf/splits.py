@@ -122,3 +122,13 @@ def validate_splits(split_dirs: dict[str, Path], check_decode: bool = True, work
     for split in splits.values():
         log.info("%s: %d images in %d classes (%s)", split.name, len(split.samples), len(split.classes), split.root)
     return splits
+
+
+def split_channels(data_dir: Path) -> dict[str, Path]:
+    """A dataset folder's train/valid/test sub-folders as channels, found by the training code's own lookup
+    (aliases too); a folder without them is a DataError that shows the layout."""
+    try:
+        return find_split_dirs({"training": str(data_dir)})
+    except DataError:
+        raise DataError(f"--data {data_dir}: expected sub-folders train/ and valid/ (and test/), each with one "
+                        "folder per class, e.g. train/001.Affenpinscher/*.jpg") from None

@@ -91,14 +91,13 @@ def train_ours(data_dir: Path, work: Path, hps: dict, weights: Path | None = Non
 
 def model_dir(path: Path, arch: str, image_size: int, classes: int = 133) -> Path:
     """A model directory as training writes it (random weights: speed does not depend on them)."""
-    from imgclf import artifacts, data, models
+    from imgclf import artifacts, models, preprocessing
 
     torch.manual_seed(0)
     net, _ = models.build_model(arch, classes)
     names = [f"{i + 1:03d}.Breed_{i + 1}" for i in range(classes)]
-    artifacts.save_model(path, net, {"architecture": arch, "class_names": names, "image_size": image_size,
-                                     "resize_size": data.resize_size(image_size), "mean": list(data.IMAGENET_MEAN),
-                                     "std": list(data.IMAGENET_STD)})
+    artifacts.save_model(path, net, {"architecture": arch, "class_names": names,
+                                     **preprocessing.Preprocessing(image_size).to_config()})
     return path
 
 

@@ -1,4 +1,4 @@
-"""Decoder choice: PIL with draft mode (data.load_rgb, what training and serving use) against
+"""Decoder choice: PIL with draft mode (preprocessing.load_rgb, what training and serving use) against
 torchvision.io.decode_image, per JPEG, one thread, on the shared dog photos (or generated ones).
 
     python scripts/bench/decode.py [--rounds 5] [--quick]
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import common
 import torch
-from imgclf import data
+from imgclf import preprocessing
 from torchvision.io import ImageReadMode, decode_image
 
 
@@ -39,12 +39,12 @@ def main(argv: list[str] | None = None) -> dict:
     if args.quick:
         args.images, args.rounds = 4, 1
     torch.set_num_threads(1)
-    draft = data.resize_size(args.image_size)
+    draft = preprocessing.resize_size(args.image_size)
     with tempfile.TemporaryDirectory(prefix="bench_decode.") as tmp:
         paths = photos(Path(tmp), args.images)
         blobs = [p.read_bytes() for p in paths]
         decoders = {
-            "pil_draft": lambda i: data.load_rgb(paths[i], draft),
+            "pil_draft": lambda i: preprocessing.load_rgb(paths[i], draft),
             "torchvision_io": lambda i: decode_image(torch.frombuffer(bytearray(blobs[i]), dtype=torch.uint8),
                                                      mode=ImageReadMode.RGB, apply_exif_orientation=True),
         }

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from imgclf import local, processes
+from imgclf import local, processes, splits
 from imgclf.errors import HyperparameterError
 from imgclf.training import distributed
 from imgclf.training.sampling import EpochSampler
@@ -99,7 +99,7 @@ def test_two_simulated_hosts(tmp_path, sample_dataset, ddp_run):
     procs, bases = {}, {}
     for host in ("algo-1", "algo-2"):
         bases[host] = tmp_path / host
-        local.write_tree(bases[host], HPS, local.split_channels(sample_dataset), hosts=["algo-1", "algo-2"],
+        local.write_tree(bases[host], HPS, splits.split_channels(sample_dataset), hosts=["algo-1", "algo-2"],
                          current_host=host)
         env = local.training_env(bases[host], tmp_path / f"ckpt-{host}", {
             distributed.MASTER_ADDR_ENV: "127.0.0.1", distributed.MASTER_PORT_ENV: str(port),

@@ -15,7 +15,7 @@ import onnxruntime as ort
 import pytest
 import requests
 import torch
-from imgclf import artifacts, data, export, local
+from imgclf import artifacts, data, export, local, preprocessing
 from imgclf.errors import ExportError
 from imgclf.serving import inference
 from PIL import Image
@@ -83,7 +83,7 @@ def test_training_with_export_int8_writes_the_quantized_graph_it_checked(sample_
     with tarfile.open(tmp_path / "model.tar.gz") as tar:
         assert tar.extractfile(export.INT8_FILE).read() == path.read_bytes()
 
-    x = export.preprocess(images, data.Preprocessing.from_config(config))
+    x = export.preprocess(images, preprocessing.Preprocessing.from_config(config))
     p32 = export.softmax(export.run_session(export.session(tmp_path / "model" / "model.onnx"), x))
     p8 = export.softmax(export.run_session(export.session(path), x))
     assert int((p32.argmax(1) == p8.argmax(1)).sum()) == int8["top1_agreements"]
@@ -170,10 +170,10 @@ def test_serving_feeds_the_graph_what_evaluation_computes(trained, tmp_path):
         path = tmp_path / f"{name}.img"
         path.write_bytes(body)
         inference.predict_fn(inference.input_fn(body, ctype), model)
-        evaluated, _ = data.ImageDataset([(path, 0)], prep.eval_transform(), prep.resize_size)[0]
+        evaluated, _ = data.ImageDataset([(path, 0)], data.eval_transform(prep), prep.resize_size)[0]
         assert fed[-1].shape == (1, 3, 64, 64) and fed[-1].dtype == np.float32
         assert np.array_equal(fed[-1][0], evaluated.numpy()), name
-        decoded = data.load_rgb(io.BytesIO(body), draft_size=prep.resize_size)
+        decoded = preprocessing.load_rgb(io.BytesIO(body), draft_size=prep.resize_size)
         assert torch.equal(torchvision_eval(model.config)(decoded), evaluated), name
 
 
@@ -181,8 +181,9 @@ def test_serving_feeds_the_graph_what_evaluation_computes(trained, tmp_path):
 def test_the_numpy_transform_equals_torchvisions_on_any_shape(size):
     """Thin, wide, smaller than the crop (upscaled) and exactly the resize size."""
     img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
-    config = {"image_size": 64, "resize_size": 73, "mean": data.IMAGENET_MEAN, "std": data.IMAGENET_STD}
-    assert torch.equal(data.eval_transform(64)(img), torchvision_eval(config)(img))
+    config = {"image_size": 64, "resize_size": 73, "mean": preprocessing.IMAGENET_MEAN,
+              "std": preprocessing.IMAGENET_STD}
+    assert torch.equal(data.eval_transform(preprocessing.Preprocessing(64))(img), torchvision_eval(config)(img))
 
 
 

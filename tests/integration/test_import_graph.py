@@ -35,9 +35,7 @@ LAZY_IMPORTS = {
     ("imgclf.local", "imgclf.search.results"): "only for --hyperparameters files (a search's best trial)",
     ("imgclf.models", "timm"): "timm only for timm architectures (import time of ~1 s otherwise)",
     ("imgclf.models", "safetensors"): "only for a .safetensors weights file",
-    ("imgclf.preprocessing", "imgclf.data"): "the torchvision transforms for training and evaluation; serving "
-                                             "uses the numpy path (eval_array) and never calls these",
-    ("imgclf.search.local_search", "imgclf.local"): "the channel split of local mode, only when checking data",
+    ("imgclf.search.local_search", "imgclf.splits"): "the data folder is checked only once the flags are good",
     ("imgclf.serving.inference", "torch"): "check_model_dir without model.onnx: PyTorch serving (not the slim image)",
     ("imgclf.serving.inference", "safetensors"): "check_model_dir without model.onnx: PyTorch serving",
     ("imgclf.serving.inference", "imgclf.models"): "check_model_dir without model.onnx: PyTorch serving",
@@ -53,7 +51,7 @@ ONNX_SERVING_NEVER_RUNS = {
     ("imgclf.serving.inference", "torch"), ("imgclf.serving.inference", "safetensors"),
     ("imgclf.serving.inference", "imgclf.models"), ("imgclf.serving.runtime", "torch"),
     ("imgclf.serving.runtime", "imgclf.devices"), ("imgclf.artifacts", "imgclf.models"),
-    ("imgclf.artifacts", "safetensors"), ("imgclf.artifacts", "torch"), ("imgclf.preprocessing", "imgclf.data"),
+    ("imgclf.artifacts", "safetensors"), ("imgclf.artifacts", "torch"),
 }
 SERVING_ROOTS = ("imgclf.serve", "imgclf.serving.serve", "imgclf.serving.handler_service")  # serve; MMS workers
 TRAINING_ROOTS = ("imgclf.train", "imgclf.training.job", "imgclf.export")  # the image's `train`; torchrun; export

@@ -17,7 +17,7 @@ from pathlib import Path
 import boto3
 import pytest
 import torch
-from imgclf import local
+from imgclf import local, splits
 from imgclf.debugging import rules
 
 from tests.conftest import FAST_HPS
@@ -30,7 +30,7 @@ JOB = "imgclf-rulestop-test"
 
 def start_train(tmp: Path, data: Path, hps: dict[str, str], env: dict[str, str]) -> tuple[Path, subprocess.Popen]:
     base = tmp / "opt_ml"
-    local.write_tree(base, hps, local.split_channels(data))
+    local.write_tree(base, hps, splits.split_channels(data))
     proc = subprocess.Popen([local.venv_bin("train")], env=local.training_env(base, tmp / "checkpoints", env),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     return base / "output", proc

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from imgclf import local, sample_data
+from imgclf import local, sample_data, splits
 from imgclf.aws.training import metric_definitions
 from imgclf.debugging import rules
 from imgclf.errors import RuleStop
@@ -32,7 +32,7 @@ HEALTHY_OK = {rules.NO_ISSUES, rules.NOT_APPLICABLE}
 def run_train_job(tmp: Path, data: Path, hps: dict[str, str]) -> tuple[Path, subprocess.CompletedProcess]:
     """The `train` entrypoint over an /opt/ml tree that stays (local mode keeps only output/data)."""
     base = tmp / "opt_ml"
-    local.write_tree(base, hps, local.split_channels(data))
+    local.write_tree(base, hps, splits.split_channels(data))
     proc = subprocess.run([local.venv_bin("train")], env=local.training_env(base, tmp / "checkpoints"),
                           capture_output=True, text=True, timeout=600)
     return base / "output", proc

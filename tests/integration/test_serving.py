@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import requests
 import torch
-from imgclf import artifacts, data, local
+from imgclf import artifacts, data, local, preprocessing
 from imgclf.processes import free_port
 from PIL import Image
 
@@ -49,10 +49,10 @@ def reference(trained):
     """The evaluation path in this process: load_rgb with the draft size, the config's eval transform (its size,
     mean, std, interpolation and crop), the saved weights."""
     net, config = artifacts.load_model(trained[0] / "model")
-    transform = data.Preprocessing.from_config(config).eval_transform()
+    transform = data.eval_transform(preprocessing.Preprocessing.from_config(config))
 
     def probabilities(image: bytes) -> list[float]:
-        x = transform(data.load_rgb(io.BytesIO(image), draft_size=config["resize_size"]))
+        x = transform(preprocessing.load_rgb(io.BytesIO(image), draft_size=config["resize_size"]))
         with torch.inference_mode():
             return torch.softmax(net(x[None]), dim=1)[0].tolist()
     return probabilities, config

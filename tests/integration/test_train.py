@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from imgclf import artifacts, config, data, local, models
+from imgclf import artifacts, config, local, models, preprocessing
 from safetensors.torch import load_file
 
 from tests.conftest import FAST_HPS, TINY_HPS, local_train, random_resnet18_weights, train_in_process
@@ -28,7 +28,7 @@ def test_trained_artifacts(trained):
     cfg = json.loads((model_dir / "config.json").read_text())
     assert cfg["architecture"] == "resnet18"
     assert cfg["class_names"] == sorted(cfg["class_names"]) and len(cfg["class_names"]) == 5
-    assert cfg["image_size"] == 64 and cfg["resize_size"] == data.resize_size(64)
+    assert cfg["image_size"] == 64 and cfg["resize_size"] == preprocessing.resize_size(64)
     state = load_file(str(model_dir / "model.safetensors"))
     assert state["fc.weight"].shape == (5, 512)
     model, _ = artifacts.load_model(model_dir)  # rebuilt from config.json alone

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from imgclf import config, data
+from imgclf import config, preprocessing
 from imgclf.search.results import load_hyperparameters
 
 from tests.conftest import REPO
@@ -20,9 +20,10 @@ def test_there_are_recipes():
 
 def test_old_model_dirs_get_the_default_preprocessing():
     """config.json written before the preprocessing fields: bilinear, torchvision's 256/224 resize."""
-    prep = data.Preprocessing.from_config({"image_size": 64, "resize_size": data.resize_size(64),
-                                           "mean": list(data.IMAGENET_MEAN), "std": list(data.IMAGENET_STD)})
-    assert prep == data.Preprocessing(64) and prep.resize_size == data.resize_size(64) == 73
+    prep = preprocessing.Preprocessing.from_config({
+        "image_size": 64, "resize_size": preprocessing.resize_size(64), "mean": list(preprocessing.IMAGENET_MEAN),
+        "std": list(preprocessing.IMAGENET_STD)})
+    assert prep == preprocessing.Preprocessing(64) and prep.resize_size == preprocessing.resize_size(64) == 73
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)

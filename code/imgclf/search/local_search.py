@@ -191,7 +191,7 @@ class Search:
         self._check_settings()
 
     def _check_data(self) -> None:
-        from imgclf.local import split_channels  # torch: imported only once the flags are known to be good
+        from imgclf.splits import split_channels  # PIL: only once the flags are known to be good
 
         split_channels(self.data)
 

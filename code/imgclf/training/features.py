@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from imgclf import data
+from imgclf.preprocessing import Preprocessing
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +143,7 @@ class FrozenFeatures:
     for an epoch whose backbone is frozen, or None for the normal loop. Extraction happens on first use."""
 
     def __init__(self, hp, model: nn.Module, head: list[str], speed, splits: dict, sampler, make_loader,
-                 batch_size: int, prep: data.Preprocessing, watch=None):
+                 batch_size: int, prep: Preprocessing, watch=None):
         self.enabled, why = should_cache(hp)
         log.info("feature cache %s: %s", "on" if self.enabled else "off", why)
         self.hp, self.model, self.head, self.speed, self.splits = hp, model, head, speed, splits
@@ -152,7 +153,7 @@ class FrozenFeatures:
         self.valid: FeatureCache | None = None
 
     def _loader(self, split: str):
-        return self.make_loader(data.ImageDataset(self.splits[split].samples, self.prep.eval_transform(),
+        return self.make_loader(data.ImageDataset(self.splits[split].samples, data.eval_transform(self.prep),
                                                   self.prep.resize_size))
 
     def for_epoch(self, backbone_trains: bool) -> tuple[nn.Module, SamplerBatches, SequentialBatches] | None:

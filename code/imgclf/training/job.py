@@ -29,6 +29,7 @@ from imgclf import artifacts, config, data, devices, export, models, splits
 from imgclf.debugging import stop_action
 from imgclf.debugging.debugger import Debugger
 from imgclf.errors import RuleStop, UserError
+from imgclf.preprocessing import Preprocessing
 from imgclf.training import accel, checkpoint, cuda_check, distributed
 from imgclf.training.distributed import SINGLE, Context
 from imgclf.training.evaluate import Evaluation, evaluate
@@ -98,7 +99,7 @@ def rank_batch_size(hp, dist: Context) -> int:
 
 
 def build_model(hp, paths: Paths, num_classes: int,
-                device: torch.device) -> tuple[nn.Module, list[str], data.Preprocessing]:
+                device: torch.device) -> tuple[nn.Module, list[str], Preprocessing]:
     """The backbone (pretrained weights from the weights channel or the cache) with a new head, on `device`,
     and the preprocessing it expects (timm's data config; image-size overrides the size)."""
     model = models.build_backbone(hp.model)
@@ -129,8 +130,8 @@ def build_setup(hp, paths: Paths, splits: dict[str, splits.Split], device: torch
     draft = prep.resize_size
     rank_batch = rank_batch_size(hp, dist)
     sampler = EpochSampler(len(splits["train"].samples), hp.seed, rank=dist.rank, world_size=dist.world_size)
-    train_set = SeededDataset(splits["train"].samples, prep.train_transform(hp.augment), draft)
-    eval_tf = prep.eval_transform()
+    train_set = SeededDataset(splits["train"].samples, data.train_transform(prep, hp.augment), draft)
+    eval_tf = data.eval_transform(prep)
     eval_loaders = {name: make_loader(data.ImageDataset(dist.shard(s.samples), eval_tf, draft), hp, rank_batch)
                     for name, s in splits.items() if name != "train"}
     # Every rank extracts the features of all images, then trains the head on its shard (same sampler).
@@ -210,7 +211,7 @@ def final_evaluations(model, classes, eval_loaders, device, dist: Context) -> di
 
 
 def finish(hp, paths: Paths, model, classes, state: checkpoint.State, eval_loaders, device,
-           prep: data.Preprocessing, dist: Context = SINGLE) -> dict:
+           prep: Preprocessing, dist: Context = SINGLE) -> dict:
     """Evaluate the selected model once on test, write the model directory and the reports (rank 0)."""
     final = final_evaluations(model, classes, eval_loaders, device, dist)
     if not dist.is_main:

@@ -21,9 +21,9 @@ import torch
 from torch import nn
 
 from imgclf import models
-from imgclf.data import Preprocessing
 from imgclf.debugging.debugger import Debugger
 from imgclf.errors import RuleStop, TrainingDiverged, TrainingInterrupted
+from imgclf.preprocessing import Preprocessing
 from imgclf.training import checkpoint, distributed
 from imgclf.training.accel import Accel
 from imgclf.training.checkpoint import State

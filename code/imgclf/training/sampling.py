@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from imgclf import data
+from imgclf.preprocessing import load_rgb
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -53,7 +54,7 @@ class SeededDataset(data.ImageDataset):
     def __getitem__(self, item):
         index, seed = item
         path, label = self.samples[index]
-        image = data.load_rgb(path, self.draft_size)
+        image = load_rgb(path, self.draft_size)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             return self.transform(image), label
