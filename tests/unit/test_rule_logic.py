@@ -194,3 +194,21 @@ def test_evaluate_reports_the_validation_loss_under_the_training_criterion():
         assert ev.smoothed_loss == pytest.approx(smoothing(model(x), y).item(), rel=1e-5)
         assert ev.loss == pytest.approx(nn.functional.cross_entropy(model(x), y).item(), rel=1e-5)
     assert evaluate(model, batches, 3, torch.device("cpu")).smoothed_loss is None
+
+
+def test_vanishing_gradient_leaves_zero_initialised_gates_alone_at_the_first_step_only():
+    """timm's ResNets zero-initialise each block's last BatchNorm: at step 0 the convolutions inside a block get
+    gradients of exactly zero, and the first update opens them. Healthy: no finding. The same zeros later, and
+    tiny non-zero gradients at step 0, are findings."""
+    def stats(step: int) -> dict:
+        return {"step": step, "epoch": 1, "gradients": {"layer1.0.conv1.weight": {"mean_abs": 0.0},
+                                                       "layer1.0.bn2.weight": {"mean_abs": 0.02},
+                                                       "fc.weight": {"mean_abs": 0.1}}}
+    rule = rules.VanishingGradient()
+    assert rule.layer_stats(stats(0)) is None and rule.evaluated
+    assert "1 exactly zero at the first step" in rule.note
+    later = rule.layer_stats(stats(100))
+    assert later is not None and later.evidence["smallest"] == {"layer1.0.conv1.weight": 0.0}
+    tiny = stats(0)
+    tiny["gradients"]["layer1.0.conv1.weight"]["mean_abs"] = 1e-9
+    assert rules.VanishingGradient().layer_stats(tiny).evidence["count"] == 1

@@ -285,21 +285,27 @@ class PoorWeightInitialization(Rule):
 @dataclass(kw_only=True)
 class VanishingGradient(Rule):
     name = "vanishing_gradient"
-    explanation = "An issue when the mean absolute gradient of any trained parameter tensor falls below threshold."
+    explanation = ("An issue when the mean absolute gradient of any trained parameter tensor falls below threshold. "
+                   "At the first step a gradient of exactly zero is left out: the tensor is gated by a "
+                   "zero-initialised layer after it (the last BatchNorm of each block in timm's ResNets), which "
+                   "the first update opens.")
     advice = ("Check the initialisation (poor_weight_initialization), use normalisation layers or residual "
               "connections, a higher learning rate for the layers concerned, or a ReLU-family activation.")
     threshold: float = 1e-7
 
     def layer_stats(self, stats):
-        if not stats["gradients"]:
+        gradients = stats["gradients"]
+        if not gradients:
             return None
         self.evaluated = True
-        tiny = {n: g["mean_abs"] for n, g in stats["gradients"].items() if g["mean_abs"] < self.threshold}
-        self.note = f"step {stats['step']}: {len(stats['gradients'])} gradient tensors checked"
+        gated = {n for n, g in gradients.items() if g["mean_abs"] == 0.0} if stats["step"] == 0 else set()
+        tiny = {n: g["mean_abs"] for n, g in gradients.items() if g["mean_abs"] < self.threshold and n not in gated}
+        self.note = f"step {stats['step']}: {len(gradients)} gradient tensors checked" + (
+            f" ({len(gated)} exactly zero at the first step: gated by a zero-initialised layer)" if gated else "")
         if not tiny:
             return None
         shown = dict(sorted(tiny.items(), key=lambda kv: kv[1])[:5])
-        return Finding(f"{len(tiny)} of {len(stats['gradients'])} gradient tensors have mean |g| below "
+        return Finding(f"{len(tiny)} of {len(gradients)} gradient tensors have mean |g| below "
                        f"{self.threshold:g}, e.g. " + ", ".join(f"{n}={v:.3g}" for n, v in shown.items()),
                        stats["step"], stats["epoch"], {"count": len(tiny), "smallest": shown})
 
