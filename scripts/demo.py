@@ -84,7 +84,7 @@ def train(args, data_dir: Path) -> dict:
 
 def predict(url: str, data_dir: Path, count: int) -> None:
     split = "test" if (data_dir / "test").is_dir() else "valid"
-    images = sorted(p for p in (data_dir / split).rglob("*") if p.is_file() and splits.is_image_file(p))
+    images = splits.image_files(data_dir / split)
     picks = random.Random(0).sample(images, min(count, len(images)))
     print(f"sending {len(picks)} images from {data_dir / split} (their folder is the true breed)", flush=True)
     result = subprocess.run([sys.executable, str(REPO / "scripts" / "predict.py"), *map(str, picks),

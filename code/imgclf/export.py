@@ -48,7 +48,7 @@ OPSET = 17
 
 def images_of(folder: Path) -> list[Path]:
     """Every image of an ImageFolder split (class folders) or of a plain folder."""
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and splits.is_image_file(p))
+    files = splits.image_files(folder)
     if not files:
         raise ExportError(f"--data {folder}: no image files ({', '.join(splits.IMAGE_EXTENSIONS[:4])}...) in it")
     return files

@@ -24,6 +24,11 @@ def is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
 
 
+def image_files(folder: Path) -> list[Path]:
+    """The image files under `folder`, at any depth, sorted."""
+    return sorted(p for p in folder.rglob("*") if p.is_file() and is_image_file(p))
+
+
 @dataclass
 class Split:
     name: str
@@ -40,7 +45,7 @@ def scan_split(name: str, root: Path) -> tuple[Split, list[str]]:
         problems.append(f"{name} split {root}: no class folders (expected {root}/<class>/<image files>)")
     samples = []
     for index, class_dir in enumerate(class_dirs):
-        files = sorted(p for p in class_dir.rglob("*") if p.is_file() and is_image_file(p))
+        files = image_files(class_dir)
         if not files:
             problems.append(f"empty class folder {class_dir} (no {'/'.join(IMAGE_EXTENSIONS[:3])}... files)")
         samples.extend((f, index) for f in files)
