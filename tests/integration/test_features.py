@@ -29,5 +29,7 @@ def test_cached_head_training_matches_the_normal_loop(sample_dataset, tmp_path):
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), (key, a, b)
     # The head learned something (the loss moved), so equal metrics are not two untouched models.
     assert cached[-1]["train_loss"] != cached[0]["train_loss"]
-    # Epochs after the extraction skip the backbone entirely.
-    assert max(e["seconds"] for e in cached[1:]) < min(e["seconds"] for e in slow) / 3
+    # Every epoch of the cached run trained on the features extracted once (train and valid: two extractions);
+    # the speed-up itself is measured by scripts/bench/head_cache.py, not timed here.
+    assert [e["feature_cache"] for e in slow] == [False] * 3 and [e["feature_cache"] for e in cached] == [True] * 3
+    assert cached_log.count("feature cache: ") == 2, cached_log

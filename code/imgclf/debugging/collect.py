@@ -129,7 +129,7 @@ class Collector:
         """Per-epoch metrics (train/valid loss and accuracy) to TensorBoard, flushed."""
         if self.tb is not None:
             for key, value in record.items():
-                if key != "epoch" and isinstance(value, int | float):
+                if key != "epoch" and isinstance(value, int | float) and not isinstance(value, bool):
                     self.tb.add_scalar(f"epoch/{key}", value, record["epoch"])
             self.tb.flush()
 

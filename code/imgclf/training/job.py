@@ -183,7 +183,7 @@ def train_job(hp, paths: Paths, device: torch.device, dbg: Debugger, dist: Conte
         valid = validate(setup, step_model, valid_loader, cached)
         lr = setup.optimizer.param_groups[0]["lr"]
         setup.scheduler.step()
-        state.history.append(epoch_record(state.epoch, sums, valid, lr, started))
+        state.history.append(epoch_record(state.epoch, sums, valid, lr, started, cached))
         if dist.is_main:
             print(epoch_line(state.history[-1]), flush=True)
         stopping = coordinated_stop(dist, lambda: dbg.epoch_end(state.history))  # epoch rules, rules.json

@@ -43,11 +43,13 @@ class RunningSums:
         return asdict(self)
 
 
-def epoch_record(epoch: int, sums: RunningSums, valid: Evaluation, lr: float, started: float) -> dict:
+def epoch_record(epoch: int, sums: RunningSums, valid: Evaluation, lr: float, started: float,
+                 feature_cache: bool) -> dict:
     """One entry of the job's history (metrics.json, rules, the profiler report); `epoch` is 0-based."""
     return {
         "epoch": epoch + 1, "train_loss": sums.mean_loss, "train_accuracy": sums.accuracy, "valid_loss": valid.loss,
         "valid_accuracy": valid.accuracy, "lr": lr, "seconds": round(time.monotonic() - started, 3),
+        "feature_cache": feature_cache,  # the head trained on cached features: the backbone did not run
         # the validation loss under the training criterion (label smoothing): what the overfit rule compares
         **({"valid_loss_smoothed": valid.smoothed_loss} if valid.smoothed_loss is not None else {}),
     }
