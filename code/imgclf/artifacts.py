@@ -1,4 +1,5 @@
-"""The model directory contract (weights + config.json) shared by training and serving, and atomic writes.
+"""The model directory contract (weights + config.json) shared by training and serving; every file of it is
+written atomically (imgclf.atomic).
 
 config.json carries everything serving needs to rebuild the model and prepare images exactly as
 evaluation did: architecture, class names in index order, image size, resize size, normalisation.
@@ -8,13 +9,11 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
-import stat
 import tarfile
-from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from imgclf import atomic
 from imgclf.errors import WeightsError
 
 if TYPE_CHECKING:  # torch is imported where weights are read or written: the slim serving image has none
@@ -24,38 +23,6 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 ONNX_FILE = "model.onnx"  # the exported graph (imgclf.export); the weights above stay the source of truth
 FORMAT_VERSION = 1
-
-
-def _create_beside(path: Path) -> Path:
-    """A new empty file with a random name beside `path`, created as open() creates files (mode 0666 less the
-    umask: 0644 usually). A 0600 file renamed into place is one a non-root reader cannot open (a model directory
-    that SageMaker tars into model.tar.gz, read by a serving container's user)."""
-    for _ in range(100):
-        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-        try:
-            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-        except FileExistsError:
-            continue
-        return tmp
-    raise FileExistsError(f"no free temporary name beside {path}")
-
-
-@contextmanager
-def atomic_path(path: str | os.PathLike):
-    """Yield a temporary name beside `path`; rename it over `path` only if the block succeeds. The file gets the
-    permissions a plain open() would give it (umask), whatever the writer did: mkstemp and safetensors (0.8)
-    make 0600 files."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _create_beside(path)
-    mode = stat.S_IMODE(tmp.stat().st_mode)  # 0666 less the umask, without changing the process's umask
-    try:
-        yield tmp
-        os.chmod(tmp, mode)  # a writer may have replaced the file with a 0600 one of its own
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def extract(tar: tarfile.TarFile, dest: str | os.PathLike) -> None:
@@ -73,27 +40,13 @@ def extract(tar: tarfile.TarFile, dest: str | os.PathLike) -> None:
     tar.extractall(dest)
 
 
-def write_text(path: str | os.PathLike, text: str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
-
-
-def write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
-
-
-def write_json(path: str | os.PathLike, data) -> None:
-    write_text(path, json.dumps(data, indent=2) + "\n")
-
-
 def save_model(model_dir: str | os.PathLike, model: nn.Module, config: dict) -> None:
     from safetensors.torch import save_file
 
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    with atomic_path(Path(model_dir) / WEIGHTS_FILE) as tmp:
+    with atomic.atomic_path(Path(model_dir) / WEIGHTS_FILE) as tmp:
         save_file(state, str(tmp))
-    write_json(Path(model_dir) / CONFIG_FILE, {"format_version": FORMAT_VERSION, **config})
+    atomic.write_json(Path(model_dir) / CONFIG_FILE, {"format_version": FORMAT_VERSION, **config})
 
 
 def read_config(model_dir: str | os.PathLike) -> dict:
@@ -138,5 +91,5 @@ def load_model(model_dir: str | os.PathLike) -> tuple[nn.Module, dict]:
 def torch_save(path: str | os.PathLike, obj) -> None:
     import torch
 
-    with atomic_path(path) as tmp:
+    with atomic.atomic_path(path) as tmp:
         torch.save(obj, tmp)

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from imgclf import artifacts, splits
+from imgclf import artifacts, atomic, splits
 from imgclf.errors import ExportError, UserError
 from imgclf.preprocessing import Preprocessing, load_rgb
 
@@ -204,7 +204,7 @@ def export(model_dir: str | os.PathLike, images: list[Path] | None = None, int8:
     except ExportError:
         (model_dir / artifacts.ONNX_FILE).unlink(missing_ok=True)  # a graph of these weights would answer NaN too
         raise
-    with artifacts.atomic_path(model_dir / artifacts.ONNX_FILE) as tmp:
+    with atomic.atomic_path(model_dir / artifacts.ONNX_FILE) as tmp:
         try:
             export_graph(net, prep.image_size, tmp)
         except Exception as e:  # an operator torch.onnx cannot translate: say which model, keep the message
@@ -230,7 +230,7 @@ def export(model_dir: str | os.PathLike, images: list[Path] | None = None, int8:
         finally:
             tmp8.unlink(missing_ok=True)
     config["onnx"] = entry
-    artifacts.write_json(model_dir / artifacts.CONFIG_FILE, config)
+    atomic.write_json(model_dir / artifacts.CONFIG_FILE, config)
     log.info("exported %s in %.1f s: %s; parity on %s: largest logit difference %.2g (%s)", artifacts.ONNX_FILE,
              time.monotonic() - started, model_dir, source, parity["max_abs_logit_difference"], parity["tolerance"])
     if "int8" in entry:

@@ -34,7 +34,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from imgclf import artifacts, splits
+from imgclf import artifacts, atomic, splits
 from imgclf.errors import DataError
 from imgclf.processes import MAX_PORT, free_port, run_forwarding_signals, stop_group, venv_bin
 from imgclf.ui import server as ui_server
@@ -108,7 +108,7 @@ def readable_member(info: tarfile.TarInfo) -> tarfile.TarInfo:
 
 def pack_model(model_dir: Path, tarball: Path) -> None:
     """model.tar.gz as SageMaker makes it of /opt/ml/model: the folder's contents at the top level."""
-    with artifacts.atomic_path(tarball) as tmp, tarfile.open(tmp, "w:gz") as tar:
+    with atomic.atomic_path(tarball) as tmp, tarfile.open(tmp, "w:gz") as tar:
         for item in sorted(model_dir.iterdir()):
             tar.add(item, arcname=item.name, filter=readable_member)
 

@@ -25,7 +25,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from imgclf import artifacts, config
+from imgclf import artifacts, atomic, config
 from imgclf.errors import UserError
 
 RULES_FILE, SCALARS, LAYERS, METRICS = "rules.json", "scalars.jsonl", "layers.jsonl", "metrics.json"
@@ -199,7 +199,7 @@ class Trial:
             ax.grid(alpha=0.3)
         fig.suptitle(self.source, fontsize=9)
         fig.tight_layout()
-        with artifacts.atomic_path(path) as tmp:
+        with atomic.atomic_path(path) as tmp:
             fig.savefig(tmp, format="png", dpi=100)
         plt.close(fig)
 

@@ -54,6 +54,10 @@ ONNX_SERVING_NEVER_RUNS = {
     ("imgclf.artifacts", "safetensors"), ("imgclf.artifacts", "torch"),
 }
 SERVING_ROOTS = ("imgclf.serve", "imgclf.serving.serve", "imgclf.serving.handler_service")  # serve; MMS workers
+# The `serve` process, split by concern: the entrypoint, multi-model-server and its watchdog, the front on the port.
+SERVE_PROCESS = ("imgclf.serving.serve", "imgclf.serving.supervisor", "imgclf.serving.front")
+# What the MMS workers load to answer a request (numpy, PIL, onnxruntime): serve loads it only after the port opens.
+HANDLER_SIDE = ("imgclf.serving.handler_service", "imgclf.serving.inference", "imgclf.serving.runtime")
 TRAINING_ROOTS = ("imgclf.train", "imgclf.training.job", "imgclf.export")  # the image's `train`; torchrun; export
 HOST = ("imgclf.search", "imgclf.aws", "imgclf.local", "imgclf.ui", "imgclf.trial")
 
@@ -213,6 +217,45 @@ def test_roles_stay_apart():
         assert not {m for m in loaded if m.startswith(("imgclf.serving", *HOST))}, (root, loaded)
     assert not {m for m in reachable(graph, "imgclf.export") if m.startswith(("imgclf.training", "imgclf.debugging"))}
     assert not {m for m in reachable(graph, "imgclf.search.local_search") if m.startswith("imgclf.aws")}
+
+
+def test_atomic_writes_import_nothing_of_the_package():
+    """imgclf.atomic is the bottom of the graph: every role writes through it, so it imports nothing of imgclf (not
+    even under TYPE_CHECKING or inside a function) and no framework."""
+    tree = ast.parse((PACKAGE / "atomic.py").read_text())
+    imported = [alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names]
+    imported += [node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)]
+    relative = [ast.unparse(node) for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level]
+    assert not relative, relative
+    assert not [m for m in imported if m.split(".")[0] in ("imgclf", *FRAMEWORKS)], imported
+    eager, lazy = import_graphs()
+    assert eager["imgclf.atomic"] == {"imgclf"} and not lazy["imgclf.atomic"]  # only its parent package runs first
+    assert "imgclf.atomic" in eager["imgclf.artifacts"]  # the model directory contract writes through it
+    assert "imgclf.atomic" in eager["imgclf.serving.handler_service"]  # the workers' reports to the watchdog
+
+
+def test_the_serve_process_is_layered():
+    """The split `serve` process: the entrypoint on top, then multi-model-server's supervisor, then the front, which
+    MMS workers load too (inference's error bodies) and which so imports nothing of the package. Nothing imports the
+    entrypoint but the imgclf.serve shim; the workers never load the supervisor or the entrypoint; the process loads
+    the handler's side only lazily, once the port answers (the listed lazy imports of serve)."""
+    eager, lazy = import_graphs()
+    graph = merged(eager, lazy)
+    for module in SERVE_PROCESS:
+        assert module in eager, module
+    assert eager["imgclf.serving.front"] <= {"imgclf", "imgclf.serving"}, eager["imgclf.serving.front"]
+    assert "imgclf.serving.serve" not in reachable(graph, "imgclf.serving.supervisor")
+    assert not {"imgclf.serving.serve", "imgclf.serving.supervisor"} & reachable(graph, "imgclf.serving.front")
+    importers = {m for m, targets in graph.items() if "imgclf.serving.serve" in targets}
+    assert importers == {"imgclf.serve"}, importers
+    for worker_module in HANDLER_SIDE:
+        assert not set(SERVE_PROCESS[:2]) & reachable(graph, worker_module), worker_module
+    for module in SERVE_PROCESS:
+        assert not set(HANDLER_SIDE) & reachable(eager, module), (module, reachable(eager, module))
+        loaded = reachable(graph, module)
+        assert not {m for m in loaded if m.startswith(("imgclf.training", "imgclf.debugging", *HOST))}, (module, loaded)
+        assert not {m for m in reachable(without(graph, ONNX_SERVING_NEVER_RUNS), module)
+                    if m.split(".")[0] in FRAMEWORKS}, module
 
 
 def test_role_packages_import():

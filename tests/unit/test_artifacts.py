@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from imgclf import artifacts, config, export, local, models
+from imgclf import artifacts, atomic, config, export, local, models
 from imgclf.errors import ExportError, TrainingDiverged
 from imgclf.preprocessing import Preprocessing
 from imgclf.training.checkpoint import State
@@ -38,9 +38,9 @@ def test_atomic_writes_get_the_permissions_of_a_plain_open(tmp_path, umask, mask
     plain = tmp_path / "plain.txt"
     plain.write_text("x")
     artifacts.save_model(tmp_path, torch.nn.Linear(1, 1), {"architecture": "linear"})  # safetensors makes 0600
-    artifacts.write_bytes(tmp_path / "model.bin", b"\0" * 10)
+    atomic.write_bytes(tmp_path / "model.bin", b"\0" * 10)
     artifacts.torch_save(tmp_path / "checkpoint.pt", {"w": torch.zeros(2)})
-    with artifacts.atomic_path(tmp_path / "replaced") as tmp:
+    with atomic.atomic_path(tmp_path / "replaced") as tmp:
         tmp.unlink()
         os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT, 0o600))  # a writer that replaces the file with its own
     written = [artifacts.WEIGHTS_FILE, artifacts.CONFIG_FILE, "model.bin", "checkpoint.pt", "replaced"]
@@ -50,7 +50,7 @@ def test_atomic_writes_get_the_permissions_of_a_plain_open(tmp_path, umask, mask
 
 
 def test_a_failed_atomic_write_leaves_nothing(tmp_path):
-    with pytest.raises(RuntimeError), artifacts.atomic_path(tmp_path / "model.onnx") as tmp:
+    with pytest.raises(RuntimeError), atomic.atomic_path(tmp_path / "model.onnx") as tmp:
         tmp.write_text("half")
         raise RuntimeError("export failed")
     assert list(tmp_path.iterdir()) == []
@@ -60,7 +60,7 @@ def test_model_tarball_members_are_readable_by_anyone(tmp_path, umask):
     umask(0o077)  # the packed folder's own modes must not matter
     model = tmp_path / "model"
     (model / "code").mkdir(parents=True)
-    artifacts.write_json(model / "config.json", {"a": 1})
+    atomic.write_json(model / "config.json", {"a": 1})
     (model / "model.safetensors").write_bytes(b"\0" * 64)
     (model / "code" / "notes.txt").write_text("z")
     assert mode(model / "config.json") == mode(model / "model.safetensors") == 0o600

@@ -347,7 +347,7 @@ def test_onnx_threads_rule(monkeypatch, cpus, settings, expected):
 def test_watchdog_goes_by_the_workers_reports_when_mms_says_healthy(tmp_path, monkeypatch):
     import os
 
-    from imgclf.serving.serve import Watchdog, worker_states
+    from imgclf.serving.supervisor import Watchdog, worker_states
 
     dead = 2**22 + 1  # above Linux's highest possible pid (PID_MAX_LIMIT): never a live process
     me = tmp_path / f"{os.getpid()}.json"
@@ -370,7 +370,7 @@ def test_watchdog_goes_by_the_workers_reports_when_mms_says_healthy(tmp_path, mo
 
 def test_watchdog_gives_its_reason_before_it_stops_mms(monkeypatch):
     """main() reads the reason as soon as MMS exits, so it must be set before the stop (CI saw exit 0 without it)."""
-    from imgclf.serving.serve import Watchdog
+    from imgclf.serving.supervisor import Watchdog
 
     seen = []
     watchdog = Watchdog(0, 0, stop_mms=lambda reason: seen.append((reason, watchdog.reason)), worker_states=dict)

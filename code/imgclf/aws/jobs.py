@@ -14,7 +14,7 @@ import urllib.parse
 from pathlib import Path
 from typing import Any
 
-from imgclf import artifacts
+from imgclf import artifacts, atomic
 from imgclf.aws import s3sync, scripting
 from imgclf.aws.images import image_uri, local_image, training_kind
 from imgclf.aws.session import Api, AwsError, check_local_image
@@ -250,7 +250,7 @@ class LiveReports:
                 if key is None or self.etags.get(name) == objects[key]["ETag"]:
                     continue
                 body = self.api.call("s3", "GetObject", {"Bucket": bucket, "Key": key}, mutates=False)["Body"].read()
-                artifacts.write_bytes(self.dest / name, body)
+                atomic.write_bytes(self.dest / name, body)
                 self.etags[name] = objects[key]["ETag"]
                 fetched.append(self.dest / name)
         except AwsError as e:  # a live view is a convenience: the job and the final reports do not depend on it

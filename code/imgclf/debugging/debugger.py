@@ -33,7 +33,7 @@ import psutil
 import torch
 from torch import nn
 
-from imgclf import artifacts, config
+from imgclf import atomic, config
 from imgclf.debugging import report
 from imgclf.debugging.collect import Collector
 from imgclf.debugging.profiling import ProfilerCapture, StepTimer, SystemMonitor
@@ -188,9 +188,9 @@ class Debugger:
             "epochs": len(self.history), "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "rules": self.rules.to_json(),
         }
-        artifacts.write_json(self.data_dir / RULES_FILE, result)
+        atomic.write_json(self.data_dir / RULES_FILE, result)
         try:
-            artifacts.write_json(self.live_dir / RULES_FILE, result)
+            atomic.write_json(self.live_dir / RULES_FILE, result)
         except OSError as e:  # the live copy is a convenience; the job goes on without it
             log.warning("live rules.json not written to %s: %s", self.live_dir, e)
 
@@ -268,6 +268,6 @@ class Debugger:
             trace=str(self.profiler.trace.relative_to(self.data_dir)) if self.profiler.trace else None,
         ))
         for folder in (self.live_dir, *([self.data_dir] if final else [])):
-            artifacts.write_text(folder / REPORT_FILE, text)
+            atomic.write_text(folder / REPORT_FILE, text)
         if final:
             log.info("profiler report written to %s and %s", self.data_dir / REPORT_FILE, self.live_dir / REPORT_FILE)

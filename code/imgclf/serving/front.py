@@ -14,8 +14,10 @@ arrive; chunked bodies get 411, a bad Content-Length 400), the connections (MAX_
 requests held at once (their bodies' memory). asyncio, so a slow or idle client costs a socket, not a thread.
 Every refusal is a JSON body in the shape of MMS's errors: {"code": 413, "type": "...", "message": "..."}.
 
-`unhealthy` set: every contract request gets 503 with that reason (a model that cannot be served, or workers
-that died for good), so SageMaker's health check fails visibly and the body says why.
+`unhealthy` set: every contract request gets 503 with that reason (STARTING while `serve` checks the model, a
+model that cannot be served, or workers that died for good), so SageMaker's health check fails visibly and the
+body says why; `stand_in` holds that until SIGTERM. Batch transform (SAGEMAKER_BATCH set) gets its
+`execution_parameters`: one image per request, as many at once as there are workers, the payload limit.
 """
 
 from __future__ import annotations
@@ -25,10 +27,15 @@ import contextlib
 import http.client
 import json
 import logging
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from http import HTTPStatus
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from imgclf.serving.settings import ServingSettings
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +45,8 @@ BATCH_ROUTE = "/execution-parameters"
 # Hop-by-hop headers and those the relay sets itself are not passed on.
 NOT_RELAYED = {"connection", "keep-alive", "transfer-encoding", "content-length", "host", "te", "trailer",
                "upgrade", "proxy-connection"}
+STARTING = "the model server is starting"  # the 503 message while serve checks the model
+BATCH_ENV = "SAGEMAKER_BATCH"  # set by batch transform
 
 
 def error_body(status: int, message: str) -> bytes:
@@ -62,6 +71,25 @@ class Limits:
     relay_timeout: float  # seconds MMS may take to answer (its own request timeout is shorter)
     max_connections: int
     max_requests: int  # read or relayed at once: at most this many bodies in memory
+
+
+def limits_for(settings: ServingSettings) -> Limits:
+    """The front's limits from the serving settings: the payload limit, timeouts, connections, bodies held."""
+    workers = settings.workers or os.cpu_count() or 1
+    return Limits(max_body=settings.max_payload_bytes, idle_timeout=settings.idle_timeout_s,
+                  body_timeout=settings.body_timeout_s, relay_timeout=settings.model_server_timeout + 30,
+                  max_connections=settings.max_connections, max_requests=max(8, 4 * workers))
+
+
+def batch_transform() -> bool:
+    """Whether batch transform runs the container (then GET /execution-parameters is answered)."""
+    return os.environ.get(BATCH_ENV, "").lower() in ("1", "true", "yes")
+
+
+def execution_parameters(settings: ServingSettings) -> dict:
+    """What batch transform uses when the CreateTransformJob request leaves these out."""
+    return {"MaxConcurrentTransforms": settings.workers or os.cpu_count() or 1, "BatchStrategy": "SINGLE_RECORD",
+            "MaxPayloadInMB": -(-settings.max_payload_bytes // (1024 * 1024))}
 
 
 class Front:
@@ -115,6 +143,13 @@ class Front:
             with contextlib.suppress(Exception):
                 asyncio.run_coroutine_threadsafe(close(), self._loop).result(timeout=5)
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def stand_in(self, reason: str, stopped: threading.Event) -> None:
+        """Answer every contract request 503 with `reason` until `stopped` is set (SIGTERM), then stop."""
+        self.unhealthy = reason
+        while not stopped.wait(1.0):
+            pass
+        self.stop()
 
     # --- one connection -----------------------------------------------------------------------------------
 

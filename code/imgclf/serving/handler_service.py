@@ -16,7 +16,7 @@ import os
 from http import HTTPStatus
 from pathlib import Path
 
-from imgclf import artifacts
+from imgclf import atomic
 from imgclf.serving import inference
 from imgclf.serving.model_server import MODEL_DIR_ENV, WORKER_STATE_ENV
 
@@ -28,7 +28,7 @@ def report_state(loaded: bool, error: str | None = None) -> None:
     """<folder>/<pid>.json = {"loaded": ..., "error": ...}, written atomically (the watchdog reads it)."""
     folder = os.environ.get(WORKER_STATE_ENV)
     if folder:
-        artifacts.write_text(Path(folder) / f"{os.getpid()}.json", json.dumps({"loaded": loaded, "error": error}))
+        atomic.write_text(Path(folder) / f"{os.getpid()}.json", json.dumps({"loaded": loaded, "error": error}))
 
 
 class HandlerService:

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from imgclf import artifacts, config, data, devices, export, models, splits
+from imgclf import artifacts, atomic, config, data, devices, export, models, splits
 from imgclf.debugging import stop_action
 from imgclf.debugging.debugger import Debugger
 from imgclf.errors import RuleStop, UserError
@@ -234,10 +234,10 @@ def finish(hp, paths: Paths, model, classes, state: checkpoint.State, eval_loade
         "per_class_accuracy": {"split": report, **final[report].per_class_accuracy(classes)},
         "hyperparameters": dict(hp),
     }
-    artifacts.write_json(paths.output_data / "metrics.json", metrics)
+    atomic.write_json(paths.output_data / "metrics.json", metrics)
     rows = [",".join(["true\\predicted", *classes])]
     rows += [",".join([name, *map(str, row.tolist())]) for name, row in zip(classes, final[report].confusion)]
-    artifacts.write_text(paths.output_data / f"confusion_matrix_{report}.csv", "\n".join(rows) + "\n")
+    atomic.write_text(paths.output_data / f"confusion_matrix_{report}.csv", "\n".join(rows) + "\n")
     artifacts.save_model(paths.model, model, {
         "architecture": hp.model, "class_names": classes,
         **prep.to_config(),  # image size, resize, normalisation, interpolation: what serving transforms with
