@@ -21,7 +21,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "code"))
 
-from imgclf import artifacts, local, sample_data  # noqa: E402
+from imgclf import atomic, local, sample_data  # noqa: E402
 from imgclf.ui import chromium  # noqa: E402
 from PIL import Image  # noqa: E402
 from report_screenshot import HPS  # noqa: E402 (scripts/ is on the path: the same small run)
@@ -58,7 +58,7 @@ def shoot(model: Path, data: Path, photo: Path | None, png: Path) -> None:
                 browser.evaluate("document.getElementById('filename').textContent = "
                                  "document.getElementById('filename').textContent.split(' · ')[0]")  # no timing
                 raw = browser.screenshot(Path(tmp) / "raw.png")
-                with Image.open(raw) as img, artifacts.atomic_path(png) as out:
+                with Image.open(raw) as img, atomic.atomic_path(png) as out:
                     img.convert("RGB").quantize(colors=128, method=Image.Quantize.MEDIANCUT).save(out, "PNG",
                                                                                                    optimize=True)
     except local.ServerFailed as e:
