@@ -106,7 +106,8 @@ def trained(tmp_path_factory, sample_dataset) -> tuple[Path, subprocess.Complete
     with lock:
         if not done.exists():
             shutil.rmtree(out, ignore_errors=True)
-            result = local_train(sample_dataset, out, FAST_HPS)
+            # export-int8: test_export reads the int8 graph this run wrote and checked (a second run cost 100 s)
+            result = local_train(sample_dataset, out, {**FAST_HPS, "export-int8": "true"})
             assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
             done.write_text(json.dumps({"args": result.args, "stdout": result.stdout, "stderr": result.stderr}))
     run = json.loads(done.read_text())

@@ -21,10 +21,8 @@ from imgclf.serving import inference
 from PIL import Image
 from torchvision import transforms
 
-from tests.conftest import FAST_HPS, REPO, local_train
+from tests.conftest import REPO
 from tests.photos import DOG, forms
-
-pytestmark = pytest.mark.long  # scheduled first: see tests/conftest.py
 
 ENV = {"PYTHONPATH": str(REPO / "code"), "PATH": ""}
 
@@ -52,17 +50,17 @@ def test_training_writes_a_checked_dynamic_batch_graph(trained, sample_dataset):
         np.testing.assert_allclose(logits, expected, atol=export.PARITY_ATOL, rtol=export.PARITY_RTOL)
 
 
-def test_training_with_export_int8_writes_the_quantized_graph_it_checked(sample_dataset, tmp_path):
-    """export-int8=true: the int8 graph is accepted (top-1 agrees with float32 on every validation image, the
-    largest probability difference under the bound), it is a quantized graph, it is on disk and in model.tar.gz,
-    and running it and model.onnx on the validation images gives the figures config.json records."""
+def test_training_with_export_int8_writes_the_quantized_graph_it_checked(trained, sample_dataset):
+    """export-int8=true (the session's shared run sets it): the int8 graph is accepted (top-1 agrees with float32
+    on every validation image, the largest probability difference under the bound), it is a quantized graph, it is
+    on disk and in model.tar.gz, and running it and model.onnx on the validation images gives the figures
+    config.json records."""
     import onnx
 
     # FAST_HPS's 4 epochs: a model sure of its answers (smallest top-1 lead 0.21 in probability; int8 moves
     # probabilities by 0.03). After 2 epochs (valid accuracy 0.72) int8 flipped a near tie: 39 of 40, rejected.
-    result = local_train(sample_dataset, tmp_path, {**FAST_HPS, "export-int8": "true", "debugging": "false"})
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    config = json.loads((tmp_path / "model" / "config.json").read_text())
+    out, result = trained
+    config = json.loads((out / "model" / "config.json").read_text())
     int8 = config["onnx"]["int8"]
     images = valid_images(sample_dataset)
     assert int8["images"] == len(images) == 40
@@ -73,18 +71,18 @@ def test_training_with_export_int8_writes_the_quantized_graph_it_checked(sample_
     assert (f"int8 graph accepted: top-1 agrees on {int8['images']} of {int8['images']} images, largest probability "
             f"difference {int8['max_probability_difference']:.4f}") in result.stdout + result.stderr
 
-    path = tmp_path / "model" / export.INT8_FILE
+    path = out / "model" / export.INT8_FILE
     nodes = onnx.load(str(path)).graph.node
-    fp32_convs = [n for n in onnx.load(str(tmp_path / "model" / "model.onnx")).graph.node if n.op_type == "Conv"]
-    dequantized = {out for n in nodes if n.op_type == "DequantizeLinear" for out in n.output}
+    fp32_convs = [n for n in onnx.load(str(out / "model" / "model.onnx")).graph.node if n.op_type == "Conv"]
+    dequantized = {name for n in nodes if n.op_type == "DequantizeLinear" for name in n.output}
     quantized_convs = [n for n in nodes if n.op_type == "Conv" and n.input[1] in dequantized]  # QDQ int8 weights
     assert any(n.op_type == "QuantizeLinear" for n in nodes), "no activation is quantized"
     assert len(quantized_convs) == len(fp32_convs) - 1, (len(quantized_convs), len(fp32_convs))  # all but the first
-    with tarfile.open(tmp_path / "model.tar.gz") as tar:
+    with tarfile.open(out / "model.tar.gz") as tar:
         assert tar.extractfile(export.INT8_FILE).read() == path.read_bytes()
 
     x = export.preprocess(images, preprocessing.Preprocessing.from_config(config))
-    p32 = export.softmax(export.run_session(export.session(tmp_path / "model" / "model.onnx"), x))
+    p32 = export.softmax(export.run_session(export.session(out / "model" / "model.onnx"), x))
     p8 = export.softmax(export.run_session(export.session(path), x))
     assert int((p32.argmax(1) == p8.argmax(1)).sum()) == int8["top1_agreements"]
     assert float(np.abs(p32 - p8).max()) == pytest.approx(int8["max_probability_difference"], abs=1e-6)
@@ -94,6 +92,7 @@ def test_export_command_on_an_existing_model_with_int8(trained, sample_dataset, 
     model = tmp_path / "model"
     shutil.copytree(trained[0] / "model", model)
     (model / "model.onnx").unlink()
+    (model / export.INT8_FILE).unlink()
     config = json.loads((model / "config.json").read_text())
     del config["onnx"]
     (model / "config.json").write_text(json.dumps(config))  # as trained before the export existed
@@ -135,6 +134,7 @@ def test_a_graph_that_differs_from_pytorch_fails_the_export(trained, sample_data
     model = tmp_path / "model"
     shutil.copytree(trained[0] / "model", model)
     (model / "model.onnx").unlink()
+    (model / export.INT8_FILE).unlink()
     real_export = export.export_graph
 
     def drifted(net, image_size, path):

@@ -37,7 +37,7 @@ def test_trained_artifacts(trained):
     import tarfile
 
     with tarfile.open(out / "model.tar.gz") as tar:
-        assert sorted(tar.getnames()) == ["config.json", "model.onnx", "model.safetensors"]
+        assert sorted(tar.getnames()) == ["config.json", "model.int8.onnx", "model.onnx", "model.safetensors"]
 
     metrics = json.loads((out / "reports" / "metrics.json").read_text())
     assert [h["epoch"] for h in metrics["history"]] == [1, 2, 3, 4]
