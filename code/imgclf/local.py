@@ -29,7 +29,7 @@ import tarfile
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -207,6 +207,24 @@ class ServerFailed(RuntimeError):
     """A local server that exited or never answered /ping 200; the message ends with its log's tail."""
 
 
+def wait_healthy(ping: str, timeout: float = STARTUP_TIMEOUT, failed: Callable[[], str | None] = lambda: None,
+                 interval: float = 0.5) -> float:
+    """Seconds until GET `ping` answered 200: the one wait for a server (local process or container) to be
+    healthy. ServerFailed as soon as `failed()` gives a reason (the process or container ended), or at `timeout`."""
+    started = time.monotonic()
+    while (waited := time.monotonic() - started) < timeout:
+        if (reason := failed()) is not None:
+            raise ServerFailed(reason)
+        try:
+            with urllib.request.urlopen(ping, timeout=2) as response:
+                if response.status == 200:
+                    return waited
+        except OSError:  # refused, reset, or an HTTP error status (503 while the model loads)
+            pass
+        time.sleep(interval)
+    raise ServerFailed(f"no healthy {ping} within {timeout:.0f} s")
+
+
 @dataclass
 class LocalServer:
     """A `python -m imgclf.local serve` process group: `url` answers /ping and /invocations, `ui_url` the page."""
@@ -217,20 +235,15 @@ class LocalServer:
 
     def wait_healthy(self, timeout: float = STARTUP_TIMEOUT) -> None:
         ping = (self.ui_url or self.url + "/") + "ping"  # with the page, through it: both answer
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise ServerFailed(f"the server exited with {self.proc.returncode}; its log ({self.log}) ends:\n"
-                                   + self.log.read_text(errors="replace")[-4000:])
-            try:
-                with urllib.request.urlopen(ping, timeout=2) as response:
-                    if response.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.5)
-        raise ServerFailed(f"no healthy {ping} within {timeout:.0f} s; the log ({self.log}) ends:\n"
-                           + self.log.read_text(errors="replace")[-4000:])
+
+        def exited() -> str | None:
+            return None if self.proc.poll() is None else f"the server exited with {self.proc.returncode}"
+
+        try:
+            wait_healthy(ping, timeout, exited)
+        except ServerFailed as e:
+            raise ServerFailed(f"{e}; its log ({self.log}) ends:\n"
+                               + self.log.read_text(errors="replace")[-4000:]) from None
 
     def stop(self) -> list[str]:
         """SIGTERM the whole group (serve, Java, workers) as Ctrl-C would; what had to be SIGKILLed (none, if

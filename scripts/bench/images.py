@@ -23,6 +23,7 @@ from pathlib import Path
 
 import common
 import requests
+from imgclf import local
 from imgclf.processes import free_port
 
 HPS = {"model": "resnet18", "pretrained": "false", "freeze": "none", "augment": "false", "image-size": "96",
@@ -70,15 +71,10 @@ def cold_start(engine: list[str], image: str, model_dir: Path, photo: bytes, sta
             f"{model_dir}:/opt/ml/model:ro", image, "serve")
         try:
             url = f"http://127.0.0.1:{port}"
-            while True:
-                try:
-                    if requests.get(f"{url}/ping", timeout=2).status_code == 200:
-                        break
-                except requests.RequestException:
-                    pass
-                if time.monotonic() - started > 300:
-                    raise SystemExit(f"{image}: /ping not healthy in 300 s")
-                time.sleep(0.1)
+            try:
+                local.wait_healthy(f"{url}/ping", 300, interval=0.1)
+            except local.ServerFailed as e:
+                raise SystemExit(f"{image}: {e}") from None
             pings.append(time.monotonic() - started)
             response = requests.post(f"{url}/invocations", data=photo, headers={"Content-Type": "image/jpeg"},
                                      timeout=120)

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 import requests
+from imgclf import local
 
 from tests import hostile
 from tests.conftest import FAST_HPS, REPO, free_port
@@ -294,15 +295,10 @@ def test_stopped_container_resumes_from_its_checkpoint(images, tmp_path, sample_
 # ---- serving ---------------------------------------------------------------------------------------------
 
 def wait_healthy(url: str, name: str, timeout: float = 240) -> float:
-    started, deadline = time.monotonic(), time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if requests.get(f"{url}/ping", timeout=5).status_code == 200:
-                return time.monotonic() - started
-        except requests.RequestException:
-            pass
-        time.sleep(0.5)
-    pytest.fail(f"/ping not healthy after {timeout} s:\n{engine('logs', name, check=False).stderr[-5000:]}")
+    try:
+        return local.wait_healthy(f"{url}/ping", timeout)
+    except local.ServerFailed as e:
+        pytest.fail(f"{e}:\n{engine('logs', name, check=False).stderr[-5000:]}")
 
 
 @pytest.fixture(scope="module")
@@ -529,15 +525,11 @@ def test_make_local_train_serve_predict(images, tmp_path, sample_dataset, make_l
     log = tmp_path / "serve.log"
     serving = start_make(log, "local-serve", *common)
     try:
-        deadline = time.monotonic() + 240
-        while True:
-            try:
-                if requests.get(f"http://127.0.0.1:{port}/ping", timeout=5).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            assert serving.poll() is None and time.monotonic() < deadline, log.read_text()
-            time.sleep(1)
+        try:
+            local.wait_healthy(f"http://127.0.0.1:{port}/ping", 240,
+                               lambda: None if serving.poll() is None else f"make exited with {serving.returncode}")
+        except local.ServerFailed as e:
+            pytest.fail(f"{e}:\n{log.read_text()}")
         published = engine("ps", "--filter", f"label={make_label.split()[-1]}", "--format", "{{.Ports}}").stdout
         assert f"127.0.0.1:{port}->8080" in published, published  # not on every interface
         predict = make("local-predict", *common, f"PREDICT_FILE={DOG}", timeout=120)
