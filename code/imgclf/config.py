@@ -2,7 +2,8 @@
 
 Hyperparameters are kebab-case, as SageMaker passes them. The toolkit json-decodes each value, falling back
 to the raw string, so "0.01" arrives as 0.01 and "vgg16" as "vgg16"; `parse_hyperparameters` checks names,
-types, ranges and choices and returns a `Hyperparameters` mapping with attribute access (hp.batch_size).
+types, ranges and choices and returns a frozen `Hyperparameters`: one typed attribute per schema entry, in
+snake_case (hp.batch_size). `to_dict` gives them back under the schema's names (what metrics.json records).
 """
 
 from __future__ import annotations
@@ -10,15 +11,22 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, get_args
 
 from imgclf.errors import HyperparameterError
 
-FREEZE_MODES = ("head", "none", "head-then-all")
-OPTIMIZERS = ("adam", "adamw", "sgd")
-SCHEDULERS = ("cosine", "step", "none")
-AMP_MODES = ("auto", "bf16", "fp16", "off")
-AUTO_ON_OFF = ("auto", "on", "off")
+FreezeMode = Literal["head", "none", "head-then-all"]
+OptimizerName = Literal["adam", "adamw", "sgd"]
+SchedulerName = Literal["cosine", "step", "none"]
+AmpMode = Literal["auto", "bf16", "fp16", "off"]
+AutoOnOff = Literal["auto", "on", "off"]
+FREEZE_MODES: tuple[str, ...] = get_args(FreezeMode)
+OPTIMIZERS: tuple[str, ...] = get_args(OptimizerName)
+SCHEDULERS: tuple[str, ...] = get_args(SchedulerName)
+AMP_MODES: tuple[str, ...] = get_args(AmpMode)
+AUTO_ON_OFF: tuple[str, ...] = get_args(AutoOnOff)
+# A switch whose `auto` depends on other hyperparameters: parse_hyperparameters resolves it to a bool.
+AUTO_TRUE_FALSE = ("auto", "true", "false")
 MIN_IMAGE_SIZE = 16
 
 
@@ -60,7 +68,7 @@ SCHEMA: tuple[Param, ...] = (
           "data config for timm/ models, 224 for torchvision models", min=0, max=1024),
     Param("augment", str, "auto", "random resized crop + horizontal flip on the training split; auto = off with "
           "freeze=head (the backbone's features are then cached: epochs after the first take milliseconds), "
-          "on otherwise", choices=("auto", "true", "false")),
+          "on otherwise", choices=AUTO_TRUE_FALSE),
     Param("num-workers", int, -1, "DataLoader worker processes; -1 = one per CPU, up to 8", min=-1, max=64),
     Param("seed", int, 42, "seed for weights of the new head, data order and augmentation", min=0),
     Param("early-stopping-patience", int, 0, "stop after this many epochs without a better validation "
@@ -120,14 +128,58 @@ METRIC_DEFINITIONS: tuple[dict[str, str], ...] = tuple(
 )
 
 
-class Hyperparameters(dict):
-    """Validated hyperparameters; `hp.batch_size` reads `hp["batch-size"]`."""
+def attribute_name(name: str) -> str:
+    """The `Hyperparameters` attribute of a schema name: batch-size -> batch_size."""
+    return name.replace("-", "_")
 
-    def __getattr__(self, attr: str) -> Any:
-        try:
-            return self[attr.replace("_", "-")]
-        except KeyError as e:
-            raise AttributeError(attr) from e
+
+@dataclass(frozen=True, kw_only=True)
+class Hyperparameters:
+    """A job's validated hyperparameters (`parse_hyperparameters` makes them): one field per SCHEMA entry, in its
+    order, named by `attribute_name`, of its type (a Literal of its choices); augment is resolved to a bool.
+    tests/unit/test_settings.py holds the fields to the schema."""
+    lr: float
+    batch_size: int
+    epochs: int
+    model: str
+    pretrained: bool
+    download_weights: bool
+    freeze: FreezeMode
+    head_epochs: int
+    backbone_lr_factor: float
+    optimizer: OptimizerName
+    momentum: float
+    weight_decay: float
+    label_smoothing: float
+    lr_scheduler: SchedulerName
+    image_size: int
+    augment: bool  # the schema's auto/true/false; auto: on unless freeze=head
+    num_workers: int
+    seed: int
+    early_stopping_patience: int
+    debugging: bool
+    rules: str
+    rules_config: str
+    rules_stop: str
+    collect_train_interval: int
+    collect_eval_interval: int
+    collect_stats_interval: int
+    monitor_interval_ms: int
+    profiler_steps: int
+    profiler_start_step: int
+    init_scale: float
+    amp: AmpMode
+    channels_last: AutoOnOff
+    compile: AutoOnOff
+    feature_cache: AutoOnOff
+    export_int8: bool
+    prefetch_factor: int
+    processes_per_host: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """{schema name: value} in the schema's order, e.g. {"lr": 0.001, "batch-size": 32, ...}: what metrics.json,
+        config.json, the checkpoint's fingerprint and the profiler report record."""
+        return {p.name: getattr(self, attribute_name(p.name)) for p in SCHEMA}
 
 
 def _coerce(param: Param, value: Any) -> Any:
@@ -177,7 +229,7 @@ def parse_hyperparameters(raw: dict[str, Any]) -> Hyperparameters:
         problems.append(
             f"unknown hyperparameter(s) {', '.join(unknown)}; known: {', '.join(p.name for p in SCHEMA)}"
         )
-    hp = Hyperparameters((p.name, p.default) for p in SCHEMA)
+    values = {p.name: p.default for p in SCHEMA}
     for name, value in raw.items():
         param = _BY_NAME.get(name)
         if param is None:
@@ -192,14 +244,20 @@ def parse_hyperparameters(raw: dict[str, Any]) -> Hyperparameters:
         elif (param.min is not None and value < param.min) or (param.max is not None and value > param.max):
             problems.append(f"hyperparameter {name}={value!r}: must be between {param.min} and {param.max}")
         else:
-            hp[name] = value
+            values[name] = value
     if problems:
         raise HyperparameterError("; ".join(problems))
-    if 0 < hp["image-size"] < MIN_IMAGE_SIZE:
-        raise HyperparameterError(f"hyperparameter image-size={hp['image-size']}: use 0 (the model's own size) "
+    if 0 < values["image-size"] < MIN_IMAGE_SIZE:
+        raise HyperparameterError(f"hyperparameter image-size={values['image-size']}: use 0 (the model's own size) "
                                   f"or at least {MIN_IMAGE_SIZE} pixels")
-    hp["augment"] = hp["freeze"] != "head" if hp["augment"] == "auto" else hp["augment"] == "true"
-    return hp
+    values["augment"] = values["freeze"] != "head" if values["augment"] == "auto" else values["augment"] == "true"
+    return Hyperparameters(**{attribute_name(name): value for name, value in values.items()})
+
+
+def parse_value(name: str, value: Any) -> Any:
+    """One hyperparameter's value, validated and typed as `parse_hyperparameters` does it (e.g. a search range's
+    bound): parse_value("batch-size", "64") -> 64."""
+    return parse_hyperparameters({name: value}).to_dict()[name]
 
 
 def default(name: str) -> Any:
@@ -216,7 +274,7 @@ def hp_string(value: Any) -> str:
 
 def hyperparameter_strings(raw: dict[str, Any]) -> dict[str, str]:
     """Validate `raw` with the training code's schema; return only the given ones, as SageMaker strings."""
-    valid = parse_hyperparameters(raw)
+    valid = parse_hyperparameters(raw).to_dict()
     return {name: hp_string(valid[name]) for name in sorted(raw)}
 
 

@@ -29,13 +29,14 @@ def test_bad_values_are_named():
 
 
 def test_auto_settings_follow_the_model():
-    hp = config.parse_hyperparameters({})
+    auto = accel.SpeedSettings.from_hyperparameters(config.parse_hyperparameters({}))
+    assert auto == accel.SpeedSettings(amp="auto", channels_last="auto", compile="auto")
     cnn, _ = models.build_model("resnet18", 3)
     vit, _ = models.build_model("vit_b_16", 3)
-    assert accel.from_hyperparameters(hp, cnn, CPU).channels_last
-    assert not accel.from_hyperparameters(hp, vit, CPU).channels_last  # one conv: the patch embedding
-    assert not accel.from_hyperparameters(hp, cnn, CPU).compile  # auto: off on CPU
-    forced = accel.from_hyperparameters(config.parse_hyperparameters({"channels-last": "off", "amp": "off"}), cnn, CPU)
+    assert auto.for_model(cnn, CPU).channels_last
+    assert not auto.for_model(vit, CPU).channels_last  # one conv: the patch embedding
+    assert not auto.for_model(cnn, CPU).compile  # auto: off on CPU
+    forced = accel.SpeedSettings(amp="off", channels_last="off", compile="auto").for_model(cnn, CPU)
     assert not forced.channels_last and forced.dtype is None and forced.scaler is None
 
 

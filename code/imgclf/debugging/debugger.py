@@ -27,13 +27,16 @@ import logging
 import platform
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psutil
 import torch
 from torch import nn
 
 from imgclf import atomic, config
+from imgclf.config import Hyperparameters
 from imgclf.debugging import report
 from imgclf.debugging.collect import Collector
 from imgclf.debugging.profiling import ProfilerCapture, StepTimer, SystemMonitor
@@ -57,12 +60,42 @@ def scale_initial_weights(model: nn.Module, factor: float) -> None:
     log.warning("init-scale=%g: conv/linear weights multiplied by %g (a debugging aid)", factor, factor)
 
 
-class Debugger:
-    """`enabled=False` (the other ranks of a distributed job) runs with debugging off whatever hp.debugging says."""
+@dataclass(frozen=True)
+class DebugSettings:
+    """What the Debugger reads of a job's hyperparameters: its own (debugging ... init-scale), and for the report
+    the model's name and the whole set, under the schema's names."""
+    debugging: bool
+    rules: str
+    rules_config: str
+    rules_stop: str
+    collect_train_interval: int
+    collect_eval_interval: int
+    collect_stats_interval: int
+    monitor_interval_ms: int
+    profiler_start_step: int
+    profiler_steps: int
+    init_scale: float
+    model: str
+    hyperparameters: dict[str, Any]
 
-    def __init__(self, hp, output_dir: Path, device: torch.device, enabled: bool = True):
-        self.enabled = enabled and bool(hp.debugging)
-        self.hp, self.device, self.output_dir = hp, device, output_dir
+    @classmethod
+    def from_hyperparameters(cls, hp: Hyperparameters) -> DebugSettings:
+        return cls(debugging=hp.debugging, rules=hp.rules, rules_config=hp.rules_config, rules_stop=hp.rules_stop,
+                   collect_train_interval=hp.collect_train_interval, collect_eval_interval=hp.collect_eval_interval,
+                   collect_stats_interval=hp.collect_stats_interval, monitor_interval_ms=hp.monitor_interval_ms,
+                   profiler_start_step=hp.profiler_start_step, profiler_steps=hp.profiler_steps,
+                   init_scale=hp.init_scale, model=hp.model, hyperparameters=hp.to_dict())
+
+
+class Debugger:
+    """`enabled=False` (the other ranks of a distributed job) runs with debugging off whatever `debugging` says."""
+
+    def __init__(self, settings: DebugSettings | Hyperparameters, output_dir: Path, device: torch.device,
+                 enabled: bool = True):
+        if isinstance(settings, Hyperparameters):  # scripts/bench/collection_overhead.py passes the whole set
+            settings = DebugSettings.from_hyperparameters(settings)
+        self.enabled = enabled and settings.debugging
+        self.settings, self.device, self.output_dir = settings, device, output_dir
         self.data_dir = output_dir / "data"
         self.live_dir = Path(config.tensorboard_dir())
         self.step = 0
@@ -76,18 +109,20 @@ class Debugger:
         self._eval_stop: RuleStop | None = None  # found during validation, raised at the epoch end
         if not self.enabled:
             return
-        self.rules: RuleSet = configure(hp.rules, hp.rules_config, hp.rules_stop)
+        self.rules: RuleSet = configure(settings.rules, settings.rules_config, settings.rules_stop)
         profiler_dir = self.data_dir / config.DATA_PROFILER
-        self.collector = Collector(self.data_dir / config.DATA_TENSORS, self.live_dir, hp.collect_train_interval,
-                                   hp.collect_eval_interval, hp.collect_stats_interval)
-        self.monitor = SystemMonitor(profiler_dir / "system.jsonl", hp.monitor_interval_ms).start()
+        self.collector = Collector(self.data_dir / config.DATA_TENSORS, self.live_dir,
+                                   settings.collect_train_interval, settings.collect_eval_interval,
+                                   settings.collect_stats_interval)
+        self.monitor = SystemMonitor(profiler_dir / "system.jsonl", settings.monitor_interval_ms).start()
         self.timer = StepTimer(profiler_dir / "steps.jsonl", device)
-        self.profiler = ProfilerCapture(profiler_dir, hp.profiler_start_step, hp.profiler_steps, device)
+        self.profiler = ProfilerCapture(profiler_dir, settings.profiler_start_step, settings.profiler_steps, device)
         log.info("debugging: rules %s; tensors every %d train / %d eval steps, layer statistics every %d; "
                  "system monitor every %d ms; profiler steps %d-%d",
                  ", ".join(r.rule.name + ("(stop)" if r.rule.stop else "") for r in self.rules.results) or "none",
-                 hp.collect_train_interval, hp.collect_eval_interval, hp.collect_stats_interval,
-                 hp.monitor_interval_ms, hp.profiler_start_step, hp.profiler_start_step + hp.profiler_steps - 1)
+                 settings.collect_train_interval, settings.collect_eval_interval, settings.collect_stats_interval,
+                 settings.monitor_interval_ms, settings.profiler_start_step,
+                 settings.profiler_start_step + settings.profiler_steps - 1)
 
     def __enter__(self) -> Debugger:
         return self
@@ -97,8 +132,8 @@ class Debugger:
 
     def attach(self, model: nn.Module, optimizer) -> None:
         """The model the job trains (init-scale applies here, before any checkpoint is restored)."""
-        if self.hp.init_scale != 1.0:
-            scale_initial_weights(model, self.hp.init_scale)
+        if self.settings.init_scale != 1.0:
+            scale_initial_weights(model, self.settings.init_scale)
         self.model, self.optimizer = model, optimizer
         if (Path(config.base_dir()) / "input" / "config" / DEBUG_HOOK_CONFIG).is_file():
             log.info("SageMaker passed a Debugger hook configuration: this image does not run smdebug's hook, so "
@@ -117,7 +152,7 @@ class Debugger:
         self.timer.mark("data")
         self.profiler.step_begin(self.step)
         self._stats_step = self.model is not None and self.collector.wants_stats(self.step)
-        if self._stats_step:
+        if self.model is not None and self._stats_step:
             self.collector.hook_activations(self.model)
 
     def mark(self, phase: str) -> None:
@@ -138,7 +173,7 @@ class Debugger:
         self.collector.train_step(step, self.epoch, loss, lr)
         self.profiler.step_end(step)
         self.rules.train_loss(step, self.epoch, loss)
-        if self._stats_step:
+        if self.model is not None and self._stats_step:
             self._stats_step = False
             self.rules.layer_stats(self.collector.layer_stats(self.model, step, self.epoch))
 
@@ -256,12 +291,12 @@ class Debugger:
     def write_report(self, status: str, error: str | None, final: bool = True) -> None:
         """The report in the live folder (every epoch) and, when the job ends (`final`), in output/data."""
         text = report.render(report.ReportData(
-            job={"status": status, "error": error, "device": str(self.device), "model": self.hp.model,
+            job={"status": status, "error": error, "device": str(self.device), "model": self.settings.model,
                  "steps": self.step, "epochs": len(self.history), "host": platform.node(),
                  "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(self.started)),
                  "duration_s": round(time.time() - self.started, 1),
                  "torch": torch.__version__, "gpu": self.monitor.has_gpu, "process_start": PROCESS_START},
-            hyperparameters=dict(self.hp), history=self.history, loss_points=self.collector.points,
+            hyperparameters=self.settings.hyperparameters, history=self.history, loss_points=self.collector.points,
             samples=list(self.monitor.samples), steps=list(self.timer.steps), step_totals=dict(self.timer.totals),
             rules=self.rules.to_json(), top_operators=self.profiler.top_operators,
             profiler_steps=self.profiler.captured,

@@ -32,7 +32,7 @@ import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import FrozenTrial, Trial, TrialState
 
-from imgclf.config import hyperparameter_strings, parse_hyperparameters
+from imgclf.config import hyperparameter_strings, parse_value
 from imgclf.errors import HyperparameterError, UserError
 from imgclf.exit_codes import EXIT_INTERRUPTED, EXIT_OK, JobFailed
 from imgclf.search.flags import CLOUD, LOCAL, given_elsewhere, only_for
@@ -98,16 +98,12 @@ def distributions(space: dict[str, dict[str, Any]]) -> dict[str, BaseDistributio
         if scaling == "ReverseLogarithmic":
             raise HyperparameterError(f"{name}: ReverseLogarithmic scaling has no Optuna equivalent; use "
                                       "Logarithmic or Linear with --local")
-        low, high = _typed(name, r["MinValue"]), _typed(name, r["MaxValue"])
+        low, high = parse_value(name, r["MinValue"]), parse_value(name, r["MaxValue"])
         kind = FloatDistribution if isinstance(low, float) else IntDistribution
         dists[name] = kind(low, high, log=scaling == "Logarithmic")  # Auto: linear
     for r in ranges.get("CategoricalParameterRanges", []):
-        dists[r["Name"]] = CategoricalDistribution([_typed(r["Name"], v) for v in r["Values"]])
+        dists[r["Name"]] = CategoricalDistribution([parse_value(r["Name"], v) for v in r["Values"]])
     return dists
-
-
-def _typed(name: str, value: Any) -> Any:
-    return parse_hyperparameters({name: value})[name]
 
 
 def parse_enqueue(spec: str, dists: dict[str, BaseDistribution]) -> dict[str, Any]:
@@ -119,12 +115,12 @@ def parse_enqueue(spec: str, dists: dict[str, BaseDistribution]) -> dict[str, An
         dist = dists.get(key)
         if dist is None:
             raise UserError(f"--enqueue {key}: not in the search space ({', '.join(dists)}); fixed values go in --hp")
-        typed = _typed(key, value)
+        typed = parse_value(key, value)
         if isinstance(dist, CategoricalDistribution):
             if typed not in dist.choices:
                 raise UserError(f"--enqueue {key}={value}: not one of the search space's values "
                                 f"{', '.join(map(str, dist.choices))}")
-        elif not dist.low <= typed <= dist.high:
+        elif isinstance(dist, FloatDistribution | IntDistribution) and not dist.low <= typed <= dist.high:
             log.warning("--enqueue %s=%s lies outside the search range %s..%s: tried as given",
                         key, value, dist.low, dist.high)
         params[key] = typed
@@ -186,7 +182,7 @@ class Search:
                    else optuna.samplers.TPESampler(seed=args.seed))
         self.storage = open_storage(self.storage_url)
         self.study = optuna.create_study(storage=self.storage, study_name=args.study_name,
-                                         direction=self.direction.lower(), sampler=sampler,
+                                         direction=optuna.study.StudyDirection[self.direction.upper()], sampler=sampler,
                                          pruner=make_pruner(args), load_if_exists=True)
         self._check_settings()
 
@@ -263,8 +259,8 @@ class Search:
 
     def run_one(self, trial: Trial) -> FrozenTrial:
         out = self.output / f"trial-{trial.number}"
-        for key, value in (("host", HOST), ("pid", os.getpid()), ("output", str(out))):
-            trial.set_user_attr(key, value)
+        for key, attr in (("host", HOST), ("pid", os.getpid()), ("output", str(out))):
+            trial.set_user_attr(key, attr)
         try:
             value = self.train(trial, out)
         except optuna.TrialPruned as e:
@@ -309,6 +305,7 @@ class Search:
             proc = subprocess.Popen(self.command(hps, out), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                     text=True, bufsize=1, start_new_session=True,
                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            assert proc.stdout is not None  # stdout=PIPE
             try:
                 for line in proc.stdout:
                     train_log.write(line)

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from imgclf.config import METRIC_DEFINITIONS, SCHEMA, hp_string, hyperparameter_strings, parse_hyperparameters
+from imgclf.config import METRIC_DEFINITIONS, SCHEMA, hp_string, hyperparameter_strings, parse_value
 from imgclf.errors import HyperparameterError, UserError
 
 PARAMS = {p.name: p for p in SCHEMA}
@@ -72,7 +72,7 @@ def _numeric_range(name: str, kind: str, r: dict[str, Any]) -> tuple[str, dict]:
     if kind == "integer" and param.type is not int or kind == "continuous" and param.type is not float:
         raise HyperparameterError(f"{name} is {param.type.__name__}: use a "
                                   f"{'integer' if param.type is int else 'continuous'} or categorical range")
-    low, high = (parse_hyperparameters({name: r.get(k)})[name] for k in ("min", "max"))
+    low, high = (parse_value(name, r.get(k)) for k in ("min", "max"))
     scaling = r.get("scaling", "Auto")
     if low >= high:
         raise HyperparameterError(f"{name}: min {low} must be below max {high}")

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from imgclf.config import AmpMode, AutoOnOff, Hyperparameters
 from imgclf.devices import default_device
 from imgclf.errors import HyperparameterError
 
@@ -102,16 +103,27 @@ class Accel:
         return model
 
     def describe(self) -> str:
-        amp = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.dtype, "off")
+        amp = "off" if self.dtype is None else {torch.bfloat16: "bf16", torch.float16: "fp16"}[self.dtype]
         return f"amp={amp} channels_last={self.channels_last} compile={self.compile} on {self.device}"
 
 
-def from_hyperparameters(hp, model: nn.Module, device: torch.device | None = None) -> Accel:
-    device = device or default_device()
-    dtype = amp_dtype(hp.amp, device)
-    compile_ = _choice(hp.compile, device.type == "cuda" and compiler_available())
-    if compile_ and not compiler_available():
-        raise HyperparameterError("hyperparameter compile=on: torch.compile needs a C compiler (gcc) on PATH; "
-                                  "install one in the image or set compile=off")
-    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
-    return Accel(device, dtype, _choice(hp.channels_last, is_convolutional(model)), compile_, scaler)
+@dataclass(frozen=True)
+class SpeedSettings:
+    """The hyperparameters amp, channels-last and compile; `for_model` resolves their `auto` for a model, a device."""
+    amp: AmpMode
+    channels_last: AutoOnOff
+    compile: AutoOnOff
+
+    @classmethod
+    def from_hyperparameters(cls, hp: Hyperparameters) -> SpeedSettings:
+        return cls(amp=hp.amp, channels_last=hp.channels_last, compile=hp.compile)
+
+    def for_model(self, model: nn.Module, device: torch.device | None = None) -> Accel:
+        device = device or default_device()
+        dtype = amp_dtype(self.amp, device)
+        compile_ = _choice(self.compile, device.type == "cuda" and compiler_available())
+        if compile_ and not compiler_available():
+            raise HyperparameterError("hyperparameter compile=on: torch.compile needs a C compiler (gcc) on PATH; "
+                                      "install one in the image or set compile=off")
+        scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+        return Accel(device, dtype, _choice(self.channels_last, is_convolutional(model)), compile_, scaler)

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from imgclf import artifacts
+from imgclf.config import Hyperparameters
 from imgclf.errors import CheckpointError
 from imgclf.training.metrics import RunningSums
 
@@ -45,8 +46,10 @@ class State:
         self.epoch, self.batches_done, self.running = self.epoch + 1, 0, RunningSums()
 
 
-def fingerprint(hp, classes: list[str]) -> dict:
-    return {"hyperparameters": {k: hp[k] for k in FINGERPRINT_HYPERPARAMETERS}, "classes": classes}
+def fingerprint(hp: Hyperparameters, classes: list[str]) -> dict:
+    """Under the schema's names (batch-size, ...): the checkpoints of earlier versions hold them so."""
+    values = hp.to_dict()
+    return {"hyperparameters": {k: values[k] for k in FINGERPRINT_HYPERPARAMETERS}, "classes": classes}
 
 
 def save(folder: Path, model, optimizer, scheduler, state: State, fingerprint: dict, best: dict | None) -> None:

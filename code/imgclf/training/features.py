@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from imgclf import data
+from imgclf.config import Hyperparameters
 from imgclf.preprocessing import Preprocessing
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ class FeatureCacheUnsupported(Exception):
     """The model cannot be split into (frozen trunk -> features, head); the normal loop is used."""
 
 
-def should_cache(hp) -> tuple[bool, str]:
+def should_cache(hp: Hyperparameters) -> tuple[bool, str]:
     """(use the cache?, why): the decision for `feature-cache` = auto/on/off, with the reason for the log."""
     frozen_epochs = {"head": hp.epochs, "none": 0}.get(hp.freeze, min(hp.head_epochs, hp.epochs))
     if hp.feature_cache == "off":
@@ -107,7 +108,9 @@ def extract(model: nn.Module, head: list[str], loader, speed, watch=None) -> Fea
     layer = head_module(model, head)
     captured: list[torch.Tensor] = []
     hook = layer.register_forward_pre_hook(lambda _module, args: captured.append(args[0]))
-    chunks, labels, checked = [], [], False
+    chunks: list[torch.Tensor] = []
+    labels: list[torch.Tensor] = []
+    checked = False
     started = time.monotonic()
     try:
         for images, batch_labels in loader:
@@ -140,13 +143,14 @@ def extract(model: nn.Module, head: list[str], loader, speed, watch=None) -> Fea
 
 class FrozenFeatures:
     """The training loop's switch: `for_epoch` gives (head, train batches, valid batches) on cached features
-    for an epoch whose backbone is frozen, or None for the normal loop. Extraction happens on first use."""
+    for an epoch whose backbone is frozen, or None for the normal loop. Extraction happens on first use.
+    `decision` is `should_cache`'s (use the cache?, why)."""
 
-    def __init__(self, hp, model: nn.Module, head: list[str], speed, splits: dict, sampler, make_loader,
-                 batch_size: int, prep: Preprocessing, watch=None):
-        self.enabled, why = should_cache(hp)
+    def __init__(self, decision: tuple[bool, str], model: nn.Module, head: list[str], speed, splits: dict, sampler,
+                 make_loader, batch_size: int, prep: Preprocessing, watch=None):
+        self.enabled, why = decision
         log.info("feature cache %s: %s", "on" if self.enabled else "off", why)
-        self.hp, self.model, self.head, self.speed, self.splits = hp, model, head, speed, splits
+        self.model, self.head, self.speed, self.splits = model, head, speed, splits
         self.sampler, self.make_loader, self.batch_size, self.prep = sampler, make_loader, batch_size, prep
         self.watch = watch  # the Debugger: sees the backbone during extraction
         self.train: FeatureCache | None = None
@@ -159,7 +163,7 @@ class FrozenFeatures:
     def for_epoch(self, backbone_trains: bool) -> tuple[nn.Module, SamplerBatches, SequentialBatches] | None:
         if not self.enabled or backbone_trains:
             return None
-        if self.train is None:
+        if self.train is None or self.valid is None:
             try:
                 self.train = extract(self.model, self.head, self._loader("train"), self.speed, self.watch)
                 self.valid = extract(self.model, self.head, self._loader("valid"), self.speed)

@@ -26,14 +26,16 @@ import torch
 from torch import nn
 
 from imgclf import artifacts, atomic, config, data, devices, export, models, splits
+from imgclf.config import Hyperparameters
 from imgclf.debugging import stop_action
-from imgclf.debugging.debugger import Debugger
+from imgclf.debugging.debugger import Debugger, DebugSettings
 from imgclf.errors import RuleStop, UserError
 from imgclf.preprocessing import Preprocessing
-from imgclf.training import accel, checkpoint, cuda_check, distributed
+from imgclf.training import checkpoint, cuda_check, distributed
+from imgclf.training.accel import SpeedSettings
 from imgclf.training.distributed import SINGLE, Context
 from imgclf.training.evaluate import Evaluation, evaluate
-from imgclf.training.features import FrozenFeatures
+from imgclf.training.features import FrozenFeatures, should_cache
 from imgclf.training.loop import (
     Setup,
     StopFlag,
@@ -59,29 +61,38 @@ class Paths:
     channels: dict[str, str]
 
 
-def num_workers(hp) -> int:
-    """-1: one per CPU up to 8, shared between the training processes of a host (torchrun's LOCAL_WORLD_SIZE)."""
-    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return min(8, max(1, (os.cpu_count() or 1) // local_processes)) if hp.num_workers < 0 else hp.num_workers
+@dataclass(frozen=True)
+class LoaderSettings:
+    """The DataLoaders' hyperparameters num-workers and prefetch-factor."""
+    num_workers: int
+    prefetch_factor: int
+
+    @classmethod
+    def from_hyperparameters(cls, hp: Hyperparameters) -> LoaderSettings:
+        return cls(num_workers=hp.num_workers, prefetch_factor=hp.prefetch_factor)
+
+    def workers(self) -> int:
+        """-1: one per CPU up to 8, shared between the training processes of a host (torchrun's LOCAL_WORLD_SIZE)."""
+        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        return min(8, max(1, (os.cpu_count() or 1) // local_processes)) if self.num_workers < 0 else self.num_workers
+
+    def loader(self, dataset, batch_size: int, sampler=None) -> torch.utils.data.DataLoader:
+        workers = self.workers()
+        return torch.utils.data.DataLoader(
+            dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+            pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0,
+            prefetch_factor=self.prefetch_factor if workers > 0 else None,
+        )
 
 
-def make_loader(dataset, hp, batch_size: int, sampler=None) -> torch.utils.data.DataLoader:
-    workers = num_workers(hp)
-    return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-        pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0,
-        prefetch_factor=hp.prefetch_factor if workers > 0 else None,
-    )
-
-
-def make_optimizer(hp, groups) -> torch.optim.Optimizer:
+def make_optimizer(hp: Hyperparameters, groups) -> torch.optim.Optimizer:
     if hp.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
     cls = torch.optim.AdamW if hp.optimizer == "adamw" else torch.optim.Adam
     return cls(groups, lr=hp.lr, weight_decay=hp.weight_decay)
 
 
-def make_scheduler(hp, optimizer):
+def make_scheduler(hp: Hyperparameters, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
     if hp.lr_scheduler == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=hp.epochs)
     if hp.lr_scheduler == "step":
@@ -89,7 +100,7 @@ def make_scheduler(hp, optimizer):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
 
 
-def rank_batch_size(hp, dist: Context) -> int:
+def rank_batch_size(hp: Hyperparameters, dist: Context) -> int:
     """batch-size is the global batch: each of the world_size ranks takes its share of every step."""
     rank_batch = max(1, hp.batch_size // dist.world_size)
     if rank_batch * dist.world_size != hp.batch_size:
@@ -98,7 +109,7 @@ def rank_batch_size(hp, dist: Context) -> int:
     return rank_batch
 
 
-def build_model(hp, paths: Paths, num_classes: int,
+def build_model(hp: Hyperparameters, paths: Paths, num_classes: int,
                 device: torch.device) -> tuple[nn.Module, list[str], Preprocessing]:
     """The backbone (pretrained weights from the weights channel or the cache) with a new head, on `device`,
     and the preprocessing it expects (timm's data config; image-size overrides the size)."""
@@ -111,35 +122,39 @@ def build_model(hp, paths: Paths, num_classes: int,
     return model.to(device), head, prep
 
 
-def build_setup(hp, paths: Paths, splits: dict[str, splits.Split], device: torch.device, dbg: Debugger,
-              dist: Context) -> Setup:
+def build_setup(hp: Hyperparameters, paths: Paths, splits: dict[str, splits.Split], device: torch.device,
+                dbg: Debugger, dist: Context) -> Setup:
     """Model, speed settings, optimizer, loaders and feature cache of a run (seeded: every rank the same)."""
     classes = splits["train"].classes
     torch.manual_seed(hp.seed)
     random.seed(hp.seed)
     model, head, prep = build_model(hp, paths, len(classes), device)
     log.info("preprocessing: %s", prep)
-    speed = accel.from_hyperparameters(hp, model, device)
+    speed = SpeedSettings.from_hyperparameters(hp).for_model(model, device)
     speed.prepare(model)  # channels_last, compile
     log.info("speed settings: %s", speed.describe())
     optimizer = make_optimizer(hp, models.param_groups(model, head, hp.lr, hp.backbone_lr_factor))
-    scheduler = make_scheduler(hp, optimizer)
-    criterion = nn.CrossEntropyLoss(label_smoothing=hp.label_smoothing)
     dbg.attach(model, optimizer)  # debugging: init-scale, layer statistics
 
     draft = prep.resize_size
+    loaders = LoaderSettings.from_hyperparameters(hp)
     rank_batch = rank_batch_size(hp, dist)
     sampler = EpochSampler(len(splits["train"].samples), hp.seed, rank=dist.rank, world_size=dist.world_size)
     train_set = SeededDataset(splits["train"].samples, data.train_transform(prep, hp.augment), draft)
     eval_tf = data.eval_transform(prep)
-    eval_loaders = {name: make_loader(data.ImageDataset(dist.shard(s.samples), eval_tf, draft), hp, rank_batch)
+    eval_loaders = {name: loaders.loader(data.ImageDataset(dist.shard(s.samples), eval_tf, draft), rank_batch)
                     for name, s in splits.items() if name != "train"}
     # Every rank extracts the features of all images, then trains the head on its shard (same sampler).
-    cache = FrozenFeatures(hp, model, head, speed, splits, sampler, lambda ds: make_loader(ds, hp, rank_batch),
-                           rank_batch, prep, watch=dbg)
-    return Setup(hp, model, head, optimizer, scheduler, criterion, speed, device, dist, dbg,
-               sampler, rank_batch, make_loader(train_set, hp, rank_batch, sampler=sampler), eval_loaders, cache,
-               classes, checkpoint.fingerprint(hp, classes), paths.checkpoints, StopFlag(), prep)
+    cache = FrozenFeatures(should_cache(hp), model, head, speed, splits, sampler,
+                           lambda ds: loaders.loader(ds, rank_batch), rank_batch, prep, watch=dbg)
+    return Setup(
+        hp=hp, model=model, head=head, optimizer=optimizer, scheduler=make_scheduler(hp, optimizer),
+        criterion=nn.CrossEntropyLoss(label_smoothing=hp.label_smoothing), speed=speed, device=device, dist=dist,
+        dbg=dbg, sampler=sampler, rank_batch=rank_batch,
+        train_loader=loaders.loader(train_set, rank_batch, sampler=sampler), eval_loaders=eval_loaders,
+        cache=cache, classes=classes, fingerprint=checkpoint.fingerprint(hp, classes),
+        checkpoints=paths.checkpoints, stop=StopFlag(), preprocessing=prep,
+    )
 
 
 def resume(setup: Setup) -> tuple[checkpoint.State, dict | None]:
@@ -153,22 +168,24 @@ def resume(setup: Setup) -> tuple[checkpoint.State, dict | None]:
     return state, best
 
 
-def run(hp, paths: Paths, device: torch.device | None = None, dist: Context = SINGLE) -> dict:
+def run(hp: Hyperparameters, paths: Paths, device: torch.device | None = None, dist: Context = SINGLE) -> dict:
     """Train under the Debugger: rules.json and the profiler report are written however training ends."""
     device = device or dist.device or devices.default_device()
     # Only rank 0 collects, evaluates rules and writes reports; the others run with debugging off.
-    with Debugger(hp, paths.output_data.parent, device, enabled=dist.is_main) as dbg:
+    with Debugger(DebugSettings.from_hyperparameters(hp), paths.output_data.parent, device,
+                  enabled=dist.is_main) as dbg:
         return train_job(hp, paths, device, dbg, dist)
 
 
-def check_inputs(hp, paths: Paths, check_decode: bool = True) -> dict[str, splits.Split]:
+def check_inputs(hp: Hyperparameters, paths: Paths, check_decode: bool = True) -> dict[str, splits.Split]:
     """Model name and data, before anything trains (the distributed launcher runs it before the workers)."""
     models.check_model_name(hp.model)
     return splits.validate_splits(splits.find_split_dirs(paths.channels), check_decode=check_decode,
-                                workers=max(2, num_workers(hp)))
+                                workers=max(2, LoaderSettings.from_hyperparameters(hp).workers()))
 
 
-def train_job(hp, paths: Paths, device: torch.device, dbg: Debugger, dist: Context = SINGLE) -> dict:
+def train_job(hp: Hyperparameters, paths: Paths, device: torch.device, dbg: Debugger,
+              dist: Context = SINGLE) -> dict:
     splits = check_inputs(hp, paths, check_decode=dist.world_size == 1)  # the launcher decoded every file
     setup = build_setup(hp, paths, splits, device, dbg, dist)
     state, best = resume(setup)
@@ -195,12 +212,13 @@ def train_job(hp, paths: Paths, device: torch.device, dbg: Debugger, dist: Conte
         if stops_early(hp, state):
             break
     check_selected(hp, state)  # a diverged run (no finite validation loss): fail before writing the model
+    assert best is not None  # check_selected: an epoch was selected, and its weights kept
     setup.model.load_state_dict(best)
     log.info("best epoch %d (validation accuracy %.4f)", state.best_epoch, state.best_accuracy)
     metrics = finish(hp, paths, setup.model, setup.classes, state, setup.eval_loaders, device, setup.preprocessing,
                      dist)
     if dist.is_main:  # model.onnx for serving, checked against the written weights on the validation images
-        export.export(paths.model, [path for path, _ in splits["valid"].samples], int8=hp["export-int8"])
+        export.export(paths.model, [path for path, _ in splits["valid"].samples], int8=hp.export_int8)
     return metrics
 
 
@@ -210,7 +228,7 @@ def final_evaluations(model, classes, eval_loaders, device, dist: Context) -> di
             for name in ("valid", "test") if name in eval_loaders}
 
 
-def finish(hp, paths: Paths, model, classes, state: checkpoint.State, eval_loaders, device,
+def finish(hp: Hyperparameters, paths: Paths, model, classes, state: checkpoint.State, eval_loaders, device,
            prep: Preprocessing, dist: Context = SINGLE) -> dict:
     """Evaluate the selected model once on test, write the model directory and the reports (rank 0)."""
     final = final_evaluations(model, classes, eval_loaders, device, dist)
@@ -232,7 +250,7 @@ def finish(hp, paths: Paths, model, classes, state: checkpoint.State, eval_loade
         **{f"{name}_loss": e.loss for name, e in final.items()},
         **{f"{name}_accuracy": e.accuracy for name, e in final.items()},
         "per_class_accuracy": {"split": report, **final[report].per_class_accuracy(classes)},
-        "hyperparameters": dict(hp),
+        "hyperparameters": hp.to_dict(),
     }
     atomic.write_json(paths.output_data / "metrics.json", metrics)
     rows = [",".join(["true\\predicted", *classes])]
@@ -242,7 +260,7 @@ def finish(hp, paths: Paths, model, classes, state: checkpoint.State, eval_loade
         "architecture": hp.model, "class_names": classes,
         **prep.to_config(),  # image size, resize, normalisation, interpolation: what serving transforms with
         "metrics": {k: metrics[k] for k in metrics if k.endswith(("_accuracy", "_loss"))},
-        "hyperparameters": dict(hp),
+        "hyperparameters": hp.to_dict(),
     })
     log.info("model written to %s, reports to %s", paths.model, paths.output_data)
     return metrics
@@ -255,7 +273,7 @@ def write_failure(path: Path, message: str) -> None:
         path.write_text(message + "\n")
 
 
-def train_or_launch(hp, paths: Paths, env) -> None:
+def train_or_launch(hp: Hyperparameters, paths: Paths, env) -> None:
     """One process trains; with several (hosts x processes-per-host) this one launches torchrun, or is a worker."""
     if distributed.is_worker():  # started by torchrun, on this host or another
         with distributed.worker() as dist:

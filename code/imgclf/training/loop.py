@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from imgclf import models
+from imgclf.config import Hyperparameters
 from imgclf.debugging.debugger import Debugger
 from imgclf.errors import RuleStop, TrainingDiverged, TrainingInterrupted
 from imgclf.preprocessing import Preprocessing
@@ -52,7 +53,7 @@ def coordinated_stop(dist: Context, check: Callable[[], None],
                      requested: Callable[[], BaseException | None] = lambda: None) -> BaseException | None:
     """Run `check` (debugging rules: may raise RuleStop), else ask `requested` (SIGTERM); the first rank's reason
     to stop goes to every rank, so that all stop at the same point. None: carry on."""
-    stopping = None
+    stopping: BaseException | None = None
     try:
         check()
     except RuleStop as e:
@@ -65,7 +66,7 @@ def coordinated_stop(dist: Context, check: Callable[[], None],
 @dataclass
 class Setup:
     """What one training run is wired from: the functions below read it, `job.build_setup` makes it."""
-    hp: dict
+    hp: Hyperparameters
     model: nn.Module
     head: list[str]
     optimizer: torch.optim.Optimizer
@@ -99,7 +100,7 @@ class Setup:
             f"{self.checkpoints}: run the same job again to resume")
 
 
-def backbone_trains(hp, epoch: int) -> bool:
+def backbone_trains(hp: Hyperparameters, epoch: int) -> bool:
     return hp.freeze == "none" or (hp.freeze == "head-then-all" and epoch >= hp.head_epochs)
 
 
@@ -175,7 +176,7 @@ def select_best(state: State, valid: Evaluation, model: nn.Module, best: dict | 
     return best
 
 
-def check_selected(hp, state: State) -> None:
+def check_selected(hp: Hyperparameters, state: State) -> None:
     """Raise TrainingDiverged unless the selected epoch has a finite validation loss: a diverged model is not
     written, exported or served (its NaN probabilities are not even JSON). The rules and the profiler report,
     written however the job ends, show where the loss went non-finite."""
@@ -196,7 +197,7 @@ def check_selected(hp, state: State) -> None:
                            f"was exported; {advice}")
 
 
-def stops_early(hp, state: State) -> bool:
+def stops_early(hp: Hyperparameters, state: State) -> bool:
     if hp.early_stopping_patience and state.epochs_without_improvement >= hp.early_stopping_patience:
         log.info("early stopping: no better validation accuracy for %d epochs", state.epochs_without_improvement)
         return True
