@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
@@ -28,6 +29,15 @@ AUTO_ON_OFF: tuple[str, ...] = get_args(AutoOnOff)
 # A switch whose `auto` depends on other hyperparameters: parse_hyperparameters resolves it to a bool.
 AUTO_TRUE_FALSE = ("auto", "true", "false")
 MIN_IMAGE_SIZE = 16
+
+# The rule catalogue's names, in its order: imgclf.debugging.rules.RULES, which refuses to load unless it has a class
+# for each. Here because the schema's help and the rule metrics name them, and serving, which reads this module,
+# must not load the debugging code.
+RULE_NAMES = (
+    "loss_not_decreasing", "overfit", "overtraining", "poor_weight_initialization", "vanishing_gradient",
+    "exploding_tensor", "low_gpu_utilization", "cpu_bottleneck", "dataloader_wait", "step_outlier",
+    "max_initialization_time", "io_bottleneck", "gpu_memory_increase", "batch_size", "load_balancing",
+)
 
 
 @dataclass(frozen=True)
@@ -76,9 +86,7 @@ SCHEMA: tuple[Param, ...] = (
     # Debugging and profiling (imgclf.debugging): tensor collection, rules, system monitor, profiler, report.
     Param("debugging", bool, True, "tensor collection, rules, system monitor, profiler capture and the profiler "
           "report; false turns all of it off"),
-    Param("rules", str, "all", "rules to evaluate: all, none, or a comma list (loss_not_decreasing, overfit, "
-          "overtraining, poor_weight_initialization, vanishing_gradient, exploding_tensor, low_gpu_utilization, "
-          "cpu_bottleneck, dataloader_wait)"),
+    Param("rules", str, "all", f"rules to evaluate: all, none, or a comma list ({', '.join(RULE_NAMES)})"),
     Param("rules-config", str, "", 'rule parameters: a JSON object or JSON file path, e.g. {"overfit": '
           '{"ratio_threshold": 0.5, "stop": true}}'),
     Param("rules-stop", str, "", "comma list of rules that stop the job when they find an issue"),
@@ -315,9 +323,8 @@ def tensorboard_dir() -> str:
 RULES_METRIC = {"Name": "rules:issues", "Regex": rf"\brules_with_issues={_NUMBER}"}
 
 
-def rule_metric_definitions(rule_names) -> tuple[dict[str, str], ...]:
-    """RULES_METRIC and one `rule:<name>` per rule; the names come from imgclf.debugging.rules.RULES (the
-    serving image, which reads this module, must not load the debugging code)."""
+def rule_metric_definitions(rule_names: Iterable[str] = RULE_NAMES) -> tuple[dict[str, str], ...]:
+    """RULES_METRIC and one `rule:<name>` per rule (RULE_NAMES: those of imgclf.debugging.rules.RULES)."""
     return (RULES_METRIC, *({"Name": f"rule:{name}", "Regex": rf"\brule_{name}_issues={_NUMBER}"}
                             for name in rule_names))
 

@@ -78,3 +78,14 @@ def test_loader_workers(monkeypatch):
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
     assert LoaderSettings(num_workers=-1, prefetch_factor=4).workers() == 8  # at most 8
 
+
+def test_the_rules_help_names_every_rule_of_the_catalogue():
+    from imgclf.debugging import rules
+
+    help_text = next(p.help for p in config.SCHEMA if p.name == "rules")
+    listed = help_text[help_text.index("(") + 1:help_text.rindex(")")].split(", ")
+    assert listed == list(rules.RULES)
+    assert len(rules.configure(",".join(listed)).results) == len(rules.RULES)
+    gpu_rules = {name for name, cls in rules.RULES.items() if issubclass(cls, rules.GpuSampleRule)}
+    assert gpu_rules < set(rules.PROFILER_RULES) < set(rules.RULES)  # the report's profiler section: not overfit...
+    assert "overfit" not in rules.PROFILER_RULES and "dataloader_wait" in rules.PROFILER_RULES

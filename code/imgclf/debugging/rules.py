@@ -22,8 +22,9 @@ import statistics
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
+from imgclf import config
 from imgclf.errors import HyperparameterError, RuleStop
 
 log = logging.getLogger(__name__)
@@ -56,9 +57,10 @@ def _percentile(values: list[float], q: float) -> float:
 
 @dataclass(kw_only=True)
 class Rule:
-    name: ClassVar[str]
+    name: ClassVar[str]  # one of config.RULE_NAMES
     explanation: ClassVar[str]
     advice: ClassVar[str]
+    profiler: ClassVar[bool] = False  # a ProfilerReport rule (the report's profiler section), not a training rule
     stop: bool = False  # end the job (RuleStop) when the rule finds an issue
 
     note: str = field(default="", init=False, repr=False, compare=False)  # what the last check looked at
@@ -345,7 +347,10 @@ class ExplodingTensor(Rule):
 @dataclass(kw_only=True)
 class GpuSampleRule(Rule):
     """A rule on the monitor's GPU samples: NotApplicable without a GPU; the first `patience` samples (a field
-    of each subclass) are skipped; `check_samples` judges the rest."""
+    of each subclass) are skipped; `check_samples` judges the rest. All of them are ProfilerReport rules."""
+    profiler = True
+    if TYPE_CHECKING:
+        patience: int  # each subclass's field, with its own default and place among its parameters
 
     def system(self, samples, steps, has_gpu):
         if not has_gpu:
@@ -540,6 +545,7 @@ class LoadBalancing(GpuSampleRule):
 @dataclass(kw_only=True)
 class StepOutlier(Rule):
     name = "step_outlier"
+    profiler = True
     explanation = ("Training step durations: an issue when more than n_outliers steps take longer than the mean "
                    "plus stddev standard deviations (stalls: slow I/O, checkpoints, other processes, recompiles).")
     advice = ("Open the profiler trace around the slow steps (steps.jsonl has their times); look for data loader "
@@ -576,6 +582,7 @@ def _process_start() -> float:
 @dataclass(kw_only=True)
 class MaxInitializationTime(Rule):
     name = "max_initialization_time"
+    profiler = True
     explanation = ("Time from the start of the training process to the start of the first training step (imports, "
                    "data validation, model building, weights, feature extraction); an issue above threshold minutes.")
     advice = ("Check what the log shows between the start and the first step: slow data validation (many small "
@@ -602,6 +609,7 @@ class MaxInitializationTime(Rule):
 @dataclass(kw_only=True)
 class DataloaderWait(Rule):
     name = "dataloader_wait"
+    profiler = True
     explanation = ("Share of training step time spent waiting for the next batch (data loading, decoding, "
                    "augmentation, I/O), after skipping the first `patience` steps (workers starting); an issue "
                    "above threshold percent.")
@@ -633,9 +641,10 @@ RULES: dict[str, type[Rule]] = {cls.name: cls for cls in (
     LossNotDecreasing, Overfit, Overtraining, PoorWeightInitialization, VanishingGradient, ExplodingTensor,
     LowGpuUtilization, CpuBottleneck, DataloaderWait, StepOutlier, MaxInitializationTime, IoBottleneck,
     GpuMemoryIncrease, BatchSize, LoadBalancing)}
+if tuple(RULES) != config.RULE_NAMES:  # the hyperparameter help and the rule metrics list config's names
+    raise ImportError(f"config.RULE_NAMES {config.RULE_NAMES} must list the rules of RULES, in order: {tuple(RULES)}")
 # What the profiler report's rule sections show (Debugger's ProfilerReport rules); the others are training rules.
-PROFILER_RULES = ("low_gpu_utilization", "cpu_bottleneck", "dataloader_wait", "step_outlier", "max_initialization_time",
-                  "io_bottleneck", "gpu_memory_increase", "batch_size", "load_balancing")
+PROFILER_RULES = tuple(name for name, cls in RULES.items() if cls.profiler)
 
 
 @dataclass
@@ -739,7 +748,7 @@ def _load_config(text: str) -> dict:
 def _make(name: str, params: dict) -> Rule:
     cls = RULES[name]
     known = {f.name: f.default for f in fields(cls) if f.init}
-    kwargs = {}
+    kwargs: dict[str, Any] = {}
     for key, value in params.items():
         if key not in known:
             raise HyperparameterError(f"rules-config: rule {name} has no parameter {key!r}; its parameters: "
