@@ -45,21 +45,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = scripting.parse_args(parser, argv)
+    args = parser.parse_args(argv)
+    flags = vars(args)
     if args.local and (args.attach or args.no_wait):
         raise UserError("--local runs the job within this command (the SDK's local mode keeps no jobs between "
                         "commands): drop --attach / --no-wait")
 
     if args.attach:
-        api = scripting.make_api(args)
+        api = scripting.make_api(scripting.Access.from_flags(flags))
         name = args.attach
     else:
-        hps = jobs.hyperparameters_from(args)
+        hps = jobs.hyperparameters_from(args.hyperparameters, args.hp)
         hyperparameter_strings(hps)  # a bad value stops here, before anything is sent
-        api = scripting.make_api(args)
+        api = scripting.make_api(scripting.Access.from_flags(flags))
         model = str(hps.get("model", config.default("model")))
         name = args.job_name or scripting.resource_name("imgclf", model, suffix=scripting.timestamp())
-        request = training_job_request(name, jobs.job_spec(api, args, name), hps, scripting.tags_from(args.tag))
+        request = training_job_request(name, jobs.job_spec(api, name, jobs.JobOptions.from_flags(flags)), hps,
+                                       scripting.tags_from(args.tag))
         if args.local:
             request = jobs.local_output_path(request)
         try:
@@ -70,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
             raise JobFailed(f"training job {name} Failed: {jobs.local_failure(request) or e}") from None
         if args.local and (reason := jobs.local_failure(request)):
             raise JobFailed(f"training job {name} Failed: {reason}")
-    if not jobs.waits(args, name, attached=bool(args.attach)):
+    if not jobs.waits(name, dry_run=args.dry_run, no_wait=args.no_wait, attached=bool(args.attach)):
         return EXIT_OK
 
     reports = args.reports_dir or Path("reports") / name

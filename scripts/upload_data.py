@@ -34,12 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = scripting.parse_args(parser, argv)
+    args = parser.parse_args(argv)
 
     bucket, prefix = s3sync.parse_s3_uri(args.destination)
     if not args.data.is_dir():
         raise UserError(f"{args.data}: not a folder; give the dataset folder holding train/, valid/ and test/")
-    api = scripting.make_api(args)
+    api = scripting.make_api(scripting.Access.from_flags(vars(args)))
     s3sync.check_bucket(api, bucket)
     from imgclf.splits import find_split_dirs, validate_splits
 

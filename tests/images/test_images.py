@@ -698,17 +698,14 @@ def test_scripts_local_mode_failed_training_exits_1_with_the_reason(images, tmp_
 # ---- push progress of a real podman push (moved from test_push_images.py: here podman is installed) ----------
 
 def test_push_progress_reads_a_real_podman_push(tmp_path):
-    """A real podman push (to a directory: no registry can run here) through push_images.py's parser. Where
-    the image tests run on podman (DOCKER=podman, or the Docker API of containers/podman.sh as in CI), a podman
-    that cannot import or push fails the test."""
-    import importlib.util
+    """A real podman push (to a directory: no registry can run here) read by push_images.py's parser
+    (imgclf.aws.push.PushProgress). Where the image tests run on podman (DOCKER=podman, or the Docker API of
+    containers/podman.sh as in CI), a podman that cannot import or push fails the test."""
+    from imgclf.aws.push import PushProgress
 
     if shutil.which("podman") is None:
         pytest.skip(f"the image tests run on {ENGINE}, a Docker engine with no podman beside it: this test reads "
                     "podman's own push output")
-    spec = importlib.util.spec_from_file_location("push_images", REPO / "scripts" / "push_images.py")
-    push_images = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(push_images)
     (tmp_path / "f.txt").write_text("hi")
     with tarfile.open(tmp_path / "layer.tar", "w") as tar:
         tar.add(tmp_path / "f.txt", arcname="f.txt")
@@ -722,6 +719,6 @@ def test_push_progress_reads_a_real_podman_push(tmp_path):
     finally:
         subprocess.run(["podman", "rmi", pushed_image], capture_output=True, timeout=120)
     assert pushed.returncode == 0, pushed.stderr
-    progress = push_images.PushProgress(pushed_image)
+    progress = PushProgress(pushed_image)
     assert any([progress.feed(line) for line in (pushed.stdout + pushed.stderr).splitlines()])
     assert len(progress.layers) == 1  # one blob: the imported layer (the config is no layer)

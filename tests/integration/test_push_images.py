@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import uuid
 
 import boto3
 import pytest
-from imgclf.aws import ecr
+from imgclf.aws import ecr, push
 from imgclf.aws.images import REPOSITORIES
 from imgclf.aws.session import Api
 
 from tests.aws_helpers import (
     ACCOUNT,
     REGION,
-    SCRIPTS,
     client,
     dry_run_requests,
     failed,
@@ -23,10 +21,6 @@ from tests.aws_helpers import (
     put_ecr_image,
     run_script,
 )
-
-spec = importlib.util.spec_from_file_location("push_images", SCRIPTS / "push_images.py")
-push_images = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(push_images)
 
 
 @pytest.fixture
@@ -46,7 +40,7 @@ def test_default_names_are_the_repositories_the_other_scripts_use():
 def test_ensure_repository_creates_it_with_scan_on_push_and_lifecycle(api, moto_server):
     ecr_client = client("ecr", moto_server)
     name = f"{unique_prefix()}-serve"
-    push_images.ensure_repository(api, name, keep=5, account=ACCOUNT)
+    push.ensure_repository(api, name, keep=5, account=ACCOUNT)
     repo = ecr_client.describe_repositories(repositoryNames=[name])["repositories"][0]
     assert repo["imageScanningConfiguration"] == {"scanOnPush": True}
     assert repo["encryptionConfiguration"]["encryptionType"] == "AES256"
@@ -57,7 +51,7 @@ def test_ensure_repository_creates_it_with_scan_on_push_and_lifecycle(api, moto_
 
     # Again on an existing repository whose scanning someone turned off: on again, new policy, no error.
     ecr_client.put_image_scanning_configuration(repositoryName=name, imageScanningConfiguration={"scanOnPush": False})
-    push_images.ensure_repository(api, name, keep=3, account=ACCOUNT)
+    push.ensure_repository(api, name, keep=3, account=ACCOUNT)
     repo = ecr_client.describe_repositories(repositoryNames=[name])["repositories"][0]
     assert repo["imageScanningConfiguration"] == {"scanOnPush": True}
     policy = json.loads(ecr_client.get_lifecycle_policy(repositoryName=name)["lifecyclePolicyText"])
@@ -172,7 +166,7 @@ a0b1c2d3e4f5: Mounted from imgclf-train-cpu
 
 
 def test_push_progress_counts_docker_layers():
-    progress = push_images.PushProgress("imgclf-serve:abc")
+    progress = push.PushProgress("imgclf-serve:abc")
     changed = [progress.feed(line) for line in DOCKER_PUSH.splitlines()]
     assert changed.count(True) == 7  # 3 Preparing, exists, Pushing, Pushed, Mounted (Waiting: still waiting)
     assert progress.summary(12) == ("pushing imgclf-serve:abc: 3/3 layers done (1 uploaded, 2 already in the "

@@ -9,7 +9,6 @@ and the resume that retries both interrupted trials. Usage errors are checked wi
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import signal
@@ -147,7 +146,7 @@ def test_local_search_prunes_fails_and_resumes(data_without_test, tmp_path):
     best = json.loads((tmp_path / "best.json").read_text())
     assert best["tuning_job"] == STUDY and best["training_job"] == "trial-0"
     assert best["objective"] == {"Type": "Minimize", "MetricName": "valid:loss", "Value": first.value}
-    hps = jobs.hyperparameters_from(argparse.Namespace(hyperparameters=tmp_path / "best.json", hp=[]))
+    hps = jobs.hyperparameters_from(tmp_path / "best.json")
     assert hps == hyperparameter_strings({**STATIC, **GOOD})
 
     # 5. Resuming with another search space is refused before any trial runs.

@@ -1,4 +1,5 @@
-"""Request builders for serving: model -> endpoint config -> endpoint, autoscaling, and deletion.
+"""Serving: model -> endpoint config -> endpoint, autoscaling, and deletion; the request builders, then `deploy`
+and `delete` (scripts/deploy.py), which send them.
 
 Model and endpoint-config names end in a hash of what they contain, so deploying the same artifact with the
 same settings twice reuses them, and any change gives new names: the endpoint then moves to the new
@@ -7,13 +8,25 @@ config with UpdateEndpoint (SageMaker's blue/green: the old fleet serves until t
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
+import re
+import signal
+import sys
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from imgclf.aws.images import LOCAL_INSTANCE_TYPES
-from imgclf.aws.scripting import resource_name
+from imgclf.aws import scripting
+from imgclf.aws.images import DEFAULT_TAG, LOCAL_INSTANCE_TYPES
+from imgclf.aws.scripting import Access, Waiting, resource_name
+from imgclf.aws.session import Api, AwsError
 from imgclf.errors import UserError
+from imgclf.exit_codes import EXIT_OK, JobFailed
+
+log = logging.getLogger("imgclf.aws")
 
 VARIANT = "AllTraffic"
 SCALABLE_DIMENSION = "sagemaker:variant:DesiredInstanceCount"
@@ -191,3 +204,348 @@ def delete_requests(endpoint: str, config_names: list[str], model_names: list[st
     requests += [("sagemaker", "DeleteEndpointConfig", {"EndpointConfigName": c}) for c in config_names]
     requests += [("sagemaker", "DeleteModel", {"ModelName": m}) for m in model_names]
     return requests
+
+
+# ---- Deploying: what scripts/deploy.py (and batch_predict.py's model) send --------------------------------------
+
+BUSY = ("Creating", "Updating", "SystemUpdating", "RollingBack", "Deleting", "UpdateRollbackFailed")
+
+
+@dataclass(frozen=True)
+class ModelSource(scripting.FlagGroup):
+    """The model to serve, as deploy.py's and batch_predict.py's flags give it: its artifact (or the training job that
+    made it), the serving image, the container's environment and the execution role."""
+
+    model_data: str | None = None  # s3://.../model.tar.gz; with --local a local file
+    training_job: str | None = None  # else the artifact of this Completed training job
+    image: str | None = None  # default: the serving image tagged image_tag
+    image_tag: str = DEFAULT_TAG
+    workers: int | None = None  # SAGEMAKER_MODEL_SERVER_WORKERS
+    top_k: int | None = None  # IMGCLF_TOP_K
+    env: Sequence[tuple[str, str]] = ()  # more container environment
+    role: str | None = None  # execution role, ARN or name
+
+    def environment(self) -> dict[str, str]:
+        env = {k: str(v) for k, v in (("SAGEMAKER_MODEL_SERVER_WORKERS", self.workers), ("IMGCLF_TOP_K", self.top_k))
+               if v is not None}
+        env.update(dict(self.env))
+        return env
+
+
+@dataclass(frozen=True)
+class Autoscaling:
+    """Target tracking on InvocationsPerInstance; max_instances turns it on."""
+
+    min_instances: int | None = None
+    max_instances: int | None = None
+    target: float = 100.0  # invocations per instance per minute
+
+
+def model_data_of(api: Api, source: ModelSource) -> str:
+    """The model artifact: as given, or the training job's (which must have Completed)."""
+    if source.model_data:
+        return scripting.local_uri(source.model_data, "--model-data") if scripting.is_local(api) else source.model_data
+    if not source.training_job:
+        raise UserError("no model: pass --model-data s3://.../model.tar.gz or --training-job NAME")
+    if scripting.is_local(api):
+        raise UserError(f"training job {source.training_job}: the SDK's local mode keeps a job only in the train.py "
+                        "--local that ran it; pass --model-data with the path that command printed")
+    job = scripting.describe_or_none(api, "sagemaker", "DescribeTrainingJob",
+                                     {"TrainingJobName": source.training_job})
+    if job is None:
+        if scripting.is_offline(api):
+            return f"s3://<output of {source.training_job}>/model.tar.gz"
+        raise AwsError(f"training job {source.training_job} not found in {scripting.region_of(api)}")
+    if job["TrainingJobStatus"] != "Completed":
+        raise UserError(f"training job {source.training_job} is {job['TrainingJobStatus']}: use a Completed one")
+    return job["ModelArtifacts"]["S3ModelArtifacts"]
+
+
+def resolve_model(api: Api, spec: ServingSpec, source: ModelSource) -> None:
+    """Fill in what takes AWS (or the local images): the artifact, the role's ARN, the image by digest; check."""
+    spec.model_data = model_data_of(api, source)
+    spec.role_arn = scripting.role_arn(api, source.role)
+    spec.image = scripting.serving_image(api, source.image, source.image_tag)
+    spec.check()
+
+
+def create_model(api: Api, request: dict) -> str:
+    """CreateModel, unless the model exists: its name hashes its contents, so it is this very model."""
+    if scripting.describe_or_none(api, "sagemaker", "DescribeModel", {"ModelName": request["ModelName"]}):
+        log.info("model %s exists (same image, artifact and environment)", request["ModelName"])
+    else:
+        api.call("sagemaker", "CreateModel", request)
+    return request["ModelName"]
+
+
+def current_scaling(api: Api, endpoint: str) -> tuple[dict, dict] | None:
+    """(scalable target, target-tracking config) registered for the endpoint, or None."""
+    if scripting.is_offline(api):
+        return None
+    resource = scaling_resource_id(endpoint)
+    targets = api.call("application-autoscaling", "DescribeScalableTargets", {
+        "ServiceNamespace": "sagemaker", "ResourceIds": [resource],
+        "ScalableDimension": SCALABLE_DIMENSION}, mutates=False).get("ScalableTargets", [])
+    if not targets:
+        return None
+    policies = api.call("application-autoscaling", "DescribeScalingPolicies", {
+        "ServiceNamespace": "sagemaker", "ResourceId": resource,
+        "PolicyNames": [scaling_policy_name(endpoint)]}, mutates=False).get("ScalingPolicies", [])
+    return targets[0], (policies[0].get("TargetTrackingScalingPolicyConfiguration", {}) if policies else {})
+
+
+def scaling_values(scaling: tuple[dict, dict] | None, default_target: float) -> tuple[int, int, float] | None:
+    """(min, max, target) of what current_scaling found, or None."""
+    if not scaling:
+        return None
+    target, policy = scaling
+    return target["MinCapacity"], target["MaxCapacity"], policy.get("TargetValue", default_target)
+
+
+def apply_scaling(api: Api, endpoint: str, min_n: int, max_n: int, target: float) -> None:
+    api.call("application-autoscaling", "RegisterScalableTarget",
+             register_scalable_target_request(endpoint, min_n, max_n))
+    api.call("application-autoscaling", "PutScalingPolicy", scaling_policy_request(endpoint, target))
+    log.info("autoscaling %s: %d-%d instances, target %g invocations/instance/minute", endpoint, min_n, max_n, target)
+
+
+def restore_scaling(api: Api, endpoint: str, wanted: tuple[int, int, float]) -> None:
+    """Register autoscaling again after an update that needed it lifted, however the update ended."""
+    try:
+        apply_scaling(api, endpoint, *wanted)
+    except AwsError as e:  # e.g. the endpoint is still Updating after --timeout: say how to restore it
+        min_n, max_n, target = wanted
+        log.error("autoscaling of %s is NOT registered (%s): once the endpoint is InService, run deploy.py again "
+                  "with the same flags and --autoscale-min %d --autoscale-max %d --autoscale-target %g",
+                  endpoint, e, min_n, max_n, target)
+
+
+def wait_in_service(api: Api, name: str, config_name: str, waiting: Waiting) -> None:
+    ep = scripting.wait_for(
+        lambda: api.call("sagemaker", "DescribeEndpoint", {"EndpointName": name}, mutates=False),
+        lambda e: e["EndpointStatus"], {"InService", "Failed", "OutOfService", "UpdateRollbackFailed"},
+        waiting.poll_interval, waiting.timeout,
+        scripting.log_status_changes("endpoint", name, lambda d: d["EndpointStatus"]))
+    if ep["EndpointStatus"] != "InService":
+        raise JobFailed(f"endpoint {name} {ep['EndpointStatus']}: {ep.get('FailureReason') or 'no reason given'}")
+    if ep["EndpointConfigName"] != config_name:
+        raise JobFailed(f"endpoint {name} rolled back to {ep['EndpointConfigName']}: "
+                        f"{ep.get('FailureReason') or 'the new config did not become healthy'}")
+
+
+def serve_locally(api: Api, name: str, model_name: str, config_name: str, tags: list[dict[str, str]],
+                  waiting: Waiting) -> int:
+    """SageMaker's local mode keeps an endpoint in the process that created it (the SDK's LocalSagemakerClient,
+    with docker-compose attached to the container): create it, serve until Ctrl-C or SIGTERM, then delete the
+    endpoint, its config and model, as `--delete` does on AWS (also when it never became healthy)."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+    port = ((api.local.config or {}).get("local") or {}).get("serving_port", 8080)
+    out = sys.stdout
+    # The SDK's hosting thread prints docker-compose's output on stdout for as long as the endpoint lives; stdout
+    # carries only the endpoint's name.
+    with contextlib.redirect_stdout(sys.stderr):
+        try:
+            api.call("sagemaker", "CreateEndpoint", endpoint_request(name, config_name, tags))
+            wait_in_service(api, name, config_name, waiting)
+            print(name, file=out, flush=True)
+            log.info("local endpoint %s InService on http://localhost:%s (predict.py --local --endpoint %s); Ctrl-C "
+                     "or SIGTERM deletes it", name, port, name)
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            log.info("deleting local endpoint %s", name)
+        finally:
+            for service, operation, request in delete_requests(name, [config_name], [model_name], False):
+                api.call(service, operation, request)
+    return EXIT_OK
+
+
+def check_deploy_flags(name: str, local: bool, serverless_memory: int | None, data_capture: str | None,
+                       autoscaling: Autoscaling, no_wait: bool) -> None:
+    """What the flags alone decide, before anything is read or created."""
+    if local:
+        unsupported = [flag for flag, value in (
+            ("--serverless-memory", serverless_memory), ("--data-capture", data_capture),
+            ("--autoscale-min", autoscaling.min_instances), ("--autoscale-max", autoscaling.max_instances),
+            ("--no-wait", no_wait)) if value]
+        if unsupported:
+            raise UserError(f"{', '.join(unsupported)}: not in SageMaker's local mode (one container per endpoint, "
+                            "alive while deploy.py --local runs); drop them, or deploy on AWS")
+    if serverless_memory and (autoscaling.max_instances or autoscaling.min_instances):
+        raise UserError("autoscaling is for instance endpoints: serverless endpoints scale by themselves")
+    if autoscaling.min_instances and not autoscaling.max_instances:
+        raise UserError("--autoscale-min needs --autoscale-max")
+    if autoscaling.max_instances:  # check the autoscaling flags before anything is created
+        register_scalable_target_request(name, autoscaling.min_instances or 1, autoscaling.max_instances)
+        scaling_policy_request(name, autoscaling.target)
+
+
+@dataclass
+class DeployPlan:
+    """Everything SageMaker would refuse, and everything autoscaling needs, decided before anything changes."""
+
+    endpoint: dict | None  # DescribeEndpoint's answer; None: the endpoint is created
+    changes: bool  # the endpoint does not run the config yet
+    scaling: tuple[dict, dict] | None  # the autoscaling registered now
+    lift: bool = False  # autoscaling must be deregistered for the update
+    registered: tuple[int, int, float] | None = None  # (min, max, target) registered now
+    wanted: tuple[int, int, float] | None = None  # after the deploy: the flags' autoscaling, else what was registered
+
+
+def check_update(api: Api, name: str, endpoint: dict, config: dict) -> dict:
+    """Refuse an update SageMaker would refuse; return the endpoint's current config."""
+    if endpoint["EndpointStatus"] in BUSY:
+        raise AwsError(f"endpoint {name} is {endpoint['EndpointStatus']}: wait until it is InService, then "
+                       "deploy again")
+    if endpoint["EndpointStatus"] == "Failed":
+        raise AwsError(f"endpoint {name} is Failed ({endpoint.get('FailureReason', 'no reason given')}): "
+                       f"delete it with `deploy.py --name {name} --delete`, then deploy again")
+    current = api.call("sagemaker", "DescribeEndpointConfig",
+                       {"EndpointConfigName": endpoint["EndpointConfigName"]}, mutates=False)
+    if is_serverless(current) != is_serverless(config):
+        kinds = ("serverless", "instance") if is_serverless(current) else ("instance", "serverless")
+        raise UserError(f"endpoint {name} is a {kinds[0]} endpoint and SageMaker cannot update it to a "
+                        f"{kinds[1]} one: deploy under another --name, or delete it first (`deploy.py --name "
+                        f"{name} --delete`)")
+    return current
+
+
+def plan_deploy(api: Api, name: str, config: dict, autoscaling: Autoscaling, no_wait: bool) -> DeployPlan:
+    endpoint = scripting.describe_or_none(api, "sagemaker", "DescribeEndpoint", {"EndpointName": name})
+    plan = DeployPlan(endpoint, endpoint is None or endpoint["EndpointConfigName"] != config["EndpointConfigName"],
+                      current_scaling(api, name) if endpoint else None)
+    if endpoint is not None and plan.changes:
+        current = check_update(api, name, endpoint, config)
+        # SageMaker refuses an update that changes an autoscaled variant's instance type; a new model is allowed.
+        plan.lift = plan.scaling is not None and instance_type_of(current) != instance_type_of(config)
+    plan.registered = scaling_values(plan.scaling, autoscaling.target)
+    plan.wanted = ((autoscaling.min_instances or 1, autoscaling.max_instances, autoscaling.target)
+                   if autoscaling.max_instances else plan.registered)
+    if no_wait and plan.changes and (plan.lift or autoscaling.max_instances):
+        raise UserError(f"autoscaling of {name} can only be registered once the endpoint is InService, and "
+                        "--no-wait would leave it without: drop --no-wait (or deploy without --autoscale-* now and "
+                        "run deploy.py with them again once it is InService)")
+    return plan
+
+
+def update_endpoint(api: Api, name: str, config_name: str, plan: DeployPlan, waiting: Waiting) -> None:
+    """Move the endpoint to the new config, lifting autoscaling around the update when the plan says so."""
+    if plan.lift:
+        for service, operation, request in deregister_scaling_requests(name):
+            api.call(service, operation, request)
+    try:
+        # Autoscaled: keep the instance count autoscaling chose rather than the config's initial count.
+        api.call("sagemaker", "UpdateEndpoint",
+                 update_endpoint_request(name, config_name, keep_instance_count=bool(plan.scaling)))
+        log.info("endpoint %s: updating from %s to %s (the old fleet serves until the new one is healthy)",
+                 name, plan.endpoint["EndpointConfigName"], config_name)
+        if not (api.dry_run or waiting.no_wait):
+            wait_in_service(api, name, config_name, waiting)
+    except BaseException:  # failed call, timeout, rollback, interrupt: never leave it without autoscaling
+        if plan.lift:
+            restore_scaling(api, name, plan.registered)  # what it had: a rollback brings the old instances back
+        raise
+
+
+def deploy(access: Access, *, name: str, model: ModelSource, instance_type: str | None, instance_count: int,
+           serverless_memory: int | None, serverless_concurrency: int, data_capture: str | None,
+           data_capture_percent: int, kms_key: str | None = None, network_isolation: bool = False,
+           autoscaling: Autoscaling = Autoscaling(), tags: Sequence[tuple[str, str]] = (),
+           timestamp_names: bool = False, waiting: Waiting = Waiting()) -> int:
+    """Create or update the endpoint `name` (with its model and config) and its autoscaling; print its name once it
+    is InService. With access.local, serve it here until Ctrl-C or SIGTERM (serve_locally)."""
+    api = scripting.make_api(access)
+    local = scripting.is_local(api)
+    check_deploy_flags(name, local, serverless_memory, data_capture, autoscaling, waiting.no_wait)
+    spec = ServingSpec(
+        name=name, image=model.image or "<image>",
+        model_data=model.model_data if model.model_data and not local else "s3://x/model.tar.gz",
+        role_arn="", environment=model.environment(),
+        instance_type=instance_type or ("local" if local else "ml.m5.large"), instance_count=instance_count,
+        serverless_memory_mb=serverless_memory, serverless_concurrency=serverless_concurrency,
+        data_capture_uri=data_capture, data_capture_percent=data_capture_percent, kms_key=kms_key,
+        network_isolation=network_isolation, tags=scripting.tags_from(tags),
+        suffix=scripting.timestamp() if timestamp_names else None, local=local)
+    spec.check()  # the flags alone: before any AWS call
+    resolve_model(api, spec, model)
+    model_request = spec.model_request()
+    config = spec.endpoint_config_request(model_request["ModelName"])
+    config_name = config["EndpointConfigName"]
+    plan = plan_deploy(api, name, config, autoscaling, waiting.no_wait)
+
+    create_model(api, model_request)
+    if scripting.describe_or_none(api, "sagemaker", "DescribeEndpointConfig", {"EndpointConfigName": config_name}):
+        log.info("endpoint config %s exists", config_name)
+    else:
+        api.call("sagemaker", "CreateEndpointConfig", config)
+    if plan.endpoint is None:
+        if local:
+            return serve_locally(api, name, model_request["ModelName"], config_name, spec.tags, waiting)
+        api.call("sagemaker", "CreateEndpoint", endpoint_request(name, config_name, spec.tags))
+    elif not plan.changes:
+        log.info("endpoint %s already uses %s: nothing to update", name, config_name)
+    else:
+        update_endpoint(api, name, config_name, plan, waiting)
+    if api.dry_run:
+        if plan.lift and plan.wanted:
+            apply_scaling(api, name, *plan.wanted)
+        return EXIT_OK
+    if plan.endpoint is None and not waiting.no_wait:
+        wait_in_service(api, name, config_name, waiting)
+    if plan.wanted and (plan.lift or autoscaling.max_instances):  # --no-wait only when nothing changed (plan_deploy)
+        apply_scaling(api, name, *plan.wanted)
+    print(name)
+    return EXIT_OK
+
+
+def _ours(name: str, endpoint: str) -> bool:
+    """Names deploy gives: <endpoint>-<8 hex> or <endpoint>-<YYYYmmdd-HHMMSS>."""
+    return re.fullmatch(re.escape(endpoint) + r"-(?:[0-9a-f]{8}|\d{8}-\d{6})", name) is not None
+
+
+def _list_names(api: Api, operation: str, key: str, name_key: str, contains: str) -> list[str]:
+    names, token = [], None
+    while True:
+        request = {"NameContains": contains, **({"NextToken": token} if token else {})}
+        page = api.call("sagemaker", operation, request, mutates=False)
+        names += [item[name_key] for item in page.get(key, [])]
+        token = page.get("NextToken")
+        if not token:
+            return names
+
+
+def deployed_names(api: Api, name: str, current: str) -> tuple[list[str], list[str]]:
+    """(configs, models) of endpoint `name`: its current config and that config's models, and those earlier deploys
+    left behind (the names deploy gives)."""
+    config = api.call("sagemaker", "DescribeEndpointConfig", {"EndpointConfigName": current}, mutates=False)
+    configs = [current] + [c for c in _list_names(api, "ListEndpointConfigs", "EndpointConfigs", "EndpointConfigName",
+                                                  name) if _ours(c, name) and c != current]
+    models = [v["ModelName"] for v in config.get("ProductionVariants", [])]
+    models += [m for m in _list_names(api, "ListModels", "Models", "ModelName", name)
+               if _ours(m, name) and m not in models]
+    return configs, models
+
+
+def delete(access: Access, name: str) -> int:
+    """Delete the endpoint, its autoscaling, and the configs and models deploy made for it."""
+    api = scripting.make_api(access)
+    if scripting.is_local(api):
+        raise UserError(f"a local endpoint lives in the deploy.py --local process that created it: stop that "
+                        f"process (Ctrl-C or SIGTERM) to delete {name}")
+    configs: list[str] = []
+    models: list[str] = []
+    if not scripting.is_offline(api):
+        endpoint = scripting.describe_or_none(api, "sagemaker", "DescribeEndpoint", {"EndpointName": name})
+        if endpoint is None:
+            raise AwsError(f"endpoint {name} not found in {scripting.region_of(api)}: nothing to delete "
+                           "(list endpoints with `aws sagemaker list-endpoints`)")
+        configs, models = deployed_names(api, name, endpoint["EndpointConfigName"])
+    scaling = current_scaling(api, name) is not None
+    for service, operation, request in delete_requests(name, configs, models, scaling):
+        api.call(service, operation, request)
+        if not api.dry_run:
+            log.info("%s %s", operation, request.get("ResourceId") or next(iter(request.values())))
+    return EXIT_OK

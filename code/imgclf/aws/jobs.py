@@ -11,12 +11,14 @@ import sys
 import tarfile
 import tempfile
 import urllib.parse
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from imgclf import artifacts, atomic
 from imgclf.aws import s3sync, scripting
-from imgclf.aws.images import image_uri, local_image, training_kind
+from imgclf.aws.images import DEFAULT_TAG, image_uri, local_image, training_kind
 from imgclf.aws.session import Api, AwsError, check_local_image
 from imgclf.aws.training import JobSpec
 from imgclf.errors import UserError
@@ -28,6 +30,32 @@ log = logging.getLogger("imgclf.aws")
 LOG_GROUP = "/aws/sagemaker/TrainingJobs"
 DEFAULT_INSTANCE_TYPE = "ml.g4dn.xlarge"
 LOCAL_OUTPUT = "sagemaker-local"  # --local's default output folder (what s3://<bucket>/imgclf/output is on AWS)
+
+
+@dataclass(frozen=True)
+class JobOptions(scripting.FlagGroup):
+    """What add_job_args' flags (and --role) say of a training job; job_spec turns it into a JobSpec."""
+
+    data: str | None = None
+    channel: Sequence[tuple[str, str]] = ()
+    weights: str | None = None
+    output: str | None = None
+    image: str | None = None
+    image_tag: str = DEFAULT_TAG
+    instance_type: str | None = None
+    instance_count: int = 1
+    volume_size: int = 50
+    max_runtime: int = 24 * 3600
+    spot: bool = False
+    max_wait: int | None = None
+    checkpoint_s3: str | None = None
+    network_isolation: bool = False
+    subnet: Sequence[str] = ()
+    security_group: Sequence[str] = ()
+    kms_key: str | None = None
+    volume_kms_key: str | None = None
+    encrypt_inter_container: bool = False
+    role: str | None = None
 
 
 def add_job_args(parser: argparse.ArgumentParser) -> None:
@@ -52,13 +80,15 @@ def add_job_args(parser: argparse.ArgumentParser) -> None:
         CLOUD,
         res.add_argument("--image", help="training image URI (default: <account>.dkr.ecr.<region>.amazonaws.com/"
                                          "imgclf-train-gpu or -cpu by instance type)"),
-        res.add_argument("--image-tag", default="latest", help="tag of the default image (default latest)"),
+        res.add_argument("--image-tag", default=JobOptions.image_tag,
+                         help=f"tag of the default image (default {JobOptions.image_tag})"),
         res.add_argument("--instance-type", help=f"default {DEFAULT_INSTANCE_TYPE} (GPU); with --local: local (CPU, "
                                                  "the default) or local_gpu"),
-        res.add_argument("--instance-count", type=int, default=1),
-        res.add_argument("--volume-size", type=int, default=50, metavar="GB",
-                         help="EBS volume per instance (default 50)"),
-        res.add_argument("--max-runtime", type=int, default=24 * 3600, metavar="SECONDS", help="default 86400"),
+        res.add_argument("--instance-count", type=int, default=JobOptions.instance_count),
+        res.add_argument("--volume-size", type=int, default=JobOptions.volume_size, metavar="GB",
+                         help=f"EBS volume per instance (default {JobOptions.volume_size})"),
+        res.add_argument("--max-runtime", type=int, default=JobOptions.max_runtime, metavar="SECONDS",
+                         help=f"default {JobOptions.max_runtime}"),
         res.add_argument("--spot", action="store_true", help="managed spot training (needs checkpoints to resume)"),
         res.add_argument("--max-wait", type=int, metavar="SECONDS",
                          help="spot: longest wait for capacity plus runtime (default: --max-runtime)"),
@@ -83,55 +113,62 @@ def add_job_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def hyperparameters_from(args: argparse.Namespace) -> dict[str, Any]:
-    hps = load_hyperparameters(args.hyperparameters) if args.hyperparameters else {}
-    hps.update(dict(args.hp))
+def hyperparameters_from(file: Path | None, pairs: Sequence[tuple[str, str]] = ()) -> dict[str, Any]:
+    """--hyperparameters FILE, then each --hp NAME=VALUE over it."""
+    hps = load_hyperparameters(file) if file else {}
+    hps.update(dict(pairs))
     return hps
 
 
-def s3_channels(args: argparse.Namespace) -> dict[str, str]:
+def s3_channels(options: JobOptions) -> dict[str, str]:
     """Channel name -> S3 URI from --data / --channel / --weights (a folder's splits are found in the container)."""
-    channels = dict(args.channel)
-    if args.data:
+    channels = dict(options.channel)
+    if options.data:
         if channels.keys() - {"weights"}:
             raise UserError("give either --data or --channel train=/valid=/test=, not both")
-        channels["training"] = args.data.rstrip("/") + "/"
-    if args.weights:
-        channels["weights"] = args.weights
+        channels["training"] = options.data.rstrip("/") + "/"
+    if options.weights:
+        channels["weights"] = options.weights
     if not channels:
         raise UserError("no data: pass --data s3://bucket/prefix (the destination of upload_data.py)")
     return channels
 
 
-def job_spec(api: Api, args: argparse.Namespace, job_name: str, checkpoints: bool = True) -> JobSpec:
+def _output_and_image(api: Api, options: JobOptions, channels: dict[str, str], instance_type: str) -> tuple[str, str]:
+    """Where the job's output goes, and its training image (train-gpu or train-cpu by instance type)."""
     local = scripting.is_local(api)
-    channels = s3_channels(args)
-    if local:  # local folders; the SDK's local mode mounts them as the channels
-        channels = {name: scripting.local_uri(uri, f"channel {name}") for name, uri in channels.items()}
-    output = args.output
+    output = options.output
     if not output:
         if local:
             output = LOCAL_OUTPUT
         else:
             bucket, _ = s3sync.parse_s3_uri(next(iter(channels.values())))
             output = f"s3://{bucket}/imgclf/output"
-    instance_type = args.instance_type or ("local" if local else DEFAULT_INSTANCE_TYPE)
     kind = training_kind(instance_type)
     if local:
-        output = scripting.local_uri(output, "--output", must_exist=False)
-        image = check_local_image(args.image or local_image(kind, args.image_tag))
-    else:
-        image = args.image or image_uri(scripting.account_of(api), scripting.region_of(api, args), kind,
-                                        args.image_tag)
-    checkpoint = args.checkpoint_s3 or (f"{output.rstrip('/')}/{job_name}/checkpoints" if args.spot else None)
+        return (scripting.local_uri(output, "--output", must_exist=False),
+                check_local_image(options.image or local_image(kind, options.image_tag)))
+    return output, options.image or image_uri(scripting.account_of(api), scripting.region_of(api), kind,
+                                              options.image_tag)
+
+
+def job_spec(api: Api, job_name: str, options: JobOptions, checkpoints: bool = True) -> JobSpec:
+    local = scripting.is_local(api)
+    channels = s3_channels(options)
+    if local:  # local folders; the SDK's local mode mounts them as the channels
+        channels = {name: scripting.local_uri(uri, f"channel {name}") for name, uri in channels.items()}
+    instance_type = options.instance_type or ("local" if local else DEFAULT_INSTANCE_TYPE)
+    output, image = _output_and_image(api, options, channels, instance_type)
+    checkpoint = options.checkpoint_s3 or (f"{output.rstrip('/')}/{job_name}/checkpoints" if options.spot else None)
     if not checkpoints:
         checkpoint = None
-    return JobSpec(image=image, role_arn=scripting.role_arn(api, args.role), channels=channels, output_path=output,
-                   instance_type=instance_type, instance_count=args.instance_count,
-                   volume_gb=args.volume_size, max_runtime_s=args.max_runtime, spot=args.spot,
-                   max_wait_s=args.max_wait, checkpoint_uri=checkpoint, network_isolation=args.network_isolation,
-                   subnets=args.subnet, security_groups=args.security_group, output_kms_key=args.kms_key,
-                   volume_kms_key=args.volume_kms_key, encrypt_inter_container=args.encrypt_inter_container,
+    return JobSpec(image=image, role_arn=scripting.role_arn(api, options.role), channels=channels, output_path=output,
+                   instance_type=instance_type, instance_count=options.instance_count,
+                   volume_gb=options.volume_size, max_runtime_s=options.max_runtime, spot=options.spot,
+                   max_wait_s=options.max_wait, checkpoint_uri=checkpoint, network_isolation=options.network_isolation,
+                   subnets=list(options.subnet), security_groups=list(options.security_group),
+                   output_kms_key=options.kms_key, volume_kms_key=options.volume_kms_key,
+                   encrypt_inter_container=options.encrypt_inter_container,
                    local=local, tensorboard_uri=None if local else f"{output.rstrip('/')}/{job_name}/tensorboard")
 
 
@@ -165,15 +202,15 @@ def local_failure(request: dict) -> str | None:
         return f"no output.tar.gz to read ({e})"
 
 
-def waits(args: argparse.Namespace, name: str, attached: bool) -> bool:
+def waits(name: str, *, dry_run: bool, no_wait: bool, attached: bool) -> bool:
     """Whether the script goes on to wait for the job: not after a dry run nor with --no-wait (which prints the
     job's name)."""
-    if args.dry_run and not attached:
+    if dry_run and not attached:
         return False
-    if args.no_wait:
+    if no_wait:
         print(name)
         return False
-    return not args.dry_run
+    return not dry_run
 
 
 class LogTail:

@@ -1,5 +1,6 @@
-"""The plumbing every AWS script shares: the common flags, the Api they send through, resource names, waiting,
-progress, and `run`, which maps what a script raises to its exit code (imgclf.exit_codes)."""
+"""The plumbing every AWS script shares: the common flags and the settings they give (Access, Waiting), the Api
+they send through, resource names, waiting, progress, and `run`, which maps what a script raises to its exit code
+(imgclf.exit_codes)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ import os
 import re
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any, ClassVar
 
 import botocore.exceptions
 
@@ -31,6 +34,54 @@ class WaitTimeout(Exception):
     """--timeout passed while waiting."""
 
 
+class FlagGroup:
+    """A dataclass of settings that come from command-line flags, each field named as its flag's dest."""
+
+    OPTIONAL_FLAGS: ClassVar[frozenset[str]] = frozenset()  # fields a parser may lack (they keep their default)
+
+    @classmethod
+    def from_flags(cls, flags: Mapping[str, Any]):
+        """The settings from parsed flags (`vars()` of argparse's result)."""
+        missing = [f.name for f in fields(cls) if f.name not in flags and f.name not in cls.OPTIONAL_FLAGS]
+        if missing:
+            raise TypeError(f"{cls.__name__}: the parser has no flag for {', '.join(missing)}")
+        return cls(**{f.name: flags[f.name] for f in fields(cls) if f.name in flags})
+
+
+@dataclass(frozen=True)
+class Access(FlagGroup):
+    """How requests reach AWS (add_common_args, add_local_arg): a session from region/profile, another endpoint
+    URL, a dry run that prints them, or the SDK's local mode."""
+
+    region: str | None = None
+    profile: str | None = None
+    endpoint_url: str | None = None
+    dry_run: bool = False
+    local: bool = False
+
+    OPTIONAL_FLAGS = frozenset({"local"})  # push_images.py and upload_data.py have no --local
+
+
+@dataclass(frozen=True)
+class Waiting(FlagGroup):
+    """How a script waits for what it started (add_wait_args)."""
+
+    no_wait: bool = False
+    timeout: float | None = None
+    poll_interval: float = 15.0
+
+
+class _Verbose(argparse.Action):
+    """-v: debug logging, from the moment the flag is parsed."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=False, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, True)
+        logging.getLogger().setLevel(logging.DEBUG)
+
+
 def add_common_args(parser: argparse.ArgumentParser, role: bool = False) -> None:
     """The flags that configure AWS access (marked CLOUD: tune.py --local refuses them), and --verbose."""
     group = parser.add_argument_group("AWS")
@@ -47,7 +98,7 @@ def add_common_args(parser: argparse.ArgumentParser, role: bool = False) -> None
         "--dry-run", action="store_true",
         help="validate the requests against the service model and print them as JSON; send nothing that creates, "
              "changes or deletes (describe/list calls still read when credentials exist)"))
-    group.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    group.add_argument("-v", "--verbose", action=_Verbose, help="debug logging")
 
 
 def add_local_arg(parser: argparse.ArgumentParser, what: str) -> None:
@@ -62,32 +113,25 @@ def add_wait_args(parser: argparse.ArgumentParser, what: str) -> None:
     only_for(CLOUD, group.add_argument("--no-wait", action="store_true", help=f"return once the {what} is accepted"))
     group.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
                        help=f"stop waiting after this long (exit 4); the {what} carries on (default: no limit)")
-    only_for(CLOUD, group.add_argument("--poll-interval", type=float, default=15.0, metavar="SECONDS",
+    only_for(CLOUD, group.add_argument("--poll-interval", type=float, default=Waiting.poll_interval, metavar="SECONDS",
                                        help="seconds between polls"))
 
 
-def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
-    args = parser.parse_args(argv)
-    if getattr(args, "verbose", False):
-        logging.getLogger().setLevel(logging.DEBUG)
-    return args
-
-
-def make_api(args: argparse.Namespace) -> Api:
+def make_api(access: Access) -> Api:
     """Session from the flags/environment. A dry run without AWS access still works: it reads nothing.
     With --local, the SDK's local clients take the requests instead of AWS."""
-    if getattr(args, "local", False):
-        if args.dry_run:
+    if access.local:
+        if access.dry_run:
             raise UserError("--dry-run prints the requests for AWS; --local runs them here: choose one")
         return Api(None, local=local_session())
     try:
-        session = make_session(args.region, args.profile)
+        session = make_session(access.region, access.profile)
     except AwsError as e:
-        if not args.dry_run:
+        if not access.dry_run:
             raise
         log.warning("dry run without AWS access (%s): assuming no resource exists yet", e)
         session = None
-    return Api(session, dry_run=args.dry_run, endpoint_url=args.endpoint_url)
+    return Api(session, dry_run=access.dry_run, endpoint_url=access.endpoint_url, region=access.region)
 
 
 def is_offline(api: Api) -> bool:
@@ -98,10 +142,10 @@ def is_local(api: Api) -> bool:
     return api.local is not None
 
 
-def region_of(api: Api, args: argparse.Namespace) -> str:
+def region_of(api: Api) -> str:
     if is_local(api):
         return LOCAL_REGION
-    return api.session.region_name if api.session else (args.region or "us-east-1")
+    return api.session.region_name if api.session else (api.region or "us-east-1")
 
 
 def account_of(api: Api) -> str:
@@ -138,12 +182,13 @@ def local_uri(location: str, what: str, must_exist: bool = True) -> str:
     return path.as_uri()
 
 
-def serving_image(api: Api, args: argparse.Namespace) -> str:
-    """The image a model serves with: with --local the locally built one; on AWS ECR's, by digest (a tag such as
-    latest moves with every push, and a model's name hashes this URI, so a new push gives a new model)."""
+def serving_image(api: Api, image: str | None, image_tag: str) -> str:
+    """The image a model serves with (`image`, else the serving image tagged `image_tag`): with --local the locally
+    built one; on AWS ECR's, by digest (a tag such as latest moves with every push, and a model's name hashes this
+    URI, so a new push gives a new model)."""
     if is_local(api):
-        return check_local_image(args.image or local_image("serve", args.image_tag))
-    return resolve_digest(api, args.image or image_uri(account_of(api), region_of(api, args), "serve", args.image_tag))
+        return check_local_image(image or local_image("serve", image_tag))
+    return resolve_digest(api, image or image_uri(account_of(api), region_of(api), "serve", image_tag))
 
 
 def describe_or_none(api: Api, service: str, operation: str, params: dict) -> dict | None:

@@ -103,10 +103,11 @@ class Api:
     """Sends requests, or in dry-run mode validates and prints them (one JSON object per line)."""
 
     def __init__(self, session: boto3.Session | None, dry_run: bool = False, out=None,
-                 endpoint_url: str | None = None, local=None):
+                 endpoint_url: str | None = None, local=None, region: str | None = None):
         self.session, self.dry_run, self.out = session, dry_run, out or sys.stdout
         self.endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
         self.local = local  # the SDK's LocalSession (--local): its clients stand in for SageMaker's
+        self.region = region  # the region asked for (--region): what a dry run without AWS access names
         self._clients: dict[str, Any] = {}
 
     def client(self, service: str):
