@@ -40,8 +40,9 @@ test: system-deps install ## the unit and integration tests (what CI runs before
 test-unit: install ## the in-process tests: no process, no server, no network (seconds)
 	$(BIN)/pytest -q tests/unit
 
-lint: install ## ruff on the code, scripts and tests
+lint: install ## ruff on the code, scripts and tests; mypy on the package (pyproject.toml [tool.mypy])
 	$(BIN)/ruff check code scripts tests containers
+	$(BIN)/mypy
 
 DATA ?=
 MODEL ?=

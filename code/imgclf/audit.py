@@ -137,9 +137,13 @@ class JarLibrary:
     source: str  # the jar entry that records the version
 
 
+class _CaseKeepingParser(configparser.ConfigParser):
+    def optionxform(self, optionstr: str) -> str:
+        return optionstr  # keep the keys' case
+
+
 def _properties(text: str) -> dict[str, str]:
-    parser = configparser.ConfigParser(interpolation=None, delimiters=("=", ":"))
-    parser.optionxform = str  # keep the keys' case
+    parser = _CaseKeepingParser(interpolation=None, delimiters=("=", ":"))
     parser.read_string("[p]\n" + text)
     return dict(parser["p"])
 
@@ -234,7 +238,7 @@ def installed_jars(distribution: str) -> tuple[str, list[Path]]:
         dist = metadata.distribution(distribution)
     except metadata.PackageNotFoundError:
         raise UserError(f"{distribution} is not installed here: `make install` installs it") from None
-    jars = [Path(dist.locate_file(f)) for f in dist.files or [] if str(f).endswith(".jar")]
+    jars = [Path(str(dist.locate_file(f))) for f in dist.files or [] if str(f).endswith(".jar")]
     return dist.version, sorted(jars)
 
 

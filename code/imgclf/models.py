@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -89,7 +90,10 @@ def _classifier_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 def _new_layer(old: nn.Module, num_classes: int) -> nn.Module:
     if isinstance(old, nn.Linear):
         return nn.Linear(old.in_features, num_classes)
-    return nn.Conv2d(old.in_channels, num_classes, old.kernel_size, old.stride, old.padding)
+    if not isinstance(old, nn.Conv2d):
+        raise TypeError(f"{type(old).__name__} is not a classification layer (Linear or Conv2d)")
+    # the attributes are typed for any number of dimensions (_ConvNd), the constructor for two
+    return nn.Conv2d(old.in_channels, num_classes, old.kernel_size, old.stride, old.padding)  # type: ignore[arg-type]
 
 
 def build_backbone(name: str) -> nn.Module:
@@ -107,8 +111,9 @@ def build_backbone(name: str) -> nn.Module:
 
 def replace_timm_head(model: nn.Module, num_classes: int) -> list[str]:
     """timm's own API: reset_classifier builds the new head, get_classifier names it (two for distilled ViTs)."""
-    model.reset_classifier(num_classes)
-    classifier = model.get_classifier()
+    timm_model: Any = model  # nn.Module does not declare timm's methods
+    timm_model.reset_classifier(num_classes)
+    classifier = timm_model.get_classifier()
     layers = classifier if isinstance(classifier, tuple | list) else (classifier,)
     names = [name for name, m in model.named_modules() if any(m is layer for layer in layers)]
     if len(names) != len(layers) or any(isinstance(m, nn.Identity) for m in layers):

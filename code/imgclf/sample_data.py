@@ -26,7 +26,8 @@ def _colour(rng, hue: float, light: float) -> tuple[int, int, int]:
     """A colour near `hue` (0-1): each breed has its own coat colours, jittered per image."""
     h = (hue + rng.normal(0, 0.04)) % 1.0
     rgb = colorsys.hls_to_rgb(h, float(np.clip(light + rng.normal(0, 0.08), 0.1, 0.9)), rng.uniform(0.4, 0.9))
-    return tuple(int(255 * c) for c in rgb)
+    red, green, blue = (int(255 * c) for c in rgb)
+    return red, green, blue
 
 
 def draw(breed: int, rng: np.random.Generator, size: int = 96) -> Image.Image:
@@ -63,7 +64,7 @@ def draw(breed: int, rng: np.random.Generator, size: int = 96) -> Image.Image:
         cx, cy = rng.integers(side // 4, 3 * side // 4, 2)
         for rad in range(step, side, step):
             d.ellipse([cx - rad, cy - rad, cx + rad, cy + rad], outline=fg, width=width)
-    img = img.rotate(float(rng.uniform(0, 360)), resample=Image.BILINEAR)
+    img = img.rotate(float(rng.uniform(0, 360)), resample=Image.Resampling.BILINEAR)
     crop = int(side * rng.uniform(0.35, 0.5))
     x0, y0 = rng.integers(side // 4, side - crop - side // 4 + 1, 2)
     img = img.crop((x0, y0, x0 + crop, y0 + crop)).resize((size, int(size * rng.uniform(0.75, 1.33))))

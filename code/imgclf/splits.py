@@ -43,7 +43,7 @@ def scan_split(name: str, root: Path) -> tuple[Split, list[str]]:
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not class_dirs:
         problems.append(f"{name} split {root}: no class folders (expected {root}/<class>/<image files>)")
-    samples = []
+    samples: list[tuple[Path, int]] = []
     for index, class_dir in enumerate(class_dirs):
         files = image_files(class_dir)
         if not files:

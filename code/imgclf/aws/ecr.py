@@ -40,7 +40,8 @@ IMAGE_URI = re.compile(r"(?P<account>\d{12})\.dkr\.ecr\.(?P<region>[a-z0-9-]+)\.
 def create_repository(name: str, account: str, tags: list[dict[str, str]] | None = None) -> dict:
     """Scan on push (basic scanning: known CVEs in OS packages), encrypted at rest, tags may move (`latest`).
     registryId: the registry of `account` (default would be the caller's, whatever --account says)."""
-    request = {"registryId": account, "repositoryName": name, "imageScanningConfiguration": {"scanOnPush": True},
+    request: dict[str, object] = {"registryId": account, "repositoryName": name,
+                                  "imageScanningConfiguration": {"scanOnPush": True},
                "imageTagMutability": "MUTABLE", "encryptionConfiguration": {"encryptionType": "AES256"}}
     if tags:
         request["tags"] = tags

@@ -441,11 +441,11 @@ def update_endpoint(api: Api, name: str, config_name: str, plan: DeployPlan, wai
         api.call("sagemaker", "UpdateEndpoint",
                  update_endpoint_request(name, config_name, keep_instance_count=bool(plan.scaling)))
         log.info("endpoint %s: updating from %s to %s (the old fleet serves until the new one is healthy)",
-                 name, plan.endpoint["EndpointConfigName"], config_name)
+                 name, (plan.endpoint or {}).get("EndpointConfigName"), config_name)
         if not (api.dry_run or waiting.no_wait):
             wait_in_service(api, name, config_name, waiting)
     except BaseException:  # failed call, timeout, rollback, interrupt: never leave it without autoscaling
-        if plan.lift:
+        if plan.lift and plan.registered is not None:
             restore_scaling(api, name, plan.registered)  # what it had: a rollback brings the old instances back
         raise
 

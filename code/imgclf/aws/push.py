@@ -47,7 +47,9 @@ class PushProgress:
     THERE = ("Layer already exists", "Mounted from", "skipped")
 
     def __init__(self, image: str):
-        self.image, self.layers, self.digest = image, {}, None
+        self.image = image
+        self.layers: dict[str, str] = {}  # layer id -> pushed, there, busy or waiting
+        self.digest: str | None = None
 
     def feed(self, line: str) -> bool:
         """Take one output line; True when a layer changed state."""
@@ -102,12 +104,14 @@ class Docker:
         lines: queue.Queue[str | None] = queue.Queue()
 
         def read() -> None:  # a thread, so that the loop below can report while no line arrives
+            assert proc.stdout is not None  # stdout=PIPE
             for text in proc.stdout:
                 lines.put(text)
             lines.put(None)
 
         threading.Thread(target=read, daemon=True).start()
-        progress, tail = PushProgress(image), []
+        progress = PushProgress(image)
+        tail: list[str] = []
         started = reported = time.monotonic()
         while True:
             try:

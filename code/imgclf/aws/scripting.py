@@ -10,7 +10,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar
@@ -38,6 +38,7 @@ class FlagGroup:
     """A dataclass of settings that come from command-line flags, each field named as its flag's dest."""
 
     OPTIONAL_FLAGS: ClassVar[frozenset[str]] = frozenset()  # fields a parser may lack (they keep their default)
+    __dataclass_fields__: ClassVar[dict[str, Any]]  # every subclass is a dataclass (what `fields` reads)
 
     @classmethod
     def from_flags(cls, flags: Mapping[str, Any]):
@@ -229,7 +230,7 @@ def key_value(text: str) -> tuple[str, str]:
     return key.strip(), value.strip()
 
 
-def tags_from(pairs: list[tuple[str, str]] | None) -> list[dict[str, str]]:
+def tags_from(pairs: Sequence[tuple[str, str]] | None) -> list[dict[str, str]]:
     return [{"Key": k, "Value": v} for k, v in (pairs or [])]
 
 

@@ -238,8 +238,8 @@ def check_warm_start(request: dict, parents: dict[str, dict]) -> None:
         if set(p_kinds) != set(kinds):
             missing, extra = sorted(set(p_kinds) - set(kinds)), sorted(set(kinds) - set(p_kinds))
             problems.append(f"parent {name} has other hyperparameters (static and tuned together): "
-                            + "; ".join(filter(None, [missing and f"add {', '.join(missing)} (--hp or --param)",
-                                                      extra and f"drop {', '.join(extra)}"])))
+                            + "; ".join(filter(None, [f"add {', '.join(missing)} (--hp or --param)" if missing else "",
+                                                      f"drop {', '.join(extra)}" if extra else ""])))
         changed_kind = sorted(k for k in set(p_kinds) & set(kinds)
                               if "static" not in (p_kinds[k], kinds[k]) and p_kinds[k] != kinds[k])
         if changed_kind:

@@ -148,7 +148,7 @@ def answers(api: Api, output_uri: str) -> dict[str, bytes]:
     return {key.removeprefix(prefix).removesuffix(OUTPUT_SUFFIX): body for key, body in zip(keys, bodies)}
 
 
-def write_summary(api: Api, output_uri: str, rows: list[tuple[str, ...]]) -> str:
+def write_summary(api: Api, output_uri: str, rows: Sequence[tuple[str, ...]]) -> str:
     """summary.csv beside the answers; returns where it went."""
     text = io.StringIO()
     writer = csv.writer(text, lineterminator="\n")

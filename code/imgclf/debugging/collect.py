@@ -68,7 +68,7 @@ class Collector:
         self.remove_hooks()
         if getattr(model, "_compiled_call_impl", None) is not None:
             return  # hooks that come and go would make torch.compile recompile the model
-        targets = [(n, m) for n, m in model.named_modules() if isinstance(m, ACTIVATIONS)]
+        targets: list[tuple[str, nn.Module]] = [(n, m) for n, m in model.named_modules() if isinstance(m, ACTIVATIONS)]
         if not targets:
             targets = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d | nn.Linear)]
         calls: dict[str, int] = {}

@@ -10,6 +10,7 @@ import base64
 import html
 import io
 import math
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 import matplotlib
@@ -79,7 +80,7 @@ def _scale(ax, values: list[float]) -> None:
         ax.set_yscale("log")
 
 
-def _table(rows: list[list], header: list[str], numeric: set[int] = frozenset()) -> str:
+def _table(rows: list[list], header: list[str], numeric: Collection[int] = frozenset()) -> str:
     head = "".join(f"<th>{_e(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f'<td class="num">{_e(c)}</td>' if i in numeric else f"<td>{c}</td>"
                                     for i, c in enumerate(row)) + "</tr>" for row in rows)

@@ -132,16 +132,17 @@ class Front:
 
     def stop(self) -> None:
         """Stop listening, end the open connections, stop the loop (within 5 s)."""
-        if self._loop and self._server and self._loop.is_running():
+        loop, server = self._loop, self._server
+        if loop and server and loop.is_running():
             async def close() -> None:
-                self._server.close()
+                server.close()
                 tasks = asyncio.all_tasks() - {asyncio.current_task()}
                 for task in tasks:
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
-                self._loop.stop()
+                loop.stop()
             with contextlib.suppress(Exception):
-                asyncio.run_coroutine_threadsafe(close(), self._loop).result(timeout=5)
+                asyncio.run_coroutine_threadsafe(close(), loop).result(timeout=5)
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     def stand_in(self, reason: str, stopped: threading.Event) -> None:

@@ -72,7 +72,7 @@ def error_body(status: int, message: str) -> str:
 
 @dataclass
 class ServingModel:
-    run: object  # runtime.OnnxRunner | runtime.TorchRunner: float32 batch -> logits
+    run: runtime.OnnxRunner | runtime.TorchRunner  # float32 batch -> logits
     config: dict
     class_names: list[str]
     labels: list[str]

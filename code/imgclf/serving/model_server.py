@@ -95,6 +95,8 @@ class ModelServer:
         """The Java process (psutil.Process), or None when it is not (or no longer) running."""
         import psutil
 
+        if self.launcher is None:
+            return None
         with contextlib.suppress(psutil.Error):
             for child in psutil.Process(self.launcher.pid).children():
                 if JAVA_MAIN in child.cmdline():
@@ -103,6 +105,8 @@ class ModelServer:
 
     def wait(self) -> int:
         """Block until MMS has exited; its launcher's exit code."""
+        if self.launcher is None:
+            raise RuntimeError("ModelServer.wait() before start()")
         while True:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 return self.launcher.wait(timeout=1.0)

@@ -118,7 +118,7 @@ class TorchRunner:
         self.torch = torch
         self.device = devices.default_device()
         net, _ = artifacts.load_model(model_dir)
-        self.net = net.to(self.device, memory_format=torch.channels_last).eval().requires_grad_(False)
+        self.net = net.to(self.device).to(memory_format=torch.channels_last).eval().requires_grad_(False)
         self.autocast = settings.dtype == "bfloat16"
         self.description = f"PyTorch {torch.__version__} {settings.dtype} on {self.device}, {threads} threads"
 
@@ -129,7 +129,7 @@ class TorchRunner:
             return self.net(x).float().cpu().numpy()
 
 
-def load_runner(model_dir: str | os.PathLike, config: dict, settings: ServingSettings):
+def load_runner(model_dir: str | os.PathLike, config: dict, settings: ServingSettings) -> OnnxRunner | TorchRunner:
     path = onnx_file(model_dir, config, settings.dtype)
     if path is None:
         return TorchRunner(model_dir, settings)

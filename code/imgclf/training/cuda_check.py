@@ -41,7 +41,7 @@ def nvml_gpus() -> tuple[int, str | None, str | None]:
 
 def problem(instance_type: str | None, gpus: int, driver: str | None, nvml_error: str | None) -> str | None:
     """Why CUDA cannot be used although GPUs are there; None when there are none, or CUDA works."""
-    expected = bool(instance_type) and instances.has_nvidia_gpus(instance_type)
+    expected = bool(instance_type and instances.has_nvidia_gpus(instance_type))
     if not expected and gpus == 0:
         return None
     where = f"this {instance_type}" if expected else f"this machine ({gpus} NVIDIA GPU(s) per NVML)"

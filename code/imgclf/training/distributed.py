@@ -196,7 +196,8 @@ class Context:
                 error = e
         if self.world_size > 1:
             box = [(result, error)]
-            dist.broadcast_object_list(box, src=0, device=self.device if self.device.type == "cuda" else None)
+            cuda = self.device is not None and self.device.type == "cuda"
+            dist.broadcast_object_list(box, src=0, device=self.device if cuda else None)
             result, error = box[0]
         if error is not None:
             raise error

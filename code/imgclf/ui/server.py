@@ -105,7 +105,7 @@ class PageServer(ThreadingHTTPServer):
     @property
     def url(self) -> str:
         host, port = self.server_address[:2]
-        return f"http://{host}:{port}/"
+        return f"http://{host!s}:{port}/"
 
 
 def start(port: int, upstream_port: int, host: str = "127.0.0.1") -> PageServer:
