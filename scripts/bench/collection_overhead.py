@@ -44,16 +44,17 @@ def instrument(marks: list[tuple[str, float, float]]) -> None:
 def per_step_cost(steps: int = 3000) -> dict[str, float]:
     """Microseconds the Debugger adds to one training step (a trivial model, so that nothing hides it)."""
     from imgclf import config
-    from imgclf.debugging.debugger import Debugger
+    from imgclf.debugging.debugger import Debugger, DebugSettings
     from torch import nn
 
     result = {}
     for debugging in (False, True):
-        hp = config.parse_hyperparameters({"debugging": debugging, "profiler-steps": 0})
+        settings = DebugSettings.from_hyperparameters(
+            config.parse_hyperparameters({"debugging": debugging, "profiler-steps": 0}))
         model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
         x, y = torch.randn(4, 8), torch.randint(0, 2, (4,))
-        with tempfile.TemporaryDirectory() as tmp, Debugger(hp, Path(tmp), torch.device("cpu")) as dbg:
+        with tempfile.TemporaryDirectory() as tmp, Debugger(settings, Path(tmp), torch.device("cpu")) as dbg:
             dbg.attach(model, optimizer)
             dbg.epoch_begin(0)
             started = time.process_time()

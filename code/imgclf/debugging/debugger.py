@@ -90,10 +90,7 @@ class DebugSettings:
 class Debugger:
     """`enabled=False` (the other ranks of a distributed job) runs with debugging off whatever `debugging` says."""
 
-    def __init__(self, settings: DebugSettings | Hyperparameters, output_dir: Path, device: torch.device,
-                 enabled: bool = True):
-        if isinstance(settings, Hyperparameters):  # scripts/bench/collection_overhead.py passes the whole set
-            settings = DebugSettings.from_hyperparameters(settings)
+    def __init__(self, settings: DebugSettings, output_dir: Path, device: torch.device, enabled: bool = True):
         self.enabled = enabled and settings.debugging
         self.settings, self.device, self.output_dir = settings, device, output_dir
         self.data_dir = output_dir / "data"
