@@ -20,8 +20,8 @@ from pathlib import Path
 
 from imgclf.aws import jobs, scripting, tuning
 from imgclf.exit_codes import EXIT_CODES_HELP
+from imgclf.flags import CLOUD, only_for
 from imgclf.search import local_search
-from imgclf.search.flags import CLOUD, only_for
 from imgclf.search.space import OBJECTIVES
 
 
@@ -60,9 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     flags = vars(args)
-    local_search.check_flags(args)
+    local_search.check_flags(flags)
     if args.local:
-        return local_search.run(args, tuning.Search.from_flags(flags).space(),
+        return local_search.run(local_search.Options.from_flags(flags), tuning.Search.from_flags(flags).space(),
                                 jobs.hyperparameters_from(args.hyperparameters, args.hp))
     return tuning.tune(scripting.Access.from_flags(flags), job=jobs.JobOptions.from_flags(flags),
                        search=tuning.Search.from_flags(flags), hyperparameters_file=args.hyperparameters, hp=args.hp,

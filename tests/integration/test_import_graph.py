@@ -59,7 +59,7 @@ SERVE_PROCESS = ("imgclf.serving.serve", "imgclf.serving.supervisor", "imgclf.se
 # What the MMS workers load to answer a request (numpy, PIL, onnxruntime): serve loads it only after the port opens.
 HANDLER_SIDE = ("imgclf.serving.handler_service", "imgclf.serving.inference", "imgclf.serving.runtime")
 TRAINING_ROOTS = ("imgclf.train", "imgclf.training.job", "imgclf.export")  # the image's `train`; torchrun; export
-HOST = ("imgclf.search", "imgclf.aws", "imgclf.local", "imgclf.ui", "imgclf.trial", "imgclf.demo")
+HOST = ("imgclf.search", "imgclf.aws", "imgclf.local", "imgclf.ui", "imgclf.trial", "imgclf.demo", "imgclf.flags")
 
 
 def module_name(path: Path) -> str:

@@ -13,9 +13,9 @@ from http import HTTPStatus
 
 import pytest
 import torch
+from imgclf import flags
 from imgclf.debugging import rules
 from imgclf.errors import HyperparameterError, RuleStop, TrainingInterrupted, UserError
-from imgclf.search import flags
 from imgclf.search.space import (
     DEFAULT_SEARCH_SPACE,
     check_disjoint,
@@ -239,8 +239,8 @@ def test_flags_of_the_other_path_are_named():
     flags.only_for(flags.LOCAL, parser.add_argument("--test-storage"))
     parser.add_argument("--test-shared")
     args = parser.parse_args(["--test-spot", "--test-shared", "x"])
-    assert flags.given_elsewhere(args, flags.LOCAL) == ["--test-spot"]
-    assert flags.given_elsewhere(args, flags.CLOUD) == []
+    assert flags.given_elsewhere(vars(args), flags.LOCAL) == ["--test-spot"]
+    assert flags.given_elsewhere(vars(args), flags.CLOUD) == []
 
 
 # --- rules on synthetic data ------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from imgclf.aws.scripting import Access, Waiting, resource_name
 from imgclf.aws.session import Api, AwsError
 from imgclf.errors import UserError
 from imgclf.exit_codes import EXIT_OK, JobFailed
+from imgclf.flags import FlagGroup
 
 log = logging.getLogger("imgclf.aws")
 
@@ -212,7 +213,7 @@ BUSY = ("Creating", "Updating", "SystemUpdating", "RollingBack", "Deleting", "Up
 
 
 @dataclass(frozen=True)
-class ModelSource(scripting.FlagGroup):
+class ModelSource(FlagGroup):
     """The model to serve, as deploy.py's and batch_predict.py's flags give it: its artifact (or the training job that
     made it), the serving image, the container's environment and the execution role."""
 

@@ -23,7 +23,7 @@ from imgclf.aws.session import Api, AwsError, check_local_image
 from imgclf.aws.training import JobSpec
 from imgclf.errors import UserError
 from imgclf.exit_codes import JobFailed
-from imgclf.search.flags import CLOUD, only_for
+from imgclf.flags import CLOUD, FlagGroup, only_for
 from imgclf.search.results import load_hyperparameters
 
 log = logging.getLogger("imgclf.aws")
@@ -33,7 +33,7 @@ LOCAL_OUTPUT = "sagemaker-local"  # --local's default output folder (what s3://<
 
 
 @dataclass(frozen=True)
-class JobOptions(scripting.FlagGroup):
+class JobOptions(FlagGroup):
     """What add_job_args' flags (and --role) say of a training job; job_spec turns it into a JobSpec."""
 
     data: str | None = None

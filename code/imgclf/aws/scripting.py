@@ -10,10 +10,9 @@ import os
 import re
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, fields
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
 
 import botocore.exceptions
 
@@ -21,7 +20,7 @@ from imgclf.aws.images import image_uri, local_image, resolve_digest
 from imgclf.aws.session import LOCAL_REGION, Api, AwsError, check_local_image, local_session, make_session
 from imgclf.errors import UserError
 from imgclf.exit_codes import EXIT_AWS, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_TIMEOUT, EXIT_USAGE, JobFailed
-from imgclf.search.flags import CLOUD, only_for
+from imgclf.flags import CLOUD, FlagGroup, only_for
 
 log = logging.getLogger("imgclf.aws")
 
@@ -32,21 +31,6 @@ PLACEHOLDER_ACCOUNT = "000000000000"
 
 class WaitTimeout(Exception):
     """--timeout passed while waiting."""
-
-
-class FlagGroup:
-    """A dataclass of settings that come from command-line flags, each field named as its flag's dest."""
-
-    OPTIONAL_FLAGS: ClassVar[frozenset[str]] = frozenset()  # fields a parser may lack (they keep their default)
-    __dataclass_fields__: ClassVar[dict[str, Any]]  # every subclass is a dataclass (what `fields` reads)
-
-    @classmethod
-    def from_flags(cls, flags: Mapping[str, Any]):
-        """The settings from parsed flags (`vars()` of argparse's result)."""
-        missing = [f.name for f in fields(cls) if f.name not in flags and f.name not in cls.OPTIONAL_FLAGS]
-        if missing:
-            raise TypeError(f"{cls.__name__}: the parser has no flag for {', '.join(missing)}")
-        return cls(**{f.name: flags[f.name] for f in fields(cls) if f.name in flags})
 
 
 @dataclass(frozen=True)

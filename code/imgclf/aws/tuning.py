@@ -21,6 +21,7 @@ from imgclf.aws.training import MAX_WARM_START_PARENTS, best_hyperparameters, ch
 from imgclf.config import hyperparameter_strings
 from imgclf.errors import UserError
 from imgclf.exit_codes import EXIT_OK, JobFailed
+from imgclf.flags import FlagGroup
 from imgclf.search.results import write_best_file
 from imgclf.search.space import DEFAULT_SEARCH_SPACE, load_search_space, parse_range
 
@@ -30,7 +31,7 @@ MAX_NAME = 32  # SageMaker's limit for tuning job names
 
 
 @dataclass(frozen=True)
-class Search(scripting.FlagGroup):
+class Search(FlagGroup):
     """tune.py's search flags: the space (a file replacing the default, and ranges over it), the objective, the
     strategy and its limits, and the tuning jobs a warm start continues."""
 

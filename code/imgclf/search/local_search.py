@@ -25,6 +25,8 @@ import sys
 import threading
 import time
 import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +37,7 @@ from optuna.trial import FrozenTrial, Trial, TrialState
 from imgclf.config import hyperparameter_strings, parse_value
 from imgclf.errors import HyperparameterError, UserError
 from imgclf.exit_codes import EXIT_INTERRUPTED, EXIT_OK, JobFailed
-from imgclf.search.flags import CLOUD, LOCAL, given_elsewhere, only_for
+from imgclf.flags import CLOUD, LOCAL, FlagGroup, given_elsewhere, only_for
 from imgclf.search.results import write_best_file
 from imgclf.search.space import check_disjoint, objective_regex, parameter_ranges
 
@@ -80,10 +82,32 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def check_flags(args: argparse.Namespace) -> None:
-    """Refuse flags that the chosen path (cloud or --local) would silently ignore."""
-    given = given_elsewhere(args, LOCAL if args.local else CLOUD)
-    if given and args.local:
+@dataclass(frozen=True)
+class Options(FlagGroup):
+    """tune.py's flags that the local search reads (add_args, and those it shares with the tuning job)."""
+    data: str | None
+    output: str | None
+    weights: str | None
+    study_name: str
+    storage: str | None
+    pruner: str
+    pruner_startup_trials: int
+    prune_from_epoch: int
+    no_early_stopping: bool
+    enqueue: list[str]
+    seed: int | None
+    strategy: str
+    objective: str
+    max_jobs: int
+    timeout: float | None
+    verbose: bool
+    best_out: Path
+
+
+def check_flags(flags: Mapping[str, Any]) -> None:
+    """Refuse flags that the chosen path (cloud or --local) would silently ignore; `flags`: vars() of the parse."""
+    given = given_elsewhere(flags, LOCAL if flags["local"] else CLOUD)
+    if given and flags["local"]:
         raise UserError(f"{', '.join(given)}: SageMaker tuning job option(s), not used by --local; drop them")
     if given:
         raise UserError(f"{', '.join(given)}: option(s) of the local search; add --local or drop them")
@@ -127,7 +151,7 @@ def parse_enqueue(spec: str, dists: dict[str, BaseDistribution]) -> dict[str, An
     return params
 
 
-def make_pruner(args: argparse.Namespace) -> optuna.pruners.BasePruner:
+def make_pruner(args: Options) -> optuna.pruners.BasePruner:
     if args.pruner == "none" or args.no_early_stopping:
         return optuna.pruners.NopPruner()
     if args.pruner_startup_trials < 0 or args.prune_from_epoch < 0:
@@ -152,7 +176,7 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
 class Search:
     """One study on one machine: runs trials until the study holds --max-jobs of them."""
 
-    def __init__(self, args: argparse.Namespace, space: dict[str, dict[str, Any]], static: dict[str, Any]):
+    def __init__(self, args: Options, space: dict[str, dict[str, Any]], static: dict[str, Any]):
         if not args.data or "://" in args.data:
             raise UserError("--local needs --data DIR: a local folder holding train/ and valid/ (and test/)")
         if args.output and "://" in args.output or args.weights and "://" in args.weights:
@@ -425,7 +449,7 @@ def _raise_interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
-def run(args: argparse.Namespace, space: dict[str, dict[str, Any]], static: dict[str, Any]) -> int:
+def run(args: Options, space: dict[str, dict[str, Any]], static: dict[str, Any]) -> int:
     """`tune.py --local`: search, print a row per trial, write the best hyperparameters; return the exit code."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # our log lines and table say what happens
     # Expected, and explained in our own log lines: an enqueued value outside the range, a retried trial
