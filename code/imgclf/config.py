@@ -21,6 +21,7 @@ OptimizerName = Literal["adam", "adamw", "sgd"]
 SchedulerName = Literal["cosine", "step", "none"]
 AmpMode = Literal["auto", "bf16", "fp16", "off"]
 AutoOnOff = Literal["auto", "on", "off"]
+SelectBy = Literal["accuracy", "loss"]
 FREEZE_MODES: tuple[str, ...] = get_args(FreezeMode)
 OPTIMIZERS: tuple[str, ...] = get_args(OptimizerName)
 SCHEDULERS: tuple[str, ...] = get_args(SchedulerName)
@@ -81,8 +82,10 @@ SCHEMA: tuple[Param, ...] = (
           "on otherwise", choices=AUTO_TRUE_FALSE),
     Param("num-workers", int, -1, "DataLoader worker processes; -1 = one per CPU, up to 8", min=-1, max=64),
     Param("seed", int, 42, "seed for weights of the new head, data order and augmentation", min=0),
-    Param("early-stopping-patience", int, 0, "stop after this many epochs without a better validation "
-          "accuracy; 0 = off", min=0),
+    Param("select-by", str, "accuracy", "the epoch kept: accuracy = best validation accuracy, ties broken by the "
+          "lower validation loss; loss = lowest validation loss", choices=get_args(SelectBy)),
+    Param("early-stopping-patience", int, 0, "stop after this many epochs without a better epoch (by select-by); "
+          "0 = off", min=0),
     # Debugging and profiling (imgclf.debugging): tensor collection, rules, system monitor, profiler, report.
     Param("debugging", bool, True, "tensor collection, rules, system monitor, profiler capture and the profiler "
           "report; false turns all of it off"),
@@ -164,6 +167,7 @@ class Hyperparameters:
     augment: bool  # the schema's auto/true/false; auto: on unless freeze=head
     num_workers: int
     seed: int
+    select_by: SelectBy
     early_stopping_patience: int
     debugging: bool
     rules: str

@@ -80,16 +80,41 @@ def test_model_tarball_members_are_readable_by_anyone(tmp_path, umask):
 HP = config.parse_hyperparameters({"lr": "1"})
 
 
-def run_epochs(losses_and_accuracies: list[tuple[float, float]]) -> tuple[State, dict | None]:
+def run_epochs(losses_and_accuracies: list[tuple[float, float]], select_by: str = "accuracy",
+               ) -> tuple[State, dict | None]:
     """select_best over epochs of the given (validation loss, accuracy); the weights record their epoch."""
     state, best, model = State(), None, torch.nn.Linear(1, 1)
     for loss, accuracy in losses_and_accuracies:
         torch.nn.init.constant_(model.bias, state.epoch + 1)
         valid = Evaluation(loss, accuracy, torch.zeros(2, 2, dtype=torch.long))
         state.history.append({"epoch": state.epoch + 1, "valid_loss": loss, "valid_accuracy": accuracy})
-        best = select_best(state, valid, model, best)
+        best = select_best(state, valid, model, best, select_by)
         state.next_epoch()
     return state, best
+
+
+def test_accuracy_ties_keep_the_epoch_with_the_lower_validation_loss(caplog):
+    # 28 validation images: accuracy moves in steps of 1/28, and the loss keeps falling after it stops moving.
+    epochs = [(0.90, 0.75), (0.81, 0.875), (0.70, 0.875), (0.62, 0.857), (0.55, 0.875), (0.58, 0.875)]
+    with caplog.at_level("INFO"):
+        state, best = run_epochs(epochs)
+    assert (state.best_epoch, state.best_accuracy, state.best_loss) == (5, 0.875, 0.55)
+    assert best["bias"].item() == 5.0 and state.epochs_without_improvement == 1
+    assert ("epoch 3 replaces epoch 2 as the selected one: same validation accuracy, lower validation loss"
+            in caplog.text)
+    state, best = run_epochs(epochs, select_by="loss")
+    assert (state.best_epoch, best["bias"].item()) == (5, 5.0)
+    state, _ = run_epochs([(0.9, 0.5), (0.4, 0.4)], select_by="loss")  # loss alone, whatever the accuracy
+    assert state.best_epoch == 2
+    state, _ = run_epochs([(0.9, 0.5), (0.4, 0.4)])  # accuracy first
+    assert state.best_epoch == 1
+
+
+def test_a_checkpoint_without_best_loss_takes_it_from_the_history():
+    old = State(history=[{"epoch": 1, "valid_loss": 0.7, "valid_accuracy": 0.8}], best_epoch=1, best_accuracy=0.8,
+                epoch=1).to_dict()
+    del old["best_loss"]
+    assert State.from_dict(old).best_loss == 0.7
 
 
 def test_an_epoch_with_a_non_finite_validation_loss_is_never_selected():

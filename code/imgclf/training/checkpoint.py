@@ -6,6 +6,7 @@ resumes where it stopped and ends with the same epochs as an uninterrupted one.
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,7 @@ class State:
     running: RunningSums = field(default_factory=RunningSums)  # all ranks' sums of that epoch so far
     history: list = field(default_factory=list)
     best_accuracy: float = -1.0
+    best_loss: float = math.inf  # of the selected epoch: breaks accuracy ties (select-by)
     best_epoch: int = -1
     epochs_without_improvement: int = 0
 
@@ -40,6 +42,9 @@ class State:
 
     @classmethod
     def from_dict(cls, values: dict) -> State:
+        if "best_loss" not in values:  # a checkpoint of an older version: the selected epoch's loss is in history
+            selected = [r["valid_loss"] for r in values["history"] if r["epoch"] == values["best_epoch"]]
+            values = {**values, "best_loss": selected[0] if selected else math.inf}
         return cls(**{**values, "running": RunningSums(**values["running"])})
 
     def next_epoch(self) -> None:

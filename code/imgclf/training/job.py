@@ -37,6 +37,7 @@ from imgclf.training.distributed import SINGLE, Context
 from imgclf.training.evaluate import Evaluation, evaluate
 from imgclf.training.features import FrozenFeatures, should_cache
 from imgclf.training.loop import (
+    SELECTION,
     Setup,
     StopFlag,
     check_selected,
@@ -204,7 +205,7 @@ def train_job(hp: Hyperparameters, paths: Paths, device: torch.device, dbg: Debu
         if dist.is_main:
             print(epoch_line(state.history[-1]), flush=True)
         stopping = coordinated_stop(dist, lambda: dbg.epoch_end(state.history))  # epoch rules, rules.json
-        best = select_best(state, valid, setup.model, best)
+        best = select_best(state, valid, setup.model, best, hp.select_by)
         state.next_epoch()
         setup.save_checkpoint(state, best)
         if stopping is not None:  # a stop rule, after the epoch's checkpoint
@@ -214,7 +215,8 @@ def train_job(hp: Hyperparameters, paths: Paths, device: torch.device, dbg: Debu
     check_selected(hp, state)  # a diverged run (no finite validation loss): fail before writing the model
     assert best is not None  # check_selected: an epoch was selected, and its weights kept
     setup.model.load_state_dict(best)
-    log.info("best epoch %d (validation accuracy %.4f)", state.best_epoch, state.best_accuracy)
+    log.info("best epoch %d (validation accuracy %.4f, loss %.4f; select-by=%s)", state.best_epoch,
+             state.best_accuracy, state.best_loss, hp.select_by)
     metrics = finish(hp, paths, setup.model, setup.classes, state, setup.eval_loaders, device, setup.preprocessing,
                      dist)
     if dist.is_main:  # model.onnx for serving, checked against the written weights on the validation images
@@ -246,7 +248,8 @@ def finish(hp: Hyperparameters, paths: Paths, model, classes, state: checkpoint.
         log.warning("no test split: test metrics skipped")
     report = "test" if "test" in final else "valid"
     metrics = {
-        "history": state.history, "best_epoch": state.best_epoch, "epochs_run": state.epoch,
+        "history": state.history, "best_epoch": state.best_epoch, "selected_by": SELECTION[hp.select_by],
+        "epochs_run": state.epoch,
         **{f"{name}_loss": e.loss for name, e in final.items()},
         **{f"{name}_accuracy": e.accuracy for name, e in final.items()},
         "per_class_accuracy": {"split": report, **final[report].per_class_accuracy(classes)},

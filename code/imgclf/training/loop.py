@@ -161,15 +161,36 @@ def validate(setup: Setup, step_model: nn.Module, loader, cached: bool) -> Evalu
     return valid if cached else setup.dist.reduce_evaluation(valid)
 
 
-def select_best(state: State, valid: Evaluation, model: nn.Module, best: dict | None) -> dict | None:
-    """The weights of the best epoch so far (by validation accuracy), on the CPU. An epoch whose validation loss
-    is not finite (NaN/Inf: diverged) is never selected, however its accuracy compares: NaN logits still
+# metrics.json's `selected_by`: the rule that picked best_epoch, in words.
+SELECTION = {"accuracy": "highest validation accuracy, ties broken by the lower validation loss",
+             "loss": "lowest validation loss"}
+
+
+def better(valid: Evaluation, state: State, select_by: str) -> str | None:
+    """Why this epoch beats the one selected so far (None if it does not). accuracy: higher validation accuracy,
+    or the same with a lower validation loss (small validation sets tie often; the lower loss is the surer model);
+    loss: lower validation loss."""
+    if select_by == "loss":
+        return "lower validation loss" if valid.loss < state.best_loss else None
+    if valid.accuracy > state.best_accuracy:
+        return "higher validation accuracy"
+    if valid.accuracy == state.best_accuracy and valid.loss < state.best_loss:
+        return "same validation accuracy, lower validation loss"
+    return None
+
+
+def select_best(state: State, valid: Evaluation, model: nn.Module, best: dict | None,
+                select_by: str = "accuracy") -> dict | None:
+    """The weights of the best epoch so far (by `select_by`: see `better`), on the CPU. An epoch whose validation
+    loss is not finite (NaN/Inf: diverged) is never selected, however its accuracy compares: NaN logits still
     have an argmax, so a diverged model scores the share of one class."""
     if not math.isfinite(valid.loss):
         log.warning("epoch %d: validation loss is %s: the model diverged; this epoch cannot be selected",
                     state.epoch + 1, valid.loss)
-    elif valid.accuracy > state.best_accuracy:
-        state.best_accuracy, state.best_epoch = valid.accuracy, state.epoch + 1
+    elif why := better(valid, state, select_by):
+        if state.best_epoch > 0:
+            log.info("epoch %d replaces epoch %d as the selected one: %s", state.epoch + 1, state.best_epoch, why)
+        state.best_accuracy, state.best_loss, state.best_epoch = valid.accuracy, valid.loss, state.epoch + 1
         state.epochs_without_improvement = 0
         return copy.deepcopy({k: v.cpu() for k, v in model.state_dict().items()})
     state.epochs_without_improvement += 1
@@ -199,6 +220,7 @@ def check_selected(hp: Hyperparameters, state: State) -> None:
 
 def stops_early(hp: Hyperparameters, state: State) -> bool:
     if hp.early_stopping_patience and state.epochs_without_improvement >= hp.early_stopping_patience:
-        log.info("early stopping: no better validation accuracy for %d epochs", state.epochs_without_improvement)
+        log.info("early stopping: no better epoch (select-by=%s) for %d epochs", hp.select_by,
+                 state.epochs_without_improvement)
         return True
     return False
