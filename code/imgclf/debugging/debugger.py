@@ -27,7 +27,7 @@ import logging
 import platform
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -80,11 +80,9 @@ class DebugSettings:
 
     @classmethod
     def from_hyperparameters(cls, hp: Hyperparameters) -> DebugSettings:
-        return cls(debugging=hp.debugging, rules=hp.rules, rules_config=hp.rules_config, rules_stop=hp.rules_stop,
-                   collect_train_interval=hp.collect_train_interval, collect_eval_interval=hp.collect_eval_interval,
-                   collect_stats_interval=hp.collect_stats_interval, monitor_interval_ms=hp.monitor_interval_ms,
-                   profiler_start_step=hp.profiler_start_step, profiler_steps=hp.profiler_steps,
-                   init_scale=hp.init_scale, model=hp.model, hyperparameters=hp.to_dict())
+        # every field but the whole set is the hyperparameter of the same name: listed once, above
+        own = {f.name: getattr(hp, f.name) for f in fields(cls) if f.name != "hyperparameters"}
+        return cls(**own, hyperparameters=hp.to_dict())
 
 
 class Debugger:
