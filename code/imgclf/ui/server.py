@@ -66,7 +66,10 @@ class PageHandler(BaseHTTPRequestHandler):
         host, port = self.server.upstream
         connection = http.client.HTTPConnection(host, port, timeout=UPSTREAM_TIMEOUT)
         try:
-            connection.request(self.command, self.path, body=body, headers=headers)
+            try:
+                connection.request(self.command, self.path, body=body, headers=headers)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # it answered before reading the whole body (MMS's 413 on a large one): relay that answer
             response = connection.getresponse()
             status, reason, data = response.status, response.reason, response.read()
             relayed = [(k, v) for k, v in response.getheaders() if k.lower() not in HOP_BY_HOP]
