@@ -65,8 +65,9 @@ SCHEMA: tuple[Param, ...] = (
           "cache, or download)"),
     Param("download-weights", bool, False, "let torchvision or timm download pretrained weights when none are "
           "found offline (needs internet; off so that a missing file is a clear error)"),
-    Param("freeze", str, "head", "head: train only the new head; none: fine-tune everything; head-then-all: "
-          "head for head-epochs, then everything", choices=FREEZE_MODES),
+    Param("freeze", str, "auto", "head: train only the new head; none: fine-tune everything; head-then-all: "
+          "head for head-epochs, then everything; auto = head with pretrained weights, none without (a head on "
+          "random features learns little)", choices=("auto", *FREEZE_MODES)),
     Param("head-epochs", int, 1, "with freeze=head-then-all: epochs that train only the head", min=0, max=1000),
     Param("backbone-lr-factor", float, 1.0, "backbone learning rate = lr x this factor when it trains",
           min=0.0, max=100.0),
@@ -86,6 +87,8 @@ SCHEMA: tuple[Param, ...] = (
           "lower validation loss; loss = lowest validation loss", choices=get_args(SelectBy)),
     Param("early-stopping-patience", int, 0, "stop after this many epochs without a better epoch (by select-by); "
           "0 = off", min=0),
+    Param("log-interval", int, 10, "a progress line every N training steps, with the time left in the epoch and "
+          "the mean loss (a progress bar instead on a terminal); 0 = off", min=0),
     # Debugging and profiling (imgclf.debugging): tensor collection, rules, system monitor, profiler, report.
     Param("debugging", bool, True, "tensor collection, rules, system monitor, profiler capture and the profiler "
           "report; false turns all of it off"),
@@ -147,7 +150,7 @@ def attribute_name(name: str) -> str:
 @dataclass(frozen=True, kw_only=True)
 class Hyperparameters:
     """A job's validated hyperparameters (`parse_hyperparameters` makes them): one field per SCHEMA entry, in its
-    order, named by `attribute_name`, of its type (a Literal of its choices); augment is resolved to a bool.
+    order, named by `attribute_name`, of its type (a Literal of its choices); freeze and augment are resolved.
     tests/unit/test_settings.py holds the fields to the schema."""
     lr: float
     batch_size: int
@@ -155,7 +158,7 @@ class Hyperparameters:
     model: str
     pretrained: bool
     download_weights: bool
-    freeze: FreezeMode
+    freeze: FreezeMode  # the schema's auto resolved: head with pretrained weights, none without
     head_epochs: int
     backbone_lr_factor: float
     optimizer: OptimizerName
@@ -169,6 +172,7 @@ class Hyperparameters:
     seed: int
     select_by: SelectBy
     early_stopping_patience: int
+    log_interval: int
     debugging: bool
     rules: str
     rules_config: str
@@ -262,6 +266,8 @@ def parse_hyperparameters(raw: dict[str, Any]) -> Hyperparameters:
     if 0 < values["image-size"] < MIN_IMAGE_SIZE:
         raise HyperparameterError(f"hyperparameter image-size={values['image-size']}: use 0 (the model's own size) "
                                   f"or at least {MIN_IMAGE_SIZE} pixels")
+    if values["freeze"] == "auto":
+        values["freeze"] = "head" if values["pretrained"] else "none"
     values["augment"] = values["freeze"] != "head" if values["augment"] == "auto" else values["augment"] == "true"
     return Hyperparameters(**{attribute_name(name): value for name, value in values.items()})
 

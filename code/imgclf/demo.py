@@ -55,8 +55,7 @@ def hyperparameters(data: Path | None, model: str | None, weights: Path | None, 
     if not data and not model and not weights:
         hps = dict(SAMPLE_HPS)
     else:  # your data: fine-tune a pretrained backbone's new head, as the reference project did
-        hps = {"model": model or "vgg16", "pretrained": "true" if weights else "false",
-               "freeze": "head" if weights else "none", "epochs": "5"}
+        hps = {"model": model or "vgg16", "pretrained": "true" if weights else "false", "epochs": "5"}  # freeze: auto
     for pair in hp:
         key, _, value = pair.partition("=")
         hps[key] = value

@@ -65,7 +65,8 @@ def test_the_last_metric_lines_are_the_selected_epochs(tmp_path, sample_dataset)
     """A tuning job ranks by the last value of its objective in the log: it must be the epoch whose weights were
     saved (the best by validation accuracy, then loss), not the last epoch's. Adam at lr 0.05 and patience 1 stop the
     run one epoch after its best (epoch 4 of the tiny model's 6)."""
-    hps = {**TINY_HPS, "lr": "0.05", "epochs": "6", "early-stopping-patience": "1", "image-size": "32"}
+    hps = {**TINY_HPS, "lr": "0.05", "epochs": "6", "early-stopping-patience": "1", "image-size": "32",
+           "log-interval": "2"}  # progress lines between the metric lines: they must not count as metrics
     result = local_train(sample_dataset, tmp_path / "out", hps)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     metrics = json.loads((tmp_path / "out" / "reports" / "metrics.json").read_text())
@@ -75,6 +76,9 @@ def test_the_last_metric_lines_are_the_selected_epochs(tmp_path, sample_dataset)
         regex = next(d["Regex"] for d in config.METRIC_DEFINITIONS if d["Name"] == name)
         last = float(re.findall(regex, result.stdout)[-1])
         assert last == pytest.approx(best[name.replace(":", "_")], abs=1e-6), name  # printed with 6 decimals
+    progress = re.findall(r"^.*epoch 1/6: step 2/\d+ \(\d+%\), .* s/step, about .* left; loss .*$",
+                          result.stdout + result.stderr, re.M)
+    assert progress, (result.stdout + result.stderr)[-3000:]
     # best_epoch=, not epoch=: the local search's pruner takes `epoch=N` lines as steps.
     assert [line for line in result.stdout.splitlines() if "valid_accuracy=" in line][-1].startswith(
         f"best_epoch={metrics['best_epoch']} ")

@@ -23,7 +23,8 @@ def test_one_typed_field_per_schema_entry_in_its_order():
             assert hint is bool, p.name
         elif p.choices:
             assert p.type is str and typing.get_origin(hint) is typing.Literal, p.name
-            assert typing.get_args(hint) == p.choices, p.name
+            resolved = typing.get_args(hint)  # an auto that parse_hyperparameters resolves is not a field value
+            assert p.choices in (resolved, ("auto", *resolved)), p.name
         else:
             assert hint is p.type, p.name
 
@@ -35,6 +36,23 @@ def test_parsed_values_have_the_schema_types_and_stay_put():
     assert type(hp.batch_size) is int and hp.rules_config == '{"overfit": {"stop": true}}'
     assert hp.augment is True  # auto: on unless freeze=head
     assert config.parse_hyperparameters({}).augment is False
+
+
+@pytest.mark.parametrize("given, freeze, augment", [
+    ({}, "head", False),  # pretrained by default: a head on its features, which are then cached
+    ({"pretrained": "false"}, "none", True),  # random weights: every layer trains
+    ({"pretrained": "false", "freeze": "head"}, "head", False),  # said so: kept (the job log warns)
+    ({"pretrained": "true", "freeze": "none"}, "none", True),
+])
+def test_freeze_auto_follows_pretrained(given, freeze, augment, caplog):
+    from imgclf.training.job import freeze_plan
+
+    hp = config.parse_hyperparameters(given)
+    assert (hp.freeze, hp.augment) == (freeze, augment)
+    plan = freeze_plan(hp)
+    assert plan.startswith(f"freeze={freeze}: ") and ("pretrained" in plan) == hp.pretrained
+    warned = [r.message for r in caplog.records if r.levelname == "WARNING"]
+    assert bool(warned) == (freeze == "head" and not hp.pretrained)
     with pytest.raises(dataclasses.FrozenInstanceError):
         hp.lr = 1.0  # type: ignore[misc]
 
@@ -46,7 +64,7 @@ def test_to_dict_gives_the_schema_names_and_parses_back():
     assert values["batch-size"] == 32 and values["augment"] is True and values["model"] == "resnet18"
     assert config.parse_hyperparameters(values) == hp
     defaults = {p.name: p.default for p in config.SCHEMA}
-    assert config.parse_hyperparameters({}).to_dict() == {**defaults, "augment": False}
+    assert config.parse_hyperparameters({}).to_dict() == {**defaults, "freeze": "head", "augment": False}
 
 
 def test_the_strings_sagemaker_gets_are_unchanged():

@@ -24,6 +24,7 @@ from torch import nn
 from imgclf import data
 from imgclf.config import Hyperparameters
 from imgclf.preprocessing import Preprocessing
+from imgclf.training.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +97,8 @@ def head_module(model: nn.Module, head: list[str]) -> nn.Module:
 
 
 @torch.no_grad()  # not inference_mode: the head's backward saves these features
-def extract(model: nn.Module, head: list[str], loader, speed, watch=None) -> FeatureCache:
+def extract(model: nn.Module, head: list[str], loader, speed, watch=None,
+            progress: Progress | None = None) -> FeatureCache:
     """Run the (eval-mode) model over `loader` once; keep the input of the head layer for every image.
 
     `watch` (the Debugger) sees the backbone's activations on the first batch: training steps on cached
@@ -132,8 +134,12 @@ def extract(model: nn.Module, head: list[str], loader, speed, watch=None) -> Fea
                     checked = True
             chunks.append(captured[0].detach().clone())
             labels.append(batch_labels.to(speed.device))
+            if progress is not None:
+                progress.update()
     finally:
         hook.remove()
+        if progress is not None:
+            progress.close()
     features = torch.cat(chunks)
     log.info("feature cache: %d images -> %s %s features in %.1f s (%.1f MB)", len(features),
              tuple(features.shape[1:]), str(features.dtype).removeprefix("torch."), time.monotonic() - started,
@@ -147,26 +153,29 @@ class FrozenFeatures:
     `decision` is `should_cache`'s (use the cache?, why)."""
 
     def __init__(self, decision: tuple[bool, str], model: nn.Module, head: list[str], speed, splits: dict, sampler,
-                 make_loader, batch_size: int, prep: Preprocessing, watch=None):
+                 make_loader, batch_size: int, prep: Preprocessing, watch=None, log_interval: int = 0):
         self.enabled, why = decision
         log.info("feature cache %s: %s", "on" if self.enabled else "off", why)
         self.model, self.head, self.speed, self.splits = model, head, speed, splits
         self.sampler, self.make_loader, self.batch_size, self.prep = sampler, make_loader, batch_size, prep
         self.watch = watch  # the Debugger: sees the backbone during extraction
+        self.log_interval = log_interval
         self.train: FeatureCache | None = None
         self.valid: FeatureCache | None = None
 
-    def _loader(self, split: str):
-        return self.make_loader(data.ImageDataset(self.splits[split].samples, data.eval_transform(self.prep),
-                                                  self.prep.resize_size))
+    def _extract(self, split: str, watch=None) -> FeatureCache:
+        loader = self.make_loader(data.ImageDataset(self.splits[split].samples, data.eval_transform(self.prep),
+                                                    self.prep.resize_size))
+        progress = Progress(f"feature extraction ({split})", len(loader), self.log_interval)
+        return extract(self.model, self.head, loader, self.speed, watch, progress)
 
     def for_epoch(self, backbone_trains: bool) -> tuple[nn.Module, SamplerBatches, SequentialBatches] | None:
         if not self.enabled or backbone_trains:
             return None
         if self.train is None or self.valid is None:
             try:
-                self.train = extract(self.model, self.head, self._loader("train"), self.speed, self.watch)
-                self.valid = extract(self.model, self.head, self._loader("valid"), self.speed)
+                self.train = self._extract("train", self.watch)
+                self.valid = self._extract("valid")
             except FeatureCacheUnsupported as e:
                 log.warning("feature cache off: %s; training with the normal loop", e)
                 self.enabled = False

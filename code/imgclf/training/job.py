@@ -147,7 +147,8 @@ def build_setup(hp: Hyperparameters, paths: Paths, splits: dict[str, splits.Spli
                     for name, s in splits.items() if name != "train"}
     # Every rank extracts the features of all images, then trains the head on its shard (same sampler).
     cache = FrozenFeatures(should_cache(hp), model, head, speed, splits, sampler,
-                           lambda ds: loaders.loader(ds, rank_batch), rank_batch, prep, watch=dbg)
+                           lambda ds: loaders.loader(ds, rank_batch), rank_batch, prep, watch=dbg,
+                           log_interval=hp.log_interval if dist.is_main else 0)
     return Setup(
         hp=hp, model=model, head=head, optimizer=optimizer, scheduler=make_scheduler(hp, optimizer),
         criterion=nn.CrossEntropyLoss(label_smoothing=hp.label_smoothing), speed=speed, device=device, dist=dist,
@@ -185,13 +186,27 @@ def check_inputs(hp: Hyperparameters, paths: Paths, check_decode: bool = True) -
                                 workers=max(2, LoaderSettings.from_hyperparameters(hp).workers()))
 
 
+def freeze_plan(hp: Hyperparameters) -> str:
+    """What trains, from which weights, and why, for the job's first log line."""
+    if hp.freeze == "none":
+        return f"freeze=none: every layer trains, from {'pretrained' if hp.pretrained else 'random'} weights"
+    what = ("only the new head trains" if hp.freeze == "head"
+            else f"only the new head trains for {hp.head_epochs} epoch(s), then every layer")
+    if hp.pretrained:
+        return f"freeze={hp.freeze}: {what}, on the pretrained backbone's features"
+    log.warning("freeze=%s with pretrained=false: the head learns from the features of random weights, which "
+                "carry little; leave freeze at auto (none without pretrained weights) to train every layer",
+                hp.freeze)
+    return f"freeze={hp.freeze}: {what}, on random weights"
+
+
 def train_job(hp: Hyperparameters, paths: Paths, device: torch.device, dbg: Debugger,
               dist: Context = SINGLE) -> dict:
     splits = check_inputs(hp, paths, check_decode=dist.world_size == 1)  # the launcher decoded every file
     setup = build_setup(hp, paths, splits, device, dbg, dist)
     state, best = resume(setup)
-    log.info("training %s (%s, freeze=%s) on %s: %d classes, %d epochs%s", hp.model,
-             "pretrained" if hp.pretrained else "random init", hp.freeze, device, len(setup.classes), hp.epochs,
+    log.info("training %s (%s) on %s: %d classes, %d epochs%s", hp.model, freeze_plan(hp), device,
+             len(setup.classes), hp.epochs,
              f", rank {dist.rank} of {dist.world_size} ({setup.rank_batch} images per step each)"
              if dist.world_size > 1 else "")
     while state.epoch < hp.epochs:

@@ -32,6 +32,7 @@ from imgclf.training.distributed import Context
 from imgclf.training.evaluate import Evaluation, evaluate
 from imgclf.training.features import FrozenFeatures
 from imgclf.training.metrics import RunningSums
+from imgclf.training.progress import Progress
 from imgclf.training.sampling import EpochSampler
 
 log = logging.getLogger("imgclf.train")
@@ -127,6 +128,8 @@ def train_one_epoch(setup: Setup, state: State, step_model: nn.Module, loader, b
     sums = RunningSums()  # this rank's, from here on
     train_model = setup.dist.wrap(step_model)  # DDP with several ranks
     setup.dbg.epoch_begin(state.epoch)
+    progress = Progress(f"epoch {state.epoch + 1}/{setup.hp.epochs}", state.batches_done + len(loader),
+                        setup.hp.log_interval if setup.dist.is_main else 0, done=state.batches_done)  # resumed
     for images, labels in loader:
         images, labels = setup.speed.inputs(images), labels.to(setup.device, non_blocking=True)
         setup.dbg.step_begin()  # debugging: data wait ends
@@ -142,13 +145,16 @@ def train_one_epoch(setup: Setup, state: State, step_model: nn.Module, loader, b
         loss_value = loss.item()
         sums.add(loss_value, logits, labels)
         state.batches_done += 1
+        progress.update(loss_value)
         stopping = coordinated_stop(setup.dist, partial(setup.dbg.step_end, loss_value),  # collection and rules
                                     lambda: setup.interruption(state))
         if stopping is not None:  # SIGTERM or a stop rule: resumable from this batch
             state.running = before.merge(sums.all_ranks(setup.dist))
             setup.save_checkpoint(state, best)
         if stopping is not None:
+            progress.close()
             raise stopping
+    progress.close()
     return before.merge(sums.all_ranks(setup.dist))
 
 
