@@ -21,15 +21,16 @@ OptimizerName = Literal["adam", "adamw", "sgd"]
 SchedulerName = Literal["cosine", "step", "none"]
 AmpMode = Literal["auto", "bf16", "fp16", "off"]
 AutoOnOff = Literal["auto", "on", "off"]
+AugmentMode = Literal["none", "flip", "trivialaugment", "randaugment"]
 SelectBy = Literal["accuracy", "loss"]
 FREEZE_MODES: tuple[str, ...] = get_args(FreezeMode)
 OPTIMIZERS: tuple[str, ...] = get_args(OptimizerName)
 SCHEDULERS: tuple[str, ...] = get_args(SchedulerName)
 AMP_MODES: tuple[str, ...] = get_args(AmpMode)
 AUTO_ON_OFF: tuple[str, ...] = get_args(AutoOnOff)
-# A switch whose `auto` depends on other hyperparameters: parse_hyperparameters resolves it to a bool.
-AUTO_TRUE_FALSE = ("auto", "true", "false")
+AUGMENTS: tuple[str, ...] = get_args(AugmentMode)
 MIN_IMAGE_SIZE = 16
+TIMM_PREFIX = "timm/"  # model=timm/<name>[.<tag>]: a timm model (imgclf.models)
 
 # The rule catalogue's names, in its order: imgclf.debugging.rules.RULES, which refuses to load unless it has a class
 # for each. Here because the schema's help and the rule metrics name them, and serving, which reads this module,
@@ -75,12 +76,36 @@ SCHEMA: tuple[Param, ...] = (
     Param("momentum", float, 0.9, "momentum for sgd", min=0.0, max=1.0),
     Param("weight-decay", float, 0.0, "weight decay (L2 for adam/sgd, decoupled for adamw)", min=0.0, max=1.0),
     Param("label-smoothing", float, 0.0, "label smoothing of the cross-entropy loss", min=0.0, max=0.99),
-    Param("lr-scheduler", str, "cosine", "learning-rate schedule over the epochs", choices=SCHEDULERS),
+    Param("lr-scheduler", str, "cosine", "learning-rate decay after the warmup, stepped every optimizer step: "
+          "cosine to near 0 at the last step; step: x0.1 at each third; none: constant", choices=SCHEDULERS),
+    Param("warmup-epochs", float, 0.0, "linear learning-rate warmup over this many epochs (fractions allowed), "
+          "stepped every optimizer step: lr is reached at the last warmup step", min=0.0, max=1000.0),
+    Param("model-ema", bool, False, "keep an exponential moving average of the weights, updated every optimizer "
+          "step; the average is what is validated, selected, saved, exported and served"),
+    Param("model-ema-decay", float, 0.999, "with model-ema: ema = decay x ema + (1 - decay) x weights after each "
+          "step (about 1/(1 - decay) steps of memory: 0.999 for short runs, 0.9998 for ImageNet-length ones)",
+          min=0.0, max=1.0),
+    Param("drop-path", float, 0.0, "timm models: stochastic depth rate, the share of residual blocks skipped per "
+          "sample in training (0.1 is usual for ViT-B or ConvNeXt-T fine-tuning)", min=0.0, max=0.9),
+    Param("layer-decay", float, 1.0, "timm models: layer-wise learning-rate decay, each block down from the head "
+          "at this factor of the one above (0.65-0.75 for ViT fine-tuning); 1 = off", min=0.01, max=1.0),
+    Param("accumulate-steps", int, 1, "batches whose gradients add up before each optimizer step: a batch-size x N "
+          "batch in the memory of one", min=1, max=1024),
     Param("image-size", int, 0, "side of the square crop the model sees (pixels); 0 = the model's own: timm's "
           "data config for timm/ models, 224 for torchvision models", min=0, max=1024),
-    Param("augment", str, "auto", "random resized crop + horizontal flip on the training split; auto = off with "
-          "freeze=head (the backbone's features are then cached: epochs after the first take milliseconds), "
-          "on otherwise", choices=AUTO_TRUE_FALSE),
+    Param("augment", str, "auto", "training-split augmentation: flip = random resized crop + horizontal flip; "
+          "trivialaugment / randaugment = that, then torchvision's TrivialAugmentWide / RandAugment; none; auto = "
+          "none with freeze=head (the backbone's features are then cached: epochs after the first take "
+          "milliseconds), flip otherwise; true / false = flip / none", choices=("auto", "true", "false", *AUGMENTS)),
+    Param("random-erase", float, 0.0, "probability of erasing a random rectangle of each training image (torchvision's "
+          "RandomErasing, after normalisation)", min=0.0, max=1.0),
+    Param("mixup", float, 0.0, "Mixup's alpha: blend pairs of training images and their labels (0 = off; 0.2 is "
+          "usual)", min=0.0, max=10.0),
+    Param("cutmix", float, 0.0, "CutMix's alpha: paste a patch of one training image into another, labels in "
+          "proportion (0 = off; 1.0 is usual); with mixup too, each batch gets one of the two", min=0.0, max=10.0),
+    Param("mixup-prob", float, 1.0, "share of the training batches that mixup/cutmix mixes", min=0.0, max=1.0),
+    Param("mixup-off-epoch", int, 0, "from this epoch on (1-based), no more mixing: the last epochs see clean "
+          "images; 0 = mix to the end", min=0),
     Param("num-workers", int, -1, "DataLoader worker processes; -1 = one per CPU, up to 8", min=-1, max=64),
     Param("seed", int, 42, "seed for weights of the new head, data order and augmentation", min=0),
     Param("select-by", str, "accuracy", "the epoch kept: accuracy = best validation accuracy, ties broken by the "
@@ -166,8 +191,19 @@ class Hyperparameters:
     weight_decay: float
     label_smoothing: float
     lr_scheduler: SchedulerName
+    warmup_epochs: float
+    model_ema: bool
+    model_ema_decay: float
+    drop_path: float
+    layer_decay: float
+    accumulate_steps: int
     image_size: int
-    augment: bool  # the schema's auto/true/false; auto: on unless freeze=head
+    augment: AugmentMode  # the schema's auto/true/false resolved: auto = none with freeze=head, else flip
+    random_erase: float
+    mixup: float
+    cutmix: float
+    mixup_prob: float
+    mixup_off_epoch: int
     num_workers: int
     seed: int
     select_by: SelectBy
@@ -266,9 +302,19 @@ def parse_hyperparameters(raw: dict[str, Any]) -> Hyperparameters:
     if 0 < values["image-size"] < MIN_IMAGE_SIZE:
         raise HyperparameterError(f"hyperparameter image-size={values['image-size']}: use 0 (the model's own size) "
                                   f"or at least {MIN_IMAGE_SIZE} pixels")
+    timm_only = [f"{name}={values[name]:g}" for name, off in (("drop-path", 0.0), ("layer-decay", 1.0))
+                 if values[name] != off]
+    if timm_only and not str(values["model"]).startswith(TIMM_PREFIX):
+        raise HyperparameterError(f"hyperparameter {', '.join(timm_only)}: timm models only (model=timm/<name>); "
+                                  f"{values['model']} is a torchvision model")
+    if values["layer-decay"] < 1 and values["backbone-lr-factor"] != 1:
+        raise HyperparameterError("hyperparameters layer-decay and backbone-lr-factor both scale the backbone's "
+                                  "learning rate: set one of them")
     if values["freeze"] == "auto":
         values["freeze"] = "head" if values["pretrained"] else "none"
-    values["augment"] = values["freeze"] != "head" if values["augment"] == "auto" else values["augment"] == "true"
+    if values["augment"] in ("auto", "true", "false"):
+        values["augment"] = {"true": "flip", "false": "none"}.get(values["augment"],
+                                                                  "none" if values["freeze"] == "head" else "flip")
     return Hyperparameters(**{attribute_name(name): value for name, value in values.items()})
 
 

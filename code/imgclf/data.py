@@ -32,16 +32,21 @@ def eval_transform(prep: Preprocessing) -> EvalTransform:
     return EvalTransform(prep)
 
 
-def train_transform(prep: Preprocessing, augment: bool):
-    if not augment:
-        return eval_transform(prep)
-    return transforms.Compose([
-        transforms.RandomResizedCrop(prep.image_size, interpolation=transforms.InterpolationMode(prep.interpolation),
-                                     antialias=True),
-        transforms.RandomHorizontalFlip(),
-        transforms.ToTensor(),
-        transforms.Normalize(prep.mean, prep.std),
-    ])
+def train_transform(prep: Preprocessing, augment: str = "none", random_erase: float = 0.0):
+    """The training split's transform: `augment` (config.AUGMENTS) then, with random_erase > 0, RandomErasing on
+    the normalised tensor (erased to 0: the mean colour), as torchvision's references order them."""
+    if augment == "none":
+        steps: list = [eval_transform(prep)]
+    else:
+        interpolation = transforms.InterpolationMode(prep.interpolation)
+        policy = {"trivialaugment": [transforms.TrivialAugmentWide(interpolation=interpolation)],
+                  "randaugment": [transforms.RandAugment(interpolation=interpolation)]}.get(augment, [])
+        steps = [transforms.RandomResizedCrop(prep.image_size, interpolation=interpolation, antialias=True),
+                 transforms.RandomHorizontalFlip(), *policy, transforms.ToTensor(),
+                 transforms.Normalize(prep.mean, prep.std)]
+    if random_erase:
+        steps.append(transforms.RandomErasing(p=random_erase, value=0))
+    return steps[0] if len(steps) == 1 else transforms.Compose(steps)
 
 
 class ImageDataset(torch.utils.data.Dataset):

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torchvision import models
 
+from imgclf.config import TIMM_PREFIX
 from imgclf.errors import HyperparameterError, WeightsError
 from imgclf.preprocessing import Preprocessing
 
@@ -25,7 +26,6 @@ log = logging.getLogger(__name__)
 
 IMAGENET_CLASSES = 1000
 WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
-TIMM_PREFIX = "timm/"
 # The files timm's Hugging Face hub repositories hold, in the order timm prefers them.
 HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
@@ -96,15 +96,16 @@ def _new_layer(old: nn.Module, num_classes: int) -> nn.Module:
     return nn.Conv2d(old.in_channels, num_classes, old.kernel_size, old.stride, old.padding)  # type: ignore[arg-type]
 
 
-def build_backbone(name: str) -> nn.Module:
+def build_backbone(name: str, drop_path: float = 0.0) -> nn.Module:
     """The ImageNet architecture with random weights (auxiliary heads off: they only serve Inception training).
     A timm model keeps the head of its pretrained config (e.g. 21,843 classes for an in21k tag) until
-    replace_head, so that its pretrained weights load strictly."""
+    replace_head, so that its pretrained weights load strictly; `drop_path` is its stochastic depth rate."""
     check_model_name(name)
     if is_timm(name):
         import timm
 
-        return timm.create_model(timm_name(name), pretrained=False)
+        options: dict[str, Any] = {"drop_path_rate": drop_path} if drop_path else {}
+        return timm.create_model(timm_name(name), pretrained=False, **options)
     kwargs = {"aux_logits": False, "init_weights": False} if name in ("inception_v3", "googlenet") else {}
     return models.get_model(name, weights=None, **kwargs)
 
@@ -302,9 +303,28 @@ def train_mode(model: nn.Module, head: list[str], backbone_trains: bool) -> None
         model.get_submodule(h).train()
 
 
-def param_groups(model: nn.Module, head: list[str], lr: float, backbone_lr_factor: float) -> list[dict]:
+def param_groups(model: nn.Module, head: list[str], lr: float, backbone_lr_factor: float,
+                 weight_decay: float = 0.0, layer_decay: float = 1.0) -> list[dict]:
+    """The optimizer's groups: head and backbone (lr x backbone_lr_factor), each split into weights, which decay,
+    and biases and normalisation parameters (every 1-D tensor), which do not: decaying a norm's scale or a bias
+    pulls it to 0 and only hurts (torchvision's references and timm exclude them the same way).
+
+    layer_decay < 1 (timm models): timm's layer-wise groups instead, each block's lr layer_decay times the one
+    above it, the head's lr itself, with the same weight decay rule."""
+    if layer_decay < 1:
+        from timm.optim import param_groups_layer_decay
+
+        skip = getattr(model, "no_weight_decay", lambda: ())()  # e.g. a ViT's position embedding
+        groups = param_groups_layer_decay(model, weight_decay=weight_decay, no_weight_decay_list=skip,
+                                          layer_decay=layer_decay)
+        return [{"params": g["params"], "weight_decay": g["weight_decay"], "lr": lr * g.get("lr_scale", 1.0),
+                 "name": f"layer-decay x{g.get('lr_scale', 1.0):.3g}"} for g in groups if g["params"]]
     head_ids = {id(p) for h in head for p in model.get_submodule(h).parameters()}
-    head_params = [p for p in model.parameters() if id(p) in head_ids]
-    backbone = [p for p in model.parameters() if id(p) not in head_ids]
-    return [{"params": head_params, "lr": lr, "name": "head"},
-            {"params": backbone, "lr": lr * backbone_lr_factor, "name": "backbone"}]
+    groups = []
+    for name, in_head, group_lr in (("head", True, lr), ("backbone", False, lr * backbone_lr_factor)):
+        params = [p for p in model.parameters() if (id(p) in head_ids) == in_head]
+        groups += [{"params": [p for p in params if p.ndim > 1], "lr": group_lr, "weight_decay": weight_decay,
+                    "name": name},
+                   {"params": [p for p in params if p.ndim <= 1], "lr": group_lr, "weight_decay": 0.0,
+                    "name": f"{name} (biases and norms)"}]
+    return groups

@@ -336,7 +336,7 @@ def test_warm_start_rules_are_checked_before_sending(aws_env, moto_server):
     (["--param", "lr=0.1:0.001"], "min 0.1 must be below max 0.001"),
     (["--param", "weight-decay=0:0.1:log"], "a logarithmic range needs min > 0"),
     (["--param", "batch-size=1.5:4"], "hyperparameter batch-size='1.5': expected int"),
-    (["--param", "freeze=head,sideways"], "choose one of head, none, head-then-all"),
+    (["--param", "freeze=head,sideways"], "choose one of auto, head, none, head-then-all"),
     (["--hp", "lr=0.01"], "lr: both tuned and static"),
     (["--max-jobs", "2", "--max-parallel", "3"], "max parallel jobs 3 must be between 1 and max jobs 2"),
     (["--checkpoint-s3", "s3://x/y"], "--checkpoint-s3 is for train.py"),

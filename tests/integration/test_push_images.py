@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import uuid
 
 import boto3
@@ -318,8 +319,10 @@ def test_a_scan_that_is_running_failed_or_unsupported_is_one_line_and_no_failure
     assert not report.checked and report.critical == 0
     [line] = out.getvalue().splitlines()
     assert line.startswith(f"{repository}@{digest}: scan findings not checked: {status}: ")
-    expected = "still IN_PROGRESS after 1 s (--scan-timeout)" if status == "IN_PROGRESS" else f"the scan is {status}"
-    assert expected in line
+    # the time waited, at least the 1 s timeout (more when the machine is busy: CI saw 2 s)
+    expected = (r"still IN_PROGRESS after [1-9] s \(--scan-timeout\)" if status == "IN_PROGRESS"
+                else f"the scan is {status}")
+    assert re.search(expected, line), line
 
 
 def test_enhanced_findings_and_moto_default_findings_are_read(api, moto_server):

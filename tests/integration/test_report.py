@@ -28,6 +28,8 @@ CHECK_PAGE = """JSON.stringify({
   rules: [...document.querySelectorAll('#rules tr')].length - 1,
   profilerRules: [...document.querySelectorAll('#profiler .profiler-rule')].map(d => [d.id,
     d.querySelector('h3').textContent, d.querySelector('table tr td:nth-child(2)').textContent]),
+  worst: [...document.querySelectorAll('#classes table')][0] ? [...[...document.querySelectorAll('#classes table')][0]
+    .querySelectorAll('tr')].slice(1).map(r => [...r.cells].map(c => c.textContent)) : null,
   usage: [...document.querySelectorAll('#usage tr')].slice(1).map(r => [...r.cells].map(c => c.textContent)),
 })"""
 
@@ -56,6 +58,9 @@ def test_report_loads_in_chromium_with_every_section(browser, trained):
         assert section["images"] + section["tables"] > 0, f"section {key} shows no plot or table: {section}"
     for key in ("training", "system", "steps"):
         assert result["sections"][key]["images"] == 1, key
+    assert result["sections"]["classes"]["images"] == 2  # the confusion heatmap and the worst classes
+    worst = json.loads((out / "reports" / "metrics.json").read_text())["classes"]["worst"]
+    assert result["worst"] == [[w["class"], f"{w['accuracy']:.3f}", str(w["images"])] for w in worst]
     assert result["images"] and all(i["complete"] and i["width"] > 100 for i in result["images"]), result["images"]
     assert result["rules"] == len(rules.RULES)
     # a block per ProfilerReport rule, with its status; on a CPU-only machine the GPU rules are NotApplicable
@@ -75,4 +80,29 @@ def test_report_is_self_contained(trained):
     out, _ = trained
     text = (out / "reports" / "profiler-report.html").read_text()
     assert "http://" not in text and "https://" not in text and "<script" not in text
-    assert text.count('src="data:image/png;base64,') == 3
+    assert text.count('src="data:image/png;base64,') == 5
+
+
+def test_class_results_agree_with_the_confusion_matrix(trained, sample_dataset):
+    """metrics.json's worst classes and most-confused pairs, recomputed from the written confusion matrix; every
+    example is a file of its true class, predicted as the other; the PNGs decode."""
+    from PIL import Image
+
+    reports = trained[0] / "reports"
+    classes = json.loads((reports / "metrics.json").read_text())["classes"]
+    split = classes["split"]
+    rows = [line.split(",") for line in (reports / f"confusion_matrix_{split}.csv").read_text().splitlines()[1:]]
+    counts = {(t[0], rows[j][0]): int(n) for t in rows for j, n in enumerate(t[1:])}
+    totals = {t[0]: sum(map(int, t[1:])) for t in rows}
+    accuracy = {name: counts[name, name] / totals[name] for name in totals}
+    assert [w["class"] for w in classes["worst"]] == sorted(accuracy, key=lambda c: (accuracy[c], -totals[c], c))
+    assert [w["accuracy"] for w in classes["worst"]] == pytest.approx([accuracy[w["class"]] for w in classes["worst"]])
+    confused = sorted(((n, t, p) for (t, p), n in counts.items() if t != p and n), key=lambda c: (-c[0], c[1], c[2]))
+    assert [(p["count"], p["true"], p["predicted"]) for p in classes["most_confused"]] == confused[:10]
+    for pair in classes["most_confused"]:
+        assert 1 <= len(pair["examples"]) <= min(3, pair["count"])
+        for example in pair["examples"]:
+            assert example.split("/")[0] == pair["true"] and (sample_dataset / split / example).is_file()
+    for name in (f"confusion_matrix_{split}.png", f"worst_classes_{split}.png"):
+        with Image.open(reports / name) as image:
+            assert image.format == "PNG" and min(image.size) > 100, name

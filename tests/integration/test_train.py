@@ -63,10 +63,10 @@ def test_metric_lines_match_the_exported_definitions(trained):
 
 def test_the_last_metric_lines_are_the_selected_epochs(tmp_path, sample_dataset):
     """A tuning job ranks by the last value of its objective in the log: it must be the epoch whose weights were
-    saved (the best by validation accuracy, then loss), not the last epoch's. Adam at lr 0.05 and patience 1 stop the
-    run one epoch after its best (epoch 4 of the tiny model's 6)."""
-    hps = {**TINY_HPS, "lr": "0.05", "epochs": "6", "early-stopping-patience": "1", "image-size": "32",
-           "log-interval": "2"}  # progress lines between the metric lines: they must not count as metrics
+    saved (the best by validation accuracy, then loss), not the last epoch's. Adam at a constant lr 0.05 and patience
+    1 stop the tiny model's run one epoch after its best, before its 6th."""
+    hps = {**TINY_HPS, "lr": "0.05", "lr-scheduler": "none", "epochs": "6", "early-stopping-patience": "1",
+           "image-size": "32", "log-interval": "2"}  # progress lines between the metric lines must not count
     result = local_train(sample_dataset, tmp_path / "out", hps)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     metrics = json.loads((tmp_path / "out" / "reports" / "metrics.json").read_text())
@@ -152,8 +152,11 @@ def _wait_for(proc: subprocess.Popen, marker: str, timeout: float = 300) -> str:
 
 
 def test_sigterm_checkpoints_and_resume_matches_uninterrupted_run(tmp_path, sample_dataset):
+    """Resumed from a SIGTERM mid-epoch, the run ends with the same epochs as an uninterrupted one: weights, optimizer,
+    the per-step schedule (here in its warmup) and the accumulation groups (the stop waits for a group's end)."""
     out = tmp_path / "out"
-    proc = _start(sample_dataset, out, TINY_HPS)
+    hps = {**TINY_HPS, "warmup-epochs": "1.5", "accumulate-steps": "2", "model-ema": "true", "model-ema-decay": "0.9"}
+    proc = _start(sample_dataset, out, hps)
     before = _wait_for(proc, "epoch=1 ")
     assert "epoch=1 " in before
     proc.send_signal(signal.SIGTERM)  # forwarded by local mode to `train`, as SageMaker signals a spot stop
@@ -163,13 +166,13 @@ def test_sigterm_checkpoints_and_resume_matches_uninterrupted_run(tmp_path, samp
     assert (out / "checkpoints" / "checkpoint.pt").exists()
     assert "epoch=4" not in rest
 
-    result = local_train(sample_dataset, out, TINY_HPS)  # same command again: resumes
+    result = local_train(sample_dataset, out, hps)  # same command again: resumes
     assert result.returncode == 0, result.stdout[-3000:]
     assert "resuming from checkpoint" in result.stdout
     assert "epoch=1 " not in result.stdout
     assert not (out / "failure").exists()
     resumed = json.loads((out / "reports" / "metrics.json").read_text())
-    uninterrupted = local_train(sample_dataset, tmp_path / "uninterrupted", TINY_HPS)
+    uninterrupted = local_train(sample_dataset, tmp_path / "uninterrupted", hps)
     assert uninterrupted.returncode == 0, uninterrupted.stdout[-3000:]
     reference = json.loads((tmp_path / "uninterrupted" / "reports" / "metrics.json").read_text())
     assert [h["epoch"] for h in resumed["history"]] == [1, 2, 3, 4]

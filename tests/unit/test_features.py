@@ -13,12 +13,13 @@ def hp(**overrides):
 
 
 @pytest.mark.parametrize(("overrides", "expected", "reason"), [
-    ({}, True, "augment=false"),
-    ({"augment": "true"}, False, "augment=true"),
+    ({}, True, "no augmentation"),
+    ({"augment": "true"}, False, "augment=flip changes the pixels"),
+    ({"augment": "none", "random-erase": 0.25, "mixup": 0.2}, False, "random-erase=0.25, mixup=0.2 changes"),
     ({"feature-cache": "off"}, False, "feature-cache=off"),
     ({"freeze": "none"}, False, "trains from the first epoch"),
     ({"epochs": 1}, False, "one epoch only"),
-    ({"epochs": 1, "feature-cache": "on"}, True, "augment=false"),
+    ({"epochs": 1, "feature-cache": "on"}, True, "no augmentation"),
     ({"freeze": "head-then-all", "head-epochs": 2}, True, "2 epoch(s)"),
 ])
 def test_auto_decision_and_its_reason(overrides, expected, reason):

@@ -16,12 +16,12 @@ from tests.conftest import FAST_HPS, random_resnet18_weights, train_in_process
 
 def test_hyperparameter_validation():
     hp = config.parse_hyperparameters({"lr": "0.01", "batch-size": 256.0, "augment": "false", "model": "ResNet50"})
-    assert hp.lr == 0.01 and hp.batch_size == 256 and hp.augment is False and hp.model == "resnet50"
+    assert hp.lr == 0.01 and hp.batch_size == 256 and hp.augment == "none" and hp.model == "resnet50"
     with pytest.raises(HyperparameterError, match=r"unknown hyperparameter\(s\) learning-rate; known: lr, batch-size"):
         config.parse_hyperparameters({"learning-rate": 0.1})
     with pytest.raises(HyperparameterError, match="batch-size='big': expected int"):
         config.parse_hyperparameters({"batch-size": "big"})
-    with pytest.raises(HyperparameterError, match="freeze='some': choose one of head, none, head-then-all"):
+    with pytest.raises(HyperparameterError, match="freeze='some': choose one of auto, head, none, head-then-all"):
         config.parse_hyperparameters({"freeze": "some"})
     with pytest.raises(HyperparameterError, match="lr=-1.0: must be between"):
         config.parse_hyperparameters({"lr": -1})

@@ -19,12 +19,10 @@ def test_one_typed_field_per_schema_entry_in_its_order():
     assert fields == [config.attribute_name(p.name) for p in config.SCHEMA]
     for p in config.SCHEMA:
         hint = hints[config.attribute_name(p.name)]
-        if p.choices == config.AUTO_TRUE_FALSE:  # resolved by parse_hyperparameters
-            assert hint is bool, p.name
-        elif p.choices:
+        if p.choices:
             assert p.type is str and typing.get_origin(hint) is typing.Literal, p.name
-            resolved = typing.get_args(hint)  # an auto that parse_hyperparameters resolves is not a field value
-            assert p.choices in (resolved, ("auto", *resolved)), p.name
+            resolved = typing.get_args(hint)  # an auto (true, false) that parse_hyperparameters resolves is no value
+            assert p.choices in (resolved, ("auto", *resolved), ("auto", "true", "false", *resolved)), p.name
         else:
             assert hint is p.type, p.name
 
@@ -34,15 +32,17 @@ def test_parsed_values_have_the_schema_types_and_stay_put():
                                        "freeze": "HEAD-then-all", "rules-config": {"overfit": {"stop": True}}})
     assert (hp.lr, hp.batch_size, hp.export_int8, hp.pretrained, hp.freeze) == (0.01, 256, True, False, "head-then-all")
     assert type(hp.batch_size) is int and hp.rules_config == '{"overfit": {"stop": true}}'
-    assert hp.augment is True  # auto: on unless freeze=head
-    assert config.parse_hyperparameters({}).augment is False
+    assert hp.augment == "flip"  # auto: flip unless freeze=head
+    assert config.parse_hyperparameters({}).augment == "none"
+    assert [config.parse_hyperparameters({"augment": a}).augment for a in ("true", "false", "TrivialAugment")] == \
+        ["flip", "none", "trivialaugment"]
 
 
 @pytest.mark.parametrize("given, freeze, augment", [
-    ({}, "head", False),  # pretrained by default: a head on its features, which are then cached
-    ({"pretrained": "false"}, "none", True),  # random weights: every layer trains
-    ({"pretrained": "false", "freeze": "head"}, "head", False),  # said so: kept (the job log warns)
-    ({"pretrained": "true", "freeze": "none"}, "none", True),
+    ({}, "head", "none"),  # pretrained by default: a head on its features, which are then cached
+    ({"pretrained": "false"}, "none", "flip"),  # random weights: every layer trains
+    ({"pretrained": "false", "freeze": "head"}, "head", "none"),  # said so: kept (the job log warns)
+    ({"pretrained": "true", "freeze": "none"}, "none", "flip"),
 ])
 def test_freeze_auto_follows_pretrained(given, freeze, augment, caplog):
     from imgclf.training.job import freeze_plan
@@ -61,16 +61,16 @@ def test_to_dict_gives_the_schema_names_and_parses_back():
     hp = config.parse_hyperparameters({"model": "resnet18", "augment": "true", "epochs": "3"})
     values = hp.to_dict()
     assert list(values) == [p.name for p in config.SCHEMA]
-    assert values["batch-size"] == 32 and values["augment"] is True and values["model"] == "resnet18"
+    assert values["batch-size"] == 32 and values["augment"] == "flip" and values["model"] == "resnet18"
     assert config.parse_hyperparameters(values) == hp
     defaults = {p.name: p.default for p in config.SCHEMA}
-    assert config.parse_hyperparameters({}).to_dict() == {**defaults, "freeze": "head", "augment": False}
+    assert config.parse_hyperparameters({}).to_dict() == {**defaults, "freeze": "head", "augment": "none"}
 
 
 def test_the_strings_sagemaker_gets_are_unchanged():
     """The external contract: hyphenated names, SageMaker's strings, only the names given."""
     assert config.hyperparameter_strings({"export-int8": True, "lr": 0.01, "augment": "auto", "batch-size": "64"}) == \
-        {"augment": "false", "batch-size": "64", "export-int8": "true", "lr": "0.01"}
+        {"augment": "none", "batch-size": "64", "export-int8": "true", "lr": "0.01"}
     assert config.parse_value("batch-size", "64") == 64 and config.parse_value("freeze", "None") == "none"
     with pytest.raises(HyperparameterError, match="batch-size='big': expected int"):
         config.parse_value("batch-size", "big")

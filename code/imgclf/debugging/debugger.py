@@ -38,6 +38,7 @@ from torch import nn
 from imgclf import atomic, config
 from imgclf.config import Hyperparameters
 from imgclf.debugging import report
+from imgclf.debugging.classes import ClassResults
 from imgclf.debugging.collect import Collector
 from imgclf.debugging.profiling import ProfilerCapture, StepTimer, SystemMonitor
 from imgclf.debugging.rules import ISSUES, RuleSet, configure
@@ -102,6 +103,7 @@ class Debugger:
         self._stats_step = False
         self._live_report: tuple[float, float] | None = None  # (when the last live report was written, its cost)
         self._eval_stop: RuleStop | None = None  # found during validation, raised at the epoch end
+        self.classes: ClassResults | None = None  # set by the job's finish: the report's classes section
         if not self.enabled:
             return
         self.rules: RuleSet = configure(settings.rules, settings.rules_config, settings.rules_stop)
@@ -294,7 +296,7 @@ class Debugger:
             hyperparameters=self.settings.hyperparameters, history=self.history, loss_points=self.collector.points,
             samples=list(self.monitor.samples), steps=list(self.timer.steps), step_totals=dict(self.timer.totals),
             rules=self.rules.to_json(), top_operators=self.profiler.top_operators,
-            profiler_steps=self.profiler.captured,
+            profiler_steps=self.profiler.captured, classes=self.classes,
             trace=str(self.profiler.trace.relative_to(self.data_dir)) if self.profiler.trace else None,
         ))
         for folder in (self.live_dir, *([self.data_dir] if final else [])):

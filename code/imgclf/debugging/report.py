@@ -1,6 +1,7 @@
 """The profiler report: one self-contained HTML file (plots embedded as PNG data URIs, no script, no network).
 
-Sections (element ids): summary, training (loss and accuracy curves), system (utilisation over time),
+Sections (element ids): summary, training (loss and accuracy curves), classes (confusion matrix, worst classes,
+most-confused pairs), system (utilisation over time),
 steps (step time breakdown), rules (results, explanations, advice), operators (torch.profiler top operators).
 """
 
@@ -18,9 +19,11 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)
 
+from imgclf.debugging import classes  # noqa: E402
+from imgclf.debugging.classes import ClassResults  # noqa: E402
 from imgclf.debugging.profiling import PHASES  # noqa: E402
 
-SECTIONS = {"summary": "Summary", "training": "Training curves", "system": "System utilisation",
+SECTIONS = {"summary": "Summary", "training": "Training curves", "classes": "Classes", "system": "System utilisation",
             "usage": "System usage statistics", "steps": "Step time breakdown", "rules": "Rules",
             "profiler": "Profiler rules", "operators": "Top operators (torch.profiler)"}
 # The usage table's rows: label and monitor-sample key; list-valued keys give a row per GPU.
@@ -56,6 +59,7 @@ class ReportData:
     top_operators: list[dict] = field(default_factory=list)
     profiler_steps: list[int] = field(default_factory=list)
     trace: str | None = None
+    classes: ClassResults | None = None  # the selected model on the report split; None until the job's end
 
 
 def _e(value) -> str:
@@ -116,6 +120,29 @@ def _training(d: ReportData) -> str:
              f"{r.get('lr', math.nan):.3g}", r.get("seconds", "")] for r in d.history]
     return _png(fig) + _table(rows, ["epoch", "train loss", "train acc", "valid loss", "valid acc", "lr", "seconds"],
                               set(range(7)))
+
+
+def _image(data: bytes, alt: str) -> str:
+    return f'<img alt="{_e(alt)}" src="data:image/png;base64,{base64.b64encode(data).decode()}">'
+
+
+def _classes(d: ReportData) -> str:
+    c = d.classes
+    if c is None:
+        return '<p class="muted">Written when the job has evaluated its selected model.</p>'
+    worst = _table([[_e(w["class"]), f"{w['accuracy']:.3f}", w["images"]] for w in c.worst],
+                   ["class", "accuracy", "images"], {1, 2})
+    pairs = _table([[_e(p["true"]), _e(p["predicted"]), p["count"], f"{p['share']:.3f}",
+                     "<br>".join(f"<code>{_e(x)}</code>" for x in p["examples"])] for p in c.most_confused],
+                   ["true class", "predicted as", "images", "share of the class", "examples"], {2, 3})
+    return (f'<p>The selected model on the {_e(c.split)} split ({len(c.names)} classes). The same plots are '
+            f'<code>confusion_matrix_{_e(c.split)}.png</code> and <code>worst_classes_{_e(c.split)}.png</code> '
+            f'beside this report; the counts are in <code>confusion_matrix_{_e(c.split)}.csv</code>.</p>'
+            + _image(classes.png(classes.heatmap(c)), "confusion matrix")
+            + f'<h3>The {len(c.worst)} worst classes</h3>'
+            + _image(classes.png(classes.worst_figure(c)), "worst classes") + worst
+            + f"<h3>The {len(c.most_confused)} most-confused pairs</h3>"
+            + (pairs if c.most_confused else '<p class="good">No image was confused.</p>'))
 
 
 def _system(d: ReportData) -> str:
@@ -284,8 +311,8 @@ def _summary(d: ReportData) -> str:
 
 
 def render(d: ReportData) -> str:
-    parts = {"summary": _summary, "training": _training, "system": _system, "usage": _usage, "steps": _steps,
-             "rules": _rules, "profiler": _profiler, "operators": _operators}
+    parts = {"summary": _summary, "training": _training, "classes": _classes, "system": _system, "usage": _usage,
+             "steps": _steps, "rules": _rules, "profiler": _profiler, "operators": _operators}
     body = "".join(f'<section id="{key}"><h2>{_e(SECTIONS[key])}</h2>{fn(d)}</section>' for key, fn in parts.items())
     nav = "".join(f'<a href="#{k}">{_e(v)}</a>' for k, v in SECTIONS.items())
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>Profiler report: '

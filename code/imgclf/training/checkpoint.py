@@ -21,7 +21,8 @@ from imgclf.training.metrics import RunningSums
 CHECKPOINT_FILE = "checkpoint.pt"
 # What must not change between a checkpoint and the run that resumes from it.
 FINGERPRINT_HYPERPARAMETERS = ("model", "batch-size", "optimizer", "freeze", "image-size", "seed", "lr-scheduler",
-                               "epochs")
+                               "epochs", "warmup-epochs", "accumulate-steps", "model-ema", "model-ema-decay",
+                               "layer-decay")
 
 
 @dataclass
@@ -57,9 +58,11 @@ def fingerprint(hp: Hyperparameters, classes: list[str]) -> dict:
     return {"hyperparameters": {k: values[k] for k in FINGERPRINT_HYPERPARAMETERS}, "classes": classes}
 
 
-def save(folder: Path, model, optimizer, scheduler, state: State, fingerprint: dict, best: dict | None) -> None:
+def save(folder: Path, model, optimizer, scheduler, state: State, fingerprint: dict, best: dict | None,
+         ema=None) -> None:
     artifacts.torch_save(folder / CHECKPOINT_FILE, {
         "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "ema": ema.state_dict() if ema is not None else None,
         "best_model": best, "state": state.to_dict(), "fingerprint": fingerprint,
         "rng": {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])},
     })
@@ -83,9 +86,11 @@ def load(folder: Path, fingerprint: dict) -> dict | None:
     return ckpt
 
 
-def restore(ckpt: dict, model, optimizer, scheduler) -> tuple[State, dict]:
+def restore(ckpt: dict, model, optimizer, scheduler, ema=None) -> tuple[State, dict]:
     """Put a loaded checkpoint back: tensors, random number generators; return its State and best weights."""
     model.load_state_dict(ckpt["model"])
+    if ema is not None:  # the fingerprint has model-ema: a checkpoint of an EMA run has its average
+        ema.load_state_dict(ckpt["ema"])
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
     torch.set_rng_state(ckpt["rng"]["torch"])

@@ -40,12 +40,16 @@ def should_cache(hp: Hyperparameters) -> tuple[bool, str]:
         return False, "feature-cache=off"
     if frozen_epochs == 0:
         return False, f"the backbone trains from the first epoch (freeze={hp.freeze})"
-    if hp.augment:
-        return False, ("augment=true changes the pixels every epoch, so the backbone's features cannot be "
-                       "reused; set augment=false to train the head on cached features")
+    changing = [f"augment={hp.augment}" if hp.augment != "none" else "",
+                *(f"{name}={value:g}" for name, value in (("random-erase", hp.random_erase), ("mixup", hp.mixup),
+                                                          ("cutmix", hp.cutmix)) if value)]
+    if any(changing):
+        said = ", ".join(c for c in changing if c)
+        return False, (f"{said} changes the pixels every epoch, so the backbone's features cannot be reused; "
+                       "without augmentation (augment=none) the head trains on cached features")
     if hp.feature_cache == "auto" and frozen_epochs < 2:
         return False, "the backbone is frozen for one epoch only: caching would not save a pass"
-    return True, f"the backbone is frozen for {frozen_epochs} epoch(s) and augment=false"
+    return True, f"the backbone is frozen for {frozen_epochs} epoch(s) and no augmentation changes the pixels"
 
 
 class FeatureCache:

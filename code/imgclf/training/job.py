@@ -27,11 +27,12 @@ from torch import nn
 
 from imgclf import artifacts, atomic, config, data, devices, export, models, splits
 from imgclf.config import Hyperparameters
+from imgclf.debugging import classes as classes_report
 from imgclf.debugging import stop_action
 from imgclf.debugging.debugger import Debugger, DebugSettings
 from imgclf.errors import RuleStop, UserError
 from imgclf.preprocessing import Preprocessing
-from imgclf.training import checkpoint, cuda_check, distributed
+from imgclf.training import checkpoint, cuda_check, distributed, ema, schedule
 from imgclf.training.accel import SpeedSettings
 from imgclf.training.distributed import SINGLE, Context
 from imgclf.training.evaluate import Evaluation, evaluate
@@ -49,6 +50,7 @@ from imgclf.training.loop import (
     validate,
 )
 from imgclf.training.metrics import epoch_line, epoch_record, metrics_line
+from imgclf.training.mixing import BatchMix
 from imgclf.training.sampling import EpochSampler, SeededDataset
 
 log = logging.getLogger("imgclf.train")
@@ -93,14 +95,6 @@ def make_optimizer(hp: Hyperparameters, groups) -> torch.optim.Optimizer:
     return cls(groups, lr=hp.lr, weight_decay=hp.weight_decay)
 
 
-def make_scheduler(hp: Hyperparameters, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
-    if hp.lr_scheduler == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=hp.epochs)
-    if hp.lr_scheduler == "step":
-        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=max(1, hp.epochs // 3), gamma=0.1)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-
-
 def rank_batch_size(hp: Hyperparameters, dist: Context) -> int:
     """batch-size is the global batch: each of the world_size ranks takes its share of every step."""
     rank_batch = max(1, hp.batch_size // dist.world_size)
@@ -114,7 +108,7 @@ def build_model(hp: Hyperparameters, paths: Paths, num_classes: int,
                 device: torch.device) -> tuple[nn.Module, list[str], Preprocessing]:
     """The backbone (pretrained weights from the weights channel or the cache) with a new head, on `device`,
     and the preprocessing it expects (timm's data config; image-size overrides the size)."""
-    model = models.build_backbone(hp.model)
+    model = models.build_backbone(hp.model, hp.drop_path)
     prep = models.preprocessing(hp.model, model, hp.image_size)
     if hp.pretrained:
         weights = paths.channels.get("weights")
@@ -134,14 +128,16 @@ def build_setup(hp: Hyperparameters, paths: Paths, splits: dict[str, splits.Spli
     speed = SpeedSettings.from_hyperparameters(hp).for_model(model, device)
     speed.prepare(model)  # channels_last, compile
     log.info("speed settings: %s", speed.describe())
-    optimizer = make_optimizer(hp, models.param_groups(model, head, hp.lr, hp.backbone_lr_factor))
+    optimizer = make_optimizer(hp, models.param_groups(model, head, hp.lr, hp.backbone_lr_factor, hp.weight_decay,
+                                                       hp.layer_decay))
     dbg.attach(model, optimizer)  # debugging: init-scale, layer statistics
 
     draft = prep.resize_size
     loaders = LoaderSettings.from_hyperparameters(hp)
     rank_batch = rank_batch_size(hp, dist)
     sampler = EpochSampler(len(splits["train"].samples), hp.seed, rank=dist.rank, world_size=dist.world_size)
-    train_set = SeededDataset(splits["train"].samples, data.train_transform(prep, hp.augment), draft)
+    train_set = SeededDataset(splits["train"].samples, data.train_transform(prep, hp.augment, hp.random_erase),
+                             draft)
     eval_tf = data.eval_transform(prep)
     eval_loaders = {name: loaders.loader(data.ImageDataset(dist.shard(s.samples), eval_tf, draft), rank_batch)
                     for name, s in splits.items() if name != "train"}
@@ -149,13 +145,17 @@ def build_setup(hp: Hyperparameters, paths: Paths, splits: dict[str, splits.Spli
     cache = FrozenFeatures(should_cache(hp), model, head, speed, splits, sampler,
                            lambda ds: loaders.loader(ds, rank_batch), rank_batch, prep, watch=dbg,
                            log_interval=hp.log_interval if dist.is_main else 0)
+    train_loader = loaders.loader(train_set, rank_batch, sampler=sampler)
+    steps_per_epoch = schedule.optimizer_steps(len(train_loader), hp.accumulate_steps)
     return Setup(
-        hp=hp, model=model, head=head, optimizer=optimizer, scheduler=make_scheduler(hp, optimizer),
+        hp=hp, model=model, head=head, optimizer=optimizer,
+        scheduler=schedule.make_scheduler(hp, optimizer, steps_per_epoch),
         criterion=nn.CrossEntropyLoss(label_smoothing=hp.label_smoothing), speed=speed, device=device, dist=dist,
-        dbg=dbg, sampler=sampler, rank_batch=rank_batch,
-        train_loader=loaders.loader(train_set, rank_batch, sampler=sampler), eval_loaders=eval_loaders,
+        dbg=dbg, sampler=sampler, rank_batch=rank_batch, train_loader=train_loader, eval_loaders=eval_loaders,
         cache=cache, classes=classes, fingerprint=checkpoint.fingerprint(hp, classes),
         checkpoints=paths.checkpoints, stop=StopFlag(), preprocessing=prep,
+        ema=ema.averaged(model, hp.model_ema_decay) if hp.model_ema else None,
+        mix=BatchMix.from_hyperparameters(hp, len(classes)),
     )
 
 
@@ -164,7 +164,7 @@ def resume(setup: Setup) -> tuple[checkpoint.State, dict | None]:
     ckpt = setup.dist.from_main(lambda: checkpoint.load(setup.checkpoints, setup.fingerprint))
     if not ckpt:
         return checkpoint.State(), None
-    state, best = checkpoint.restore(ckpt, setup.model, setup.optimizer, setup.scheduler)
+    state, best = checkpoint.restore(ckpt, setup.model, setup.optimizer, setup.scheduler, setup.ema)
     log.info("resuming from checkpoint %s: epoch %d, batch %d", setup.checkpoints / checkpoint.CHECKPOINT_FILE,
              state.epoch + 1, state.batches_done)
     return state, best
@@ -213,14 +213,13 @@ def train_job(hp: Hyperparameters, paths: Paths, device: torch.device, dbg: Debu
         started = time.monotonic()
         step_model, loader, valid_loader, cached = epoch_batches(setup, state)
         sums = train_one_epoch(setup, state, step_model, loader, best)
-        valid = validate(setup, step_model, valid_loader, cached)
-        lr = setup.optimizer.param_groups[0]["lr"]
-        setup.scheduler.step()
+        lr = max(g["lr"] for g in setup.optimizer.param_groups)  # the head's, at the epoch's end (moves per step)
+        valid = validate(setup, setup.evaluated(step_model), valid_loader, cached)
         state.history.append(epoch_record(state.epoch, sums, valid, lr, started, cached))
         if dist.is_main:
             print(epoch_line(state.history[-1]), flush=True)
         stopping = coordinated_stop(dist, lambda: dbg.epoch_end(state.history))  # epoch rules, rules.json
-        best = select_best(state, valid, setup.model, best, hp.select_by)
+        best = select_best(state, valid, setup.evaluated(setup.model), best, hp.select_by)
         state.next_epoch()
         setup.save_checkpoint(state, best)
         if stopping is not None:  # a stop rule, after the epoch's checkpoint
@@ -233,21 +232,29 @@ def train_job(hp: Hyperparameters, paths: Paths, device: torch.device, dbg: Debu
     log.info("best epoch %d (validation accuracy %.4f, loss %.4f; select-by=%s)", state.best_epoch,
              state.best_accuracy, state.best_loss, hp.select_by)
     metrics = finish(hp, paths, setup.model, setup.classes, state, setup.eval_loaders, device, setup.preprocessing,
-                     dist)
+                     dist, dbg)
     if dist.is_main:  # model.onnx for serving, checked against the written weights on the validation images
         export.export(paths.model, [path for path, _ in splits["valid"].samples], int8=hp.export_int8)
     return metrics
 
 
 def final_evaluations(model, classes, eval_loaders, device, dist: Context) -> dict[str, Evaluation]:
-    """The selected model on valid and test (each rank its shard, combined)."""
-    return {name: dist.reduce_evaluation(evaluate(model, eval_loaders[name], len(classes), device))
+    """The selected model on valid and test (each rank its shard, combined; one process keeps the predictions)."""
+    return {name: dist.reduce_evaluation(evaluate(model, eval_loaders[name], len(classes), device,
+                                                  keep_predictions=dist.world_size == 1))
             for name in ("valid", "test") if name in eval_loaders}
 
 
+def class_results(split: str, classes: list[str], evaluation: Evaluation,
+                  samples: list[tuple[str, int]]) -> classes_report.ClassResults:
+    """Worst classes and most-confused pairs; with the predictions (one process) example files for each pair."""
+    return classes_report.analyse(split, classes, evaluation.confusion.tolist(), samples, evaluation.predictions)
+
+
 def finish(hp: Hyperparameters, paths: Paths, model, classes, state: checkpoint.State, eval_loaders, device,
-           prep: Preprocessing, dist: Context = SINGLE) -> dict:
-    """Evaluate the selected model once on test, write the model directory and the reports (rank 0)."""
+           prep: Preprocessing, dist: Context = SINGLE, dbg: Debugger | None = None) -> dict:
+    """Evaluate the selected model once on test, write the model directory and the reports (rank 0); `dbg`'s
+    profiler report gets the classes section."""
     final = final_evaluations(model, classes, eval_loaders, device, dist)
     if not dist.is_main:
         return {"best_epoch": state.best_epoch, **{f"{name}_accuracy": e.accuracy for name, e in final.items()}}
@@ -262,18 +269,26 @@ def finish(hp: Hyperparameters, paths: Paths, model, classes, state: checkpoint.
     else:
         log.warning("no test split: test metrics skipped")
     report = "test" if "test" in final else "valid"
+    by_class = class_results(report, classes, final[report], eval_loaders[report].dataset.samples)
     metrics = {
         "history": state.history, "best_epoch": state.best_epoch, "selected_by": SELECTION[hp.select_by],
         "epochs_run": state.epoch,
         **{f"{name}_loss": e.loss for name, e in final.items()},
         **{f"{name}_accuracy": e.accuracy for name, e in final.items()},
         "per_class_accuracy": {"split": report, **final[report].per_class_accuracy(classes)},
+        "classes": by_class.to_json(),
         "hyperparameters": hp.to_dict(),
     }
     atomic.write_json(paths.output_data / "metrics.json", metrics)
     rows = [",".join(["true\\predicted", *classes])]
     rows += [",".join([name, *map(str, row.tolist())]) for name, row in zip(classes, final[report].confusion)]
     atomic.write_text(paths.output_data / f"confusion_matrix_{report}.csv", "\n".join(rows) + "\n")
+    try:
+        classes_report.write_pngs(paths.output_data, by_class)
+    except Exception as e:  # plots are not worth a trained model
+        log.warning("class plots not written: %s", e)
+    if dbg is not None:
+        dbg.classes = by_class
     artifacts.save_model(paths.model, model, {
         "architecture": hp.model, "class_names": classes,
         **prep.to_config(),  # image size, resize, normalisation, interpolation: what serving transforms with

@@ -19,21 +19,24 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel
 
 from imgclf import models
 from imgclf.config import Hyperparameters
 from imgclf.debugging.debugger import Debugger
 from imgclf.errors import RuleStop, TrainingDiverged, TrainingInterrupted
 from imgclf.preprocessing import Preprocessing
-from imgclf.training import checkpoint, distributed
+from imgclf.training import checkpoint, distributed, ema
 from imgclf.training.accel import Accel
 from imgclf.training.checkpoint import State
 from imgclf.training.distributed import Context
 from imgclf.training.evaluate import Evaluation, evaluate
 from imgclf.training.features import FrozenFeatures
 from imgclf.training.metrics import RunningSums
+from imgclf.training.mixing import BatchMix
 from imgclf.training.progress import Progress
 from imgclf.training.sampling import EpochSampler
+from imgclf.training.schedule import accumulation
 
 log = logging.getLogger("imgclf.train")
 
@@ -87,11 +90,17 @@ class Setup:
     checkpoints: Path
     stop: StopFlag
     preprocessing: Preprocessing  # the transforms' settings, written to config.json
+    ema: AveragedModel | None = None  # model-ema: the average that is validated, selected and saved
+    mix: BatchMix | None = None  # mixup / cutmix
 
     def save_checkpoint(self, state: State, best: dict | None) -> None:
         if self.dist.is_main:  # rank 0 writes; every rank holds the same weights
             checkpoint.save(self.checkpoints, self.model, self.optimizer, self.scheduler, state, self.fingerprint,
-                            best)
+                            best, self.ema)
+
+    def evaluated(self, step_model: nn.Module) -> nn.Module:
+        """What validation runs and selection keeps: the module the steps train, or with model-ema its average."""
+        return step_model if self.ema is None else ema.counterpart(self.ema, self.model, step_model)
 
     def interruption(self, state: State) -> TrainingInterrupted | None:
         if not self.stop.requested:
@@ -128,30 +137,40 @@ def train_one_epoch(setup: Setup, state: State, step_model: nn.Module, loader, b
     sums = RunningSums()  # this rank's, from here on
     train_model = setup.dist.wrap(step_model)  # DDP with several ranks
     setup.dbg.epoch_begin(state.epoch)
-    progress = Progress(f"epoch {state.epoch + 1}/{setup.hp.epochs}", state.batches_done + len(loader),
-                        setup.hp.log_interval if setup.dist.is_main else 0, done=state.batches_done)  # resumed
+    batches = state.batches_done + len(loader)  # a resumed epoch's loader has the rest
+    progress = Progress(f"epoch {state.epoch + 1}/{setup.hp.epochs}", batches,
+                        setup.hp.log_interval if setup.dist.is_main else 0, done=state.batches_done)
+    stopping: BaseException | None = None
     for images, labels in loader:
         images, labels = setup.speed.inputs(images), labels.to(setup.device, non_blocking=True)
         setup.dbg.step_begin()  # debugging: data wait ends
-        setup.optimizer.zero_grad(set_to_none=True)
+        group, steps = accumulation(state.batches_done, batches, setup.hp.accumulate_steps)
+        if state.batches_done % setup.hp.accumulate_steps == 0:  # a new group of batches whose gradients add up
+            setup.optimizer.zero_grad(set_to_none=True)
+        # mixup/cutmix: soft targets (train accuracy still counts the unmixed labels)
+        images, targets = (images, labels) if setup.mix is None else setup.mix.maybe(images, labels, state.epoch)
         with setup.speed.autocast():
             logits = train_model(images)
-            loss = setup.criterion(logits, labels)
+            loss = setup.criterion(logits, targets)
         setup.dbg.mark("forward")
-        setup.speed.backward(loss)
+        setup.speed.backward(loss / group if group > 1 else loss)
         setup.dbg.mark("backward")
-        setup.speed.step(setup.optimizer)
+        if steps:
+            setup.speed.step(setup.optimizer)
+            if setup.ema is not None:
+                setup.ema.update_parameters(setup.model)
         setup.dbg.mark("optimizer")
         loss_value = loss.item()
         sums.add(loss_value, logits, labels)
         state.batches_done += 1
         progress.update(loss_value)
         stopping = coordinated_stop(setup.dist, partial(setup.dbg.step_end, loss_value),  # collection and rules
-                                    lambda: setup.interruption(state))
-        if stopping is not None:  # SIGTERM or a stop rule: resumable from this batch
+                                    lambda: setup.interruption(state)) or stopping
+        if steps:  # the schedule moves per optimizer step (training.schedule), after the debugger saw this one's lr
+            setup.scheduler.step()
+        if stopping is not None and steps:  # SIGTERM or a stop rule: resumable from here, after an optimizer step
             state.running = before.merge(sums.all_ranks(setup.dist))
             setup.save_checkpoint(state, best)
-        if stopping is not None:
             progress.close()
             raise stopping
     progress.close()
