@@ -78,6 +78,11 @@ SCHEMA: tuple[Param, ...] = (
     Param("label-smoothing", float, 0.0, "label smoothing of the cross-entropy loss", min=0.0, max=0.99),
     Param("lr-scheduler", str, "cosine", "learning-rate decay after the warmup, stepped every optimizer step: "
           "cosine to near 0 at the last step; step: x0.1 at each third; none: constant", choices=SCHEDULERS),
+    Param("head-solver", str, "auto", "how a head trains on a frozen backbone: lbfgs = fitted once on the cached "
+          "features as an L2-regularised logistic regression, the best linear classifier of those features, its "
+          "regularisation chosen on the validation split (seconds; epochs and lr do not apply); sgd = the epochs "
+          "of the training loop; auto = lbfgs with freeze=head and the feature cache on (and no model-ema), sgd "
+          "otherwise", choices=("auto", "lbfgs", "sgd")),
     Param("warmup-epochs", float, 0.0, "linear learning-rate warmup over this many epochs (fractions allowed), "
           "stepped every optimizer step: lr is reached at the last warmup step", min=0.0, max=1000.0),
     Param("model-ema", bool, False, "keep an exponential moving average of the weights, updated every optimizer "
@@ -191,6 +196,7 @@ class Hyperparameters:
     weight_decay: float
     label_smoothing: float
     lr_scheduler: SchedulerName
+    head_solver: Literal["auto", "lbfgs", "sgd"]  # auto resolved by the job (training.job.head_solver)
     warmup_epochs: float
     model_ema: bool
     model_ema_decay: float

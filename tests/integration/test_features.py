@@ -8,7 +8,8 @@ import pytest
 
 from tests.conftest import TINY_HPS, local_train
 
-HEAD_HPS = {**TINY_HPS, "freeze": "head", "augment": "false", "epochs": "3", "image-size": "32"}
+# head-solver=sgd: the epochs of the training loop on cached features, compared with the same loop without them
+HEAD_HPS = {**TINY_HPS, "freeze": "head", "augment": "false", "epochs": "3", "image-size": "32", "head-solver": "sgd"}
 
 
 def history(out) -> list[dict]:

@@ -199,10 +199,11 @@ def test_badly_scaled_initialisation_triggers_poor_weight_initialization(tmp_pat
 
 
 def test_frozen_backbone_with_feature_cache_is_judged_during_extraction(tmp_path, sample_dataset, caplog):
-    """freeze=head (the default) trains the head on cached features, so no training step runs the backbone:
-    poor_weight_initialization judges the backbone on feature extraction's first batch instead."""
+    """freeze=head trains the head on cached features (here by the training loop's steps: head-solver=sgd), so no
+    training step runs the backbone: poor_weight_initialization judges the backbone on feature extraction's first
+    batch instead."""
     caplog.set_level(logging.INFO, "imgclf")
-    hps = {**DEBUG, **FAST_HPS, "freeze": "head", "epochs": "2", "init-scale": "0.3",
+    hps = {**DEBUG, **FAST_HPS, "freeze": "head", "head-solver": "sgd", "epochs": "2", "init-scale": "0.3",
            "rules": "poor_weight_initialization,vanishing_gradient,exploding_tensor"}
     output = train_in_process(tmp_path, sample_dataset, hps) / "output"
     assert "feature cache on" in caplog.text

@@ -42,6 +42,9 @@ def timm_trained(tmp_path_factory, sample_dataset) -> Path:
     log = result.stdout + result.stderr
     assert f"pretrained timm/{MODEL} weights loaded from" in log and f"{MODEL}.safetensors" in log
     assert "feature cache on" in log
+    # freeze=head on cached features: the head is fitted once (head-solver=auto -> lbfgs), recorded as one epoch
+    assert "head solver lbfgs" in log and "head-solver=lbfgs: C=" in log, log[-3000:]
+    assert len(json.loads((out / "reports" / "metrics.json").read_text())["history"]) == 1
     return out
 
 

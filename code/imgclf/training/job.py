@@ -37,6 +37,7 @@ from imgclf.training.accel import SpeedSettings
 from imgclf.training.distributed import SINGLE, Context
 from imgclf.training.evaluate import Evaluation, evaluate
 from imgclf.training.features import FrozenFeatures, should_cache
+from imgclf.training.head_solver import fit_head
 from imgclf.training.loop import (
     SELECTION,
     Setup,
@@ -200,6 +201,20 @@ def freeze_plan(hp: Hyperparameters) -> str:
     return f"freeze={hp.freeze}: {what}, on random weights"
 
 
+def head_solver(hp: Hyperparameters, cache_enabled: bool) -> tuple[str, str]:
+    """(lbfgs or sgd, why): lbfgs fits a head alone on cached features once (training.head_solver)."""
+    if hp.head_solver == "sgd":
+        return "sgd", "head-solver=sgd"
+    blocker = ("freeze is not head" if hp.freeze != "head" else "the feature cache is off" if not cache_enabled
+               else "model-ema averages optimizer steps, and a fit has none" if hp.model_ema else "")
+    if not blocker:
+        return "lbfgs", f"head-solver={hp.head_solver}: the head trains alone on cached features"
+    if hp.head_solver == "lbfgs":
+        raise UserError(f"head-solver=lbfgs fits the head once on cached features, and here {blocker}: use "
+                        "freeze=head with feature-cache on (no augmentation, no mixing), or head-solver=sgd")
+    return "sgd", f"head-solver=auto: {blocker}"
+
+
 def train_job(hp: Hyperparameters, paths: Paths, device: torch.device, dbg: Debugger,
               dist: Context = SINGLE) -> dict:
     splits = check_inputs(hp, paths, check_decode=dist.world_size == 1)  # the launcher decoded every file
@@ -209,12 +224,20 @@ def train_job(hp: Hyperparameters, paths: Paths, device: torch.device, dbg: Debu
              len(setup.classes), hp.epochs,
              f", rank {dist.rank} of {dist.world_size} ({setup.rank_batch} images per step each)"
              if dist.world_size > 1 else "")
+    solver, why = head_solver(hp, setup.cache.enabled)
+    log.info("head solver %s (%s)", solver, why)
     while state.epoch < hp.epochs:
         started = time.monotonic()
         step_model, loader, valid_loader, cached = epoch_batches(setup, state)
-        sums = train_one_epoch(setup, state, step_model, loader, best)
+        fitted = solver == "lbfgs" and cached  # no cache after all (an unsupported model): the training loop
+        if fitted:
+            assert setup.cache.train is not None and setup.cache.valid is not None  # extracted for this epoch
+            setup.dbg.epoch_begin(state.epoch)
+            sums, valid = fit_head(step_model, setup.cache.train, setup.cache.valid)
+        else:
+            sums = train_one_epoch(setup, state, step_model, loader, best)
+            valid = validate(setup, setup.evaluated(step_model), valid_loader, cached)
         lr = max(g["lr"] for g in setup.optimizer.param_groups)  # the head's, at the epoch's end (moves per step)
-        valid = validate(setup, setup.evaluated(step_model), valid_loader, cached)
         state.history.append(epoch_record(state.epoch, sums, valid, lr, started, cached))
         if dist.is_main:
             print(epoch_line(state.history[-1]), flush=True)
@@ -224,6 +247,9 @@ def train_job(hp: Hyperparameters, paths: Paths, device: torch.device, dbg: Debu
         setup.save_checkpoint(state, best)
         if stopping is not None:  # a stop rule, after the epoch's checkpoint
             raise stopping
+        if fitted:
+            log.info("the head is fitted: no further epoch can improve it")
+            break
         if stops_early(hp, state):
             break
     check_selected(hp, state)  # a diverged run (no finite validation loss): fail before writing the model
