@@ -248,7 +248,8 @@ def test_tuning_job_with_the_reference_search_space(aws_env, moto_server):
     assert config["ResourceLimits"] == {"MaxNumberOfTrainingJobs": 6, "MaxParallelTrainingJobs": 3}
     definition = job["TrainingJobDefinition"]
     assert definition["AlgorithmSpecification"]["MetricDefinitions"] == METRICS
-    assert definition["StaticHyperParameters"] == {"model": "vgg16", "freeze": "head"}
+    # the default space tunes the loop (lr, batch-size, epochs): the head is trained by it, not fitted
+    assert definition["StaticHyperParameters"] == {"model": "vgg16", "freeze": "head", "head-solver": "sgd"}
     assert "WarmStartConfig" not in job
 
 
@@ -289,14 +290,15 @@ def test_tuning_overrides_warm_start_and_best_hyperparameters_for_train(aws_env,
     assert attached.returncode == 0, failed(attached)
     assert "best training job: hpo-override-004-abc valid:loss=0.41" in attached.stdout
     written = json.loads(best.read_text())
-    assert written["hyperparameters"] == {"model": "resnet50", "lr": "0.00231", "freeze": "none", "epochs": "9"}
+    assert written["hyperparameters"] == {"model": "resnet50", "lr": "0.00231", "freeze": "none", "epochs": "9",
+                                          "head-solver": "sgd"}  # static: the search tuned the loop's lr
 
     train = run_script("train.py", "--dry-run", "--data", DATA, "--role", ROLE, "--hyperparameters", str(best),
                        "--hp", "epochs=12", env=offline_env())
     assert train.returncode == 0, failed(train)
     [sent] = dry_run_requests(train.stdout)
     assert sent["request"]["HyperParameters"] == {"model": "resnet50", "lr": "0.00231", "freeze": "none",
-                                                  "epochs": "12"}
+                                                  "epochs": "12", "head-solver": "sgd"}
 
 
 def test_warm_start_rules_are_checked_before_sending(aws_env, moto_server):

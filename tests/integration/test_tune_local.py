@@ -147,7 +147,8 @@ def test_local_search_prunes_fails_and_resumes(data_without_test, tmp_path):
     assert best["tuning_job"] == STUDY and best["training_job"] == "trial-0"
     assert best["objective"] == {"Type": "Minimize", "MetricName": "valid:loss", "Value": first.value}
     hps = jobs.hyperparameters_from(tmp_path / "best.json")
-    assert hps == hyperparameter_strings({**STATIC, **GOOD})
+    # the search tunes lr: the loop trains the heads (head-solver=sgd), in the best file too
+    assert hps == hyperparameter_strings({**STATIC, **GOOD, "head-solver": "sgd"})
 
     # 5. Resuming with another search space is refused before any trial runs.
     changed = subprocess.run(tune_command(data_without_test, tmp_path, {**SPACE, "epochs": {

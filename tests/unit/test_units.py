@@ -379,3 +379,12 @@ def test_watchdog_gives_its_reason_before_it_stops_mms(monkeypatch):
     watchdog.join(timeout=10)
     assert not watchdog.is_alive() and len(seen) == 1 and seen[0][0] == seen[0][1], seen
     assert "cannot load the model: boom" in watchdog.reason
+
+
+def test_a_search_over_the_loops_settings_trains_heads_by_the_loop():
+    from imgclf.search.space import static_hyperparameters
+
+    assert static_hyperparameters(DEFAULT_SEARCH_SPACE, {"model": "vgg16"}) == {"model": "vgg16", "head-solver": "sgd"}
+    assert static_hyperparameters(DEFAULT_SEARCH_SPACE, {"head-solver": "lbfgs"}) == {"head-solver": "lbfgs"}
+    only_model = {"model": {"type": "categorical", "values": ["resnet18", "vgg16"]}}
+    assert static_hyperparameters(only_model, {}) == {}  # nothing of the loop tuned: the solver stays auto

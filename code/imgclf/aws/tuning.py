@@ -23,7 +23,7 @@ from imgclf.errors import UserError
 from imgclf.exit_codes import EXIT_OK, JobFailed
 from imgclf.flags import FlagGroup
 from imgclf.search.results import write_best_file
-from imgclf.search.space import DEFAULT_SEARCH_SPACE, load_search_space, parse_range
+from imgclf.search.space import DEFAULT_SEARCH_SPACE, load_search_space, parse_range, static_hyperparameters
 
 log = logging.getLogger("imgclf.aws")
 COUNTERS = ("Completed", "InProgress", "RetryableError", "NonRetryableError", "Stopped")
@@ -121,7 +121,7 @@ def create_tuning_job(access: Access, *, job_name: str | None, job: jobs.JobOpti
     """Check the inputs (before anything is sent), then send CreateHyperParameterTuningJob; (the Api, its name).
     The static hyperparameters: --hyperparameters FILE, then each --hp over it."""
     space = search.space()
-    static = jobs.hyperparameters_from(hyperparameters_file, hp)
+    static = static_hyperparameters(space, jobs.hyperparameters_from(hyperparameters_file, hp))
     hyperparameter_strings(static)  # a bad value stops here, before anything is sent
     if job.checkpoint_s3:
         # One definition serves every training job of the tuning job: parallel jobs must not share checkpoints.

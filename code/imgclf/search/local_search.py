@@ -39,7 +39,7 @@ from imgclf.errors import HyperparameterError, UserError
 from imgclf.exit_codes import EXIT_INTERRUPTED, EXIT_OK, JobFailed
 from imgclf.flags import CLOUD, LOCAL, FlagGroup, given_elsewhere, only_for
 from imgclf.search.results import write_best_file
-from imgclf.search.space import check_disjoint, objective_regex, parameter_ranges
+from imgclf.search.space import check_disjoint, objective_regex, parameter_ranges, static_hyperparameters
 
 log = logging.getLogger("imgclf.search.local_search")
 
@@ -190,7 +190,7 @@ class Search:
             raise UserError(f"--weights {self.weights}: no such file")
         self.dists = distributions(space)
         check_disjoint(self.dists, static)
-        self.static = hyperparameter_strings(static)  # a bad value stops here, before any trial
+        self.static = hyperparameter_strings(static_hyperparameters(space, static))  # a bad value stops here
         self.metric, self.direction, regex = objective_regex(args.objective)
         self.regex = re.compile(regex)
         self.verbose = args.verbose

@@ -7,12 +7,14 @@ Every bound and value is checked with the training code's own schema (imgclf.con
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 from imgclf.config import METRIC_DEFINITIONS, SCHEMA, hp_string, hyperparameter_strings, parse_value
 from imgclf.errors import HyperparameterError, UserError
 
+log = logging.getLogger(__name__)
 PARAMS = {p.name: p for p in SCHEMA}
 # Objective -> (metric name printed by the training loop, direction).
 OBJECTIVES = {"accuracy": ("valid:accuracy", "Maximize"), "loss": ("valid:loss", "Minimize")}
@@ -59,6 +61,23 @@ def load_search_space(path: Path) -> dict[str, dict[str, Any]]:
         raise UserError(f"--search-space {path}: expected {{name: {{type, min, max | values}}}} (see DEFAULT_SEARCH_"
                         "SPACE in imgclf/search/space.py)")
     return data
+
+
+# What only the training loop's steps use: a head fitted by head-solver=lbfgs ignores them.
+LOOP_HYPERPARAMETERS = ("lr", "batch-size", "epochs", "optimizer", "momentum", "weight-decay", "label-smoothing",
+                        "lr-scheduler", "warmup-epochs", "accumulate-steps", "backbone-lr-factor")
+
+
+def static_hyperparameters(space: dict[str, Any], static: dict[str, Any]) -> dict[str, Any]:
+    """The static hyperparameters a search sends: `static`, plus head-solver=sgd when the search tunes what only
+    the training loop uses (the default space: lr, batch-size, epochs) and nobody chose the solver. Otherwise a
+    frozen backbone's head would be fitted (head-solver=auto) and every trial would train the same model."""
+    tuned = sorted(set(space) & set(LOOP_HYPERPARAMETERS))
+    if not tuned or "head-solver" in space or "head-solver" in static:
+        return static
+    log.info("head-solver=sgd for every trial: the search tunes %s, which a fitted head would ignore",
+             ", ".join(tuned))
+    return {**static, "head-solver": "sgd"}
 
 
 def check_disjoint(space: dict[str, Any], static: dict[str, Any]) -> None:
