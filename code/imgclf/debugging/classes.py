@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
@@ -30,6 +31,11 @@ class ClassResults:
 
     def to_json(self) -> dict:
         return {"split": self.split, "worst": self.worst, "most_confused": self.most_confused}
+
+    @cached_property
+    def plots(self) -> dict[str, bytes]:
+        """The PNGs, rendered once for the files beside metrics.json and the profiler report: name -> bytes."""
+        return {"confusion_matrix": png(heatmap(self)), "worst_classes": png(worst_figure(self))}
 
 
 def analyse(split: str, names: Sequence[str], confusion: Sequence[Sequence[int]],
@@ -101,8 +107,8 @@ def png(fig: Figure, dpi: int = 110) -> bytes:
 def write_pngs(folder: Path, results: ClassResults) -> list[Path]:
     """confusion_matrix_<split>.png and worst_classes_<split>.png in `folder` (output/data: reports/ in local mode)."""
     written = []
-    for name, figure in (("confusion_matrix", heatmap), ("worst_classes", worst_figure)):
+    for name, data in results.plots.items():
         path = folder / f"{name}_{results.split}.png"
-        atomic.write_bytes(path, png(figure(results)))
+        atomic.write_bytes(path, data)
         written.append(path)
     return written

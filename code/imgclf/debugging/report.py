@@ -19,7 +19,6 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)
 
-from imgclf.debugging import classes  # noqa: E402
 from imgclf.debugging.classes import ClassResults  # noqa: E402
 from imgclf.debugging.profiling import PHASES  # noqa: E402
 
@@ -138,9 +137,9 @@ def _classes(d: ReportData) -> str:
     return (f'<p>The selected model on the {_e(c.split)} split ({len(c.names)} classes). The same plots are '
             f'<code>confusion_matrix_{_e(c.split)}.png</code> and <code>worst_classes_{_e(c.split)}.png</code> '
             f'beside this report; the counts are in <code>confusion_matrix_{_e(c.split)}.csv</code>.</p>'
-            + _image(classes.png(classes.heatmap(c)), "confusion matrix")
+            + _image(c.plots["confusion_matrix"], "confusion matrix")
             + f'<h3>The {len(c.worst)} worst classes</h3>'
-            + _image(classes.png(classes.worst_figure(c)), "worst classes") + worst
+            + _image(c.plots["worst_classes"], "worst classes") + worst
             + f"<h3>The {len(c.most_confused)} most-confused pairs</h3>"
             + (pairs if c.most_confused else '<p class="good">No image was confused.</p>'))
 

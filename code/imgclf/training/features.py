@@ -40,13 +40,12 @@ def should_cache(hp: Hyperparameters) -> tuple[bool, str]:
         return False, "feature-cache=off"
     if frozen_epochs == 0:
         return False, f"the backbone trains from the first epoch (freeze={hp.freeze})"
-    changing = [f"augment={hp.augment}" if hp.augment != "none" else "",
-                *(f"{name}={value:g}" for name, value in (("random-erase", hp.random_erase), ("mixup", hp.mixup),
-                                                          ("cutmix", hp.cutmix)) if value)]
-    if any(changing):
-        said = ", ".join(c for c in changing if c)
-        return False, (f"{said} changes the pixels every epoch, so the backbone's features cannot be reused; "
-                       "without augmentation (augment=none) the head trains on cached features")
+    changing = ([f"augment={hp.augment}"] if hp.augment != "none" else []) + [
+        f"{name}={value:g}" for name, value in (("random-erase", hp.random_erase), ("mixup", hp.mixup),
+                                                ("cutmix", hp.cutmix)) if value]
+    if changing:
+        return False, (f"{', '.join(changing)} changes the pixels every epoch, so the backbone's features cannot be "
+                       "reused; without augmentation (augment=none) the head trains on cached features")
     if hp.feature_cache == "auto" and frozen_epochs < 2:
         return False, "the backbone is frozen for one epoch only: caching would not save a pass"
     return True, f"the backbone is frozen for {frozen_epochs} epoch(s) and no augmentation changes the pixels"

@@ -271,12 +271,6 @@ def final_evaluations(model, classes, eval_loaders, device, dist: Context) -> di
             for name in ("valid", "test") if name in eval_loaders}
 
 
-def class_results(split: str, classes: list[str], evaluation: Evaluation,
-                  samples: list[tuple[str, int]]) -> classes_report.ClassResults:
-    """Worst classes and most-confused pairs; with the predictions (one process) example files for each pair."""
-    return classes_report.analyse(split, classes, evaluation.confusion.tolist(), samples, evaluation.predictions)
-
-
 def finish(hp: Hyperparameters, paths: Paths, model, classes, state: checkpoint.State, eval_loaders, device,
            prep: Preprocessing, dist: Context = SINGLE, dbg: Debugger | None = None) -> dict:
     """Evaluate the selected model once on test, write the model directory and the reports (rank 0); `dbg`'s
@@ -295,7 +289,9 @@ def finish(hp: Hyperparameters, paths: Paths, model, classes, state: checkpoint.
     else:
         log.warning("no test split: test metrics skipped")
     report = "test" if "test" in final else "valid"
-    by_class = class_results(report, classes, final[report], eval_loaders[report].dataset.samples)
+    # worst classes, most-confused pairs; with one process's predictions, example files for each pair
+    by_class = classes_report.analyse(report, classes, final[report].confusion.tolist(),
+                                      eval_loaders[report].dataset.samples, final[report].predictions)
     metrics = {
         "history": state.history, "best_epoch": state.best_epoch, "selected_by": SELECTION[hp.select_by],
         "epochs_run": state.epoch,
