@@ -13,15 +13,25 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from unittest import mock
 
-import pytest
-from imgclf import local, sample_data
+# pytest-xdist runs one test process per core, and each training or server it starts would take one OpenMP thread
+# per core as well: two trainings side by side then spin-wait on each other (measured on 2 cores: two 3-epoch
+# resnet18 runs 131 s side by side with the default threads, 43 s with one thread each; 37 s for one run alone).
+# Set before torch is imported here, and inherited by every process the tests start.
+if _workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 0):
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _workers)))
+
+import pytest  # noqa: E402
+from imgclf import local, sample_data  # noqa: E402
 
 if TYPE_CHECKING:
     from filelock import FileLock
 
 REPO = Path(__file__).resolve().parents[1]
-# Small and fast on 2 CPU cores, and learns the sample data well above chance (the session's `trained` run: no
-# rule fires, its int8 graph is accepted).
+DEMO = [sys.executable, str(REPO / "scripts" / "demo.py")]
+# The demo's run is the session's trained model; export-int8: test_export reads the int8 graph the job wrote and
+# checked (a run of its own cost 100 s). The demo's 5 epochs make a model sure of its answers: int8 is accepted.
+DEMO_HPS = ["--hp", "export-int8=true"]
+# Small and fast on 2 CPU cores, and learns the sample data well above chance.
 FAST_HPS = {"model": "resnet18", "pretrained": "false", "freeze": "none", "augment": "false",
             "image-size": "64", "epochs": "4", "batch-size": "16", "num-workers": "0", "lr": "0.001"}
 # For runs whose subject is the job's mechanics (resume, ranks, stops, speed options), not the model: timm's
@@ -99,19 +109,27 @@ def run_shared(tmp_path_factory, name: str) -> tuple[Path, FileLock]:
 
 
 @pytest.fixture(scope="session")
-def trained(tmp_path_factory, sample_dataset) -> tuple[Path, subprocess.CompletedProcess]:
-    """(output folder, completed process) of one real training run on the sample data, once per test run."""
-    out, lock = run_shared(tmp_path_factory, "trained")
+def demo_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """(output folder, completed process) of `make demo`'s script, once per test run: the sample data, the real
+    `train` and `serve` entrypoints, predictions, the server stopped. Its model is the session's `trained`."""
+    out, lock = run_shared(tmp_path_factory, "demo")
     done = out / "completed.json"  # the run's process, written last: a folder without it is a failed try
     with lock:
         if not done.exists():
             shutil.rmtree(out, ignore_errors=True)
-            # export-int8: test_export reads the int8 graph this run wrote and checked (a second run cost 100 s)
-            result = local_train(sample_dataset, out, {**FAST_HPS, "export-int8": "true"})
-            assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+            result = subprocess.run([*DEMO, "--output", str(out), *DEMO_HPS], capture_output=True, text=True,
+                                    timeout=900)
+            assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
             done.write_text(json.dumps({"args": result.args, "stdout": result.stdout, "stderr": result.stderr}))
     run = json.loads(done.read_text())
     return out, subprocess.CompletedProcess(run["args"], 0, run["stdout"], run["stderr"])
+
+
+@pytest.fixture(scope="session")
+def trained(demo_run) -> tuple[Path, subprocess.CompletedProcess]:
+    """(output folder, completed process) of the demo's training on the sample data (demo.SAMPLE_HPS: resnet18
+    from scratch, 64 px, 5 epochs; data equal to `sample_dataset`'s): model.tar.gz, model/, reports/."""
+    return demo_run[0] / "train", demo_run[1]
 
 
 SERVED_PAYLOAD_MB = 1  # small, so that over-size requests stay small

@@ -3,23 +3,21 @@
 from __future__ import annotations
 
 import re
+import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import DEMO
 
 pytestmark = pytest.mark.long  # scheduled first: see tests/conftest.py
 
-DEMO = [sys.executable, str(REPO / "scripts" / "demo.py")]
 
-
-def test_demo_end_to_end(tmp_path):
-    result = subprocess.run([*DEMO, "--output", str(tmp_path)], capture_output=True, text=True, timeout=600)
+def test_demo_end_to_end(demo_run, sample_dataset):
+    """The session's demo run (tests/conftest.py: `make demo`'s script, plus export-int8 for test_export)."""
+    output, result = demo_run
     out = result.stdout
-    assert result.returncode == 0, out[-4000:] + result.stderr[-4000:]
     for step in ("[1/5] data", "[2/5] train", "[3/5] serve", "[4/5] predict", "[5/5] stop the server"):
         assert step in out
     accuracy = float(re.search(r"test accuracy (\d\.\d+)", out).group(1))
@@ -27,12 +25,15 @@ def test_demo_end_to_end(tmp_path):
     # three images, each with a top-3 table from the real server
     assert len(re.findall(r"^  1\. .+%  \(class \d: \d{3}\.\w+\)$", out, re.M)) == 3
     assert len(re.findall(r"^  3\. ", out, re.M)) == 3
-    assert (tmp_path / "train" / "model.tar.gz").is_file()
+    assert (output / "train" / "model.tar.gz").is_file()
     assert "demo finished: every step worked" in out
+    # the sample data it generated is the tests' own sample_dataset (the serving tests compare the two)
+    def files(root: Path) -> dict[str, bytes]:
+        return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*.jpg")}
+
+    assert files(output / "data") == files(sample_dataset)
     # the server is gone: nothing listens on its port any more
     port = int(re.search(r"server ready at http://127.0.0.1:(\d+)", out).group(1))
-    import socket
-
     with socket.socket() as s:
         assert s.connect_ex(("127.0.0.1", port)) != 0
 

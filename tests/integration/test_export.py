@@ -57,8 +57,8 @@ def test_training_with_export_int8_writes_the_quantized_graph_it_checked(trained
     config.json records."""
     import onnx
 
-    # FAST_HPS's 4 epochs: a model sure of its answers (smallest top-1 lead 0.21 in probability; int8 moves
-    # probabilities by 0.03). After 2 epochs (valid accuracy 0.72) int8 flipped a near tie: 39 of 40, rejected.
+    # The demo's 5 epochs: a model sure of its answers (int8 moves probabilities by 0.03; measured with one
+    # OpenMP thread, as `make test` trains). After 4 epochs int8 flipped a near tie: 39 of 40, rejected.
     out, result = trained
     config = json.loads((out / "model" / "config.json").read_text())
     int8 = config["onnx"]["int8"]

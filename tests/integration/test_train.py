@@ -40,7 +40,7 @@ def test_trained_artifacts(trained):
         assert sorted(tar.getnames()) == ["config.json", "model.int8.onnx", "model.onnx", "model.safetensors"]
 
     metrics = json.loads((out / "reports" / "metrics.json").read_text())
-    assert [h["epoch"] for h in metrics["history"]] == [1, 2, 3, 4]
+    assert [h["epoch"] for h in metrics["history"]] == [1, 2, 3, 4, 5]
     assert metrics["test_accuracy"] >= 0.6, metrics  # 5 classes: chance is 0.2
     assert set(metrics["per_class_accuracy"]) == {"split", *cfg["class_names"]}
     best = min(metrics["history"], key=lambda h: (-h["valid_accuracy"], h["valid_loss"]))  # select-by=accuracy
@@ -53,8 +53,8 @@ def test_trained_artifacts(trained):
 def test_metric_lines_match_the_exported_definitions(trained):
     _, result = trained
     found = {d["Name"]: re.findall(d["Regex"], result.stdout) for d in config.METRIC_DEFINITIONS}
-    # four epochs, then the selected epoch's line again (the value a tuning job ranks by)
-    assert len(found["valid:accuracy"]) == 5 and len(found["train:loss"]) == 4
+    # five epochs, then the selected epoch's line again (the value a tuning job ranks by)
+    assert len(found["valid:accuracy"]) == 6 and len(found["train:loss"]) == 5
     assert len(found["test:accuracy"]) == 1
     assert all(0.0 <= float(v) <= 1.0 for v in found["valid:accuracy"])
     assert re.search(r"^epoch=1 train_loss=\S+ train_accuracy=\S+ valid_loss=\S+ valid_accuracy=\S+$",

@@ -56,9 +56,9 @@ def test_what_sagemaker_uploads_holds_everything_and_rebuilds_the_loss_curves(tr
     loss = t.tensor("CrossEntropyLoss_output_0")
     metrics = json.loads((out / "reports" / "metrics.json").read_text())
     steps = json.loads((out / "reports" / "rules.json").read_text())["steps"]
-    assert steps == 4 * 8  # 4 epochs of 120 images in batches of 16
+    assert steps == 5 * 8  # the demo's 5 epochs of 120 images in batches of 16
     assert loss.steps(trials.modes.TRAIN) == list(range(0, steps, 10)) == t.tensor("loss").steps("train")
-    assert loss.steps("EVAL") == list(range(4 * 3))  # every batch of the 4 validations (40 images)
+    assert loss.steps("EVAL") == list(range(5 * 3))  # every batch of the 5 validations (40 images)
     assert t.steps("TRAIN") == sorted({*range(0, steps, 10), 0})  # lr too; layer statistics at step 0
     # the evaluation losses of each epoch average to the validation loss that epoch reported
     evals = loss.values("EVAL")
@@ -130,7 +130,7 @@ def test_cli_prints_the_rules_and_plots_the_losses(uploaded, tmp_path):
     png = tmp_path / "plots" / "losses.png"
     result = run_cli(str(uploaded / "output.tar.gz"), "--plot", str(png))
     assert result.returncode == 0, result.stderr
-    assert re.search(r"job Completed, 4 epochs, 32 steps", result.stdout), result.stdout
+    assert re.search(r"job Completed, 5 epochs, 40 steps", result.stdout), result.stdout
     assert re.search(r"rules: 0 of \d+ found issues", result.stdout)
     assert re.search(r"^  overfit +NoIssuesFound$", result.stdout, re.M)
     assert_png(png)
@@ -208,5 +208,5 @@ def test_rule_metric_lines_match_the_job_metric_definitions(trained):
     assert set(definitions) == {"rules:issues", *(f"rule:{r['name']}" for r in rules_json["rules"])}
     for name, regex in definitions.items():
         values = re.findall(regex, result.stdout)
-        assert values == ["0"] * 5, (name, values)  # after each of the 4 epochs and at the end: no issue
+        assert values == ["0"] * 6, (name, values)  # after each of the 5 epochs and at the end: no issue
     assert len(metric_definitions(rules=True)) <= 40  # SageMaker's limit per training job
