@@ -51,16 +51,19 @@ def local_train(data: Path, output: Path, hps: dict[str, str], weights: Path | N
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kwargs)
 
 
-def train_in_process(tmp: Path, data: Path, hps: dict[str, str], weights: Path | None = None) -> Path:
+def train_in_process(tmp: Path, data: Path | None, hps: dict[str, str], weights: Path | None = None,
+                     channels: dict[str, Path] | None = None) -> Path:
     """The training job's own function (`imgclf.training.job.run`) over an /opt/ml tree laid out as local mode
     does, in this process: what the `train` entrypoint runs, without its two interpreter starts. Debugging is off
-    unless `hps` turns it on. Returns the tree (model/, output/data/); raises what the job raises."""
+    unless `hps` turns it on. The channels are `data`'s splits, or `channels`. Checkpoints go to tmp/checkpoints,
+    where local mode keeps them (`python -m imgclf.local train --output tmp`). Returns the tree (model/,
+    output/data/); raises what the job raises."""
     from imgclf import config, local, splits
     from imgclf.training import job
 
     hps = {"debugging": "false", **hps}
     base = tmp / "opt_ml"
-    channels = splits.split_channels(data)
+    channels = dict(channels) if channels is not None else splits.split_channels(data)
     if weights is not None:  # a channel is a folder: this one holds just the file, as local mode's
         channels["weights"] = tmp / "weights_channel"
         channels["weights"].mkdir(parents=True)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from imgclf import artifacts, config, local, models, preprocessing
+from imgclf import artifacts, config, models, preprocessing
 from safetensors.torch import load_file
 
 from tests.conftest import FAST_HPS, TINY_HPS, local_train, random_resnet18_weights, train_in_process
@@ -61,26 +61,26 @@ def test_metric_lines_match_the_exported_definitions(trained):
                      result.stdout, re.M)
 
 
-def test_the_last_metric_lines_are_the_selected_epochs(tmp_path, sample_dataset):
+def test_the_last_metric_lines_are_the_selected_epochs(tmp_path, sample_dataset, capsys, caplog):
     """A tuning job ranks by the last value of its objective in the log: it must be the epoch whose weights were
     saved (the best by validation accuracy, then loss), not the last epoch's. Adam at a constant lr 0.05 and patience
     1 stop the tiny model's run one epoch after its best, before its 6th."""
+    caplog.set_level(logging.INFO, "imgclf")
     hps = {**TINY_HPS, "lr": "0.05", "lr-scheduler": "none", "epochs": "6", "early-stopping-patience": "1",
            "image-size": "32", "log-interval": "2"}  # progress lines between the metric lines must not count
-    result = local_train(sample_dataset, tmp_path / "out", hps)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    metrics = json.loads((tmp_path / "out" / "reports" / "metrics.json").read_text())
+    tree = train_in_process(tmp_path, sample_dataset, hps)
+    stdout = capsys.readouterr().out  # the metric lines: what the `train` entrypoint prints
+    metrics = json.loads((tree / "output" / "data" / "metrics.json").read_text())
     assert metrics["best_epoch"] < metrics["epochs_run"], "the run must end after its best epoch for this test"
     best = metrics["history"][metrics["best_epoch"] - 1]
     for name in ("valid:loss", "valid:accuracy"):
         regex = next(d["Regex"] for d in config.METRIC_DEFINITIONS if d["Name"] == name)
-        last = float(re.findall(regex, result.stdout)[-1])
+        last = float(re.findall(regex, stdout)[-1])
         assert last == pytest.approx(best[name.replace(":", "_")], abs=1e-6), name  # printed with 6 decimals
-    progress = re.findall(r"^.*epoch 1/6: step 2/\d+ \(\d+%\), .* s/step, about .* left; loss .*$",
-                          result.stdout + result.stderr, re.M)
-    assert progress, (result.stdout + result.stderr)[-3000:]
+    progress = re.findall(r"^.*epoch 1/6: step 2/\d+ \(\d+%\), .* s/step, about .* left; loss .*$", caplog.text, re.M)
+    assert progress, caplog.text[-3000:]
     # best_epoch=, not epoch=: the local search's pruner takes `epoch=N` lines as steps.
-    assert [line for line in result.stdout.splitlines() if "valid_accuracy=" in line][-1].startswith(
+    assert [line for line in stdout.splitlines() if "valid_accuracy=" in line][-1].startswith(
         f"best_epoch={metrics['best_epoch']} ")
 
 
@@ -121,18 +121,12 @@ def test_pretrained_weights_from_channel_and_torch_home(tmp_path, sample_dataset
     assert f"loaded from {home / cache}" in caplog.text
 
 
-def test_training_channel_layout(tmp_path, sample_dataset):
+def test_training_channel_layout(tmp_path, sample_dataset, capsys):
     """One `training` channel holding train/valid/test, as the reference project uploaded dogImages."""
-    base = tmp_path / "opt_ml"
-    local.write_tree(base, {**TINY_HPS, "epochs": "1", "image-size": "32"},
-                     {"training": sample_dataset})
-    result = subprocess.run([local.venv_bin("train")], env=local.training_env(base, tmp_path / "ckpt"),
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:]
-    assert "Reporting training SUCCESS" in result.stdout + result.stderr
-    assert (base / "output" / "success").exists()
-    assert (base / "model" / "model.safetensors").exists()
-    assert "test_accuracy=" in result.stdout
+    tree = train_in_process(tmp_path, None, {**TINY_HPS, "epochs": "1", "image-size": "32"},
+                            channels={"training": sample_dataset})
+    assert (tree / "model" / "model.safetensors").exists()
+    assert "test_accuracy=" in capsys.readouterr().out
 
 
 def _start(data_dir: Path, out: Path, hps: dict) -> subprocess.Popen:
@@ -172,9 +166,8 @@ def test_sigterm_checkpoints_and_resume_matches_uninterrupted_run(tmp_path, samp
     assert "epoch=1 " not in result.stdout
     assert not (out / "failure").exists()
     resumed = json.loads((out / "reports" / "metrics.json").read_text())
-    uninterrupted = local_train(sample_dataset, tmp_path / "uninterrupted", hps)
-    assert uninterrupted.returncode == 0, uninterrupted.stdout[-3000:]
-    reference = json.loads((tmp_path / "uninterrupted" / "reports" / "metrics.json").read_text())
+    uninterrupted = train_in_process(tmp_path / "uninterrupted", sample_dataset, hps)  # same numbers in-process
+    reference = json.loads((uninterrupted / "output" / "data" / "metrics.json").read_text())
     assert [h["epoch"] for h in resumed["history"]] == [1, 2, 3, 4]
     for got, want in zip(resumed["history"], reference["history"], strict=True):
         for key in ("train_loss", "train_accuracy", "valid_loss", "valid_accuracy", "lr"):
@@ -182,7 +175,7 @@ def test_sigterm_checkpoints_and_resume_matches_uninterrupted_run(tmp_path, samp
     assert resumed["test_accuracy"] == pytest.approx(reference["test_accuracy"])
 
 
-def test_killed_run_resumes_from_the_last_epoch(tmp_path, sample_dataset):
+def test_killed_run_resumes_from_the_last_epoch(tmp_path, sample_dataset, capsys):
     out = tmp_path / "out"
     hps = {**TINY_HPS, "epochs": "3", "debugging": "true"}  # the live rules and report
     proc = _start(sample_dataset, out, hps)
@@ -201,9 +194,8 @@ def test_killed_run_resumes_from_the_last_epoch(tmp_path, sample_dataset):
     live = json.loads((out / "tensorboard" / "rules.json").read_text())
     assert live["job_status"] == "InProgress" and live["epochs"] >= 1 and live["rules"]
     assert "Job InProgress" in (out / "tensorboard" / "profiler-report.html").read_text()
-    result = local_train(sample_dataset, out, hps)
-    assert result.returncode == 0, result.stdout[-3000:]
-    epochs = [int(m) for m in re.findall(r"^epoch=(\d+) ", result.stdout, re.M)]
+    tree = train_in_process(out, sample_dataset, hps)  # resumes from out/checkpoints, as local mode's rerun does
+    epochs = [int(m) for m in re.findall(r"^epoch=(\d+) ", capsys.readouterr().out, re.M)]
     assert epochs == list(range(done + 1, 4))
-    metrics = json.loads((out / "reports" / "metrics.json").read_text())
+    metrics = json.loads((tree / "output" / "data" / "metrics.json").read_text())
     assert [h["epoch"] for h in metrics["history"]] == [1, 2, 3]

@@ -1,6 +1,7 @@
 """`scripts/tune.py --local`: a real Optuna search of real local-mode training runs, interrupted and resumed.
 
-One search of 3 counted trials (tiny resnet18, 32 px, 2-3 epochs, a named study, weights from a --weights file)
+One search of 3 counted trials (timm's tiny test_resnet, 32 px, 2-3 epochs, a named study, weights from a
+--weights file)
 covers: an enqueued trial that completes, an absurd learning rate that the successive-halving pruner stops after
 epoch 1, a trial that fails with its reason (an
 unknown model), an interruption by SIGTERM, a search process that vanished (a RUNNING trial with a dead pid),
@@ -29,15 +30,16 @@ from tests.conftest import REPO
 pytestmark = pytest.mark.long  # scheduled first: see tests/conftest.py
 
 TUNE = [sys.executable, str(REPO / "scripts" / "tune.py")]
+MODEL = "timm/test_resnet"  # the job's mechanics are the subject: the smallest model
 SPACE = {
     "lr": {"type": "continuous", "min": 0.001, "max": 0.01, "scaling": "Logarithmic"},
     "batch-size": {"type": "categorical", "values": [16, 32]},
     "epochs": {"type": "categorical", "values": [2, 3]},
-    "model": {"type": "categorical", "values": ["resnet18", "bogus"]},  # bogus: a trial that fails
+    "model": {"type": "categorical", "values": [MODEL, "bogus"]},  # bogus: a trial that fails
 }
 STATIC = {"pretrained": "true", "image-size": "32", "num-workers": "0", "freeze": "none", "augment": "false",
           "debugging": "false"}
-GOOD = {"lr": 0.003, "batch-size": 16, "epochs": 2, "model": "resnet18"}
+GOOD = {"lr": 0.003, "batch-size": 16, "epochs": 2, "model": MODEL}
 STUDY = "small-lr"
 
 
@@ -52,13 +54,13 @@ def data_without_test(sample_dataset, tmp_path) -> Path:
 
 
 def weights_file(tmp_path: Path) -> Path:
-    """A torchvision state_dict of resnet18 (random, not ImageNet's: the test only needs it loaded)."""
-    path = tmp_path / "resnet18-random.pth"
+    """A timm state_dict of the model (random, not pretrained: the test only needs it loaded)."""
+    path = tmp_path / "test_resnet-random.pth"
     if not path.exists():
+        import timm
         import torch
-        from torchvision import models
 
-        torch.save(models.resnet18(weights=None).state_dict(), path)
+        torch.save(timm.create_model(MODEL.removeprefix("timm/")).state_dict(), path)
     return path
 
 
@@ -68,7 +70,7 @@ def tune_command(data: Path, tmp_path: Path, space: dict = SPACE) -> list[str]:
     cmd = [*TUNE, "--local", "--data", str(data), "--output", str(tmp_path / "hpo"), "--search-space",
            str(space_file), "--objective", "loss", "--max-jobs", "3", "--study-name", STUDY, "--pruner", "halving",
            "--weights", str(weights_file(tmp_path)), "--seed", "0", "--best-out", str(tmp_path / "best.json"),
-           "--enqueue", ",".join(f"{k}={v}" for k, v in GOOD.items()), "--enqueue", "lr=5.0,model=resnet18"]
+           "--enqueue", ",".join(f"{k}={v}" for k, v in GOOD.items()), "--enqueue", f"lr=5.0,model={MODEL}"]
     for key, value in STATIC.items():
         cmd += ["--hp", f"{key}={value}"]
     return cmd
@@ -111,7 +113,8 @@ def test_local_search_prunes_fails_and_resumes(data_without_test, tmp_path):
     assert (Path(first.user_attrs["output"]) / "model.tar.gz").is_file()
     assert not (Path(first.user_attrs["output"]) / "checkpoints").exists()  # removed once the trial ended
     log = (Path(first.user_attrs["output"]) / "train.log").read_text()
-    assert re.search(r"pretrained resnet18 weights loaded from \S*/resnet18-random\.pth$", log, re.M), log[-3000:]
+    loaded = rf"pretrained {MODEL} weights loaded from \S*/test_resnet-random\.pth$"
+    assert re.search(loaded, log, re.M), log[-3000:]
     interrupted = study.trials[1]
     assert interrupted.state == TrialState.FAIL and interrupted.user_attrs["interrupted"] is True
     assert interrupted.params["lr"] == 5.0
