@@ -32,10 +32,11 @@ system-deps: ## install (apt-get, as root or with sudo) or name the programs the
 
 # The tiers are folders (tests/conftest.py): unit (in-process), integration (real processes), images.
 # `make test` runs on every core (pytest-xdist; TEST_JOBS=0 runs in one process): the integration tests wait on
-# servers and scripts about half the time. Whole files go to one worker, so a module's fixtures run once.
+# servers and scripts about half the time. Whole files go to one worker, so a module's fixtures run once, in the
+# order tests/conftest.py sorts them (longest first), not xdist's (most tests first).
 TEST_JOBS ?= auto
 test: system-deps install ## the unit and integration tests (what CI runs before the image tests)
-	$(BIN)/pytest -q -n $(TEST_JOBS) --dist loadfile tests/unit tests/integration
+	$(BIN)/pytest -q -n $(TEST_JOBS) --dist loadfile --no-loadscope-reorder tests/unit tests/integration
 
 test-unit: install ## the in-process tests: no process, no server, no network (seconds)
 	$(BIN)/pytest -q tests/unit

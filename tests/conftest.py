@@ -193,9 +193,12 @@ def pytest_collection_modifyitems(items):
             raise pytest.UsageError(f"{item.nodeid}: a test lives in tests/unit (in-process), tests/integration "
                                     "(processes, servers, moto) or tests/images (the built images)")
         item.add_marker(getattr(pytest.mark, tier))
-    # Modules marked `long` (minutes of training runs) go first: pytest-xdist hands out whole files in this order,
-    # and a long one handed out last would leave the other workers idle at the end. The order is otherwise kept.
-    items.sort(key=lambda item: item.get_closest_marker("long") is None)
+    # Modules marked `long` (minutes of training runs) go first, and test_demo.py before them: its run is the
+    # session's trained model, which half the long modules wait for. pytest-xdist hands out whole files in this
+    # order (`make test` turns off its own reordering by test count): a long one handed out last would leave the
+    # other workers idle at the end; the unit tier's seconds-long files go last, to fill that end.
+    items.sort(key=lambda item: (item.get_closest_marker("long") is None, item.path.name != "test_demo.py",
+                                 item.get_closest_marker("unit") is not None))
 
 
 # In CI (CI=true) a skip because something is missing (an engine, a program, a package) would turn a broken
