@@ -303,6 +303,12 @@ def train_mode(model: nn.Module, head: list[str], backbone_trains: bool) -> None
         model.get_submodule(h).train()
 
 
+def head_lr(optimizer: torch.optim.Optimizer) -> float:
+    """The head's learning rate: the largest of param_groups' groups (the backbone's, and with layer-decay every
+    lower layer's, are scaled down from it), wherever the head's group sits in the list."""
+    return max(g["lr"] for g in optimizer.param_groups)
+
+
 def param_groups(model: nn.Module, head: list[str], lr: float, backbone_lr_factor: float,
                  weight_decay: float = 0.0, layer_decay: float = 1.0) -> list[dict]:
     """The optimizer's groups: head and backbone (lr x backbone_lr_factor), each split into weights, which decay,

@@ -149,6 +149,10 @@ def test_drop_path_and_layer_decay_for_timm_models():
     assert all(g["lr"] == pytest.approx(0.01) for g in groups if head_params & {id(p) for p in g["params"]})
     assert {g["weight_decay"] for g in groups if all(p.ndim <= 1 for p in g["params"])} == {0.0}
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    # the lr that the metric lines, metrics.json and the Debugger's `lr` tensor record is the head's, not the first
+    # group's (timm lists the stem first)
+    optimizer = torch.optim.AdamW(groups)
+    assert optimizer.param_groups[0]["lr"] < 0.01 and models.head_lr(optimizer) == pytest.approx(0.01)
     with pytest.raises(HyperparameterError, match="drop-path=0.1: timm models only"):
         hps(model="resnet18", drop_path=0.1)
     with pytest.raises(HyperparameterError, match="layer-decay and backbone-lr-factor"):

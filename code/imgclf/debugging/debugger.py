@@ -35,7 +35,7 @@ import psutil
 import torch
 from torch import nn
 
-from imgclf import atomic, config
+from imgclf import atomic, config, models
 from imgclf.config import Hyperparameters
 from imgclf.debugging import report
 from imgclf.debugging.classes import ClassResults
@@ -166,7 +166,7 @@ class Debugger:
             return
         step, self.step = self.step, self.step + 1
         self.timer.end(step)
-        lr = self.optimizer.param_groups[0]["lr"] if self.optimizer is not None else float("nan")
+        lr = models.head_lr(self.optimizer) if self.optimizer is not None else float("nan")
         self.collector.train_step(step, self.epoch, loss, lr)
         self.profiler.step_end(step)
         self.rules.train_loss(step, self.epoch, loss)

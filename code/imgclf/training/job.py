@@ -237,7 +237,7 @@ def train_job(hp: Hyperparameters, paths: Paths, device: torch.device, dbg: Debu
         else:
             sums = train_one_epoch(setup, state, step_model, loader, best)
             valid = validate(setup, setup.evaluated(step_model), valid_loader, cached)
-        lr = max(g["lr"] for g in setup.optimizer.param_groups)  # the head's, at the epoch's end (moves per step)
+        lr = models.head_lr(setup.optimizer)  # at the epoch's end (it moves per step)
         state.history.append(epoch_record(state.epoch, sums, valid, lr, started, cached))
         if dist.is_main:
             print(epoch_line(state.history[-1]), flush=True)
