@@ -59,8 +59,9 @@ def weights_file(tmp_path: Path) -> Path:
     if not path.exists():
         import timm
         import torch
+        from imgclf import models
 
-        torch.save(timm.create_model(MODEL.removeprefix("timm/")).state_dict(), path)
+        torch.save(timm.create_model(models.timm_name(MODEL)).state_dict(), path)
     return path
 
 
