@@ -80,7 +80,21 @@ dockerfile_train-cpu := containers/train/Dockerfile.cpu
 dockerfile_train-gpu := containers/train/Dockerfile.gpu
 dockerfile_serve := containers/serve/Dockerfile
 
-build: $(addprefix build-,$(IMAGES)) ## build the images (all three, or IMAGES=serve; or make build-train-cpu)
+# The builds run side by side (mostly one core each: pip and layer commits), each one's output shown whole when it
+# ends; BUILD_JOBS=1 builds one at a time with the output as it comes.
+BUILD_JOBS ?= 3
+build: ## build the images (all three, or IMAGES=serve; or make build-train-cpu), BUILD_JOBS at a time
+	@$(MAKE) --no-print-directory -j$(BUILD_JOBS) $(if $(filter-out 1,$(BUILD_JOBS)),--output-sync=target) \
+		$(addprefix build-,$(IMAGES))
+
+# With TORCH_SOURCE=pypi both training images start from one torch stage (5.5 GB): built first, once, so that
+# the two builds do not each install it side by side.
+ifeq ($(TORCH_SOURCE),pypi)
+build-train-cpu build-train-gpu: build-torch-stage
+endif
+build-torch-stage:
+	$(DOCKER) build --platform $(PLATFORM) -f $(dockerfile_train-gpu) --target torch \
+		$(if $(PYTHON_IMAGE),--build-arg PYTHON_IMAGE=$(PYTHON_IMAGE)) .
 
 build-%:
 	@test -n "$(dockerfile_$*)" || { echo "error: no image '$*'; images: train-cpu train-gpu serve"; exit 2; }

@@ -75,6 +75,15 @@ def test_cpu_images_can_take_pypis_torch_and_share_the_gpu_images_torch_layer(im
     result = subprocess.run(["make", "-n", f"build-{image}", "TORCH_SOURCE=pypi"], cwd=REPO, capture_output=True,
                             text=True, check=True)
     assert "--build-arg TORCH_SOURCE=pypi" in result.stdout and "--platform linux/amd64" in result.stdout
+    # make build: the shared torch stage once, before the two training builds that run side by side on it.
+    both = subprocess.run(["make", "-n", "build", "TORCH_SOURCE=pypi"], cwd=REPO, capture_output=True, text=True,
+                          check=True).stdout
+    assert "-j3 --output-sync=target" in both
+    assert both.count("--target torch") == 1
+    for name in ("train-cpu", "train-gpu"):
+        assert both.index("--target torch") < both.index(f"-f {DOCKERFILES[name]} -t")
+    assert "--target torch" not in subprocess.run(["make", "-n", "build"], cwd=REPO, capture_output=True,
+                                                  text=True, check=True).stdout
 
 
 def test_makefile_builds_images_under_the_ecr_repository_names():
