@@ -5,6 +5,7 @@
     python scripts/deploy.py --name dog-breeds --model-data s3://.../model.tar.gz --instance-count 2 \\
         --autoscale-min 1 --autoscale-max 4 --autoscale-target 200
     python scripts/deploy.py --name dog-breeds --model-data s3://... --serverless-memory 4096
+    python scripts/deploy.py --name breeds-per-site --multi-model s3://bucket/models/   # a multi-model endpoint
     python scripts/deploy.py --name dog-breeds --delete
     python scripts/deploy.py --local --name dog-breeds --model-data sagemaker-local/<job>/output/model.tar.gz
 
@@ -36,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     source = model.add_mutually_exclusive_group()
     source.add_argument("--model-data", metavar="S3URI", help="s3://.../model.tar.gz (train.py prints it)")
     source.add_argument("--training-job", metavar="JOB", help="take the model artifact of this training job")
+    source.add_argument("--multi-model", metavar="S3PREFIX",
+                        help="a multi-model endpoint (Mode MultiModel): the S3 prefix that holds the models' "
+                             "model.tar.gz files, loaded on demand; predict.py --target-model a/model.tar.gz picks one")
     model.add_argument("--image", help="serving image URI (default: <account>.dkr.ecr.<region>.amazonaws.com/"
                                        "imgclf-serve:<tag>)")
     model.add_argument("--image-tag", default=image_tag_default(),

@@ -5,6 +5,8 @@
     python scripts/predict.py a.jpg b.png --endpoint imgclf --region us-east-1 --top-k 3
     python scripts/predict.py dog.jpg --url http://127.0.0.1:8080 --json   # the raw response, one line per image
     python scripts/predict.py dog.jpg --local --endpoint dog-breeds        # an endpoint of deploy.py --local
+    python scripts/predict.py dog.jpg --endpoint breeds-per-site --target-model site-a/model.tar.gz  # multi-model
+    python scripts/predict.py dog.jpg --url http://127.0.0.1:8080/models/a/invoke   # imgclf.local serve --models
 
 Each image is sent as it is (raw bytes, Content-Type from the file name) in its own request; top-k travels in
 the X-Amzn-SageMaker-Custom-Attributes header (top_k=K), which SageMaker passes through to the container.
@@ -38,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--local", action="store_true",
                         help="with --endpoint: SageMaker's local mode (the SageMaker SDK's local runtime client), an "
                              "endpoint that scripts/deploy.py --local serves on this machine; no AWS")
+    parser.add_argument("--target-model", metavar="KEY",
+                        help="with --endpoint: the model of a multi-model endpoint (deploy.py --multi-model) to "
+                             "use, its key under the endpoint's S3 prefix, e.g. site-a/model.tar.gz (TargetModel)")
     parser.add_argument("--top-k", type=int, help="breeds per image (default: the server's, 5)")
     parser.add_argument("--json", action="store_true", help="print each raw JSON response on one line")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds per request (default 60)")
@@ -49,6 +54,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.local and not args.endpoint:
         parser.error("--local goes with --endpoint NAME (an endpoint of deploy.py --local)")
+    if args.target_model and not args.endpoint:
+        parser.error("--target-model goes with --endpoint NAME (a multi-model endpoint); with a local server, put "
+                     "the model in the URL: --url http://127.0.0.1:8080/models/NAME/invoke")
+    if args.target_model and args.local:
+        parser.error("--target-model: SageMaker's local mode hosts no multi-model endpoints; serve the models with "
+                     "`python -m imgclf.local serve --models FOLDER` and use --url .../models/NAME/invoke")
     if args.top_k is not None and args.top_k < 1:
         parser.error(f"--top-k {args.top_k}: must be at least 1")
     if args.url:
@@ -57,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         from imgclf.aws import runtime_client  # boto3: only for an endpoint
 
         connect = partial(runtime_client.via_endpoint, args.endpoint, args.region, args.profile, args.timeout,
-                          args.local)
+                          args.local, args.target_model)
     return invocations.predict(args.images, connect, top_k=args.top_k, as_json=args.json)
 
 

@@ -2,6 +2,7 @@
 
     python -m imgclf.local train --data DIR --output DIR [--hyperparameters FILE] [--hp lr=0.001 ...] [--weights FILE]
     python -m imgclf.local serve --model model.tar.gz|DIR [--port 8080] [--workers N] [--ui [--ui-port 8081]]
+    python -m imgclf.local serve --models STORE [--port 8080] [--workers N]
 
 `train` lays out a temporary /opt/ml tree (config JSONs, channels linked to DIR's train/valid/test,
 resourceconfig for one host), runs the toolkit's `train` command with SAGEMAKER_BASE_DIR pointing at it,
@@ -14,7 +15,9 @@ rules.json and the report, current while the job runs.
 `serve` puts the model (a training output folder, or model.tar.gz extracted as SageMaker does) in a temporary
 /opt/ml/model and runs the serving image's `serve` entrypoint on it until Ctrl-C. With --ui, a page to try the
 model is served beside it (imgclf.ui.server: drop a photo, see the top-5 breeds; the page's requests go through
-the same POST /invocations).
+the same POST /invocations). With --models, a multi-model endpoint instead (SAGEMAKER_MULTI_MODEL=true): STORE
+is /opt/ml/models, and SageMaker's calls load its model folders (POST /models {"model_name": "a", "url": "a"}),
+invoke them (POST /models/a/invoke) and unload them.
 """
 
 from __future__ import annotations
@@ -157,15 +160,18 @@ def train(data_dir: Path, output: Path, hps: dict[str, str], weights: Path | Non
 
 
 def serve(model: Path, port: int = 8080, workers: int | None = None, extra_env: dict[str, str] | None = None,
-          ui_port: int | None = None) -> int:
-    """Run the real `serve` entrypoint over a temporary /opt/ml tree holding `model`; return its exit code.
-    With `ui_port`, the try-a-model page is served on it too, for as long as the model server runs."""
+          ui_port: int | None = None, multi_model: bool = False) -> int:
+    """Run the real `serve` entrypoint over a temporary /opt/ml tree holding `model` (with `multi_model`, the
+    folder of models of a multi-model endpoint); return its exit code. With `ui_port`, the try-a-model page is
+    served on it too, for as long as the model server runs."""
+    if multi_model and not model.is_dir():
+        raise SystemExit(f"--models {model}: no such folder (give the folder that holds the model folders)")
     if not model.exists():
         raise SystemExit(f"--model {model}: no such file or folder (give model.tar.gz or a training output folder)")
     if not 0 < port <= MAX_PORT:
         raise SystemExit(f"--port {port}: multi-model-server takes ports 1-{MAX_PORT}")
     if ui_port is None:
-        return _serve(model, port, workers, extra_env)
+        return _serve(model, port, workers, extra_env, multi_model)
     if not 0 < ui_port <= 65535 or ui_port == port:
         raise SystemExit(f"--ui-port {ui_port}: give a free port other than --port {port}")
     try:
@@ -180,14 +186,19 @@ def serve(model: Path, port: int = 8080, workers: int | None = None, extra_env: 
         page.server_close()
 
 
-def _serve(model: Path, port: int, workers: int | None, extra_env: dict[str, str] | None) -> int:
+def _serve(model: Path, port: int, workers: int | None, extra_env: dict[str, str] | None,
+           multi_model: bool = False) -> int:
     with tempfile.TemporaryDirectory(prefix="opt_ml.") as tmp:
-        target = Path(tmp) / "model"
-        target.mkdir()
-        if model.is_dir():
+        target = Path(tmp) / ("models" if multi_model else "model")
+        if multi_model:  # the store itself: models load from their folders where they are
+            target.symlink_to(model.resolve(), target_is_directory=True)
+            extra_env = {**(extra_env or {}), "SAGEMAKER_MULTI_MODEL": "true"}
+        elif model.is_dir():
+            target.mkdir()
             for item in model.iterdir():  # links, not copies: weights can be large
                 (target / item.name).symlink_to(item.resolve())
         else:
+            target.mkdir()
             try:
                 with tarfile.open(model) as tar:
                     artifacts.extract(tar, target)
@@ -195,7 +206,8 @@ def _serve(model: Path, port: int, workers: int | None, extra_env: dict[str, str
                 raise SystemExit(f"--model {model}: not a readable model.tar.gz ({e})") from None
         env = {**os.environ, "SAGEMAKER_BASE_DIR": tmp, "SAGEMAKER_BIND_TO_PORT": str(port), "PYTHONUNBUFFERED": "1",
                **({"SAGEMAKER_MODEL_SERVER_WORKERS": str(workers)} if workers else {}), **(extra_env or {})}
-        print(f"serving {model} on http://127.0.0.1:{port} (GET /ping, POST /invocations); Ctrl-C stops it",
+        calls = "POST /models loads a model, POST /models/<name>/invoke" if multi_model else "POST /invocations"
+        print(f"serving {model} on http://127.0.0.1:{port} (GET /ping, {calls}); Ctrl-C stops it",
               file=sys.stderr, flush=True)
         return run_forwarding_signals([venv_bin("serve")], env)
 
@@ -270,11 +282,13 @@ def server_process(cmd: list[str], url: str, log: Path, env: dict[str, str] | No
 
 def serving(model: Path, port: int | None = None, workers: int | None = 1, ui: bool = False,
             env: dict[str, str] | None = None, log: Path | None = None,
-            timeout: float = STARTUP_TIMEOUT):
+            timeout: float = STARTUP_TIMEOUT, multi_model: bool = False):
     """`python -m imgclf.local serve` as a context manager yielding a healthy LocalServer: the one recipe the
-    demo, the tests, the benchmarks and the screenshot scripts start local servers with."""
+    demo, the tests, the benchmarks and the screenshot scripts start local servers with. With `multi_model`,
+    `model` is the folder of models of a multi-model endpoint (--models)."""
     port = port or free_port()
-    cmd = [sys.executable, "-m", "imgclf.local", "serve", "--model", str(model), "--port", str(port)]
+    cmd = [sys.executable, "-m", "imgclf.local", "serve", "--models" if multi_model else "--model", str(model),
+           "--port", str(port)]
     cmd += ["--workers", str(workers)] if workers else []
     ui_port = free_port() if ui else None
     cmd += ["--ui", "--ui-port", str(ui_port)] if ui else []
@@ -295,7 +309,10 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--hp", action="append", default=[], metavar="NAME=VALUE", help="a hyperparameter (repeat)")
     t.add_argument("--weights", type=Path, help="pretrained backbone weights (torchvision or timm state_dict file)")
     srv = sub.add_parser("serve", help="serve a model with the real `serve` entrypoint over a temporary /opt/ml tree")
-    srv.add_argument("--model", type=Path, required=True, help="model.tar.gz or a training output folder (model/)")
+    what = srv.add_mutually_exclusive_group(required=True)
+    what.add_argument("--model", type=Path, help="model.tar.gz or a training output folder (model/)")
+    what.add_argument("--models", type=Path, metavar="STORE", help="a multi-model endpoint: the folder whose model "
+                      "folders SageMaker's calls load (POST /models) and invoke (POST /models/<name>/invoke)")
     srv.add_argument("--port", type=int, default=8080, help="port for /ping and /invocations (default 8080)")
     srv.add_argument("--workers", type=int, help="model server workers (default: one per CPU)")
     srv.add_argument("--ui", action="store_true", help="also serve a page to try the model: drop a photo, see the "
@@ -308,7 +325,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         if args.ui_port is not None and not args.ui:
             parser.error("--ui-port needs --ui")
-        return serve(args.model, args.port, args.workers, ui_port=(args.ui_port or args.port + 1) if args.ui else None)
+        if args.ui and args.models:
+            parser.error("--ui tries a single model (--model); a multi-model endpoint has no page")
+        return serve(args.model or args.models, args.port, args.workers,
+                     ui_port=(args.ui_port or args.port + 1) if args.ui else None, multi_model=args.models is not None)
     return 2
 
 

@@ -204,6 +204,7 @@ def test_images_are_labelled_and_configured_for_sagemaker(images):
     serve = inspect(image("serve"))["Config"]
     assert serve["Entrypoint"] == ["serve"]
     assert serve["Labels"]["com.amazonaws.sagemaker.capabilities.accept-bind-to-port"] == "true"
+    assert serve["Labels"]["com.amazonaws.sagemaker.capabilities.multi-models"] == "true"
 
 
 @pytest.mark.parametrize("name,torch_build,compiler", [
@@ -461,6 +462,47 @@ def test_serving_a_model_without_onnx_says_how_to_export_it(trained_tree, tmp_pa
         assert "python -m imgclf.export MODEL_DIR" in response.json()["message"], response.text
         logs = engine("logs", name, check=False)
         assert "Traceback" not in logs.stdout + logs.stderr
+    finally:
+        engine("rm", "-f", name, check=False)
+
+
+def test_serving_image_multi_model_endpoint(trained_tree, tmp_path):
+    """SAGEMAKER_MULTI_MODEL=true, the models where SageMaker puts them (/opt/ml/models/<name>/model, read-only):
+    two models loaded into one container answer with their own classes; a model that cannot load is refused with
+    the reason while the others serve; an unloaded model answers 404."""
+    store = tmp_path / "models"
+    shutil.copytree(trained_tree[0] / "model", store / "a/model")
+    shutil.copytree(trained_tree[0] / "model", store / "b/model")
+    config = json.loads((store / "b/model/config.json").read_text())
+    renamed = [f"{100 + i}.Other_{i}" for i in range(len(config["class_names"]))]
+    (store / "b/model/config.json").write_text(json.dumps({**config, "class_names": renamed}))
+    (store / "bad/model").mkdir(parents=True)
+    (store / "bad/model/config.json").write_text("{}")
+    port = free_port()
+    name = run_detached(image("serve"), "serve", options=(
+        "-p", f"127.0.0.1:{port}:8080", "-v", f"{store}:/opt/ml/models:ro", "-e", "SAGEMAKER_MULTI_MODEL=true",
+        "-e", "SAGEMAKER_MODEL_SERVER_WORKERS=1"))
+    url = f"http://127.0.0.1:{port}"
+
+    def load(model: str) -> requests.Response:
+        return requests.post(f"{url}/models", json={"model_name": model, "url": f"/opt/ml/models/{model}/model"},
+                             timeout=300)
+
+    def top(model: str) -> list[str] | int:
+        answer = requests.post(f"{url}/models/{model}/invoke", data=DOG.read_bytes(), timeout=120,
+                               headers={"Content-Type": "image/jpeg"})
+        return [p["class_name"] for p in answer.json()["predictions"][0]["top_k"]] if answer.ok else answer.status_code
+
+    try:
+        wait_healthy(url, name)
+        assert load("a").status_code == 200 and load("b").status_code == 200
+        got_a, got_b = top("a"), top("b")
+        assert set(got_a) <= set(config["class_names"]) and set(got_b) <= set(renamed), (got_a, got_b)
+        bad = load("bad")
+        assert bad.status_code == 400 and "config.json lacks" in bad.json()["message"], bad.text
+        assert top("a") == got_a
+        assert requests.delete(f"{url}/models/a", timeout=60).status_code == 200
+        assert top("a") == 404 and top("b") == got_b
     finally:
         engine("rm", "-f", name, check=False)
 

@@ -360,3 +360,33 @@ def test_models_and_configs_are_tagged_encrypted_and_isolated(aws_env, moto_serv
                      "--network-isolation", env=offline_env())
     [create_model] = [r["request"] for r in dry_run_requests(dry.stdout) if r["operation"] == "CreateModel"]
     assert create_model["EnableNetworkIsolation"] is True
+
+
+def test_multi_model_endpoint(aws_env, moto_server):
+    """--multi-model: one container in Mode MultiModel over an S3 prefix, the serving image told to be one."""
+    result = run_script("deploy.py", "--name", "breeds-per-site", "--multi-model", "s3://dogs-deploy/sites/",
+                        "--role", ROLE, "--poll-interval", "0.1", env=aws_env)
+    assert result.returncode == 0, failed(result)
+    sm = client("sagemaker", moto_server)
+    config = sm.describe_endpoint_config(
+        EndpointConfigName=sm.describe_endpoint(EndpointName="breeds-per-site")["EndpointConfigName"])
+    container = sm.describe_model(ModelName=config["ProductionVariants"][0]["ModelName"])["PrimaryContainer"]
+    assert container["ModelDataUrl"] == "s3://dogs-deploy/sites/"
+    assert container["Environment"]["SAGEMAKER_MULTI_MODEL"] == "true"
+    dry = run_script("deploy.py", "--name", "breeds-per-site", "--multi-model", "s3://dogs-deploy/sites/", "--role",
+                     ROLE, "--dry-run", env=offline_env())
+    [create_model] = [r["request"] for r in dry_run_requests(dry.stdout) if r["operation"] == "CreateModel"]
+    assert create_model["PrimaryContainer"]["Mode"] == "MultiModel"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--multi-model", "s3://b/sites"], "ending in /"),
+    (["--multi-model", "s3://b/sites/", "--serverless-memory", "2048"], "serverless endpoints cannot host"),
+    (["--multi-model", "s3://b/sites/", "--instance-type", "ml.g5.xlarge"], "only with its Triton container"),
+    (["--multi-model", "s3://b/sites/", "--local"], "local mode hosts no multi-model endpoints"),
+])
+def test_bad_multi_model_input_exits_2(args, message):
+    dry_run = () if "--local" in args else ("--dry-run",)
+    result = run_script("deploy.py", "--name", "sites", "--role", ROLE, *dry_run, *args, env=offline_env())
+    assert result.returncode == 2, failed(result)
+    assert message in result.stderr and "Traceback" not in result.stderr

@@ -130,3 +130,16 @@ def test_endpoint_request_carries_the_image_and_top_k(tmp_path):
     assert path == "/endpoints/imgclf-dogs/invocations" and body == image.read_bytes()
     assert headers["x-amzn-sagemaker-custom-attributes"] == "top_k=2"
     assert headers["content-type"] == "application/x-image"  # what predict.py sends for a suffix it does not map
+
+
+def test_target_model_of_a_multi_model_endpoint(moto_server, aws_env, tmp_path):
+    queue_endpoint_results(moto_server, [json.dumps(RESPONSE)])
+    image = plain_ppm(tmp_path / "site.ppm", 40)
+    result = run_predict(str(image), "--endpoint", "breeds-per-site", "--target-model", "site-a/model.tar.gz",
+                         env=aws_env)
+    assert result.returncode == 0, result.stderr
+    assert "Affenpinscher" in result.stdout
+    for args, said in ((["--url", "http://127.0.0.1:1"], "put the model in the URL"),
+                       (["--endpoint", "x", "--local"], "local mode hosts no multi-model endpoints")):
+        refused = run_predict(str(image), *args, "--target-model", "a.tar.gz", env=aws_env)
+        assert refused.returncode == 2 and said in refused.stderr, refused.stderr

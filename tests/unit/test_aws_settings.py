@@ -121,3 +121,16 @@ def test_invocations_url_and_error_message():
     assert invocations.invocations_url("http://h:1/other") == "http://h:1/other"
     assert invocations.error_message(b'{"message": "too big"}') == "too big"
     assert invocations.error_message(b"  plain  ") == "plain" and invocations.error_message("") == "(empty response)"
+
+
+def test_invoke_endpoint_request_names_the_target_model_of_a_multi_model_endpoint():
+    import boto3
+    from botocore.validate import validate_parameters
+    from imgclf.aws import runtime_client
+
+    request = runtime_client._request("breeds-per-site", b"jpeg", "image/jpeg", 3, "site-a/model.tar.gz")
+    assert request["TargetModel"] == "site-a/model.tar.gz" and request["CustomAttributes"] == "top_k=3"
+    assert "TargetModel" not in runtime_client._request("dogs", b"jpeg", "image/jpeg", None)
+    shape = boto3.client("sagemaker-runtime", region_name="us-east-1", aws_access_key_id="x",
+                         aws_secret_access_key="x").meta.service_model.operation_model("InvokeEndpoint").input_shape
+    validate_parameters(request, shape)

@@ -19,6 +19,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from imgclf import instances
 from imgclf.aws import scripting
 from imgclf.aws.images import DEFAULT_TAG, LOCAL_INSTANCE_TYPES
 from imgclf.aws.scripting import Access, Waiting, resource_name
@@ -32,6 +33,7 @@ log = logging.getLogger("imgclf.aws")
 VARIANT = "AllTraffic"
 SCALABLE_DIMENSION = "sagemaker:variant:DesiredInstanceCount"
 SERVERLESS_MEMORY_MB = (1024, 2048, 3072, 4096, 5120, 6144)
+MULTI_MODEL_ENV = "SAGEMAKER_MULTI_MODEL"  # what makes `serve` a multi-model endpoint (imgclf.serving.multi_model)
 
 
 def content_hash(*parts: object, length: int = 8) -> str:
@@ -57,6 +59,7 @@ class ServingSpec:
     tags: list[dict[str, str]] = field(default_factory=list)  # not part of the names' hash: tags change nothing served
     suffix: str | None = None  # e.g. a timestamp; default: a hash of the contents
     local: bool = False  # SageMaker's local mode: a file:// model, instance type local or local_gpu
+    multi_model: bool = False  # model_data is the S3 prefix of a multi-model endpoint's models
 
     def check(self) -> None:
         problems = []
@@ -64,7 +67,9 @@ class ServingSpec:
             problems.append(f"endpoint name {self.name!r}: use letters, digits and single hyphens, at most 50 "
                             "characters (e.g. dog-breeds)")
         schemes = ("s3://", "file://") if self.local else ("s3://",)
-        if not (self.model_data.startswith(schemes) and self.model_data.endswith(".tar.gz")):
+        if self.multi_model:
+            problems += multi_model_problems(self)
+        elif not (self.model_data.startswith(schemes) and self.model_data.endswith(".tar.gz")):
             problems.append(f"model data {self.model_data!r}: expected s3://.../model.tar.gz (train.py prints it)")
         if self.serverless_memory_mb is not None:
             if self.serverless_memory_mb not in SERVERLESS_MEMORY_MB:
@@ -97,7 +102,10 @@ class ServingSpec:
             raise UserError("; ".join(problems))
 
     def model_request(self) -> dict:
-        container = {"Image": self.image, "ModelDataUrl": self.model_data, "Environment": dict(self.environment)}
+        environment = {**self.environment, **({MULTI_MODEL_ENV: "true"} if self.multi_model else {})}
+        container: dict = {"Image": self.image, "ModelDataUrl": self.model_data, "Environment": environment}
+        if self.multi_model:  # SageMaker loads the models under the prefix on demand (TargetModel)
+            container["Mode"] = "MultiModel"
         # Isolation changes the name; without it, names stay what earlier versions gave (no needless update).
         hashed: tuple = (container, self.role_arn) + ((True,) if self.network_isolation else ())
         name = resource_name(self.name, suffix=self.suffix or content_hash(*hashed))
@@ -128,6 +136,20 @@ class ServingSpec:
             request["KmsKeyId"] = self.kms_key
         name = resource_name(self.name, suffix=self.suffix or content_hash(request))
         return {"EndpointConfigName": name, **request, **({"Tags": list(self.tags)} if self.tags else {})}
+
+
+def multi_model_problems(spec: ServingSpec) -> list[str]:
+    """What SageMaker's multi-model endpoints do not take (CPU instances, an S3 prefix of model.tar.gz files)."""
+    problems = []
+    if not (spec.model_data.startswith("s3://") and spec.model_data.endswith("/")):
+        problems.append(f"--multi-model {spec.model_data!r}: give the S3 prefix that holds the models, ending in / "
+                        "(s3://bucket/models/; predict.py --target-model names one, e.g. a/model.tar.gz)")
+    if spec.serverless_memory_mb is not None:
+        problems.append("serverless endpoints cannot host multiple models: drop --serverless-memory")
+    if spec.instance_type and instances.has_nvidia_gpus(spec.instance_type):
+        problems.append(f"{spec.instance_type}: SageMaker runs multi-model endpoints on GPU instances only with "
+                        "its Triton container; use a CPU instance type (ml.m5, ml.c5, ...)")
+    return problems
 
 
 def endpoint_request(name: str, config_name: str, tags: list[dict[str, str]] | None = None) -> dict:
@@ -217,8 +239,11 @@ class ModelSource(FlagGroup):
     """The model to serve, as deploy.py's and batch_predict.py's flags give it: its artifact (or the training job that
     made it), the serving image, the container's environment and the execution role."""
 
+    OPTIONAL_FLAGS = frozenset({"multi_model"})  # batch_predict.py hosts one model
+
     model_data: str | None = None  # s3://.../model.tar.gz; with --local a local file
     training_job: str | None = None  # else the artifact of this Completed training job
+    multi_model: str | None = None  # else the S3 prefix of a multi-model endpoint's models
     image: str | None = None  # default: the serving image tagged image_tag
     image_tag: str = DEFAULT_TAG
     workers: int | None = None  # SAGEMAKER_MODEL_SERVER_WORKERS
@@ -243,7 +268,10 @@ class Autoscaling:
 
 
 def model_data_of(api: Api, source: ModelSource) -> str:
-    """The model artifact: as given, or the training job's (which must have Completed)."""
+    """The model artifact: as given, or the training job's (which must have Completed); the prefix of a
+    multi-model endpoint's models."""
+    if source.multi_model:
+        return source.multi_model
     if source.model_data:
         return scripting.local_uri(source.model_data, "--model-data") if scripting.is_local(api) else source.model_data
     if not source.training_job:
@@ -365,8 +393,12 @@ def serve_locally(api: Api, name: str, model_name: str, config_name: str, tags: 
 
 
 def check_deploy_flags(name: str, local: bool, serverless_memory: int | None, data_capture: str | None,
-                       autoscaling: Autoscaling, no_wait: bool) -> None:
+                       autoscaling: Autoscaling, no_wait: bool, multi_model: bool = False) -> None:
     """What the flags alone decide, before anything is read or created."""
+    if local and multi_model:
+        raise UserError("--multi-model: SageMaker's local mode hosts no multi-model endpoints (it never loads models "
+                        "into the container); try one on this machine with `python -m imgclf.local serve --models "
+                        "FOLDER` (docs/serving.md#multi-model-endpoints), or deploy on AWS")
     if local:
         unsupported = [flag for flag, value in (
             ("--serverless-memory", serverless_memory), ("--data-capture", data_capture),
@@ -460,16 +492,17 @@ def deploy(access: Access, *, name: str, model: ModelSource, instance_type: str 
     is InService. With access.local, serve it here until Ctrl-C or SIGTERM (serve_locally)."""
     api = scripting.make_api(access)
     local = scripting.is_local(api)
-    check_deploy_flags(name, local, serverless_memory, data_capture, autoscaling, waiting.no_wait)
+    check_deploy_flags(name, local, serverless_memory, data_capture, autoscaling, waiting.no_wait,
+                       bool(model.multi_model))
     spec = ServingSpec(
         name=name, image=model.image or "<image>",
-        model_data=model.model_data if model.model_data and not local else "s3://x/model.tar.gz",
+        model_data=model.multi_model or (model.model_data if model.model_data and not local else "s3://x/model.tar.gz"),
         role_arn="", environment=model.environment(),
         instance_type=instance_type or ("local" if local else "ml.m5.large"), instance_count=instance_count,
         serverless_memory_mb=serverless_memory, serverless_concurrency=serverless_concurrency,
         data_capture_uri=data_capture, data_capture_percent=data_capture_percent, kms_key=kms_key,
         network_isolation=network_isolation, tags=scripting.tags_from(tags),
-        suffix=scripting.timestamp() if timestamp_names else None, local=local)
+        suffix=scripting.timestamp() if timestamp_names else None, local=local, multi_model=bool(model.multi_model))
     spec.check()  # the flags alone: before any AWS call
     resolve_model(api, spec, model)
     model_request = spec.model_request()

@@ -13,8 +13,10 @@ from imgclf.aws.invocations import Refused, Send, Unreachable, error_message
 from imgclf.aws.session import local_session, make_session
 
 
-def via_endpoint(name: str, region: str | None, profile: str | None, timeout: float, local: bool = False) -> Send:
-    """A sender to endpoint `name`. Missing credentials or an unknown endpoint raise LookupError when sending."""
+def via_endpoint(name: str, region: str | None, profile: str | None, timeout: float, local: bool = False,
+                 target_model: str | None = None) -> Send:
+    """A sender to endpoint `name` (with `target_model`, that model of a multi-model endpoint). Missing credentials
+    or an unknown endpoint raise LookupError when sending."""
     if local:
         return _via_local_endpoint(name)
     session = make_session(region, profile)
@@ -23,7 +25,7 @@ def via_endpoint(name: str, region: str | None, profile: str | None, timeout: fl
 
     def send(body: bytes, ctype: str, top_k: int | None) -> str:
         try:
-            return client.invoke_endpoint(**_request(name, body, ctype, top_k))["Body"].read().decode()
+            return client.invoke_endpoint(**_request(name, body, ctype, top_k, target_model))["Body"].read().decode()
         except botocore.exceptions.ClientError as e:
             err, response = e.response.get("Error", {}), e.response
             if err.get("Code") == "ModelError":  # the container answered 4xx/5xx
@@ -40,10 +42,12 @@ def via_endpoint(name: str, region: str | None, profile: str | None, timeout: fl
     return send
 
 
-def _request(name: str, body: bytes, ctype: str, top_k: int | None) -> dict:
+def _request(name: str, body: bytes, ctype: str, top_k: int | None, target_model: str | None = None) -> dict:
     params = {"EndpointName": name, "Body": body, "ContentType": ctype, "Accept": "application/json"}
     if top_k:
         params["CustomAttributes"] = f"top_k={top_k}"
+    if target_model:
+        params["TargetModel"] = target_model
     return params
 
 

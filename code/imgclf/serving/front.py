@@ -8,6 +8,10 @@ workers) on a port of its own; this front is what answers on SAGEMAKER_BIND_TO_P
     GET /execution-parameters       answered here when batch transform runs the container, else 404
     anything else                   404 JSON; a known path with another method: 405
 
+On a multi-model endpoint (SAGEMAKER_MULTI_MODEL=true) the paths are SageMaker's multi-model calls instead:
+GET /ping, GET and POST /models, GET and DELETE /models/<name>, POST /models/<name>/invoke (answered by
+imgclf.serving.multi_model; an invoke is relayed to MMS); MMS's management API still answers nothing here.
+
 It reads each request whole before relaying it, within limits checked before anything is allocated: the head
 (64 KiB, IDLE timeout to arrive), the body (Content-Length required, at most the payload limit, BODY timeout to
 arrive; chunked bodies get 411, a bad Content-Length 400), the connections (MAX_CONNECTIONS, then 503) and the
@@ -29,12 +33,14 @@ import json
 import logging
 import os
 import threading
+import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from imgclf.serving.multi_model import Models
     from imgclf.serving.settings import ServingSettings
 
 log = logging.getLogger(__name__)
@@ -94,9 +100,11 @@ def execution_parameters(settings: ServingSettings) -> dict:
 
 class Front:
     def __init__(self, port: int, upstream_port: int, limits: Limits, execution_parameters: dict | None = None,
-                 host: str = "0.0.0.0") -> None:
+                 host: str = "0.0.0.0", multi_model: bool = False) -> None:
         self.port, self.upstream_port, self.limits, self.host = port, upstream_port, limits, host
         self.execution_parameters = execution_parameters
+        self.multi_model = multi_model
+        self.models: Models | None = None  # a multi-model endpoint's, once multi-model-server runs
         self.unhealthy: str | None = None
         self.connections = 0
         self._pool = ThreadPoolExecutor(limits.max_requests, thread_name_prefix="relay")
@@ -219,13 +227,16 @@ class Front:
     def _route(self, method: str, path: str, headers: dict[str, str]) -> int:
         """The body length to read, or Refused."""
         path = path.split("?", 1)[0]
-        allowed = ROUTES.get(path) or ("GET" if path == BATCH_ROUTE and self.execution_parameters else None)
+        allowed = self._methods(path)
         unread_body = "content-length" in headers or "transfer-encoding" in headers  # refused: close
-        if allowed is None:
-            raise Refused(HTTPStatus.NOT_FOUND, f"{method} {path[:200]}: this server answers GET /ping and "
-                                                "POST /invocations only", close=unread_body)
-        if method != allowed:
-            raise Refused(HTTPStatus.METHOD_NOT_ALLOWED, f"{method} {path}: use {allowed} {path}", close=unread_body)
+        if not allowed:
+            served = ("GET /ping, GET and POST /models, GET and DELETE /models/<name>, POST /models/<name>/invoke"
+                      if self.multi_model else "GET /ping and POST /invocations")
+            raise Refused(HTTPStatus.NOT_FOUND, f"{method} {path[:200]}: this server answers {served} only",
+                          close=unread_body)
+        if method not in allowed:
+            raise Refused(HTTPStatus.METHOD_NOT_ALLOWED, f"{method} {path[:200]}: use {' or '.join(allowed)}",
+                          close=unread_body)
         if "transfer-encoding" in headers:
             raise Refused(HTTPStatus.LENGTH_REQUIRED, f"Transfer-Encoding {headers['transfer-encoding'][:50]!r} is "
                                                       "not accepted: send the body with a Content-Length")
@@ -243,15 +254,42 @@ class Front:
                           "(SAGEMAKER_MAX_PAYLOAD_IN_MB); send a smaller image")
         return length
 
-    async def _answer_for(self, method: str, path: str, headers: dict[str, str], body: bytes):
-        path = path.split("?", 1)[0]
+    def _methods(self, path: str) -> tuple[str, ...]:
+        """The methods a path answers (none: 404)."""
+        if not self.multi_model:
+            if path == BATCH_ROUTE and self.execution_parameters:
+                return ("GET",)
+            return (ROUTES[path],) if path in ROUTES else ()
+        name = path.removeprefix("/models/")
+        if path in ("/ping", "/models"):
+            return ("GET",) if path == "/ping" else ("GET", "POST")
+        if name == path or not name:
+            return ()
+        invoked = name.removesuffix("/invoke")
+        if invoked != name and invoked and "/" not in invoked:
+            return ("POST",)
+        return ("GET", "DELETE") if "/" not in name else ()
+
+    async def _answer_for(self, method: str, target: str, headers: dict[str, str], body: bytes):
+        path = target.split("?", 1)[0]
+        json_type = {"Content-Type": "application/json"}
         if path == BATCH_ROUTE:
-            return 200, {"Content-Type": "application/json"}, json.dumps(self.execution_parameters).encode()
-        if self.unhealthy:
-            return 503, {"Content-Type": "application/json"}, json.dumps(
-                {"code": 503, "type": "ServiceUnavailable", "status": "Unhealthy", "message": self.unhealthy}).encode()
+            return 200, json_type, json.dumps(self.execution_parameters).encode()
+        if self.unhealthy or (self.multi_model and self.models is None):
+            return 503, json_type, json.dumps({"code": 503, "type": "ServiceUnavailable", "status": "Unhealthy",
+                                               "message": self.unhealthy or STARTING}).encode()
+        loop = asyncio.get_running_loop()
+        if self.models is not None and path.startswith("/models"):
+            if not path.endswith("/invoke") or method != "POST":
+                status, payload = await loop.run_in_executor(self._pool, self.models.answer, method, target, body)
+                return status, json_type, json.dumps(payload).encode()
+            name = urllib.parse.unquote(path.removeprefix("/models/").removesuffix("/invoke"))
+            predictions = self.models.invoke_path(name)
+            if predictions is None:
+                return 404, json_type, error_body(404, f"model {name!r} is not loaded (POST /models loads it)")
+            path = predictions
         relayed = {k: v for k, v in headers.items() if k not in NOT_RELAYED}
-        return await asyncio.get_running_loop().run_in_executor(self._pool, self._relay, method, path, relayed, body)
+        return await loop.run_in_executor(self._pool, self._relay, method, path, relayed, body)
 
     def _relay(self, method: str, path: str, headers: dict[str, str], body: bytes):
         """(status, headers, body) from MMS; 503 JSON when it does not answer (starting, or gone)."""

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from imgclf import atomic
 from imgclf.serving import inference
-from imgclf.serving.model_server import MODEL_DIR_ENV, WORKER_STATE_ENV
+from imgclf.serving.model_server import WORKER_STATE_ENV, model_folder
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +37,9 @@ class HandlerService:
         self.load_error: str | None = None
 
     def initialize(self, context) -> None:
-        # serve gives MMS an empty stand-in folder (MMS imports from it) and the real model folder here
-        model_dir = os.environ.get(MODEL_DIR_ENV) or context.system_properties.get("model_dir")
+        # serve gives MMS a stand-in folder (MMS imports from it), and the real model folder in MODEL_DIR_ENV or,
+        # on a multi-model endpoint, in the stand-in's pointer file
+        model_dir = model_folder(context.system_properties.get("model_dir"))
         report_state(loaded=False)  # loading
         try:
             self.model = inference.model_fn(model_dir)

@@ -28,6 +28,8 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 MODEL_DIR_ENV = "IMGCLF_MODEL_DIR"  # the model folder the workers load (handler_service reads it)
+# Multi-model endpoints: each model's stand-in folder holds only this file, the real folder's path.
+POINTER_FILE = "imgclf-model-dir.txt"
 WORKER_STATE_ENV = "IMGCLF_WORKER_STATE_DIR"  # where each worker reports whether it holds the model
 JAVA_MAIN = "com.amazonaws.ml.mms.ModelServer"
 MODEL_NAME = "model"
@@ -41,19 +43,28 @@ def code_in_artifact(model_dir: Path, limit: int = 20) -> list[str]:
     return found[:limit]
 
 
+def model_folder(given: str | None) -> str:
+    """The folder a worker loads: MODEL_DIR_ENV (single model), else the one the stand-in MMS gave points to."""
+    if os.environ.get(MODEL_DIR_ENV):
+        return os.environ[MODEL_DIR_ENV]
+    pointer = Path(given or ".") / POINTER_FILE
+    return pointer.read_text() if pointer.is_file() else (given or "")
+
+
 def clean_python_path(value: str | None) -> str:
     """PYTHONPATH without empty entries: an empty entry is the working directory."""
     return os.pathsep.join(p for p in (value or "").split(os.pathsep) if p)
 
 
 def write_config(folder: Path, port: int, management_port: int, handler: str, timeout_s: int, workers: int,
-                 max_request_bytes: int) -> Path:
+                 max_request_bytes: int, load_models: bool = True) -> Path:
     lines = {
         "inference_address": f"http://127.0.0.1:{port}",
         "management_address": f"http://127.0.0.1:{management_port}",
         "enable_envvars_config": "false",  # this file is the whole configuration
         "decode_input_request": "false",
-        "load_models": "ALL",
+        # the --models names; a multi-model endpoint loads none at start (ALL would load every folder in the store)
+        **({"load_models": "ALL"} if load_models else {}),
         "default_service_handler": handler,
         "default_response_timeout_seconds": str(timeout_s),
         "max_request_size": str(max_request_bytes),
@@ -65,25 +76,28 @@ def write_config(folder: Path, port: int, management_port: int, handler: str, ti
 
 
 class ModelServer:
-    """One multi-model-server (a launcher that waits for its Java process) serving `model_dir` on 127.0.0.1."""
+    """One multi-model-server (a launcher that waits for its Java process) serving `model_dir` on 127.0.0.1;
+    with `model_dir` None (a multi-model endpoint), none until the management API loads them."""
 
-    def __init__(self, folder: Path, model_dir: Path, port: int, management_port: int, handler: str,
+    def __init__(self, folder: Path, model_dir: Path | None, port: int, management_port: int, handler: str,
                  timeout_s: int, workers: int, max_request_bytes: int) -> None:
         self.folder = folder
-        stand_in = folder / MODEL_NAME
-        for sub in (stand_in, folder / "logs", folder / "tmp"):
+        for sub in ((folder / MODEL_NAME,) if model_dir else ()) + (folder / "logs", folder / "tmp"):
             sub.mkdir(parents=True, exist_ok=True)
-        self.config = write_config(folder, port, management_port, handler, timeout_s, workers, max_request_bytes)
+        self.config = write_config(folder, port, management_port, handler, timeout_s, workers, max_request_bytes,
+                                   load_models=model_dir is not None)
         log_config = resources.files("sagemaker_inference") / "etc" / "log4j2.xml"
         self.command = ["multi-model-server", "--start", "--foreground", "--mms-config", str(self.config),
-                        "--log-config", str(log_config), "--model-store", str(folder),
-                        "--models", f"{MODEL_NAME}={MODEL_NAME}"]  # in the model store
-        self.env = {**os.environ, MODEL_DIR_ENV: str(model_dir), "TMPDIR": str(folder / "tmp"),
+                        "--log-config", str(log_config), "--model-store", str(folder)]
+        if model_dir is not None:
+            self.command += ["--models", f"{MODEL_NAME}={MODEL_NAME}"]  # in the model store
+        self.env = {**os.environ, MODEL_DIR_ENV: str(model_dir or ""), "TMPDIR": str(folder / "tmp"),
                     "TEMP": str(folder / "tmp"), "LOG_LOCATION": str(folder / "logs"),
                     "METRICS_LOCATION": str(folder / "logs"), "PYTHONPATH": clean_python_path(os.environ.get(
                         "PYTHONPATH"))}
-        if not self.env["PYTHONPATH"]:
-            del self.env["PYTHONPATH"]
+        for name in ("PYTHONPATH", MODEL_DIR_ENV):  # empty: none (multi-model: each model's stand-in says)
+            if not self.env[name]:
+                del self.env[name]
         # `multi-model-server` (a launcher that runs Java and waits for it) lives beside this Python
         self.env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{self.env.get('PATH', '')}"
         self.launcher: subprocess.Popen | None = None

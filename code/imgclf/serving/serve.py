@@ -10,6 +10,9 @@ front answers 503 with the reason until SIGTERM, so SageMaker sees an unhealthy 
 Otherwise multi-model-server starts on 127.0.0.1 (imgclf.serving.model_server: nothing installed or imported
 from the artifact) with SAGEMAKER_MODEL_SERVER_WORKERS workers (default: one per CPU), and the front relays.
 
+With SAGEMAKER_MULTI_MODEL=true it is a multi-model endpoint instead (imgclf.serving.multi_model): MMS starts
+with no model, and SageMaker's calls on the port load, list, invoke and unload models from /opt/ml/models.
+
 /ping tells the truth: a watchdog (imgclf.serving.supervisor) stops MMS once no worker has held the model for
 IMGCLF_UNHEALTHY_AFTER_S seconds, and the front then answers 503 with the reason. If MMS exits by itself,
 `serve` exits 1 (the front answers 503 meanwhile); SIGTERM stops everything with exit 0.
@@ -24,6 +27,7 @@ import os
 import signal
 import sys
 import tarfile
+import tempfile
 import threading
 from pathlib import Path
 
@@ -31,6 +35,7 @@ from imgclf import artifacts, config
 from imgclf.processes import MAX_PORT, free_port
 from imgclf.serving.front import STARTING, Front, batch_transform, execution_parameters, limits_for
 from imgclf.serving.model_server import ModelServer, code_in_artifact
+from imgclf.serving.multi_model import Models
 from imgclf.serving.settings import ServingSettings, SettingsError
 from imgclf.serving.supervisor import run_model_server
 
@@ -149,19 +154,28 @@ def main(argv: list[str] | None = None) -> int:
     batch = batch_transform()
     settings, problem = read_settings()
     mms_port, management_port = free_port(), free_port()
-    front = Front(port, mms_port, limits_for(settings), execution_parameters(settings) if batch else None)
+    front = Front(port, mms_port, limits_for(settings), execution_parameters(settings) if batch else None,
+                  multi_model=settings.multi_model)
     front.unhealthy = problem or STARTING
     try:
         front.start()
     except OSError as e:
         print(f"cannot listen on port {port} ({e}): set SAGEMAKER_BIND_TO_PORT to a free port", file=sys.stderr)
         return 1
-    problem = problem or prepare(model_dir, settings)
+    if not settings.multi_model:
+        problem = problem or prepare(model_dir, settings)
     signals.front_ready.set()
     if problem or signals.stopped.is_set():
         return answer_unhealthy(front, problem, signals.stopped) if problem else 0
-    log_what_is_served(model_dir, settings, batch)
-    mms_exit, reason = run_model_server(front, model_dir, settings, management_port, signals.stopped, signals.adopt)
+    folder = Path(tempfile.mkdtemp(prefix="imgclf-serve-"))  # MMS's: config, logs, stand-in model folders
+    if settings.multi_model:
+        store = Path(config.base_dir()) / "models"
+        front.models = Models(store, folder, management_port, settings, check=prepare)
+        log.info("multi-model endpoint: no model loaded; POST /models loads one from %s", store)
+    else:
+        log_what_is_served(model_dir, settings, batch)
+    mms_exit, reason = run_model_server(front, None if settings.multi_model else model_dir, settings,
+                                        management_port, folder, signals.stopped, signals.adopt)
     return exit_code(front, mms_exit, reason, signals.stopped)
 
 

@@ -19,6 +19,10 @@ validated, then passed around as one frozen value; nothing reads the environment
     IMGCLF_BODY_TIMEOUT_S           10          seconds for a request body to arrive once its head has (then 408)
     IMGCLF_IDLE_TIMEOUT_S           75          seconds a connection may wait for its next request head
     IMGCLF_MAX_CONNECTIONS          1000        connections at once on the serving port (more get 503)
+    SAGEMAKER_MULTI_MODEL           false       true: a multi-model endpoint (imgclf.serving.multi_model)
+    IMGCLF_MAX_MODELS               0           multi-model: models loaded at once (0 = as many as memory
+                                                allows); a load over it gets 507
+    IMGCLF_MIN_FREE_MEMORY_MB       512         multi-model: memory a load must leave free (else 507)
 
 The front on the serving port (imgclf.serving.front) refuses a body over the payload limit with a JSON 413
 before reading it; multi-model-server behind it gets twice the limit. The workers, which MMS starts with
@@ -61,6 +65,9 @@ class ServingSettings:
     body_timeout_s: int = 10
     idle_timeout_s: int = 75
     max_connections: int = 1000
+    multi_model: bool = False
+    max_models: int = 0
+    min_free_memory_mb: int = 512
 
     def __post_init__(self) -> None:
         for name in ("top_k", "max_image_pixels", "max_request_pixels", "max_aspect_ratio", "max_images",
@@ -70,6 +77,8 @@ class ServingSettings:
                 raise SettingsError(f"serving setting {name}={getattr(self, name)}: must be at least 1")
         if self.torch_threads < 0 or self.workers < 0:
             raise SettingsError("serving settings torch_threads and workers must be 0 (automatic) or more")
+        if self.max_models < 0 or self.min_free_memory_mb < 0:
+            raise SettingsError("IMGCLF_MAX_MODELS and IMGCLF_MIN_FREE_MEMORY_MB must be 0 or more")
         if self.dtype not in DTYPES:
             raise SettingsError(f"IMGCLF_SERVE_DTYPE={self.dtype!r}: use {' or '.join(DTYPES)}")
 
@@ -94,6 +103,9 @@ class ServingSettings:
             body_timeout_s=_int(env, "IMGCLF_BODY_TIMEOUT_S", default.body_timeout_s),
             idle_timeout_s=_int(env, "IMGCLF_IDLE_TIMEOUT_S", default.idle_timeout_s),
             max_connections=_int(env, "IMGCLF_MAX_CONNECTIONS", default.max_connections),
+            multi_model=_bool(env, "SAGEMAKER_MULTI_MODEL"),
+            max_models=_int(env, "IMGCLF_MAX_MODELS", default.max_models),
+            min_free_memory_mb=_int(env, "IMGCLF_MIN_FREE_MEMORY_MB", default.min_free_memory_mb),
         )
 
     @classmethod
@@ -119,3 +131,12 @@ def _int(env: Mapping[str, str], name: str, default: int) -> int:
         return int(value) if value.strip() else default
     except ValueError:
         raise SettingsError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def _bool(env: Mapping[str, str], name: str) -> bool:
+    value = env.get(name, "").strip().lower()
+    if value in ("", "false", "0", "no"):
+        return False
+    if value in ("true", "1", "yes"):
+        return True
+    raise SettingsError(f"environment variable {name}={value!r}: use true or false")

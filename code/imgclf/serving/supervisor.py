@@ -19,7 +19,6 @@ import logging
 import os
 import shutil
 import signal
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -66,8 +65,9 @@ def stop_leftovers(timeout: float = 10.0) -> None:
 
 class Watchdog(threading.Thread):
     """Every second reads MMS's /ping body and `worker_states()` (pid -> load error, None when the worker holds or
-    is loading the model). Once a worker has held the model (or one failed to load it), `unhealthy_after`
-    seconds without a good live worker set `reason` and call `stop_mms(reason)`."""
+    is loading the model; None: MMS's /ping alone, for a multi-model endpoint). Once a worker has held the model
+    (or one failed to load it), `unhealthy_after` seconds without a good live worker set `reason` and call
+    `stop_mms(reason)`."""
 
     def __init__(self, port: int, unhealthy_after: float, stop_mms, worker_states) -> None:
         super().__init__(name="mms-watchdog", daemon=True)
@@ -90,6 +90,8 @@ class Watchdog(threading.Thread):
         status = self.status()
         if status not in ("Healthy", "Partial Healthy"):
             return f"multi-model-server /ping: {status}", False
+        if self.worker_states is None:
+            return None, False
         errors = list(self.worker_states().values())  # None: holds or is loading the model
         if None in errors:
             return None, False
@@ -136,13 +138,14 @@ def worker_states(folder: Path) -> dict[int, str | None]:
     return states
 
 
-def run_model_server(front: Front, model_dir: Path, settings: ServingSettings, management_port: int,
-                     stopped: threading.Event, adopt: Callable[[ModelServer], None]) -> tuple[int | None, str | None]:
-    """Run MMS on the front's upstream port until it exits, watched; (its launcher's exit code, or None when
-    `stopped` was set before it started; the watchdog's reason when the watchdog stopped it). `adopt(server)`
-    is called before MMS starts, so that SIGTERM can stop it."""
+def run_model_server(front: Front, model_dir: Path | None, settings: ServingSettings, management_port: int,
+                     folder: Path, stopped: threading.Event,
+                     adopt: Callable[[ModelServer], None]) -> tuple[int | None, str | None]:
+    """Run MMS on the front's upstream port until it exits, watched, from `folder` (removed at the end); (its
+    launcher's exit code, or None when `stopped` was set before it started; the watchdog's reason when the
+    watchdog stopped it). `adopt(server)` is called before MMS starts, so that SIGTERM can stop it. With
+    `model_dir` None (a multi-model endpoint) MMS starts with no model and the watchdog watches MMS alone."""
     mms_port = front.upstream_port
-    folder = Path(tempfile.mkdtemp(prefix="imgclf-serve-"))
     states = folder / "workers"
     states.mkdir()
     os.environ.update({**settings.for_workers(), WORKER_STATE_ENV: str(states)})  # MMS hands them to the workers
@@ -154,12 +157,14 @@ def run_model_server(front: Front, model_dir: Path, settings: ServingSettings, m
         front.unhealthy = reason
         server.stop()
 
-    watchdog = Watchdog(mms_port, settings.unhealthy_after_s, unhealthy, lambda: worker_states(states))
+    watchdog = Watchdog(mms_port, settings.unhealthy_after_s, unhealthy,
+                        (lambda: worker_states(states)) if model_dir else None)
     become_subreaper()
     if stopped.is_set():
         return None, None
-    log.info("starting multi-model-server on 127.0.0.1:%d for %s (handler %s); port %d answers /ping and "
-             "/invocations", mms_port, model_dir, HANDLER_SERVICE, front.port)
+    log.info("starting multi-model-server on 127.0.0.1:%d for %s (handler %s); port %d answers %s", mms_port,
+             model_dir or "a multi-model endpoint", HANDLER_SERVICE, front.port,
+             "SageMaker's multi-model calls" if front.multi_model else "/ping and /invocations")
     server.start()
     front.unhealthy = None  # relayed; 503 until MMS answers
     watchdog.start()
