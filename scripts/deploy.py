@@ -5,7 +5,9 @@
     python scripts/deploy.py --name dog-breeds --model-data s3://.../model.tar.gz --instance-count 2 \\
         --autoscale-min 1 --autoscale-max 4 --autoscale-target 200
     python scripts/deploy.py --name dog-breeds --model-data s3://... --serverless-memory 4096
-    python scripts/deploy.py --name breeds-per-site --multi-model s3://bucket/models/   # a multi-model endpoint
+    python scripts/deploy.py --name dog-breeds-per-site --multi-model s3://bucket/models/   # a multi-model endpoint
+    python scripts/deploy.py --name dog-breeds-async --model-data s3://... --async-output s3://bucket/async/ \
+        --autoscale-min 0 --autoscale-max 2          # asynchronous inference, scaling to zero when idle
     python scripts/deploy.py --name dog-breeds --delete
     python scripts/deploy.py --local --name dog-breeds --model-data sagemaker-local/<job>/output/model.tar.gz
 
@@ -57,6 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
     fleet.add_argument("--serverless-memory", type=int, metavar="MB",
                        help="serverless endpoint with this memory (1024-6144, steps of 1024) instead of instances")
     fleet.add_argument("--serverless-concurrency", type=int, default=5, help="serverless: max concurrent requests")
+    asyn = parser.add_argument_group("asynchronous inference (predict.py --async)")
+    asyn.add_argument("--async-output", metavar="S3URI", help="an asynchronous endpoint: requests queue (up to 1 GB "
+                      "each, up to an hour), answers land under this S3 prefix")
+    asyn.add_argument("--async-failure", metavar="S3URI", help="where failed requests' errors land (S3 prefix)")
+    asyn.add_argument("--async-max-concurrency", type=int, metavar="N",
+                      help="requests each instance takes at once (default: SageMaker's)")
     fleet.add_argument("--data-capture", metavar="S3URI", help="capture requests and responses to this S3 prefix")
     fleet.add_argument("--data-capture-percent", type=int, default=100, help="sampling percentage (default 100)")
     security = parser.add_argument_group("security")
@@ -64,11 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
     security.add_argument("--network-isolation", action="store_true",
                           help="the model container gets no network access (EnableNetworkIsolation)")
     scaling = parser.add_argument_group("autoscaling (target tracking on InvocationsPerInstance)")
-    scaling.add_argument("--autoscale-min", type=int, metavar="N", help="fewest instances")
+    scaling.add_argument("--autoscale-min", type=int, metavar="N",
+                         help="fewest instances (default 1; 0 for an asynchronous endpoint: it scales to zero when "
+                              "idle, and out again on the first queued request)")
     scaling.add_argument("--autoscale-max", type=int, metavar="N", help="most instances (turns autoscaling on)")
-    target = endpoints.Autoscaling.target
-    scaling.add_argument("--autoscale-target", type=float, default=target, metavar="REQUESTS",
-                         help=f"invocations per instance per minute to aim for (default {target:g})")
+    scaling.add_argument("--autoscale-target", type=float, metavar="N",
+                         help="invocations per instance per minute to aim for (default 100); for an asynchronous "
+                              "endpoint, queued requests per instance (ApproximateBacklogSizePerInstance, default 5)")
     parser.add_argument("--tag", action="append", type=scripting.key_value, default=[], metavar="KEY=VALUE")
     scripting.add_wait_args(parser, "endpoint")
     scripting.add_common_args(parser, role=True)
@@ -89,7 +99,9 @@ def main(argv: list[str] | None = None) -> int:
         data_capture=args.data_capture, data_capture_percent=args.data_capture_percent, kms_key=args.kms_key,
         network_isolation=args.network_isolation,
         autoscaling=endpoints.Autoscaling(args.autoscale_min, args.autoscale_max, args.autoscale_target),
-        tags=args.tag, timestamp_names=args.timestamp_names, waiting=scripting.Waiting.from_flags(flags))
+        tags=args.tag, timestamp_names=args.timestamp_names, waiting=scripting.Waiting.from_flags(flags),
+        async_output=args.async_output, async_failure=args.async_failure,
+        async_max_concurrency=args.async_max_concurrency)
 
 
 if __name__ == "__main__":

@@ -5,8 +5,9 @@
     python scripts/predict.py a.jpg b.png --endpoint imgclf --region us-east-1 --top-k 3
     python scripts/predict.py dog.jpg --url http://127.0.0.1:8080 --json   # the raw response, one line per image
     python scripts/predict.py dog.jpg --local --endpoint dog-breeds        # an endpoint of deploy.py --local
-    python scripts/predict.py dog.jpg --endpoint breeds-per-site --target-model site-a/model.tar.gz  # multi-model
+    python scripts/predict.py dog.jpg --endpoint dog-breeds-per-site --target-model site-a/model.tar.gz  # multi-model
     python scripts/predict.py dog.jpg --url http://127.0.0.1:8080/models/a/invoke   # imgclf.local serve --models
+    python scripts/predict.py big.png --endpoint dog-breeds-async --async s3://bucket/async-inputs/
 
 Each image is sent as it is (raw bytes, Content-Type from the file name) in its own request; top-k travels in
 the X-Amzn-SageMaker-Custom-Attributes header (top_k=K), which SageMaker passes through to the container.
@@ -43,6 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--target-model", metavar="KEY",
                         help="with --endpoint: the model of a multi-model endpoint (deploy.py --multi-model) to "
                              "use, its key under the endpoint's S3 prefix, e.g. site-a/model.tar.gz (TargetModel)")
+    parser.add_argument("--async", dest="async_inputs", metavar="S3PREFIX",
+                        help="with --endpoint: an asynchronous endpoint (deploy.py --async-output): upload each "
+                             "image under S3PREFIX, InvokeEndpointAsync, and wait for its answer in S3")
+    parser.add_argument("--async-wait", type=float, default=900.0, metavar="SECONDS",
+                        help="with --async: how long to wait for each answer (default 900: an endpoint scaled to "
+                             "zero starts an instance first)")
     parser.add_argument("--top-k", type=int, help="breeds per image (default: the server's, 5)")
     parser.add_argument("--json", action="store_true", help="print each raw JSON response on one line")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds per request (default 60)")
@@ -60,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.target_model and args.local:
         parser.error("--target-model: SageMaker's local mode hosts no multi-model endpoints; serve the models with "
                      "`python -m imgclf.local serve --models FOLDER` and use --url .../models/NAME/invoke")
+    if args.async_inputs and (not args.endpoint or args.local or args.target_model):
+        parser.error("--async goes with --endpoint NAME (an asynchronous endpoint on AWS), without --local or "
+                     "--target-model")
     if args.top_k is not None and args.top_k < 1:
         parser.error(f"--top-k {args.top_k}: must be at least 1")
     if args.url:
@@ -67,8 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         from imgclf.aws import runtime_client  # boto3: only for an endpoint
 
-        connect = partial(runtime_client.via_endpoint, args.endpoint, args.region, args.profile, args.timeout,
-                          args.local, args.target_model)
+        connect = (partial(runtime_client.via_async_endpoint, args.endpoint, args.async_inputs, args.region,
+                           args.profile, args.async_wait) if args.async_inputs else
+                   partial(runtime_client.via_endpoint, args.endpoint, args.region, args.profile, args.timeout,
+                           args.local, args.target_model))
     return invocations.predict(args.images, connect, top_k=args.top_k, as_json=args.json)
 
 

@@ -185,7 +185,8 @@ def test_dry_run_offline_prints_validated_requests_and_names_are_deterministic()
     first = run_script("deploy.py", *args, env=offline_env())
     assert first.returncode == 0, failed(first)
     requests = dry_run_requests(first.stdout)
-    assert [r["operation"] for r in requests] == ["CreateModel", "CreateEndpointConfig", "CreateEndpoint"]
+    assert [r["operation"] for r in requests] == ["CreateModel", "CreateEndpointConfig", "CreateEndpoint",
+                                                  "RegisterScalableTarget", "PutScalingPolicy"]
     model_name = requests[0]["request"]["ModelName"]
     assert model_name.startswith("dog-breeds-") and len(model_name) == len("dog-breeds-") + 8
     assert requests[1]["request"]["ProductionVariants"][0]["ModelName"] == model_name
@@ -388,5 +389,69 @@ def test_multi_model_endpoint(aws_env, moto_server):
 def test_bad_multi_model_input_exits_2(args, message):
     dry_run = () if "--local" in args else ("--dry-run",)
     result = run_script("deploy.py", "--name", "sites", "--role", ROLE, *dry_run, *args, env=offline_env())
+    assert result.returncode == 2, failed(result)
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_async_endpoint_scales_to_zero_and_deletes_its_alarm(aws_env, moto_server):
+    """--async-output: AsyncInferenceConfig; --autoscale-min 0: target tracking on the backlog per instance, and the
+    step policy with its HasBacklogWithoutCapacity alarm that scales out from zero; --delete removes them."""
+    result = run_script("deploy.py", "--name", "dogs-async", "--model-data", MODEL_DATA, "--role", ROLE,
+                        "--async-output", "s3://dogs-deploy/async/out/", "--async-failure", "s3://dogs-deploy/async/err/",
+                        "--async-max-concurrency", "4", "--autoscale-min", "0", "--autoscale-max", "2",
+                        "--poll-interval", "0.1", env=aws_env)
+    assert result.returncode == 0, failed(result)
+    sm, scaling = client("sagemaker", moto_server), client("application-autoscaling", moto_server)
+    config = sm.describe_endpoint_config(
+        EndpointConfigName=sm.describe_endpoint(EndpointName="dogs-async")["EndpointConfigName"])
+    assert config["AsyncInferenceConfig"] == {
+        "ClientConfig": {"MaxConcurrentInvocationsPerInstance": 4},
+        "OutputConfig": {"S3OutputPath": "s3://dogs-deploy/async/out/", "S3FailurePath": "s3://dogs-deploy/async/err/"}}
+    model = sm.describe_model(ModelName=config["ProductionVariants"][0]["ModelName"])
+    assert model["PrimaryContainer"]["Environment"]["SAGEMAKER_MAX_PAYLOAD_IN_MB"] == "100"  # large photos queue
+    resource = "endpoint/dogs-async/variant/AllTraffic"
+
+    def targets() -> list[dict]:
+        found = scaling.describe_scalable_targets(ServiceNamespace="sagemaker", ResourceIds=[resource])
+        return found["ScalableTargets"]
+    [target] = targets()
+    assert (target["MinCapacity"], target["MaxCapacity"]) == (0, 2)
+    policies = {p["PolicyName"]: p for p in scaling.describe_scaling_policies(
+        ServiceNamespace="sagemaker", ResourceId=resource)["ScalingPolicies"]}
+    tracking = policies["dogs-async-invocations-per-instance"]["TargetTrackingScalingPolicyConfiguration"]
+    assert tracking["TargetValue"] == 5.0
+    assert tracking["CustomizedMetricSpecification"]["MetricName"] == "ApproximateBacklogSizePerInstance"
+    step = policies["dogs-async-backlog-without-capacity"]
+    [alarm] = client("cloudwatch", moto_server).describe_alarms(
+        AlarmNames=["dogs-async-backlog-without-capacity"])["MetricAlarms"]
+    assert alarm["MetricName"] == "HasBacklogWithoutCapacity" and alarm["AlarmActions"] == [step["PolicyARN"]]
+
+    deleted = run_script("deploy.py", "--name", "dogs-async", "--delete", env=aws_env)
+    assert deleted.returncode == 0, failed(deleted)
+    assert not client("cloudwatch", moto_server).describe_alarms(
+        AlarmNames=["dogs-async-backlog-without-capacity"])["MetricAlarms"]
+    assert not targets()
+
+
+def test_async_dry_run_prints_every_request_validated():
+    dry = run_script("deploy.py", "--name", "dogs-async", "--model-data", MODEL_DATA, "--role", ROLE, "--dry-run",
+                     "--async-output", "s3://b/out/", "--autoscale-min", "0", "--autoscale-max", "2", env=offline_env())
+    assert dry.returncode == 0, failed(dry)
+    assert [(r["service"], r["operation"]) for r in dry_run_requests(dry.stdout)] == [
+        ("sagemaker", "CreateModel"), ("sagemaker", "CreateEndpointConfig"), ("sagemaker", "CreateEndpoint"),
+        ("application-autoscaling", "RegisterScalableTarget"), ("application-autoscaling", "PutScalingPolicy"),
+        ("application-autoscaling", "PutScalingPolicy"), ("cloudwatch", "PutMetricAlarm")]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--async-output", "b/out/"], "--async-output 'b/out/' is not an s3:// URI"),
+    (["--async-failure", "s3://b/err/"], "go with --async-output"),
+    (["--autoscale-min", "0", "--autoscale-max", "2"], "0 only for asynchronous endpoints"),
+    (["--async-output", "s3://b/out/", "--serverless-memory", "2048"], "asynchronous inference runs on instances"),
+    (["--async-output", "s3://b/out/", "--async-max-concurrency", "0"], "must be 1-1000"),
+])
+def test_bad_async_input_exits_2(args, message):
+    result = run_script("deploy.py", "--name", "dogs-async", "--model-data", MODEL_DATA, "--role", ROLE, "--dry-run",
+                        *args, env=offline_env())
     assert result.returncode == 2, failed(result)
     assert message in result.stderr and "Traceback" not in result.stderr

@@ -143,3 +143,28 @@ def test_target_model_of_a_multi_model_endpoint(moto_server, aws_env, tmp_path):
                        (["--endpoint", "x", "--local"], "local mode hosts no multi-model endpoints")):
         refused = run_predict(str(image), *args, "--target-model", "a.tar.gz", env=aws_env)
         assert refused.returncode == 2 and said in refused.stderr, refused.stderr
+
+
+def test_async_endpoint_round_trip_and_failure(moto_server, aws_env, tmp_path):
+    """--async: the image uploaded under the prefix, InvokeEndpointAsync, the answer read from the output object
+    (moto writes the queued result there), or the failure object's message with exit 1."""
+    from tests.aws_helpers import client
+
+    client("s3", moto_server).create_bucket(Bucket="dogs-async")
+    failure = {"code": 413, "type": "RequestEntityTooLarge", "message": "image of 90000000 pixels is over the limit"}
+    response = requests.post(f"{moto_server}/moto-api/static/sagemaker/async-endpoint-results", timeout=10, json={
+        "region": "us-east-1", "results": [{"data": json.dumps(RESPONSE)},
+                                           {"is_failure": True, "data": json.dumps(failure)}]})
+    assert response.status_code == 201, response.text
+    args = ["--endpoint", "dogs-async", "--async", "s3://dogs-async/inputs/", "--async-wait", "30"]
+    result = run_predict(str(plain_ppm(tmp_path / "a.ppm", 50)), *args, env=aws_env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[1].split()[:3] == ["1.", "Affenpinscher", "93.12%"]
+    uploaded = client("s3", moto_server).list_objects_v2(Bucket="dogs-async", Prefix="inputs/")["Contents"]
+    assert len(uploaded) == 1 and uploaded[0]["Size"] == (tmp_path / "a.ppm").stat().st_size
+    refused = run_predict(str(plain_ppm(tmp_path / "b.ppm", 60)), *args, env=aws_env)
+    assert refused.returncode == 1 and "refused: image of 90000000 pixels is over the limit" in refused.stderr
+    for bad, said in ((["--url", "http://127.0.0.1:1", "--async", "s3://b/x/"], "--async goes with --endpoint"),
+                      (["--endpoint", "e", "--async", "b/x"], "give the S3 prefix")):
+        usage = run_predict(str(DOG), *bad, env=aws_env)
+        assert usage.returncode == 2 and said in usage.stderr, usage.stderr

@@ -330,16 +330,23 @@ def test_serve_rejects_unknown_arguments():
 
 def test_batch_transform_gets_execution_parameters_and_the_same_answers(trained, tmp_path):
     """With SAGEMAKER_BATCH (set by batch transform) `serve` answers GET /execution-parameters, which MMS does not
-    serve, and passes everything else to MMS unchanged: predictions and JSON errors alike."""
-    env = {"SAGEMAKER_BATCH": "true", "SAGEMAKER_MAX_PAYLOAD_IN_MB": "2"}
+    serve, and passes everything else to MMS unchanged: predictions and JSON errors alike. Batch transform and
+    asynchronous inference take large payloads: with the limit raised, a 41 MiB PNG (14.4 megapixels, within the
+    pixel bounds) is served."""
+    env = {"SAGEMAKER_BATCH": "true", "SAGEMAKER_MAX_PAYLOAD_IN_MB": "64"}
     with local.serving(trained[0] / "model.tar.gz", env=env, log=tmp_path / "batch.log") as server:
         url = server.url
         parameters = requests.get(f"{url}/execution-parameters", timeout=10)
         assert parameters.json() == {"MaxConcurrentTransforms": 1, "BatchStrategy": "SINGLE_RECORD",
-                                     "MaxPayloadInMB": 2}
+                                     "MaxPayloadInMB": 64}
         answer = invoke(url, DOG.read_bytes(), "application/x-image")
         assert answer.status_code == 200 and answer.json()["predictions"][0]["top_k"], answer.text
         refused = invoke(url, b"not an image", "application/x-image")
         assert refused.status_code == 400 and refused.json()["code"] == 400, refused.text
+        noise = Image.frombytes("RGB", (3800, 3800), random.Random(0).randbytes(3800 * 3800 * 3))
+        large = encode(noise, "PNG", compress_level=0)
+        assert len(large) > 40 << 20
+        answer = invoke(url, large, "image/png")
+        assert answer.status_code == 200 and answer.json()["predictions"][0]["top_k"], answer.text[:500]
         leftovers = server.stop()
     assert not leftovers, f"server processes survived SIGTERM: {leftovers}"

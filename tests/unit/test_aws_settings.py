@@ -134,3 +134,13 @@ def test_invoke_endpoint_request_names_the_target_model_of_a_multi_model_endpoin
     shape = boto3.client("sagemaker-runtime", region_name="us-east-1", aws_access_key_id="x",
                          aws_secret_access_key="x").meta.service_model.operation_model("InvokeEndpoint").input_shape
     validate_parameters(request, shape)
+
+
+def test_async_and_multi_model_endpoints_refuse_what_sagemaker_refuses():
+    spec = endpoints.ServingSpec(name="sites", image="i", model_data="s3://b/sites/", role_arn="r", multi_model=True,
+                                 async_output="s3://b/out/")
+    with pytest.raises(UserError, match="asynchronous inference hosts one model"):
+        spec.check()
+    custom = endpoints.ServingSpec(name="a", image="i", model_data="s3://b/m.tar.gz", role_arn="r",
+                                   async_output="s3://b/out/", environment={"SAGEMAKER_MAX_PAYLOAD_IN_MB": "20"})
+    assert custom.model_request()["PrimaryContainer"]["Environment"] == {"SAGEMAKER_MAX_PAYLOAD_IN_MB": "20"}

@@ -17,7 +17,7 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from imgclf import instances
 from imgclf.aws import scripting
@@ -34,6 +34,7 @@ VARIANT = "AllTraffic"
 SCALABLE_DIMENSION = "sagemaker:variant:DesiredInstanceCount"
 SERVERLESS_MEMORY_MB = (1024, 2048, 3072, 4096, 5120, 6144)
 MULTI_MODEL_ENV = "SAGEMAKER_MULTI_MODEL"  # what makes `serve` a multi-model endpoint (imgclf.serving.multi_model)
+PAYLOAD_ENV, ASYNC_PAYLOAD_MB = "SAGEMAKER_MAX_PAYLOAD_IN_MB", 100  # the container's request limit; async's default
 
 
 def content_hash(*parts: object, length: int = 8) -> str:
@@ -60,6 +61,9 @@ class ServingSpec:
     suffix: str | None = None  # e.g. a timestamp; default: a hash of the contents
     local: bool = False  # SageMaker's local mode: a file:// model, instance type local or local_gpu
     multi_model: bool = False  # model_data is the S3 prefix of a multi-model endpoint's models
+    async_output: str | None = None  # asynchronous inference: answers land here (S3 prefix)
+    async_failure: str | None = None  # and failures here
+    async_max_concurrency: int | None = None  # requests a container takes at once (SageMaker's default: its own)
 
     def check(self) -> None:
         problems = []
@@ -71,6 +75,8 @@ class ServingSpec:
             problems += multi_model_problems(self)
         elif not (self.model_data.startswith(schemes) and self.model_data.endswith(".tar.gz")):
             problems.append(f"model data {self.model_data!r}: expected s3://.../model.tar.gz (train.py prints it)")
+        if self.async_output or self.async_failure or self.async_max_concurrency:
+            problems += async_problems(self)
         if self.serverless_memory_mb is not None:
             if self.serverless_memory_mb not in SERVERLESS_MEMORY_MB:
                 problems.append(f"serverless memory {self.serverless_memory_mb} MB: choose one of "
@@ -103,6 +109,8 @@ class ServingSpec:
 
     def model_request(self) -> dict:
         environment = {**self.environment, **({MULTI_MODEL_ENV: "true"} if self.multi_model else {})}
+        if self.async_output:  # queued requests may be large photos (up to 1 GB): the container's limit, raised
+            environment.setdefault(PAYLOAD_ENV, str(ASYNC_PAYLOAD_MB))
         container: dict = {"Image": self.image, "ModelDataUrl": self.model_data, "Environment": environment}
         if self.multi_model:  # SageMaker loads the models under the prefix on demand (TargetModel)
             container["Mode"] = "MultiModel"
@@ -125,6 +133,12 @@ class ServingSpec:
             variant.update({"InstanceType": self.instance_type, "InitialInstanceCount": self.instance_count,
                             "InitialVariantWeight": 1.0})
         request: dict = {"ProductionVariants": [variant]}
+        if self.async_output:  # InvokeEndpointAsync: requests queue, answers land in S3
+            output = {"S3OutputPath": self.async_output, **({"S3FailurePath": self.async_failure}
+                                                              if self.async_failure else {})}
+            request["AsyncInferenceConfig"] = {"OutputConfig": output, **(
+                {"ClientConfig": {"MaxConcurrentInvocationsPerInstance": self.async_max_concurrency}}
+                if self.async_max_concurrency else {})}
         if self.data_capture_uri:
             request["DataCaptureConfig"] = {
                 "EnableCapture": True, "InitialSamplingPercentage": self.data_capture_percent,
@@ -149,6 +163,23 @@ def multi_model_problems(spec: ServingSpec) -> list[str]:
     if spec.instance_type and instances.has_nvidia_gpus(spec.instance_type):
         problems.append(f"{spec.instance_type}: SageMaker runs multi-model endpoints on GPU instances only with "
                         "its Triton container; use a CPU instance type (ml.m5, ml.c5, ...)")
+    return problems
+
+
+def async_problems(spec: ServingSpec) -> list[str]:
+    """What asynchronous inference does not take."""
+    problems = []
+    if not spec.async_output:
+        problems.append("--async-failure and --async-max-concurrency go with --async-output s3://.../")
+    for flag, uri in (("--async-output", spec.async_output), ("--async-failure", spec.async_failure)):
+        if uri and not uri.startswith("s3://"):
+            problems.append(f"{flag} {uri!r} is not an s3:// URI")
+    if spec.async_max_concurrency is not None and not 1 <= spec.async_max_concurrency <= 1000:
+        problems.append(f"--async-max-concurrency {spec.async_max_concurrency}: must be 1-1000")
+    if spec.serverless_memory_mb is not None:
+        problems.append("asynchronous inference runs on instances: drop --serverless-memory")
+    if spec.multi_model:
+        problems.append("asynchronous inference hosts one model: drop --multi-model or the --async-* flags")
     return problems
 
 
@@ -183,9 +214,12 @@ def scaling_resource_id(endpoint: str) -> str:
     return f"endpoint/{endpoint}/variant/{VARIANT}"
 
 
-def register_scalable_target_request(endpoint: str, min_instances: int, max_instances: int) -> dict:
-    if not 1 <= min_instances <= max_instances:
-        raise UserError(f"autoscaling: need 1 <= min ({min_instances}) <= max ({max_instances}) instances")
+def register_scalable_target_request(endpoint: str, min_instances: int, max_instances: int,
+                                     backlog: bool = False) -> dict:
+    """backlog: an asynchronous endpoint's, which may scale to zero instances."""
+    if not (0 if backlog else 1) <= min_instances <= max_instances or max_instances < 1:
+        fewest = "0 (asynchronous endpoints)" if backlog else "1 (0 only for asynchronous endpoints: --async-output)"
+        raise UserError(f"autoscaling: need {fewest} <= min ({min_instances}) <= max ({max_instances}) instances")
     return {"ServiceNamespace": "sagemaker", "ResourceId": scaling_resource_id(endpoint),
             "ScalableDimension": SCALABLE_DIMENSION, "MinCapacity": min_instances, "MaxCapacity": max_instances}
 
@@ -194,35 +228,66 @@ def scaling_policy_name(endpoint: str) -> str:
     return f"{endpoint}-invocations-per-instance"
 
 
-def scaling_policy_request(endpoint: str, target_invocations: float, scale_in_cooldown: int = 300,
-                           scale_out_cooldown: int = 60) -> dict:
-    """Target tracking on SageMakerVariantInvocationsPerInstance (requests per instance per minute)."""
-    if target_invocations <= 0:
-        raise UserError(f"autoscaling target {target_invocations}: must be > 0 invocations per instance per minute")
+def scaling_policy_request(endpoint: str, target: float, scale_in_cooldown: int = 300,
+                           scale_out_cooldown: int = 60, backlog: bool = False) -> dict:
+    """Target tracking on SageMakerVariantInvocationsPerInstance (requests per instance per minute); for an
+    asynchronous endpoint (backlog) on ApproximateBacklogSizePerInstance (queued requests per instance), as AWS
+    documents for asynchronous inference."""
+    if target <= 0:
+        unit = "queued requests per instance" if backlog else "invocations per instance per minute"
+        raise UserError(f"autoscaling target {target}: must be > 0 {unit}")
+    metric: dict = ({"CustomizedMetricSpecification": {
+        "MetricName": "ApproximateBacklogSizePerInstance", "Namespace": "AWS/SageMaker", "Statistic": "Average",
+        "Dimensions": [{"Name": "EndpointName", "Value": endpoint}]}} if backlog else
+        {"PredefinedMetricSpecification": {"PredefinedMetricType": "SageMakerVariantInvocationsPerInstance"}})
     return {
         "PolicyName": scaling_policy_name(endpoint), "ServiceNamespace": "sagemaker",
         "ResourceId": scaling_resource_id(endpoint), "ScalableDimension": SCALABLE_DIMENSION,
         "PolicyType": "TargetTrackingScaling",
         "TargetTrackingScalingPolicyConfiguration": {
-            "TargetValue": float(target_invocations),
-            "PredefinedMetricSpecification": {"PredefinedMetricType": "SageMakerVariantInvocationsPerInstance"},
+            "TargetValue": float(target), **metric,
             "ScaleInCooldown": scale_in_cooldown, "ScaleOutCooldown": scale_out_cooldown,
         },
     }
 
 
-def deregister_scaling_requests(endpoint: str) -> list[tuple[str, str, dict]]:
-    """Remove the endpoint's scaling policy and scalable target (service, operation, request)."""
+def from_zero_name(endpoint: str) -> str:
+    return f"{endpoint}-backlog-without-capacity"
+
+
+def from_zero_requests(endpoint: str, policy_arn: str) -> tuple[dict, dict]:
+    """Scale-out from zero instances (target tracking cannot: there is no per-instance backlog then): a step
+    policy adding one instance, and the CloudWatch alarm on HasBacklogWithoutCapacity that triggers it, as AWS
+    documents for asynchronous endpoints that scale to zero. (PutScalingPolicy, PutMetricAlarm) requests; the
+    alarm needs the policy's ARN."""
+    policy = {"PolicyName": from_zero_name(endpoint), "ServiceNamespace": "sagemaker",
+              "ResourceId": scaling_resource_id(endpoint), "ScalableDimension": SCALABLE_DIMENSION,
+              "PolicyType": "StepScaling", "StepScalingPolicyConfiguration": {
+                  "AdjustmentType": "ChangeInCapacity", "MetricAggregationType": "Average", "Cooldown": 300,
+                  "StepAdjustments": [{"MetricIntervalLowerBound": 0.0, "ScalingAdjustment": 1}]}}
+    alarm = {"AlarmName": from_zero_name(endpoint), "MetricName": "HasBacklogWithoutCapacity",
+             "Namespace": "AWS/SageMaker", "Statistic": "Average", "Period": 60, "EvaluationPeriods": 2,
+             "DatapointsToAlarm": 2, "Threshold": 1.0, "ComparisonOperator": "GreaterThanOrEqualToThreshold",
+             "TreatMissingData": "missing", "Dimensions": [{"Name": "EndpointName", "Value": endpoint}],
+             "AlarmActions": [policy_arn]}
+    return policy, alarm
+
+
+def deregister_scaling_requests(endpoint: str, from_zero: bool = False) -> list[tuple[str, str, dict]]:
+    """Remove the endpoint's scaling policy and scalable target (service, operation, request); with `from_zero`
+    also the alarm of the scale-out from zero (deregistering the target removes its step policy)."""
     target = {"ServiceNamespace": "sagemaker", "ResourceId": scaling_resource_id(endpoint),
               "ScalableDimension": SCALABLE_DIMENSION}
-    return [("application-autoscaling", "DeleteScalingPolicy", {"PolicyName": scaling_policy_name(endpoint), **target}),
-            ("application-autoscaling", "DeregisterScalableTarget", target)]
+    requests = [("cloudwatch", "DeleteAlarms", {"AlarmNames": [from_zero_name(endpoint)]})] if from_zero else []
+    return requests + [
+        ("application-autoscaling", "DeleteScalingPolicy", {"PolicyName": scaling_policy_name(endpoint), **target}),
+        ("application-autoscaling", "DeregisterScalableTarget", target)]
 
 
 def delete_requests(endpoint: str, config_names: list[str], model_names: list[str],
-                    scaling_registered: bool) -> list[tuple[str, str, dict]]:
+                    scaling_registered: bool, from_zero: bool = False) -> list[tuple[str, str, dict]]:
     """(service, operation, request) in the order that leaves nothing dangling."""
-    requests = deregister_scaling_requests(endpoint) if scaling_registered else []
+    requests = deregister_scaling_requests(endpoint, from_zero) if scaling_registered else []
     requests.append(("sagemaker", "DeleteEndpoint", {"EndpointName": endpoint}))
     requests += [("sagemaker", "DeleteEndpointConfig", {"EndpointConfigName": c}) for c in config_names]
     requests += [("sagemaker", "DeleteModel", {"ModelName": m}) for m in model_names]
@@ -260,11 +325,21 @@ class ModelSource(FlagGroup):
 
 @dataclass(frozen=True)
 class Autoscaling:
-    """Target tracking on InvocationsPerInstance; max_instances turns it on."""
+    """Target tracking on InvocationsPerInstance (asynchronous endpoints: on the backlog per instance, and they
+    may scale to zero); max_instances turns it on."""
 
     min_instances: int | None = None
     max_instances: int | None = None
-    target: float = 100.0  # invocations per instance per minute
+    given_target: float | None = None  # default: 100 invocations per instance per minute; 5 queued (backlog)
+    backlog: bool = False  # an asynchronous endpoint's
+
+    @property
+    def target(self) -> float:
+        return self.given_target if self.given_target is not None else (5.0 if self.backlog else 100.0)
+
+    @property
+    def fewest(self) -> int:
+        return self.min_instances if self.min_instances is not None else 1
 
 
 def model_data_of(api: Api, source: ModelSource) -> str:
@@ -307,6 +382,13 @@ def create_model(api: Api, request: dict) -> str:
     return request["ModelName"]
 
 
+def has_from_zero_alarm(api: Api, endpoint: str) -> bool:
+    if scripting.is_offline(api):
+        return False
+    answer = api.call("cloudwatch", "DescribeAlarms", {"AlarmNames": [from_zero_name(endpoint)]}, mutates=False)
+    return bool(answer.get("MetricAlarms"))
+
+
 def current_scaling(api: Api, endpoint: str) -> tuple[dict, dict] | None:
     """(scalable target, target-tracking config) registered for the endpoint, or None."""
     if scripting.is_offline(api):
@@ -331,17 +413,22 @@ def scaling_values(scaling: tuple[dict, dict] | None, default_target: float) -> 
     return target["MinCapacity"], target["MaxCapacity"], policy.get("TargetValue", default_target)
 
 
-def apply_scaling(api: Api, endpoint: str, min_n: int, max_n: int, target: float) -> None:
+def apply_scaling(api: Api, endpoint: str, min_n: int, max_n: int, target: float, backlog: bool = False) -> None:
     api.call("application-autoscaling", "RegisterScalableTarget",
-             register_scalable_target_request(endpoint, min_n, max_n))
-    api.call("application-autoscaling", "PutScalingPolicy", scaling_policy_request(endpoint, target))
-    log.info("autoscaling %s: %d-%d instances, target %g invocations/instance/minute", endpoint, min_n, max_n, target)
+             register_scalable_target_request(endpoint, min_n, max_n, backlog))
+    api.call("application-autoscaling", "PutScalingPolicy", scaling_policy_request(endpoint, target, backlog=backlog))
+    if backlog and min_n == 0:
+        policy, _ = from_zero_requests(endpoint, "")
+        arn = api.call("application-autoscaling", "PutScalingPolicy", policy).get("PolicyARN", "<policy ARN>")
+        api.call("cloudwatch", "PutMetricAlarm", from_zero_requests(endpoint, arn)[1])
+    unit = "queued requests/instance" if backlog else "invocations/instance/minute"
+    log.info("autoscaling %s: %d-%d instances, target %g %s", endpoint, min_n, max_n, target, unit)
 
 
-def restore_scaling(api: Api, endpoint: str, wanted: tuple[int, int, float]) -> None:
+def restore_scaling(api: Api, endpoint: str, wanted: tuple[int, int, float], backlog: bool = False) -> None:
     """Register autoscaling again after an update that needed it lifted, however the update ended."""
     try:
-        apply_scaling(api, endpoint, *wanted)
+        apply_scaling(api, endpoint, *wanted, backlog=backlog)
     except AwsError as e:  # e.g. the endpoint is still Updating after --timeout: say how to restore it
         min_n, max_n, target = wanted
         log.error("autoscaling of %s is NOT registered (%s): once the endpoint is InService, run deploy.py again "
@@ -393,7 +480,8 @@ def serve_locally(api: Api, name: str, model_name: str, config_name: str, tags: 
 
 
 def check_deploy_flags(name: str, local: bool, serverless_memory: int | None, data_capture: str | None,
-                       autoscaling: Autoscaling, no_wait: bool, multi_model: bool = False) -> None:
+                       autoscaling: Autoscaling, no_wait: bool, multi_model: bool = False,
+                       asynchronous: bool = False) -> None:
     """What the flags alone decide, before anything is read or created."""
     if local and multi_model:
         raise UserError("--multi-model: SageMaker's local mode hosts no multi-model endpoints (it never loads models "
@@ -402,18 +490,18 @@ def check_deploy_flags(name: str, local: bool, serverless_memory: int | None, da
     if local:
         unsupported = [flag for flag, value in (
             ("--serverless-memory", serverless_memory), ("--data-capture", data_capture),
-            ("--autoscale-min", autoscaling.min_instances), ("--autoscale-max", autoscaling.max_instances),
-            ("--no-wait", no_wait)) if value]
+            ("--autoscale-min", autoscaling.min_instances is not None), ("--autoscale-max", autoscaling.max_instances),
+            ("--no-wait", no_wait), ("--async-output", asynchronous)) if value]
         if unsupported:
             raise UserError(f"{', '.join(unsupported)}: not in SageMaker's local mode (one container per endpoint, "
                             "alive while deploy.py --local runs); drop them, or deploy on AWS")
-    if serverless_memory and (autoscaling.max_instances or autoscaling.min_instances):
+    if serverless_memory and (autoscaling.max_instances or autoscaling.min_instances is not None):
         raise UserError("autoscaling is for instance endpoints: serverless endpoints scale by themselves")
-    if autoscaling.min_instances and not autoscaling.max_instances:
+    if autoscaling.min_instances is not None and not autoscaling.max_instances:
         raise UserError("--autoscale-min needs --autoscale-max")
     if autoscaling.max_instances:  # check the autoscaling flags before anything is created
-        register_scalable_target_request(name, autoscaling.min_instances or 1, autoscaling.max_instances)
-        scaling_policy_request(name, autoscaling.target)
+        register_scalable_target_request(name, autoscaling.fewest, autoscaling.max_instances, autoscaling.backlog)
+        scaling_policy_request(name, autoscaling.target, backlog=autoscaling.backlog)
 
 
 @dataclass
@@ -455,7 +543,7 @@ def plan_deploy(api: Api, name: str, config: dict, autoscaling: Autoscaling, no_
         # SageMaker refuses an update that changes an autoscaled variant's instance type; a new model is allowed.
         plan.lift = plan.scaling is not None and instance_type_of(current) != instance_type_of(config)
     plan.registered = scaling_values(plan.scaling, autoscaling.target)
-    plan.wanted = ((autoscaling.min_instances or 1, autoscaling.max_instances, autoscaling.target)
+    plan.wanted = ((autoscaling.fewest, autoscaling.max_instances, autoscaling.target)
                    if autoscaling.max_instances else plan.registered)
     if no_wait and plan.changes and (plan.lift or autoscaling.max_instances):
         raise UserError(f"autoscaling of {name} can only be registered once the endpoint is InService, and "
@@ -464,10 +552,11 @@ def plan_deploy(api: Api, name: str, config: dict, autoscaling: Autoscaling, no_
     return plan
 
 
-def update_endpoint(api: Api, name: str, config_name: str, plan: DeployPlan, waiting: Waiting) -> None:
+def update_endpoint(api: Api, name: str, config_name: str, plan: DeployPlan, waiting: Waiting,
+                    backlog: bool = False) -> None:
     """Move the endpoint to the new config, lifting autoscaling around the update when the plan says so."""
     if plan.lift:
-        for service, operation, request in deregister_scaling_requests(name):
+        for service, operation, request in deregister_scaling_requests(name, has_from_zero_alarm(api, name)):
             api.call(service, operation, request)
     try:
         # Autoscaled: keep the instance count autoscaling chose rather than the config's initial count.
@@ -478,8 +567,8 @@ def update_endpoint(api: Api, name: str, config_name: str, plan: DeployPlan, wai
         if not (api.dry_run or waiting.no_wait):
             wait_in_service(api, name, config_name, waiting)
     except BaseException:  # failed call, timeout, rollback, interrupt: never leave it without autoscaling
-        if plan.lift and plan.registered is not None:
-            restore_scaling(api, name, plan.registered)  # what it had: a rollback brings the old instances back
+        if plan.lift and plan.registered is not None:  # what it had: a rollback brings the old instances back
+            restore_scaling(api, name, plan.registered, backlog)
         raise
 
 
@@ -487,13 +576,15 @@ def deploy(access: Access, *, name: str, model: ModelSource, instance_type: str 
            serverless_memory: int | None, serverless_concurrency: int, data_capture: str | None,
            data_capture_percent: int, kms_key: str | None = None, network_isolation: bool = False,
            autoscaling: Autoscaling = Autoscaling(), tags: Sequence[tuple[str, str]] = (),
-           timestamp_names: bool = False, waiting: Waiting = Waiting()) -> int:
+           timestamp_names: bool = False, waiting: Waiting = Waiting(), async_output: str | None = None,
+           async_failure: str | None = None, async_max_concurrency: int | None = None) -> int:
     """Create or update the endpoint `name` (with its model and config) and its autoscaling; print its name once it
     is InService. With access.local, serve it here until Ctrl-C or SIGTERM (serve_locally)."""
     api = scripting.make_api(access)
     local = scripting.is_local(api)
+    autoscaling = replace(autoscaling, backlog=bool(async_output))
     check_deploy_flags(name, local, serverless_memory, data_capture, autoscaling, waiting.no_wait,
-                       bool(model.multi_model))
+                       bool(model.multi_model), bool(async_output))
     spec = ServingSpec(
         name=name, image=model.image or "<image>",
         model_data=model.multi_model or (model.model_data if model.model_data and not local else "s3://x/model.tar.gz"),
@@ -502,7 +593,8 @@ def deploy(access: Access, *, name: str, model: ModelSource, instance_type: str 
         serverless_memory_mb=serverless_memory, serverless_concurrency=serverless_concurrency,
         data_capture_uri=data_capture, data_capture_percent=data_capture_percent, kms_key=kms_key,
         network_isolation=network_isolation, tags=scripting.tags_from(tags),
-        suffix=scripting.timestamp() if timestamp_names else None, local=local, multi_model=bool(model.multi_model))
+        suffix=scripting.timestamp() if timestamp_names else None, local=local, multi_model=bool(model.multi_model),
+        async_output=async_output, async_failure=async_failure, async_max_concurrency=async_max_concurrency)
     spec.check()  # the flags alone: before any AWS call
     resolve_model(api, spec, model)
     model_request = spec.model_request()
@@ -522,16 +614,13 @@ def deploy(access: Access, *, name: str, model: ModelSource, instance_type: str 
     elif not plan.changes:
         log.info("endpoint %s already uses %s: nothing to update", name, config_name)
     else:
-        update_endpoint(api, name, config_name, plan, waiting)
-    if api.dry_run:
-        if plan.lift and plan.wanted:
-            apply_scaling(api, name, *plan.wanted)
-        return EXIT_OK
-    if plan.endpoint is None and not waiting.no_wait:
+        update_endpoint(api, name, config_name, plan, waiting, autoscaling.backlog)
+    if plan.endpoint is None and not (waiting.no_wait or api.dry_run):
         wait_in_service(api, name, config_name, waiting)
     if plan.wanted and (plan.lift or autoscaling.max_instances):  # --no-wait only when nothing changed (plan_deploy)
-        apply_scaling(api, name, *plan.wanted)
-    print(name)
+        apply_scaling(api, name, *plan.wanted, backlog=autoscaling.backlog)
+    if not api.dry_run:
+        print(name)
     return EXIT_OK
 
 
@@ -578,7 +667,7 @@ def delete(access: Access, name: str) -> int:
                            "(list endpoints with `aws sagemaker list-endpoints`)")
         configs, models = deployed_names(api, name, endpoint["EndpointConfigName"])
     scaling = current_scaling(api, name) is not None
-    for service, operation, request in delete_requests(name, configs, models, scaling):
+    for service, operation, request in delete_requests(name, configs, models, scaling, has_from_zero_alarm(api, name)):
         api.call(service, operation, request)
         if not api.dry_run:
             log.info("%s %s", operation, request.get("ResourceId") or next(iter(request.values())))

@@ -1,9 +1,13 @@
 """InvokeEndpoint through the sagemaker-runtime client: a sender for imgclf.aws.invocations.predict to a SageMaker
-endpoint, or with `local` to an endpoint of deploy.py --local (the SageMaker SDK's local runtime client)."""
+endpoint, or with `local` to an endpoint of deploy.py --local (the SageMaker SDK's local runtime client); and
+InvokeEndpointAsync for an asynchronous endpoint (deploy.py --async-output): the image uploaded to S3, the answer
+(or the failure) read from S3 once SageMaker writes it."""
 
 from __future__ import annotations
 
 import os
+import time
+import uuid
 
 import botocore.config
 import botocore.exceptions
@@ -39,6 +43,57 @@ def via_endpoint(name: str, region: str | None, profile: str | None, timeout: fl
             raise Unreachable(str(e)) from None
         except botocore.exceptions.NoCredentialsError as e:
             raise LookupError(f"{e}: run `aws configure`, set AWS_PROFILE, or pass --profile") from None
+    return send
+
+
+def via_async_endpoint(name: str, inputs: str, region: str | None, profile: str | None, wait: float,
+                       poll_interval: float = 5.0) -> Send:
+    """A sender to the asynchronous endpoint `name`: each image goes to a new object under `inputs` (s3://...),
+    InvokeEndpointAsync queues it, and the answer is read from the output object SageMaker names, or the failure
+    from the failure object, waiting up to `wait` seconds (an endpoint at zero instances first starts one)."""
+    bucket, _, prefix = inputs.removeprefix("s3://").partition("/")
+    if not inputs.startswith("s3://") or not bucket:
+        raise ValueError(f"--async {inputs!r}: give the S3 prefix the images are uploaded to, s3://bucket/prefix/")
+    session = make_session(region, profile)
+    endpoint_url = os.environ.get("AWS_ENDPOINT_URL")
+    runtime = session.client("sagemaker-runtime", endpoint_url=endpoint_url)
+    s3 = session.client("s3", endpoint_url=endpoint_url)
+
+    def read(uri: str | None) -> bytes | None:
+        if not uri:
+            return None
+        where, _, key = uri.removeprefix("s3://").partition("/")
+        try:
+            return s3.get_object(Bucket=where, Key=key)["Body"].read()
+        except botocore.exceptions.ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                return None  # not written yet
+            raise LookupError(f"cannot read {uri}: {e}") from None
+
+    def send(body: bytes, ctype: str, top_k: int | None) -> str:
+        key = f"{prefix.rstrip('/')}/{uuid.uuid4().hex}".lstrip("/")
+        try:
+            s3.put_object(Bucket=bucket, Key=key, Body=body, ContentType=ctype)
+            request = {k: v for k, v in _request(name, body, ctype, top_k).items() if k != "Body"}
+            answer = runtime.invoke_endpoint_async(**request, InputLocation=f"s3://{bucket}/{key}")
+        except botocore.exceptions.ClientError as e:
+            err = e.response.get("Error", {})
+            raise LookupError(f"endpoint {name!r} in {session.region_name}: {err.get('Code')}: "
+                              f"{err.get('Message')}") from None
+        except (botocore.exceptions.EndpointConnectionError, botocore.exceptions.ConnectTimeoutError) as e:
+            raise Unreachable(str(e)) from None
+        except botocore.exceptions.NoCredentialsError as e:
+            raise LookupError(f"{e}: run `aws configure`, set AWS_PROFILE, or pass --profile") from None
+        output, failure = answer["OutputLocation"], answer.get("FailureLocation")
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            if (done := read(output)) is not None:
+                return done.decode()
+            if (failed := read(failure)) is not None:
+                raise Refused(error_message(failed))
+            time.sleep(poll_interval)
+        raise Unreachable(f"no answer within {wait:g} s (an endpoint at zero instances takes minutes to start one); "
+                          f"the request stays queued and its answer will be {output}")
     return send
 
 
