@@ -208,6 +208,7 @@ def test_dry_run_offline_prints_validated_requests_and_names_are_deterministic()
     (["--model-data", MODEL_DATA, "--serverless-memory", "2048", "--data-capture", "s3://b/capture"],
      "data capture is not available on serverless endpoints"),
     ([], "no model: pass --model-data"),
+    (["--model-data", MODEL_DATA, "--instance-type", "ml.g5.xlarge"], "the GPU would be paid for and idle"),
 ])
 def test_bad_deploy_input_exits_2(args, message):
     result = run_script("deploy.py", "--name", "dog-breeds", "--role", ROLE, "--dry-run", *args, env=offline_env())
@@ -455,3 +456,15 @@ def test_bad_async_input_exits_2(args, message):
                         *args, env=offline_env())
     assert result.returncode == 2, failed(result)
     assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_gpu_instance_takes_an_explicit_gpu_serving_image():
+    """Refused with the default CPU serving image (test_bad_deploy_input_exits_2); --image is the user's choice."""
+    image = f"{SERVE_REPOSITORY}-gpu@sha256:{'a' * 64}"
+    dry = run_script("deploy.py", "--name", "dog-breeds", "--model-data", MODEL_DATA, "--role", ROLE, "--dry-run",
+                     "--instance-type", "ml.g5.xlarge", "--image", image, "--env", "IMGCLF_SERVE_DEVICE=cuda",
+                     env=offline_env())
+    assert dry.returncode == 0, failed(dry)
+    [create_model] = [r["request"] for r in dry_run_requests(dry.stdout) if r["operation"] == "CreateModel"]
+    assert create_model["PrimaryContainer"]["Image"] == image
+    assert create_model["PrimaryContainer"]["Environment"] == {"IMGCLF_SERVE_DEVICE": "cuda"}

@@ -71,6 +71,8 @@ def model_tree(trained, tmp_path: Path) -> Path:
     ({"IMGCLF_SERVE_DTYPE": "float8"}, "IMGCLF_SERVE_DTYPE='float8'"),
     ({"SAGEMAKER_MODEL_SERVER_TIMEOUT": "soon"}, "SAGEMAKER_MODEL_SERVER_TIMEOUT='soon' is not an integer"),
     ({"SAGEMAKER_MODEL_SERVER_WORKERS": "-1"}, "workers must be 0"),
+    # A GPU demanded where ONNX Runtime has none (the CPU build): no paid GPU idles behind a healthy /ping.
+    ({"IMGCLF_SERVE_DEVICE": "cuda"}, "IMGCLF_SERVE_DEVICE=cuda, but this ONNX Runtime has no CUDA execution provider"),
 ])
 def test_bad_setting_answers_503_with_the_reason(trained, tmp_path, env, reason):
     port = free_port()

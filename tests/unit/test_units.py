@@ -388,3 +388,25 @@ def test_a_search_over_the_loops_settings_trains_heads_by_the_loop():
     assert static_hyperparameters(DEFAULT_SEARCH_SPACE, {"head-solver": "lbfgs"}) == {"head-solver": "lbfgs"}
     only_model = {"model": {"type": "categorical", "values": ["resnet18", "vgg16"]}}
     assert static_hyperparameters(only_model, {}) == {}  # nothing of the loop tuned: the solver stays auto
+
+
+def test_the_serving_device_picks_onnx_runtimes_providers_and_says_why():
+    from imgclf.errors import WeightsError
+    from imgclf.serving import runtime
+    from imgclf.serving.settings import ServingSettings, SettingsError
+
+    cpu_build, gpu_build = ["CPUExecutionProvider"], ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert runtime.onnx_providers("auto", gpu_build)[0] == gpu_build  # CUDA first, the CPU as ORT's fallback
+    providers, why = runtime.onnx_providers("auto", cpu_build)
+    assert providers == cpu_build and "no CUDA execution provider" in why
+    assert runtime.onnx_providers("cpu", gpu_build) == (cpu_build, "IMGCLF_SERVE_DEVICE=cpu")
+    with pytest.raises(WeightsError, match="IMGCLF_SERVE_DEVICE=cuda, but this ONNX Runtime has no CUDA"):
+        runtime.onnx_providers("cuda", cpu_build)
+    # What the session ended up on: ORT falls back to the CPU when CUDA cannot start (no GPU, no driver).
+    assert runtime.used_device("auto", gpu_build, gpu_build, "r").startswith("on the GPU")
+    assert "could not start CUDA" in runtime.used_device("auto", gpu_build, cpu_build, "r")
+    with pytest.raises(WeightsError, match="could not start its CUDA execution provider"):
+        runtime.used_device("cuda", gpu_build, cpu_build, "r")
+    assert ServingSettings.from_environment({"IMGCLF_SERVE_DEVICE": "CUDA"}).device == "cuda"
+    with pytest.raises(SettingsError, match="IMGCLF_SERVE_DEVICE='tpu': use auto or cpu or cuda"):
+        ServingSettings.from_environment({"IMGCLF_SERVE_DEVICE": "tpu"})

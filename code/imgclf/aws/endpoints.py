@@ -367,6 +367,11 @@ def model_data_of(api: Api, source: ModelSource) -> str:
 
 def resolve_model(api: Api, spec: ServingSpec, source: ModelSource) -> None:
     """Fill in what takes AWS (or the local images): the artifact, the role's ARN, the image by digest; check."""
+    if not source.image and not spec.local and instances.has_nvidia_gpus(spec.instance_type or ""):
+        raise UserError(f"{spec.instance_type} has NVIDIA GPUs, and the serving image (imgclf-serve) runs ONNX "
+                        "Runtime on the CPU: the GPU would be paid for and idle. Use a CPU instance type (ml.c5, "
+                        "ml.m5, ...), or pass --image with a serving image that has onnxruntime-gpu (with "
+                        "IMGCLF_SERVE_DEVICE=cuda it refuses to start without a GPU)")
     spec.model_data = model_data_of(api, source)
     spec.role_arn = scripting.role_arn(api, source.role)
     spec.image = scripting.serving_image(api, source.image, source.image_tag)

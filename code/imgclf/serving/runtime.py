@@ -3,6 +3,10 @@
     model.onnx present (written by training, or `python -m imgclf.export MODEL_DIR`) -> OnnxRunner
     otherwise (models trained before the export existed)                            -> TorchRunner
 
+The device (IMGCLF_SERVE_DEVICE): `auto` runs on a GPU when the runtime can use one (ONNX Runtime's CUDA execution
+provider, in onnxruntime-gpu; PyTorch's CUDA), else on the CPU, and logs which and why; `cuda` refuses to load
+without one, so /ping answers 503 with the reason instead of a paid GPU idling; `cpu` never uses one.
+
 Both take the float32 (N, 3, H, W) batch that imgclf.preprocessing made and return float32 logits (N, classes),
 so the request handling around them is the same. torch is imported only by TorchRunner: the slim serving image,
 which has no torch, serves exported models and says how to export the others.
@@ -72,10 +76,41 @@ def onnx_file(model_dir: str | os.PathLike, config: dict, dtype: str) -> Path | 
     return path
 
 
-class OnnxRunner:
-    """An ONNX Runtime session on the CPU with `threads` intra-op threads (one request at a time per worker)."""
+CUDA_PROVIDER, CPU_PROVIDER = "CUDAExecutionProvider", "CPUExecutionProvider"
 
-    def __init__(self, path: Path, threads: int, spin: bool = True):
+
+def onnx_providers(device: str, available: list[str]) -> tuple[list[str], str]:
+    """(the execution providers to ask ONNX Runtime for, in order, why) for IMGCLF_SERVE_DEVICE `device`, given
+    the providers this ONNX Runtime build has; WeightsError when `cuda` is asked for and it has no CUDA."""
+    if device == "cpu":
+        return [CPU_PROVIDER], "IMGCLF_SERVE_DEVICE=cpu"
+    if CUDA_PROVIDER in available:
+        return [CUDA_PROVIDER, CPU_PROVIDER], f"IMGCLF_SERVE_DEVICE={device}, and this ONNX Runtime has CUDA"
+    why = f"this ONNX Runtime has no CUDA execution provider (it has {', '.join(available)}: the CPU build)"
+    if device == "cuda":
+        raise WeightsError(f"IMGCLF_SERVE_DEVICE=cuda, but {why}: serve with a GPU serving image (onnxruntime-gpu) "
+                           "on a GPU instance, or set IMGCLF_SERVE_DEVICE=auto or cpu")
+    return [CPU_PROVIDER], why
+
+
+def used_device(device: str, asked: list[str], used: list[str], reason: str) -> str:
+    """What the session runs on, and why, for the log; WeightsError when `cuda` was demanded and ONNX Runtime
+    fell back to the CPU (no GPU visible, no driver, CUDA libraries missing: its own log says which)."""
+    if CUDA_PROVIDER in used:
+        return f"on the GPU ({reason})"
+    if CUDA_PROVIDER in asked:
+        if device == "cuda":
+            raise WeightsError("IMGCLF_SERVE_DEVICE=cuda, but ONNX Runtime could not start its CUDA execution "
+                               "provider (no GPU visible, or no driver: its log above says why)")
+        return "on the CPU (ONNX Runtime could not start CUDA: no GPU visible, or no driver; its log says why)"
+    return f"on the CPU ({reason})"
+
+
+class OnnxRunner:
+    """An ONNX Runtime session with `threads` intra-op threads (one request at a time per worker), on the device
+    IMGCLF_SERVE_DEVICE chooses (onnx_providers)."""
+
+    def __init__(self, path: Path, threads: int, spin: bool = True, device: str = "auto"):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -85,13 +120,15 @@ class OnnxRunner:
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        providers, reason = onnx_providers(device, ort.get_available_providers())
         try:
-            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(str(path), options, providers=providers)
         except Exception as e:  # a corrupt or truncated file: ORT raises its own Fail/InvalidProtobuf types
             raise WeightsError(f"cannot load {path} with ONNX Runtime ({type(e).__name__}: {e}); {EXPORT_HINT}") \
                 from None
+        where = used_device(device, providers, self.session.get_providers(), reason)
         self.input = self.session.get_inputs()[0].name
-        self.description = (f"ONNX Runtime {ort.__version__} ({path.name}), {threads} threads"
+        self.description = (f"ONNX Runtime {ort.__version__} ({path.name}) {where}, {threads} threads"
                             f"{'' if spin else ' (no spin-wait)'}")
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
@@ -116,7 +153,10 @@ class TorchRunner:
         except RuntimeError:  # only settable before the first parallel work; not worth failing over
             pass
         self.torch = torch
-        self.device = devices.default_device()
+        self.device = torch.device("cpu") if settings.device == "cpu" else devices.default_device()
+        if settings.device == "cuda" and self.device.type != "cuda":
+            raise WeightsError("IMGCLF_SERVE_DEVICE=cuda, but PyTorch sees no CUDA GPU here: serve on a GPU "
+                               "instance, or set IMGCLF_SERVE_DEVICE=auto or cpu")
         net, _ = artifacts.load_model(model_dir)
         self.net = net.to(self.device).to(memory_format=torch.channels_last).eval().requires_grad_(False)
         self.autocast = settings.dtype == "bfloat16"
@@ -136,5 +176,5 @@ def load_runner(model_dir: str | os.PathLike, config: dict, settings: ServingSet
     if settings.dtype == "bfloat16":
         raise WeightsError("IMGCLF_SERVE_DTYPE=bfloat16 is PyTorch's autocast; this model is served from "
                            f"{artifacts.ONNX_FILE}: use float32 (exact) or int8")
-    return OnnxRunner(path, *onnx_threads(settings))
+    return OnnxRunner(path, *onnx_threads(settings), device=settings.device)
 

@@ -9,6 +9,8 @@ validated, then passed around as one frozen value; nothing reads the environment
     SAGEMAKER_MAX_PAYLOAD_IN_MB     6           request body limit (SageMaker's real-time endpoints: 6 MB)
     IMGCLF_SERVE_DTYPE              float32     float32 (exact) | int8 (model.onnx quantized, if the export
                                                 accepted it) | bfloat16 (PyTorch autocast, models without model.onnx)
+    IMGCLF_SERVE_DEVICE             auto        auto (a GPU when the runtime can use one, else the CPU) | cpu |
+                                                cuda (a GPU or /ping answers 503 with the reason; runtime.py)
     IMGCLF_TORCH_THREADS            0           ONNX Runtime or torch threads per worker; 0 = automatic
                                                 (imgclf.serving.runtime: onnx_threads, threads_per_worker)
     SAGEMAKER_MODEL_SERVER_WORKERS  0           MMS workers; 0 = MMS's default (one per CPU, or per GPU)
@@ -42,6 +44,7 @@ from imgclf.errors import UserError
 SETTINGS_ENV = "IMGCLF_SERVING_SETTINGS"
 PAYLOAD_ENV = "SAGEMAKER_MAX_PAYLOAD_IN_MB"
 DTYPES = ("float32", "int8", "bfloat16")
+DEVICES = ("auto", "cpu", "cuda")
 MB = 1024 * 1024
 
 
@@ -58,6 +61,7 @@ class ServingSettings:
     max_images: int = 64
     max_payload_bytes: int = 6 * MB
     dtype: str = "float32"
+    device: str = "auto"
     torch_threads: int = 0
     workers: int = 0
     model_server_timeout: int = 60
@@ -81,6 +85,8 @@ class ServingSettings:
             raise SettingsError("IMGCLF_MAX_MODELS and IMGCLF_MIN_FREE_MEMORY_MB must be 0 or more")
         if self.dtype not in DTYPES:
             raise SettingsError(f"IMGCLF_SERVE_DTYPE={self.dtype!r}: use {' or '.join(DTYPES)}")
+        if self.device not in DEVICES:
+            raise SettingsError(f"IMGCLF_SERVE_DEVICE={self.device!r}: use {' or '.join(DEVICES)}")
 
     @classmethod
     def from_environment(cls, environ: Mapping[str, str] | None = None) -> ServingSettings:
@@ -95,6 +101,7 @@ class ServingSettings:
             max_images=_int(env, "IMGCLF_MAX_IMAGES", default.max_images),
             max_payload_bytes=_int(env, PAYLOAD_ENV, default.max_payload_bytes // MB) * MB,
             dtype=env.get("IMGCLF_SERVE_DTYPE", "").strip().lower() or default.dtype,
+            device=env.get("IMGCLF_SERVE_DEVICE", "").strip().lower() or default.device,
             torch_threads=_int(env, "IMGCLF_TORCH_THREADS", default.torch_threads),
             workers=_int(env, "SAGEMAKER_MODEL_SERVER_WORKERS", default.workers),
             model_server_timeout=_int(env, "SAGEMAKER_MODEL_SERVER_TIMEOUT_SECONDS", _int(
