@@ -76,8 +76,8 @@ def test_cpu_images_can_take_pypis_torch_and_share_the_gpu_images_torch_layer(im
                             text=True, check=True)
     assert "--build-arg TORCH_SOURCE=pypi" in result.stdout and "--platform linux/amd64" in result.stdout
     # make build: the shared torch stage once, before the two training builds that run side by side on it.
-    both = subprocess.run(["make", "-n", "build", "TORCH_SOURCE=pypi"], cwd=REPO, capture_output=True, text=True,
-                          check=True).stdout
+    both = subprocess.run(["make", "-n", "build", "TORCH_SOURCE=pypi", "BUILD_JOBS=3"], cwd=REPO,
+                          capture_output=True, text=True, check=True).stdout
     assert "-j3 --output-sync=target" in both
     assert both.count("--target torch") == 1
     for name in ("train-cpu", "train-gpu"):

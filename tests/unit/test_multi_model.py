@@ -82,3 +82,12 @@ def test_multi_model_settings():
     with pytest.raises(SettingsError, match="SAGEMAKER_MULTI_MODEL='maybe': use true or false"):
         ServingSettings.from_environment({"SAGEMAKER_MULTI_MODEL": "maybe"})
     assert ServingSettings.load(ServingSettings(multi_model=True).for_workers()).multi_model
+
+
+def test_a_model_the_model_server_does_not_unload_stays_listed(tmp_path):
+    """DELETE while MMS does not answer (nothing listens on the management port): 503, and the model stays."""
+    m = models(tmp_path)
+    m._models["a"] = Loaded("a", "/opt/ml/models/a", mms_name("a"))
+    status, payload = m.answer("DELETE", "/models/a", b"")
+    assert status == 503 and "not answering" in payload["message"]
+    assert m.answer("GET", "/models/a", b"")[0] == 200 and m.invoke_path("a")

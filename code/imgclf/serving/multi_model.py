@@ -24,6 +24,7 @@ import hashlib
 import http.client
 import json
 import logging
+import shutil
 import threading
 import urllib.parse
 from collections.abc import Callable
@@ -142,12 +143,14 @@ class Models:
             self._busy.add(name)
         try:
             self._management("DELETE", f"/models/{loaded.mms_name}")
-            pointer = self.stand_ins / loaded.mms_name / POINTER_FILE
-            pointer.unlink(missing_ok=True)
-            pointer.parent.rmdir()
+        except Answer:  # MMS still serves it: so does the list
+            with self._lock:
+                self._models[name] = loaded
+            raise
         finally:
             with self._lock:
                 self._busy.discard(name)
+        shutil.rmtree(self.stand_ins / loaded.mms_name, ignore_errors=True)
         log.info("unloaded model %r (%d loaded)", name, len(self._models))
         return 200, {"status": f"model {name!r} unloaded"}
 
@@ -205,8 +208,7 @@ class Models:
         try:
             self._management("POST", f"/models?{query}")
         except Answer:
-            (stand_in / POINTER_FILE).unlink(missing_ok=True)
-            stand_in.rmdir()
+            shutil.rmtree(stand_in, ignore_errors=True)
             raise
 
     def _management(self, method: str, path: str) -> None:
