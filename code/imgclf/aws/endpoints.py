@@ -255,22 +255,24 @@ def from_zero_name(endpoint: str) -> str:
     return f"{endpoint}-backlog-without-capacity"
 
 
-def from_zero_requests(endpoint: str, policy_arn: str) -> tuple[dict, dict]:
+def from_zero_policy_request(endpoint: str) -> dict:
     """Scale-out from zero instances (target tracking cannot: there is no per-instance backlog then): a step
-    policy adding one instance, and the CloudWatch alarm on HasBacklogWithoutCapacity that triggers it, as AWS
-    documents for asynchronous endpoints that scale to zero. (PutScalingPolicy, PutMetricAlarm) requests; the
-    alarm needs the policy's ARN."""
-    policy = {"PolicyName": from_zero_name(endpoint), "ServiceNamespace": "sagemaker",
-              "ResourceId": scaling_resource_id(endpoint), "ScalableDimension": SCALABLE_DIMENSION,
-              "PolicyType": "StepScaling", "StepScalingPolicyConfiguration": {
-                  "AdjustmentType": "ChangeInCapacity", "MetricAggregationType": "Average", "Cooldown": 300,
-                  "StepAdjustments": [{"MetricIntervalLowerBound": 0.0, "ScalingAdjustment": 1}]}}
-    alarm = {"AlarmName": from_zero_name(endpoint), "MetricName": "HasBacklogWithoutCapacity",
-             "Namespace": "AWS/SageMaker", "Statistic": "Average", "Period": 60, "EvaluationPeriods": 2,
-             "DatapointsToAlarm": 2, "Threshold": 1.0, "ComparisonOperator": "GreaterThanOrEqualToThreshold",
-             "TreatMissingData": "missing", "Dimensions": [{"Name": "EndpointName", "Value": endpoint}],
-             "AlarmActions": [policy_arn]}
-    return policy, alarm
+    policy adding one instance, triggered by from_zero_alarm_request's alarm, as AWS documents for asynchronous
+    endpoints that scale to zero."""
+    return {"PolicyName": from_zero_name(endpoint), "ServiceNamespace": "sagemaker",
+            "ResourceId": scaling_resource_id(endpoint), "ScalableDimension": SCALABLE_DIMENSION,
+            "PolicyType": "StepScaling", "StepScalingPolicyConfiguration": {
+                "AdjustmentType": "ChangeInCapacity", "MetricAggregationType": "Average", "Cooldown": 300,
+                "StepAdjustments": [{"MetricIntervalLowerBound": 0.0, "ScalingAdjustment": 1}]}}
+
+
+def from_zero_alarm_request(endpoint: str, policy_arn: str) -> dict:
+    """The CloudWatch alarm on HasBacklogWithoutCapacity that runs the step policy `policy_arn`."""
+    return {"AlarmName": from_zero_name(endpoint), "MetricName": "HasBacklogWithoutCapacity",
+            "Namespace": "AWS/SageMaker", "Statistic": "Average", "Period": 60, "EvaluationPeriods": 2,
+            "DatapointsToAlarm": 2, "Threshold": 1.0, "ComparisonOperator": "GreaterThanOrEqualToThreshold",
+            "TreatMissingData": "missing", "Dimensions": [{"Name": "EndpointName", "Value": endpoint}],
+            "AlarmActions": [policy_arn]}
 
 
 def deregister_scaling_requests(endpoint: str, from_zero: bool = False) -> list[tuple[str, str, dict]]:
@@ -423,9 +425,9 @@ def apply_scaling(api: Api, endpoint: str, min_n: int, max_n: int, target: float
              register_scalable_target_request(endpoint, min_n, max_n, backlog))
     api.call("application-autoscaling", "PutScalingPolicy", scaling_policy_request(endpoint, target, backlog=backlog))
     if backlog and min_n == 0:
-        policy, _ = from_zero_requests(endpoint, "")
-        arn = api.call("application-autoscaling", "PutScalingPolicy", policy).get("PolicyARN", "<policy ARN>")
-        api.call("cloudwatch", "PutMetricAlarm", from_zero_requests(endpoint, arn)[1])
+        policy = api.call("application-autoscaling", "PutScalingPolicy", from_zero_policy_request(endpoint))
+        arn = policy.get("PolicyARN", "<policy ARN>")  # a dry run has none
+        api.call("cloudwatch", "PutMetricAlarm", from_zero_alarm_request(endpoint, arn))
     unit = "queued requests/instance" if backlog else "invocations/instance/minute"
     log.info("autoscaling %s: %d-%d instances, target %g %s", endpoint, min_n, max_n, target, unit)
 

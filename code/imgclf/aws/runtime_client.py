@@ -5,9 +5,11 @@ InvokeEndpointAsync for an asynchronous endpoint (deploy.py --async-output): the
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import uuid
+from collections.abc import Iterator
 
 import botocore.config
 import botocore.exceptions
@@ -28,22 +30,29 @@ def via_endpoint(name: str, region: str | None, profile: str | None, timeout: fl
                             config=botocore.config.Config(read_timeout=timeout, retries={"max_attempts": 2}))
 
     def send(body: bytes, ctype: str, top_k: int | None) -> str:
-        try:
+        with _aws_errors(name, session.region_name):
             return client.invoke_endpoint(**_request(name, body, ctype, top_k, target_model))["Body"].read().decode()
-        except botocore.exceptions.ClientError as e:
-            err, response = e.response.get("Error", {}), e.response
-            if err.get("Code") == "ModelError":  # the container answered 4xx/5xx
-                status = response.get("OriginalStatusCode", "?")
-                message = error_message(response.get("OriginalMessage", err.get("Message", "")))
-                raise Refused(f"HTTP {status}: {message}") from None
-            raise LookupError(f"endpoint {name!r} in {session.region_name}: {err.get('Code')}: "
-                              f"{err.get('Message')}") from None
-        except (botocore.exceptions.EndpointConnectionError, botocore.exceptions.ConnectTimeoutError,
-                botocore.exceptions.ReadTimeoutError) as e:
-            raise Unreachable(str(e)) from None
-        except botocore.exceptions.NoCredentialsError as e:
-            raise LookupError(f"{e}: run `aws configure`, set AWS_PROFILE, or pass --profile") from None
     return send
+
+
+@contextlib.contextmanager
+def _aws_errors(name: str, region: str | None) -> Iterator[None]:
+    """botocore's errors as predict's: the container's 4xx/5xx -> Refused, no connection -> Unreachable, an unknown
+    endpoint or missing credentials -> LookupError."""
+    try:
+        yield
+    except botocore.exceptions.ClientError as e:
+        err, response = e.response.get("Error", {}), e.response
+        if err.get("Code") == "ModelError":  # the container answered 4xx/5xx
+            status = response.get("OriginalStatusCode", "?")
+            message = error_message(response.get("OriginalMessage", err.get("Message", "")))
+            raise Refused(f"HTTP {status}: {message}") from None
+        raise LookupError(f"endpoint {name!r} in {region}: {err.get('Code')}: {err.get('Message')}") from None
+    except (botocore.exceptions.EndpointConnectionError, botocore.exceptions.ConnectTimeoutError,
+            botocore.exceptions.ReadTimeoutError) as e:
+        raise Unreachable(str(e)) from None
+    except botocore.exceptions.NoCredentialsError as e:
+        raise LookupError(f"{e}: run `aws configure`, set AWS_PROFILE, or pass --profile") from None
 
 
 def via_async_endpoint(name: str, inputs: str, region: str | None, profile: str | None, wait: float,
@@ -72,18 +81,10 @@ def via_async_endpoint(name: str, inputs: str, region: str | None, profile: str 
 
     def send(body: bytes, ctype: str, top_k: int | None) -> str:
         key = f"{prefix.rstrip('/')}/{uuid.uuid4().hex}".lstrip("/")
-        try:
+        with _aws_errors(name, session.region_name):
             s3.put_object(Bucket=bucket, Key=key, Body=body, ContentType=ctype)
             request = {k: v for k, v in _request(name, body, ctype, top_k).items() if k != "Body"}
             answer = runtime.invoke_endpoint_async(**request, InputLocation=f"s3://{bucket}/{key}")
-        except botocore.exceptions.ClientError as e:
-            err = e.response.get("Error", {})
-            raise LookupError(f"endpoint {name!r} in {session.region_name}: {err.get('Code')}: "
-                              f"{err.get('Message')}") from None
-        except (botocore.exceptions.EndpointConnectionError, botocore.exceptions.ConnectTimeoutError) as e:
-            raise Unreachable(str(e)) from None
-        except botocore.exceptions.NoCredentialsError as e:
-            raise LookupError(f"{e}: run `aws configure`, set AWS_PROFILE, or pass --profile") from None
         output, failure = answer["OutputLocation"], answer.get("FailureLocation")
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
