@@ -120,3 +120,27 @@ def test_make_test_and_demo_check_the_system_first(target, programs):
     plan = subprocess.run(["make", "-n", "--no-print-directory", target], cwd=REPO, capture_output=True, text=True,
                           timeout=60, env={k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL")})
     assert plan.stdout.splitlines()[0] == f"scripts/system_deps.sh {programs}", plan.stdout + plan.stderr
+
+
+def pip_index_args(**pip_env: str) -> list[str]:
+    """scripts/pip_index_args.py under the venv's pip, with no config file and only the given PIP_* variables."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")} | {"PIP_CONFIG_FILE": os.devnull}
+    done = subprocess.run([str(REPO / ".venv/bin/python"), str(REPO / "scripts/pip_index_args.py")],
+                          env=env | pip_env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.split()
+
+
+def test_make_install_hands_pips_index_settings_to_uv():
+    """uv reads no pip.conf: a machine whose pip uses a mirror or local index keeps using it for make install."""
+    assert pip_index_args() == []  # nothing configured: uv's default, PyPI, as pip's
+    args = pip_index_args(PIP_INDEX_URL="https://mirror.example/simple",
+                          PIP_EXTRA_INDEX_URL="file:///srv/a/simple file:///srv/b/simple",
+                          PIP_FIND_LINKS="/srv/wheels", PIP_DEFAULT_TIMEOUT="60")
+    pairs = list(zip(args[::2], args[1::2]))
+    assert sorted(pairs[:-1]) == [("--extra-index-url", "file:///srv/a/simple"),
+                                  ("--extra-index-url", "file:///srv/b/simple"), ("--find-links", "/srv/wheels"),
+                                  ("--index-url", "https://mirror.example/simple")], args
+    assert pairs[-1] == ("--index-strategy", "unsafe-best-match"), args  # pip's choice among indexes, not uv's
+    makefile = (REPO / "Makefile").read_text()
+    assert "$$($(BIN)/python scripts/pip_index_args.py) -r requirements/lock/dev.txt" in makefile

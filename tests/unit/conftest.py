@@ -12,6 +12,10 @@ import subprocess
 
 import pytest
 
+# Imported before any guard: torch's first import runs `ldconfig -p` (cuda-pathfinder looks for libdl), which the
+# guard would take for the test starting a process, in whichever test happened to import torch first.
+import torch  # noqa: F401
+
 MOVE = "tests/unit runs in-process only: {what}; move the test to tests/integration"
 
 

@@ -121,13 +121,7 @@ def test_image_pins_are_the_pins_ci_installs(image):
     for lock in locks:
         for name, version in lock_pins(lock).items():
             assert pins.setdefault(name, version) == version, f"{name} locked twice, differently, for {image}"
-    for name, req in top_level(REPO / TOP_LEVEL[image]).items():
-        assert name in pins, f"{name} ({TOP_LEVEL[image]}) is not in {image}'s locks: run `make lock`"
-        locked = Version(pins[name])
-        if str(req.specifier).startswith("=="):
-            assert locked.public == Version(str(req.specifier)[2:]).public, f"{name} {locked} vs {req}: make lock"
-        else:
-            assert req.specifier.contains(locked.public), f"{image}: {name} {locked} does not satisfy {req}"
+    assert_locked(TOP_LEVEL[image], pins, image)
     cuda = sorted(n for n in pins if n in CUDA_ONLY)
     if image == "train-gpu":
         assert "torch" in pins and cuda, "the GPU image installs PyPI's CUDA build of torch with its CUDA wheels"
@@ -136,11 +130,33 @@ def test_image_pins_are_the_pins_ci_installs(image):
         assert not cuda, cuda
     else:
         assert pins["torch"].endswith("+cpu") and pins["torchvision"].endswith("+cpu") and not cuda, cuda
+
+
+def assert_locked(requirements: str, pins: dict[str, str], what: str) -> None:
+    """Every requirement of requirements/X.txt (following -r) has a locked version that satisfies it."""
+    for name, req in top_level(REPO / requirements).items():
+        assert name in pins, f"{name} ({requirements}) is not in {what}'s locks: run `make lock`"
+        locked = Version(pins[name])
+        if str(req.specifier).startswith("=="):
+            assert locked.public == Version(str(req.specifier)[2:]).public, f"{name} {locked} vs {req}: make lock"
+        else:
+            assert req.specifier.contains(locked.public), f"{what}: {name} {locked} does not satisfy {req}"
+
+
+def test_the_development_environment_is_the_dev_lock_with_the_images_torch():
+    """make install (so CI) installs requirements/lock/dev.txt: every top-level pin, and the GPU image's torch."""
+    pins = lock_pins(REPO / "requirements/lock/dev.txt")
     dev = (REPO / "requirements/dev.txt").read_text().split()
-    assert "train.txt" in dev and "serve.txt" in dev  # CI installs dev.txt: the same top-level pins
+    assert "train.txt" in dev and "serve.txt" in dev and "scripts.txt" in dev
+    assert_locked("requirements/dev.txt", pins, "the development environment")
+    torch = lock_pins(REPO / "requirements/lock/torch-pypi.txt")
+    assert {name: pins.get(name) for name in torch} == torch, "dev.txt's torch and CUDA wheels are the GPU image's"
+    makefile = (REPO / "Makefile").read_text()
+    assert re.search(r"\$\(VENV\)/\.installed: .*requirements/lock/dev\.txt", makefile)
+    assert "--require-hashes" in makefile.split("$(VENV)/.installed:")[1].split("touch $@")[0]
 
 
-@pytest.mark.parametrize("lock", ["build.txt", "train-cpu.txt", "train-gpu.txt", "serve-cpu.txt"])
+@pytest.mark.parametrize("lock", ["build.txt", "train-cpu.txt", "train-gpu.txt", "serve-cpu.txt", "dev.txt"])
 def test_locks_are_hashed_and_made_by_make_lock(lock):
     text = (REPO / "requirements/lock" / lock).read_text()
     assert "#    make lock" in text.splitlines()[1], "regenerate with `make lock`"
