@@ -14,7 +14,7 @@ help:
 $(BIN)/python:
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python 3.11 or run make PYTHON=/path/to/python3.11"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q -r requirements/lock/tools.txt
+	$(BIN)/pip install -q --no-deps --require-hashes -r requirements/lock/build.txt
 
 # The development environment is requirements/lock/dev.txt (make lock: requirements/dev.txt resolved with the
 # images' torch), installed by uv: about 1 minute where pip took 5 (docs/development.md). uv does not read pip's
