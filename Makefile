@@ -17,7 +17,7 @@ $(BIN)/python:
 	$(BIN)/pip install -q --no-deps --require-hashes -r requirements/lock/build.txt
 
 # The development environment is requirements/lock/dev.txt (make lock: requirements/dev.txt resolved with the
-# images' torch), installed by uv: about 1 minute where pip took 5 (docs/development.md). uv does not read pip's
+# versions the image locks agree on), installed by uv: about 1 minute where pip took 5 (docs/development.md). uv does not read pip's
 # configuration, so scripts/pip_index_args.py passes pip's index settings on (a mirror or local index stays in use).
 $(VENV)/.installed: $(BIN)/python requirements/lock/dev.txt pyproject.toml
 	$(BIN)/uv pip install --quiet --python $(BIN)/python --no-deps --require-hashes --compile-bytecode \
@@ -132,7 +132,9 @@ lock: $(BIN)/python ## regenerate requirements/lock/ from requirements/*.txt (ne
 	$(UV_COMPILE) requirements/train.txt -c requirements/lock/build.txt $(CPU_ONLY) -o requirements/lock/train-cpu.txt
 	$(UV_COMPILE) requirements/serve.txt -c requirements/lock/build.txt $(CPU_ONLY) -o requirements/lock/serve-cpu.txt
 	$(BIN)/python containers/torch_locks.py requirements/base.txt requirements/lock/train-gpu.txt requirements/lock
-	$(UV_COMPILE) requirements/dev.txt -c requirements/lock/build.txt -c requirements/lock/torch-pypi.txt \
+	$(BIN)/python containers/torch_locks.py --agreed requirements/lock/train-gpu.txt requirements/lock/serve-cpu.txt \
+		> $(VENV)/image-locks-agree-on.txt
+	$(UV_COMPILE) requirements/dev.txt -c requirements/lock/build.txt -c $(VENV)/image-locks-agree-on.txt \
 		-o requirements/lock/dev.txt
 
 # Local mode with Docker, as in AWS's bring-your-own examples: a /opt/ml tree on this machine, mounted.

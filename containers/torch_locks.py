@@ -1,6 +1,11 @@
 """Write the torch locks of the images from requirements/base.txt and the GPU lock (run by `make lock`).
 
     python containers/torch_locks.py requirements/base.txt requirements/lock/train-gpu.txt requirements/lock
+    python containers/torch_locks.py --agreed requirements/lock/train-gpu.txt requirements/lock/serve-cpu.txt
+
+- --agreed prints, as constraints, the pins that the given locks agree on (all of a package's pins, where
+  more than one lock has it, are the same version): `make lock` resolves the development environment
+  (requirements/lock/dev.txt) with them, so that CI runs the images' versions.
 
 - torch-cpu.txt: the +cpu builds of the torch and torchvision pinned in base.txt, from PyTorch's CPU index
   (the CPU images' default, TORCH_SOURCE=cpu).
@@ -52,6 +57,16 @@ def pypi_entries(gpu_lock: Path) -> list[str]:
     return [entries[canonicalize_name(n)] for n in sorted(wanted, key=canonicalize_name)]
 
 
+def agreed(*locks: Path) -> list[str]:
+    """`name==version` for every package whose pins in the locks are one version (protobuf is 6 in the training
+    images and 7 in the serving image: neither is a constraint then)."""
+    versions: dict[str, set[str]] = {}
+    for lock in locks:
+        for name, entry in lock_entries(lock).items():
+            versions.setdefault(name, set()).add(entry.split("==", 1)[1].split()[0])
+    return [f"{name}=={next(iter(v))}" for name, v in sorted(versions.items()) if len(v) == 1]
+
+
 def main(base: str, gpu_lock: str, out: str) -> int:
     out_dir = Path(out)
     (out_dir / "torch-cpu.txt").write_text(
@@ -66,6 +81,9 @@ def main(base: str, gpu_lock: str, out: str) -> int:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--agreed"] and len(sys.argv) > 2:
+        print("\n".join(agreed(*map(Path, sys.argv[2:]))))
+        sys.exit(0)
     if len(sys.argv) != 4:
         raise SystemExit(__doc__)
     sys.exit(main(*sys.argv[1:]))
