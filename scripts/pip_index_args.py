@@ -7,6 +7,7 @@ this keeps uv on the same sources. With no such settings it prints nothing and u
     .venv/bin/python scripts/pip_index_args.py    # run by the venv's Python, so `pip config` is its pip
 """
 
+import argparse
 import re
 import subprocess
 import sys
@@ -30,6 +31,7 @@ def uv_args(config_list: str) -> list[str]:
 
 
 def main() -> int:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     listed = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True)
     if listed.returncode != 0:
         print(f"error: pip config list failed: {listed.stderr.strip()}", file=sys.stderr)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from imgclf import local, sample_data, splits
 from imgclf.aws import invocations
-from imgclf.errors import DataError
+from imgclf.errors import DataError, UserError
 
 STEPS = ("data", "train", "serve", "predict", "stop")
 # The built-in sample data: a model learns it from scratch in about a minute on 2 CPU cores.
@@ -113,7 +113,7 @@ def run(*, output: Path, data: Path | None = None, model: str | None = None, wei
             banner(step, "stop the server")
             if leftovers := server.stop():
                 raise StepFailed(f"server processes ignored SIGTERM and were killed: {leftovers}")
-    except (StepFailed, local.ServerFailed) as e:
+    except (StepFailed, local.ServerFailed, UserError) as e:
         print(f"\ndemo failed at step {step}/{len(STEPS)} ({STEPS[step - 1]}): {e}", file=sys.stderr)
         return step
     except KeyboardInterrupt:

@@ -261,9 +261,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         images = images_of(args.data) if args.data else None
         entry = export(args.model_dir, images, args.int8)
-    except UserError as e:
+    except UserError as e:  # a model folder or --data that is not what it should be: bad input, as the scripts'
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2
     if args.int8 and not entry["int8"]["accepted"]:
         print(f"error: the int8 graph was not accepted: {entry['int8']['reason']}; model.onnx (float32) was "
               "written and serves", file=sys.stderr)

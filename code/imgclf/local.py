@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from imgclf import artifacts, atomic, splits
-from imgclf.errors import DataError
+from imgclf.errors import UserError
 from imgclf.processes import MAX_PORT, free_port, run_forwarding_signals, stop_group, venv_bin
 from imgclf.ui import server as ui_server
 
@@ -52,7 +52,7 @@ def parse_hp(pairs: list[str]) -> dict[str, str]:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise SystemExit(f"--hp {pair!r}: write NAME=VALUE, e.g. --hp lr=0.001")
+            raise UserError(f"--hp {pair!r}: write NAME=VALUE, e.g. --hp lr=0.001")
         hps[key.strip()] = value.strip()
     return hps
 
@@ -62,13 +62,9 @@ def hyperparameters_file(path: Path | None) -> dict[str, str]:
     if path is None:
         return {}
     from imgclf.config import hp_string
-    from imgclf.errors import UserError
     from imgclf.search.results import load_hyperparameters
 
-    try:
-        return {name: hp_string(value) for name, value in load_hyperparameters(path).items()}
-    except UserError as e:
-        raise SystemExit(str(e)) from None
+    return {name: hp_string(value) for name, value in load_hyperparameters(path).items()}
 
 
 def write_tree(base: Path, hps: dict[str, str], channels: dict[str, Path], hosts: list[str] | None = None,
@@ -119,13 +115,10 @@ def pack_model(model_dir: Path, tarball: Path) -> None:
 def train(data_dir: Path, output: Path, hps: dict[str, str], weights: Path | None = None,
           extra_env: dict[str, str] | None = None) -> int:
     """Run the real `train` entrypoint over a temporary /opt/ml tree; return its exit code."""
-    try:
-        channels = splits.split_channels(data_dir)
-    except DataError as e:
-        raise SystemExit(str(e)) from None
+    channels = splits.split_channels(data_dir)  # DataError (a UserError) names what is wrong with the folder
     if weights is not None:
         if not weights.exists():
-            raise SystemExit(f"--weights {weights}: no such file")
+            raise UserError(f"--weights {weights}: no such file")
         channels["weights"] = weights.parent if weights.is_dir() else weights
     output.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="opt_ml.") as tmp:
@@ -165,19 +158,19 @@ def serve(model: Path, port: int = 8080, workers: int | None = None, extra_env: 
     folder of models of a multi-model endpoint); return its exit code. With `ui_port`, the try-a-model page is
     served on it too, for as long as the model server runs."""
     if multi_model and not model.is_dir():
-        raise SystemExit(f"--models {model}: no such folder (give the folder that holds the model folders)")
+        raise UserError(f"--models {model}: no such folder (give the folder that holds the model folders)")
     if not model.exists():
-        raise SystemExit(f"--model {model}: no such file or folder (give model.tar.gz or a training output folder)")
+        raise UserError(f"--model {model}: no such file or folder (give model.tar.gz or a training output folder)")
     if not 0 < port <= MAX_PORT:
-        raise SystemExit(f"--port {port}: multi-model-server takes ports 1-{MAX_PORT}")
+        raise UserError(f"--port {port}: multi-model-server takes ports 1-{MAX_PORT}")
     if ui_port is None:
         return _serve(model, port, workers, extra_env, multi_model)
     if not 0 < ui_port <= 65535 or ui_port == port:
-        raise SystemExit(f"--ui-port {ui_port}: give a free port other than --port {port}")
+        raise UserError(f"--ui-port {ui_port}: give a free port other than --port {port}")
     try:
         page = ui_server.start(ui_port, upstream_port=port)
     except OSError as e:
-        raise SystemExit(f"--ui-port {ui_port}: cannot serve the page there ({e}); pick another port") from None
+        raise UserError(f"--ui-port {ui_port}: cannot serve the page there ({e}); pick another port") from None
     print(f"try the model in your browser: {page.url}", file=sys.stderr, flush=True)
     try:
         return _serve(model, port, workers, extra_env)
@@ -203,7 +196,7 @@ def _serve(model: Path, port: int, workers: int | None, extra_env: dict[str, str
                 with tarfile.open(model) as tar:
                     artifacts.extract(tar, target)
             except (tarfile.TarError, OSError) as e:
-                raise SystemExit(f"--model {model}: not a readable model.tar.gz ({e})") from None
+                raise UserError(f"--model {model}: not a readable model.tar.gz ({e})") from None
         env = {**os.environ, "SAGEMAKER_BASE_DIR": tmp, "SAGEMAKER_BIND_TO_PORT": str(port), "PYTHONUNBUFFERED": "1",
                **({"SAGEMAKER_MODEL_SERVER_WORKERS": str(workers)} if workers else {}), **(extra_env or {})}
         calls = "POST /models loads a model, POST /models/<name>/invoke" if multi_model else "POST /invocations"
@@ -319,6 +312,14 @@ def main(argv: list[str] | None = None) -> int:
                      "top-5 breeds (http://127.0.0.1:UI_PORT/)")
     srv.add_argument("--ui-port", type=int, help="port of the page (default: --port + 1)")
     args = parser.parse_args(argv)
+    try:
+        return _run(parser, args)
+    except UserError as e:  # bad arguments or input, as argparse's own errors: exit 2, nothing started
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if args.command == "train":
         return train(args.data, args.output, {**hyperparameters_file(args.hyperparameters), **parse_hp(args.hp)},
                      args.weights)

@@ -123,10 +123,10 @@ def test_export_command_refuses_bad_input_clearly(trained, tmp_path):
     empty.mkdir()
     result = subprocess.run([sys.executable, "-m", "imgclf.export", str(trained[0] / "model"), "--data", str(empty)],
                             capture_output=True, text=True, env=ENV, timeout=300)
-    assert result.returncode == 1 and f"--data {empty}: no image files" in result.stderr, result.stderr
+    assert result.returncode == 2 and f"--data {empty}: no image files" in result.stderr, result.stderr
     result = subprocess.run([sys.executable, "-m", "imgclf.export", str(tmp_path)], capture_output=True, text=True,
                             env=ENV, timeout=300)
-    assert result.returncode == 1 and "config.json is missing" in result.stderr and "Traceback" not in result.stderr
+    assert result.returncode == 2 and "config.json is missing" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_a_graph_that_differs_from_pytorch_fails_the_export(trained, sample_dataset, tmp_path, monkeypatch):

@@ -144,3 +144,27 @@ def test_async_and_multi_model_endpoints_refuse_what_sagemaker_refuses():
     custom = endpoints.ServingSpec(name="a", image="i", model_data="s3://b/m.tar.gz", role_arn="r",
                                    async_output="s3://b/out/", environment={"SAGEMAKER_MAX_PAYLOAD_IN_MB": "20"})
     assert custom.model_request()["PrimaryContainer"]["Environment"] == {"SAGEMAKER_MAX_PAYLOAD_IN_MB": "20"}
+
+
+@pytest.mark.parametrize("env, profile, retries", [
+    ({}, "", {"mode": "standard"}),
+    ({"AWS_RETRY_MODE": "adaptive"}, "", {"mode": "adaptive"}),
+    ({"AWS_MAX_ATTEMPTS": "9"}, "", {"mode": "standard", "total_max_attempts": 9}),
+    ({}, "retry_mode = adaptive\n", {"mode": "adaptive"}),
+])
+def test_retries_are_ours_unless_the_user_chose_theirs(monkeypatch, tmp_path, env, profile, retries):
+    """botocore's standard retries by default; a retry mode or attempt count the user set (environment or profile)
+    stays theirs, where a Config naming retries would override it."""
+    import boto3
+    from imgclf.aws.session import client_config
+
+    for var in ("AWS_RETRY_MODE", "AWS_MAX_ATTEMPTS", "AWS_PROFILE"):
+        monkeypatch.delenv(var, raising=False)
+    (tmp_path / "config").write_text("[default]\nregion = us-east-1\n" + profile)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "config"))
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
+    session = boto3.Session(aws_access_key_id="k", aws_secret_access_key="s")
+    assert session.client("sagemaker", config=client_config(session)).meta.config.retries == retries
+    invoke = client_config(session, {"max_attempts": 2}, read_timeout=7)  # predict.py's: few attempts
+    assert invoke.read_timeout == 7 and invoke.retries == (None if env or profile else {"max_attempts": 2})

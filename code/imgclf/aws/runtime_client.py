@@ -11,12 +11,11 @@ import time
 import uuid
 from collections.abc import Iterator
 
-import botocore.config
 import botocore.exceptions
 import urllib3
 
 from imgclf.aws.invocations import Refused, Send, Unreachable, error_message
-from imgclf.aws.session import local_session, make_session
+from imgclf.aws.session import client_config, local_session, make_session
 
 
 def via_endpoint(name: str, region: str | None, profile: str | None, timeout: float, local: bool = False,
@@ -27,7 +26,7 @@ def via_endpoint(name: str, region: str | None, profile: str | None, timeout: fl
         return _via_local_endpoint(name)
     session = make_session(region, profile)
     client = session.client("sagemaker-runtime", endpoint_url=os.environ.get("AWS_ENDPOINT_URL"),
-                            config=botocore.config.Config(read_timeout=timeout, retries={"max_attempts": 2}))
+                            config=client_config(session, {"max_attempts": 2}, read_timeout=timeout))
 
     def send(body: bytes, ctype: str, top_k: int | None) -> str:
         with _aws_errors(name, session.region_name):
@@ -65,8 +64,8 @@ def via_async_endpoint(name: str, inputs: str, region: str | None, profile: str 
         raise ValueError(f"--async {inputs!r}: give the S3 prefix the images are uploaded to, s3://bucket/prefix/")
     session = make_session(region, profile)
     endpoint_url = os.environ.get("AWS_ENDPOINT_URL")
-    runtime = session.client("sagemaker-runtime", endpoint_url=endpoint_url)
-    s3 = session.client("s3", endpoint_url=endpoint_url)
+    runtime = session.client("sagemaker-runtime", endpoint_url=endpoint_url, config=client_config(session))
+    s3 = session.client("s3", endpoint_url=endpoint_url, config=client_config(session))
 
     def read(uri: str | None) -> bytes | None:
         if not uri:

@@ -23,8 +23,15 @@ from botocore.validate import validate_parameters
 from imgclf.errors import UserError
 from imgclf.exit_codes import JobFailed
 
-# Enough pooled connections for parallel uploads (s3sync uses up to 32 threads); retries with backoff.
-CLIENT_CONFIG = Config(max_pool_connections=32, retries={"mode": "standard"})
+
+def client_config(session: boto3.Session, retries: dict | None = None, **options) -> Config:
+    """A client's botocore Config with our retry default (botocore's standard mode, with backoff), unless the user
+    chose a retry mode or attempt count: AWS_RETRY_MODE / AWS_MAX_ATTEMPTS, or retry_mode / max_attempts in the
+    profile. An explicit `retries` in a Config would override theirs."""
+    profile = session._session.get_scoped_config()  # botocore's view of ~/.aws/config for this profile
+    chosen = any(os.environ.get(v) for v in ("AWS_RETRY_MODE", "AWS_MAX_ATTEMPTS")) or \
+        any(k in profile for k in ("retry_mode", "max_attempts"))
+    return Config(**options, retries=None if chosen else (retries or {"mode": "standard"}))
 
 
 class AwsError(UserError):
@@ -121,8 +128,9 @@ class Api:
                 self._clients[service] = boto3.client(
                     service, region_name="us-east-1", aws_access_key_id="dry-run", aws_secret_access_key="dry-run")
             else:
-                self._clients[service] = self.session.client(service, endpoint_url=self.endpoint_url,
-                                                             config=CLIENT_CONFIG)
+                # Enough pooled connections for parallel uploads (s3sync uses up to 32 threads).
+                config = client_config(self.session, max_pool_connections=32)
+                self._clients[service] = self.session.client(service, endpoint_url=self.endpoint_url, config=config)
         return self._clients[service]
 
     def validate(self, service: str, operation: str, params: dict) -> None:

@@ -141,9 +141,13 @@ def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] == ["serve"]:  # ENTRYPOINT ["serve"] + `docker run IMAGE serve` gives "serve serve"
         args = args[1:]
+    usage = (f"usage: serve   (no arguments: {__doc__.splitlines()[0]}) Configure with SAGEMAKER_BASE_DIR, "
+             "SAGEMAKER_BIND_TO_PORT, SAGEMAKER_MODEL_SERVER_WORKERS, ... (docs/serving.md)")
+    if args in (["--help"], ["-h"]):
+        print(usage)
+        return 0
     if args:
-        print(f"usage: serve   (no arguments: {__doc__.splitlines()[0]}); got {' '.join(args)!r}. Configure "
-              "with SAGEMAKER_BASE_DIR, SAGEMAKER_BIND_TO_PORT, SAGEMAKER_MODEL_SERVER_WORKERS, ...", file=sys.stderr)
+        print(f"{usage}\nerror: serve takes no arguments; got {' '.join(args)!r}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     signals = Signals()
