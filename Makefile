@@ -14,12 +14,16 @@ help:
 $(BIN)/python:
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python 3.11 or run make PYTHON=/path/to/python3.11"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --no-deps --require-hashes -r requirements/lock/build.txt
+
+# uv, setuptools and wheel, hash-checked (requirements/lock/build.txt): what installs and makes the locks.
+BUILD_TOOLS = $(BIN)/pip install -q --no-deps --require-hashes -r requirements/lock/build.txt
 
 # The development environment is requirements/lock/dev.txt (make lock: requirements/dev.txt resolved with the
-# versions the image locks agree on), installed by uv: about 1 minute where pip took 5 (docs/development.md). uv does not read pip's
-# configuration, so scripts/pip_index_args.py passes pip's index settings on (a mirror or local index stays in use).
-$(VENV)/.installed: $(BIN)/python requirements/lock/dev.txt pyproject.toml
+# versions the image locks agree on), installed by uv: about 1 minute where pip took 5 (docs/development.md).
+# uv does not read pip's configuration: scripts/pip_index_args.py passes pip's index settings on (a mirror or a
+# local index stays in use).
+$(VENV)/.installed: $(BIN)/python requirements/lock/build.txt requirements/lock/dev.txt pyproject.toml
+	$(BUILD_TOOLS)
 	$(BIN)/uv pip install --quiet --python $(BIN)/python --no-deps --require-hashes --compile-bytecode \
 		$$($(BIN)/python scripts/pip_index_args.py) -r requirements/lock/dev.txt
 	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
@@ -127,6 +131,7 @@ UV_COMPILE = $(BIN)/uv pip compile --quiet --python-version 3.11 --python-platfo
 	--generate-hashes --custom-compile-command "make lock"
 CPU_ONLY = --excludes requirements/lock/cuda-only.txt --no-emit-package torch --no-emit-package torchvision
 lock: $(BIN)/python ## regenerate requirements/lock/ from requirements/*.txt (needs PyPI)
+	$(BUILD_TOOLS)
 	$(UV_COMPILE) requirements/lock/build.in -o requirements/lock/build.txt
 	$(UV_COMPILE) requirements/train.txt -c requirements/lock/build.txt -o requirements/lock/train-gpu.txt
 	$(UV_COMPILE) requirements/train.txt -c requirements/lock/build.txt $(CPU_ONLY) -o requirements/lock/train-cpu.txt
