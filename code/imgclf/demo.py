@@ -18,7 +18,7 @@ from pathlib import Path
 
 from imgclf import local, sample_data, splits
 from imgclf.aws import invocations
-from imgclf.errors import DataError, UserError
+from imgclf.errors import UserError
 
 STEPS = ("data", "train", "serve", "predict", "stop")
 # The built-in sample data: a model learns it from scratch in about a minute on 2 CPU cores.
@@ -39,10 +39,7 @@ def prepare_data(data: Path | None, output: Path) -> Path:
     """`data` once checked, else the sample dataset (generated under `output` the first time)."""
     if data:
         root = data.expanduser()
-        try:
-            splits.validate_splits(splits.split_channels(root))
-        except DataError as e:
-            raise StepFailed(str(e)) from None
+        splits.validate_splits(splits.split_channels(root))  # a DataError (UserError) fails the step with its reason
         return root
     root = output / "data"
     if not (root / "train").is_dir():

@@ -64,8 +64,9 @@ def via_async_endpoint(name: str, inputs: str, region: str | None, profile: str 
         raise ValueError(f"--async {inputs!r}: give the S3 prefix the images are uploaded to, s3://bucket/prefix/")
     session = make_session(region, profile)
     endpoint_url = os.environ.get("AWS_ENDPOINT_URL")
-    runtime = session.client("sagemaker-runtime", endpoint_url=endpoint_url, config=client_config(session))
-    s3 = session.client("s3", endpoint_url=endpoint_url, config=client_config(session))
+    config = client_config(session)
+    runtime = session.client("sagemaker-runtime", endpoint_url=endpoint_url, config=config)
+    s3 = session.client("s3", endpoint_url=endpoint_url, config=config)
 
     def read(uri: str | None) -> bytes | None:
         if not uri:
