@@ -14,6 +14,8 @@ import pytest
 
 # Imported before any guard: torch's first import runs `ldconfig -p` (cuda-pathfinder looks for libdl), which the
 # guard would take for the test starting a process, in whichever test happened to import torch first.
+# matplotlib's first import on a machine runs `fc-list` to build its font cache (~/.cache/matplotlib): the same.
+import matplotlib.font_manager  # noqa: F401
 import torch  # noqa: F401
 
 MOVE = "tests/unit runs in-process only: {what}; move the test to tests/integration"
