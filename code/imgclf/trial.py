@@ -5,6 +5,7 @@ the rule results.
     trial = create_trial("s3://bucket/imgclf/output/JOB/output/output.tar.gz")  # or a folder, see below
     trial.tensor("CrossEntropyLoss_output_0").values(mode="EVAL")  # {eval step: loss}; an alias of "loss"
     trial.steps("TRAIN"), trial.tensor_names(), trial.rules(), trial.job_status
+    # smdebug's loss-reading code runs with `from imgclf.trial import create_trial, ModeKeys` (docs/debugging.md)
 
     python -m imgclf.trial PATH_OR_S3 [--plot losses.png]   # rules summary; the loss curves as a PNG
 
@@ -40,6 +41,9 @@ class TrialError(UserError):
 
 class modes:  # noqa: N801  (smdebug's `modes.TRAIN` spelling)
     TRAIN, EVAL = "TRAIN", "EVAL"
+
+
+ModeKeys = modes  # the name Debugger's notebooks import (smdebug.core.modes.ModeKeys, alias smdebug.modes)
 
 
 def _mode(mode) -> str:

@@ -7,6 +7,7 @@ packed here into output.tar.gz as SageMaker packs it, next to model.tar.gz and n
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 import subprocess
@@ -197,6 +198,109 @@ def test_cli_reads_s3_and_plots(s3_job, aws_env, tmp_path):
     assert_png(png)
     missing = run_cli("s3://no-such-bucket-4711/job", env=aws_env)
     assert missing.returncode == 2 and "NoSuchBucket" in missing.stderr and "Traceback" not in missing.stderr
+
+
+# --- smdebug users: the reference notebook's reading code, its imports changed ------------------------------
+
+# How the reference project's notebook read Debugger's output with smdebug: the tensor listing and step counts of
+# its Debugger cells, then get_data and plot_tensor from AWS's Debugger example notebooks. The lines that use the
+# trial API are as written there; plot_tensor's matplotlib styling (colours, labels, plt.show) is left out.
+SMDEBUG_NOTEBOOK = """\
+from smdebug.trials import create_trial
+from smdebug.core.modes import ModeKeys
+trial = create_trial(estimator.latest_job_debugger_artifacts_path())
+print(trial.tensor_names())
+print(len(trial.tensor("CrossEntropyLoss_output_0").steps(mode=ModeKeys.TRAIN)))
+print(len(trial.tensor("CrossEntropyLoss_output_0").steps(mode=ModeKeys.EVAL)))
+
+import matplotlib.pyplot as plt
+from mpl_toolkits.axes_grid1 import host_subplot
+
+
+def get_data(trial, tname, mode):
+    tensor = trial.tensor(tname)
+    steps = tensor.steps(mode=mode)
+    vals = []
+    for s in steps:
+        vals.append(tensor.value(s, mode=mode))
+    return steps, vals
+
+
+def plot_tensor(trial, tensor_name):
+
+    steps_train, vals_train = get_data(trial, tensor_name, mode=ModeKeys.TRAIN)
+    print("loaded TRAIN data")
+    steps_eval, vals_eval = get_data(trial, tensor_name, mode=ModeKeys.EVAL)
+    print("loaded EVAL data")
+
+    host = host_subplot(111)
+    par = host.twiny()
+    host.plot(steps_train, vals_train, label=tensor_name)
+    par.plot(steps_eval, vals_eval, label="val_" + tensor_name)
+    plt.legend()
+
+
+plot_tensor(trial, "CrossEntropyLoss_output_0")
+"""
+# All that a Debugger user changes (docs/debugging.md, "Moving from smdebug"): the imports, and the location read:
+# the job's model.tar.gz (its S3ModelArtifacts; SDK v2: estimator.model_data) instead of its debug-output prefix.
+MIGRATION = {"from smdebug.trials import": "from imgclf.trial import",
+             "from smdebug.core.modes import": "from imgclf.trial import",
+             "estimator.latest_job_debugger_artifacts_path()": "job_output"}
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_smdebug_notebook_code_runs_with_only_its_imports_changed(where, trained, uploaded, request, capsys):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    source = SMDEBUG_NOTEBOOK
+    for old, new in MIGRATION.items():
+        source = source.replace(old, new)
+    changed = [old for old, new in zip(SMDEBUG_NOTEBOOK.splitlines(), source.splitlines()) if old != new]
+    assert changed == SMDEBUG_NOTEBOOK.splitlines()[:3] and "smdebug" not in source  # imports and location only
+    job_output = (f"{request.getfixturevalue('s3_job')}/output/model.tar.gz" if where == "s3"
+                  else str(uploaded / "model.tar.gz"))
+    notebook: dict = {"job_output": job_output}
+    plt.close("all")
+    capsys.readouterr()  # what the fixtures printed (moto's start line)
+    exec(compile(source, "notebook", "exec"), notebook)
+    printed = capsys.readouterr().out.splitlines()
+
+    # What the job was told to collect, and what it wrote, read without imgclf.trial.
+    reports = trained[0] / "reports"
+    metrics = json.loads((reports / "metrics.json").read_text())
+    train_every = metrics["hyperparameters"]["collect-train-interval"]
+    eval_every = metrics["hyperparameters"]["collect-eval-interval"]
+    assert (train_every, eval_every) == (10, 1)  # the defaults: the reference project's Debugger hook settings
+    steps = json.loads((reports / "rules.json").read_text())["steps"]  # training steps run: 5 epochs of 8
+    eval_steps = len(metrics["history"]) * 3  # each validation: 40 images in batches of 16
+    written = [json.loads(line) for line in (reports / "tensors" / "scalars.jsonl").read_text().splitlines()]
+    losses = {(r["mode"], r["step"]): r["value"] for r in written if r["name"] == "loss"}
+
+    ModeKeys, trial = notebook["ModeKeys"], notebook["trial"]
+    assert ModeKeys is trials.ModeKeys and {"loss", "lr"} <= set(trial.tensor_names())
+    expected = {ModeKeys.TRAIN: list(range(0, steps, train_every)),  # every 10th step: 0, 10, 20, 30
+                ModeKeys.EVAL: list(range(0, eval_steps, eval_every))}  # every step: 0 to 14
+    counts = [len(expected[ModeKeys.TRAIN]), len(expected[ModeKeys.EVAL])]
+    assert counts == [4, 15]
+    assert printed == [str(trial.tensor_names()), *map(str, counts), "loaded TRAIN data", "loaded EVAL data"]
+    curves = {}
+    for mode, mode_steps in expected.items():
+        curves[mode] = notebook["get_data"](trial, "CrossEntropyLoss_output_0", mode)
+        assert curves[mode][0] == mode_steps, mode
+        assert curves[mode][1] == [losses[mode, s] for s in mode_steps], mode  # the job's own records, in order
+        assert all(math.isfinite(v) and 0 < v < 20 for v in curves[mode][1]), curves[mode]
+
+    host = plt.gcf().axes[0]  # plot_tensor's figure: training loss on the host axes, evaluation on the twin
+    for axes, mode in ((host, ModeKeys.TRAIN), (host.parasites[0], ModeKeys.EVAL)):
+        (line,) = axes.lines
+        assert (list(line.get_xdata()), list(line.get_ydata())) == (list(curves[mode][0]), list(curves[mode][1]))
+    assert [t.get_text() for t in host.get_legend().get_texts()] == ["CrossEntropyLoss_output_0",
+                                                                      "val_CrossEntropyLoss_output_0"]
+    plt.close("all")
 
 
 # --- rule results as metrics ---------------------------------------------------------------------------------
