@@ -1,44 +1,9 @@
-#!/usr/bin/env python
-"""The whole pipeline on this machine, no AWS: sample data -> train -> serve -> predict.
-
-    python scripts/demo.py                                   # generated sample "breeds", a couple of minutes
-    python scripts/demo.py --data ~/dogImages --model resnet50 --weights ~/resnet50-0676ba61.pth
-
-Training runs the training image's real `train` entrypoint and serving the serving image's real `serve`
-entrypoint, both in local mode (host processes over a temporary /opt/ml tree). Exits 0 only when every
-step worked; otherwise it names the step that failed and exits with that step's number (1-5).
-"""
-
-from __future__ import annotations
-
-import argparse
+#!/usr/bin/env python3
+"""`python scripts/demo.py` = `imgclf-demo` (imgclf.cli.demo), from a checkout."""
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "code"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "code"))
+from imgclf.cli.demo import main  # noqa: E402
 
-from imgclf import demo  # noqa: E402
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, help="your ImageFolder dataset (train/, valid/, test/)")
-    parser.add_argument("--model", help="torchvision model name (default: resnet18 on sample data, else vgg16)")
-    parser.add_argument("--weights", type=Path, help="pretrained weights file for --model (torchvision state_dict)")
-    parser.add_argument("--hp", action="append", default=[], metavar="NAME=VALUE", help="extra hyperparameter")
-    parser.add_argument("--output", type=Path, default=REPO / "demo-output", help="where everything goes")
-    parser.add_argument("--port", type=int, help="server port (default: a free one)")
-    parser.add_argument("--images", type=int, default=3, help="test images to send to the server")
-    parser.add_argument("--startup-timeout", type=float, default=180.0)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return demo.run(output=args.output, data=args.data, model=args.model, weights=args.weights, hp=args.hp,
-                    port=args.port, images=args.images, startup_timeout=args.startup_timeout)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+sys.exit(main())

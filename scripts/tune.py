@@ -1,74 +1,9 @@
 #!/usr/bin/env python3
-"""Run a SageMaker hyperparameter tuning job over the training image; write the best hyperparameters.
-
-    python scripts/tune.py --data s3://my-bucket/dogImages --role MySageMakerRole --max-jobs 12 --max-parallel 3
-    python scripts/tune.py ... --param lr=0.0001:0.01:log --param freeze=head,none --hp model=resnet50
-    python scripts/tune.py --attach imgclf-hpo-20260101-1200     # wait for a tuning job already running
-    python scripts/tune.py --local --data dogImages --hp model=resnet50 --max-jobs 20   # Optuna, on this machine
-
-The default search space is the reference project's: lr 0.001-0.1 (log), batch-size {128, 256}, epochs
-{5, 7, 10}. --search-space FILE replaces it (JSON, shape in imgclf/search/space.py), --param adds or
-replaces one range. The best job's hyperparameters go to --best-out (JSON), which
-`scripts/train.py --hyperparameters FILE` accepts. --local runs the same search here with Optuna, each trial a
-local-mode training run (imgclf/search/local_search.py; see README).
-"""
-
-from __future__ import annotations
-
-import argparse
+"""`python scripts/tune.py` = `imgclf-tune` (imgclf.cli.tune), from a checkout."""
+import sys
 from pathlib import Path
 
-from imgclf.aws import jobs, scripting, tuning
-from imgclf.exit_codes import EXIT_CODES_HELP
-from imgclf.flags import CLOUD, only_for
-from imgclf.search import local_search
-from imgclf.search.space import OBJECTIVES
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "code"))
+from imgclf.cli.tune import main  # noqa: E402
 
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, epilog=EXIT_CODES_HELP,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    only_for(CLOUD,
-             parser.add_argument("--job-name", help="tuning job name, at most 32 characters (default: "
-                                                    "imgclf-hpo-<timestamp>)"),
-             parser.add_argument("--attach", metavar="TUNING_JOB", help="wait for an existing tuning job instead"))
-    parser.add_argument("--best-out", type=Path, default=Path("best_hyperparameters.json"),
-                        help="where the best hyperparameters are written (default best_hyperparameters.json)")
-    space = parser.add_argument_group("search")
-    space.add_argument("--search-space", type=Path, metavar="FILE", help="JSON search space replacing the default")
-    space.add_argument("--param", action="append", type=scripting.key_value, default=[], metavar="NAME=RANGE",
-                       help="a range: MIN:MAX[:log|linear] or a,b,c (repeat)")
-    space.add_argument("--objective", choices=sorted(OBJECTIVES), default=tuning.Search.objective,
-                       help="accuracy: maximise valid:accuracy (default); loss: minimise valid:loss")
-    space.add_argument("--strategy", choices=("Bayesian", "Random"), default=tuning.Search.strategy)
-    space.add_argument("--max-jobs", type=int, default=tuning.Search.max_jobs,
-                       help=f"training jobs in all (default {tuning.Search.max_jobs})")
-    space.add_argument("--no-early-stopping", action="store_true", help="let every training job run to the end")
-    only_for(CLOUD,
-             space.add_argument("--max-parallel", type=int, default=None, help="training jobs at once (default 2)"),
-             space.add_argument("--warm-start", action="append", default=[], metavar="TUNING_JOB",
-                                help="start from an earlier tuning job's results (repeat, up to 5)"),
-             space.add_argument("--warm-start-type", choices=("IdenticalDataAndAlgorithm", "TransferLearning"),
-                                default=tuning.Search.warm_start_type))
-    local_search.add_args(parser)  # --local: the same search with Optuna on this machine
-    jobs.add_job_args(parser)
-    scripting.add_wait_args(parser, "tuning job")
-    scripting.add_common_args(parser, role=True)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    flags = vars(args)
-    local_search.check_flags(flags)
-    if args.local:
-        return local_search.run(local_search.Options.from_flags(flags), tuning.Search.from_flags(flags).space(),
-                                jobs.hyperparameters_from(args.hyperparameters, args.hp))
-    return tuning.tune(scripting.Access.from_flags(flags), job=jobs.JobOptions.from_flags(flags),
-                       search=tuning.Search.from_flags(flags), hyperparameters_file=args.hyperparameters, hp=args.hp,
-                       attach=args.attach, job_name=args.job_name, tags=args.tag, best_out=args.best_out,
-                       waiting=scripting.Waiting.from_flags(flags))
-
-
-if __name__ == "__main__":
-    scripting.run(main)
+sys.exit(main())

@@ -31,6 +31,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import tomllib
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -249,13 +250,22 @@ def located_commands(block: Block) -> list[Command]:
     return found
 
 
+CONSOLE_SCRIPTS = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+
+
 def program_of(argv: list[str]) -> tuple[str, str, list[str]] | None:
     """("file", "scripts/x.py", args) for `python scripts/x.py args` or `scripts/x.py args`;
-    ("module", "imgclf.x", args) for `python -m imgclf.x args`; None for other programs."""
+    ("module", "imgclf.x", args) for `python -m imgclf.x args`, for a console script (`imgclf-deploy args`) and
+    for a scripts/ launcher of one (`python scripts/deploy.py args`: imgclf.cli.deploy); None for other programs."""
     if argv[0] in PYTHONS and len(argv) > 2 and argv[1] == "-m" and argv[2].split(".")[0] == "imgclf":
         return "module", argv[2], argv[3:]
+    if argv[0] in CONSOLE_SCRIPTS:
+        return "module", CONSOLE_SCRIPTS[argv[0]].partition(":")[0], argv[1:]
     args = argv[1:] if argv[0] in PYTHONS else argv
     if args and args[0].endswith(".py") and not args[0].startswith(("-", "/")):
+        path = REPO / args[0]
+        if path.is_file() and (launched := re.search(r"^from (imgclf\.cli\.\w+) import main", path.read_text(), re.M)):
+            return "module", launched.group(1), args[1:]
         return "file", args[0], args[1:]
     return None
 
@@ -736,7 +746,7 @@ def test_every_aws_call_of_the_scripts_is_allowed():
     """Every operation of a service the scripts talk to that the scripts or imgclf.aws name (a string such as
     "CreateTrainingJob", or a client method such as invoke_endpoint) is allowed by the scripts' policy or the
     push policy."""
-    sources = [*(REPO / "scripts").glob("*.py"), *(REPO / "code" / "imgclf" / "aws").rglob("*.py")]
+    sources = [*(REPO / "code" / "imgclf" / "cli").glob("*.py"), *(REPO / "code" / "imgclf" / "aws").rglob("*.py")]
     literals = {node.value for source in sources for node in ast.walk(ast.parse(source.read_text()))
                 if isinstance(node, ast.Constant) and isinstance(node.value, str)
                 and re.fullmatch(r"[A-Z][a-z]+[A-Z][A-Za-z0-9]+", node.value)}

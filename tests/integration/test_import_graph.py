@@ -8,7 +8,6 @@ role checks follow eager and lazy edges alike, except the listed ones that the r
 from __future__ import annotations
 
 import ast
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +25,8 @@ LAZY_IMPORTS = {
     ("imgclf.artifacts", "imgclf.models"): "load_model builds the architecture (torch); models imports artifacts' "
                                            "siblings, and serving's ONNX path never calls load_model",
     ("imgclf.aws.ecr", "imgclf.aws.session"): "AwsError only on the error path of a scan read",
+    ("imgclf.cli.predict", "imgclf.aws.runtime_client"): "boto3 only for an endpoint: --url needs no AWS SDK (the "
+                                                          "[serve] extra has none)",
     ("imgclf.aws.images", "imgclf.aws.session"): "AwsError only on the error path of a digest lookup",
     ("imgclf.debugging.report", "imgclf.debugging.rules"): "the profiler rules only when the report has a "
                                                           "profiler section",
@@ -59,7 +60,8 @@ SERVE_PROCESS = ("imgclf.serving.serve", "imgclf.serving.supervisor", "imgclf.se
 # What the MMS workers load to answer a request (numpy, PIL, onnxruntime): serve loads it only after the port opens.
 HANDLER_SIDE = ("imgclf.serving.handler_service", "imgclf.serving.inference", "imgclf.serving.runtime")
 TRAINING_ROOTS = ("imgclf.train", "imgclf.training.job", "imgclf.export")  # the image's `train`; torchrun; export
-HOST = ("imgclf.search", "imgclf.aws", "imgclf.local", "imgclf.ui", "imgclf.trial", "imgclf.demo", "imgclf.flags")
+HOST = ("imgclf.cli", "imgclf.search", "imgclf.aws", "imgclf.local", "imgclf.ui", "imgclf.trial", "imgclf.demo",
+        "imgclf.flags")
 
 
 def module_name(path: Path) -> str:
@@ -263,54 +265,6 @@ def test_role_packages_import():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                             env={"PYTHONPATH": str(REPO / "code"), "PATH": ""})
     assert result.returncode == 0, result.stderr
-
-
-SERVE_A_REQUEST = """
-import base64, io, json, sys
-from PIL import Image
-from imgclf.serving import handler_service, inference
-
-def image(color, kind):
-    buf = io.BytesIO()
-    Image.new("RGB", (48, 40), color).save(buf, kind)
-    return buf.getvalue()
-
-model = inference.model_fn(sys.argv[1])
-raw = inference.output_fn(inference.predict_fn(inference.input_fn(image((200, 30, 10), "PNG"), "image/png",
-                                                                  model.settings), model), "application/json")
-colors = ((9, 9, 9), (0, 90, 250))
-body = json.dumps({"instances": [{"b64": base64.b64encode(image(c, "JPEG")).decode()} for c in colors], "top_k": 2})
-request = inference.input_fn(body, "application/json; charset=utf-8", model.settings)
-batch = inference.output_fn(inference.predict_fn(request, model), "*/*")
-status, handled = inference.handle_request(model, body.encode(), {"Content-Type": "application/json"})
-loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "torchvision", "safetensors", "timm")
-                or m.startswith(("imgclf.training", "imgclf.debugging")))
-print(json.dumps({"runner": type(model.run).__name__, "raw": json.loads(raw), "batch": json.loads(batch),
-                  "status": status, "handled": json.loads(handled), "loaded": loaded}))
-"""
-
-
-def test_serving_a_request_loads_no_torch(tmp_path):
-    """The slim serving image has no torch: loading model.onnx and a full input_fn -> predict_fn -> output_fn (raw
-    image and JSON with base64 images and top_k), in a fresh interpreter, leave no torch, training or debugging
-    module loaded."""
-    from imgclf import artifacts, export, models
-    from imgclf.preprocessing import Preprocessing
-
-    net, _ = models.build_model("squeezenet1_1", 3)  # small, random weights: no training run needed
-    artifacts.save_model(tmp_path, net, {"architecture": "squeezenet1_1", "class_names": ["001.a", "002.b", "003.c"],
-                                         **Preprocessing(32).to_config()})
-    export.export(tmp_path)
-    result = subprocess.run([sys.executable, "-c", SERVE_A_REQUEST, str(tmp_path)], capture_output=True, text=True,
-                            timeout=300, env={"PYTHONPATH": str(REPO / "code"), "PATH": ""})
-    assert result.returncode == 0, result.stderr
-    report = json.loads(result.stdout.splitlines()[-1])
-    assert report["runner"] == "OnnxRunner", report
-    assert [len(p["top_k"]) for p in report["raw"]["predictions"]] == [3], report
-    assert [len(p["top_k"]) for p in report["batch"]["predictions"]] == [2, 2], report
-    assert report["status"] == 200 and report["handled"] == report["batch"], report
-    assert {e["label"] for e in report["raw"]["predictions"][0]["top_k"]} == {"a", "b", "c"}
-    assert report["loaded"] == [], report["loaded"]
 
 
 def test_the_local_cli_and_the_split_checks_load_no_torch():

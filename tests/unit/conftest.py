@@ -10,12 +10,11 @@ import os
 import socket
 import subprocess
 
-import pytest
-
-# Imported before any guard: torch's first import runs `ldconfig -p` (cuda-pathfinder looks for libdl), which the
-# guard would take for the test starting a process, in whichever test happened to import torch first.
-# matplotlib's first import on a machine runs `fc-list` to build its font cache (~/.cache/matplotlib): the same.
+# Imported before any guard, which would take the processes of their first import for the test's: matplotlib's
+# first import on a machine runs `fc-list` to build its font cache (~/.cache/matplotlib), torch's `ldconfig -p`
+# (cuda-pathfinder looks for libdl), in whichever test happened to import them first.
 import matplotlib.font_manager  # noqa: F401
+import pytest
 import torch  # noqa: F401
 
 MOVE = "tests/unit runs in-process only: {what}; move the test to tests/integration"

@@ -5,6 +5,7 @@ they send through, resource names, waiting, progress, and `run`, which maps what
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import re
@@ -254,36 +255,41 @@ def progress_bar(total: int | None, desc: str, unit: str = "it"):
     return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr)
 
 
-def run(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> None:
-    """Run a script's main with the documented exit codes and one-line error messages (no tracebacks)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S",
-                        stream=sys.stderr)
-    for noisy in ("botocore", "boto3", "urllib3", "s3transfer"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    try:
-        code = main(argv)
-    except JobFailed as e:
-        log.error("%s", e)
-        code = EXIT_FAILED
-    except WaitTimeout as e:
-        log.error("%s; it carries on in AWS (run again with --attach to keep waiting)", e)
-        code = EXIT_TIMEOUT
-    except KeyboardInterrupt:
-        log.error("interrupted; anything already started carries on in AWS")
-        code = EXIT_INTERRUPTED
-    except botocore.exceptions.ParamValidationError as e:
-        log.error("invalid request: %s", e)
-        code = EXIT_USAGE
-    except AwsError as e:
-        log.error("%s", e)
-        code = EXIT_AWS
-    except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as e:
-        log.error("AWS: %s", e)
-        code = EXIT_AWS
-    except UserError as e:
-        log.error("%s", e)
-        code = EXIT_USAGE
-    except OSError as e:  # a local file or folder: unreadable input, unwritable output
-        log.error("%s", e)
-        code = EXIT_USAGE
-    sys.exit(code)
+def program(main: Callable[[list[str] | None], int]) -> Callable[..., int]:
+    """A script's main with the documented exit codes and one-line error messages (no tracebacks): the console
+    script, `python scripts/<name>.py` and `python -m imgclf.cli.<name>` exit with what it returns."""
+
+    @functools.wraps(main)
+    def run(argv: list[str] | None = None) -> int:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S",
+                            stream=sys.stderr)
+        for noisy in ("botocore", "boto3", "urllib3", "s3transfer"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+        try:
+            return main(argv)
+        except JobFailed as e:
+            log.error("%s", e)
+            return EXIT_FAILED
+        except WaitTimeout as e:
+            log.error("%s; it carries on in AWS (run again with --attach to keep waiting)", e)
+            return EXIT_TIMEOUT
+        except KeyboardInterrupt:
+            log.error("interrupted; anything already started carries on in AWS")
+            return EXIT_INTERRUPTED
+        except botocore.exceptions.ParamValidationError as e:
+            log.error("invalid request: %s", e)
+            return EXIT_USAGE
+        except AwsError as e:
+            log.error("%s", e)
+            return EXIT_AWS
+        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as e:
+            log.error("AWS: %s", e)
+            return EXIT_AWS
+        except UserError as e:
+            log.error("%s", e)
+            return EXIT_USAGE
+        except OSError as e:  # a local file or folder: unreadable input, unwritable output
+            log.error("%s", e)
+            return EXIT_USAGE
+
+    return run
