@@ -1,11 +1,11 @@
 """`scripts/tune.py --local`: a real Optuna search of real local-mode training runs, interrupted and resumed.
 
-One search of 3 counted trials (timm's tiny test_resnet, 32 px, 2-3 epochs, a named study, weights from a
---weights file)
-covers: an enqueued trial that completes, an absurd learning rate that the successive-halving pruner stops after
-epoch 1, a trial that fails with its reason (an
-unknown model), an interruption by SIGTERM, a search process that vanished (a RUNNING trial with a dead pid),
-and the resume that retries both interrupted trials. Usage errors are checked without training.
+One search of 3 counted trials (timm's tiny test_resnet, 32 px, 2 epochs, a named study, weights from a --weights
+file) covers: an enqueued trial that completes, an absurd learning rate that the successive-halving pruner stops
+after epoch 1, a trial that fails with its reason (an unknown model), an interruption by SIGTERM, a trial orphaned
+by a search process on another machine (RUNNING, its heartbeat an hour old), the resume that retries both lost
+trials without counting them, and the plots. Usage errors are checked without training. The bookkeeping's
+corner cases are unit tests (tests/unit/test_local_search.py).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from imgclf.search import local_search
 from optuna.trial import TrialState
 
 from tests.conftest import REPO
+from tests.unit.test_local_search import add_orphan
 
 pytestmark = pytest.mark.long  # scheduled first: see tests/conftest.py
 
@@ -40,6 +41,11 @@ SPACE = {
 STATIC = {"pretrained": "true", "image-size": "32", "num-workers": "0", "freeze": "none", "augment": "false",
           "debugging": "false"}
 GOOD = {"lr": 0.003, "batch-size": 16, "epochs": 2, "model": MODEL}
+BOGUS = {**GOOD, "model": "bogus"}
+ORPHAN = {"lr": 0.002, "batch-size": 32, "epochs": 2, "model": MODEL}
+# What the orphan reported before its machine was lost: a valid loss far worse than GOOD's after epoch 1 (about 1.5).
+# Its retry carries the report, and the pruner stops it after epoch 1 whatever its own training makes of it.
+ORPHAN_REPORTED = {1: 3.0}
 STUDY = "small-lr"
 
 
@@ -71,7 +77,8 @@ def tune_command(data: Path, tmp_path: Path, space: dict = SPACE) -> list[str]:
     cmd = [*TUNE, "--local", "--data", str(data), "--output", str(tmp_path / "hpo"), "--search-space",
            str(space_file), "--objective", "loss", "--max-jobs", "3", "--study-name", STUDY, "--pruner", "halving",
            "--weights", str(weights_file(tmp_path)), "--seed", "0", "--best-out", str(tmp_path / "best.json"),
-           "--enqueue", ",".join(f"{k}={v}" for k, v in GOOD.items()), "--enqueue", f"lr=5.0,model={MODEL}"]
+           "--enqueue", ",".join(f"{k}={v}" for k, v in GOOD.items()), "--enqueue", f"lr=5.0,model={MODEL}",
+           "--enqueue", ",".join(f"{k}={v}" for k, v in BOGUS.items())]
     for key, value in STATIC.items():
         cmd += ["--hp", f"{key}={value}"]
     return cmd
@@ -80,12 +87,6 @@ def tune_command(data: Path, tmp_path: Path, space: dict = SPACE) -> list[str]:
 def load(tmp_path: Path) -> optuna.Study:
     storage = f"sqlite:///{tmp_path / 'hpo' / 'study.db'}"
     return optuna.load_study(study_name=STUDY, storage=storage)
-
-
-def dead_pid() -> int:
-    proc = subprocess.Popen(["true"])
-    proc.wait()
-    return proc.pid
 
 
 @pytest.mark.timeout(900)
@@ -116,37 +117,55 @@ def test_local_search_prunes_fails_and_resumes(data_without_test, tmp_path):
     log = (Path(first.user_attrs["output"]) / "train.log").read_text()
     loaded = rf"pretrained {MODEL} weights loaded from \S*/test_resnet-random\.pth$"
     assert re.search(loaded, log, re.M), log[-3000:]
-    interrupted = study.trials[1]
-    assert interrupted.state == TrialState.FAIL and interrupted.user_attrs["interrupted"] is True
-    assert interrupted.params["lr"] == 5.0
+    interrupted, bogus, queued = study.trials[1:]
+    assert interrupted.state == TrialState.FAIL and interrupted.params["lr"] == 5.0
+    assert interrupted.user_attrs["fail_reason"] == "interrupted: the search was stopped while it ran"
+    assert bogus.state == TrialState.WAITING  # the third --enqueue, not started
+    assert queued.state == TrialState.WAITING and queued.user_attrs == {"retry_of": 1}
 
-    # 2. A search process that died without a word (SIGKILL, power cut): its trial is left RUNNING.
-    study.enqueue_trial({"lr": 0.003, "batch-size": 16, "epochs": 2, "model": "bogus"})
-    orphan = study.ask(local_search.distributions(SPACE))
-    orphan.set_user_attr("host", local_search.HOST)
-    orphan.set_user_attr("pid", dead_pid())
+    # 2. A search process on another machine (or container) died without a word an hour ago, in its trial.
+    orphan = add_orphan(f"sqlite:///{tmp_path / 'hpo' / 'study.db'}", STUDY, ORPHAN,
+                        local_search.distributions(SPACE), "/other-machine/hpo/trial-4", "-1 hour", ORPHAN_REPORTED)
 
-    # 3. The same command resumes: both interrupted trials are retried; the study reaches 3 counted trials.
+    # 3. The same command resumes: the lost trials are retried and not counted; the study reaches 3 counted trials
+    # (had the orphan counted, the retry of the interrupted trial would have been the last).
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr[-5000:]
-    assert f"trial {orphan.number} was left RUNNING by search process" in result.stderr
+    assert f"trial {orphan} sent no heartbeat for {local_search.GRACE_S} s" in result.stderr, result.stderr[-5000:]
     trials = load(tmp_path).trials
-    assert len(trials) == 5, [(t.number, t.state, t.params) for t in trials]
+    assert len(trials) == 6, [(t.number, t.state, t.params) for t in trials]
     assert (trials[0].state, trials[0].value, trials[0].datetime_start) == (
         first.state, first.value, first.datetime_start)  # kept as it was
-    assert trials[2].state == TrialState.FAIL and trials[2].user_attrs["interrupted"] is True
-    retry_pruned, retry_failed = trials[3], trials[4]
+    assert trials[orphan].state == TrialState.FAIL and "fail_reason" not in trials[orphan].user_attrs
+    failed, retry_pruned, retry_orphan = trials[2], trials[3], trials[5]
+    assert failed.state == TrialState.FAIL and failed.params == BOGUS
+    assert failed.user_attrs["fail_reason"].startswith("HyperparameterError: hyperparameter model='bogus'")
     assert retry_pruned.user_attrs["retry_of"] == 1 and retry_pruned.params == interrupted.params
     assert retry_pruned.state == TrialState.PRUNED, retry_pruned
     assert retry_pruned.last_step == 1 and retry_pruned.value > 1e3  # the valid loss of lr=5 after one epoch
-    assert retry_failed.user_attrs["retry_of"] == 2 and retry_failed.state == TrialState.FAIL
-    assert retry_failed.user_attrs["fail_reason"].startswith("HyperparameterError: hyperparameter model='bogus'")
-    # The live table: a row per trial, the failure's reason and the pruned epoch in it.
+    assert retry_orphan.user_attrs["retry_of"] == orphan and retry_orphan.params == ORPHAN
+    assert retry_orphan.state == TrialState.PRUNED and retry_orphan.intermediate_values == ORPHAN_REPORTED
+    # The live table: a row per trial, the failure's reason, the lost trial and the pruned epoch in it.
     table = result.stdout
-    assert re.search(r"^\s*3\s+PRUNED\s.*lr=5\b.*pruned after epoch 1", table, re.M), table
-    assert re.search(r"^\s*4\s+FAIL\s.*model=bogus.*HyperparameterError", table, re.M), table
+    assert re.search(rf"^\s*{orphan}\s+FAIL\s.*no heartbeat: its search process was lost", table, re.M), table
+    assert re.search(r"^\s*2\s+FAIL\s.*model=bogus.*HyperparameterError", table, re.M), table
+    assert re.search(r"^\s*3\s+PRUNED\s.*lr=5\b.*pruned after epoch 1.*retry of trial 1", table, re.M), table
+    assert re.search(rf"^\s*5\s+PRUNED\s.*retry of trial {orphan}", table, re.M), table
 
-    # 4. The best hyperparameters: the completed trial's, in the file format train.py reads.
+    # 4. The plots, beside the trials: HTML that loads the one plotly.min.js there, and PNG. One trial completed:
+    # no param importances (drawn in tests/unit/test_local_search.py), and the log says why.
+    plots = tmp_path / "hpo" / "plots"
+    assert (plots / "plotly.min.js").stat().st_size > 1_000_000
+    for name in ("optimization_history", "parallel_coordinate"):
+        html = (plots / f"{name}.html").read_text()
+        assert html.startswith("<html>") and '<script charset="utf-8" src="plotly.min.js"></script>' in html
+        assert (plots / f"{name}.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    assert sorted(p.name for p in plots.iterdir()) == [
+        "optimization_history.html", "optimization_history.png", "parallel_coordinate.html",
+        "parallel_coordinate.png", "plotly.min.js"]
+    assert "plots: no param_importances: it needs 2 completed trials" in result.stderr
+
+    # 5. The best hyperparameters: the completed trial's, in the file format train.py reads.
     best = json.loads((tmp_path / "best.json").read_text())
     assert best["tuning_job"] == STUDY and best["training_job"] == "trial-0"
     assert best["objective"] == {"Type": "Minimize", "MetricName": "valid:loss", "Value": first.value}
@@ -154,7 +173,7 @@ def test_local_search_prunes_fails_and_resumes(data_without_test, tmp_path):
     # the search tunes lr: the loop trains the heads (head-solver=sgd), in the best file too
     assert hps == hyperparameter_strings({**STATIC, **GOOD, "head-solver": "sgd"})
 
-    # 5. Resuming with another search space is refused before any trial runs.
+    # 6. Resuming with another search space is refused before any trial runs.
     changed = subprocess.run(tune_command(data_without_test, tmp_path, {**SPACE, "epochs": {
         "type": "categorical", "values": [2, 4]}}), capture_output=True, text=True, timeout=120)
     assert changed.returncode == 2 and "different search space" in changed.stderr, changed.stderr

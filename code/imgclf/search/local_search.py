@@ -6,9 +6,12 @@ objective value feeds the pruner. A pruned trial gets SIGTERM, which the trainin
 clean stop. The study lives in an Optuna RDB storage (default sqlite:///<output>/study.db): running the same
 command again resumes it, and several machines can share one study through a database URL.
 
-A trial interrupted with the search (Ctrl-C, SIGTERM, a killed process) is recorded as FAIL with the user
-attribute `interrupted`; the next run retries its hyperparameters from its checkpoint. Only trials that ended
-on their own count toward --max-jobs.
+The search runs in Optuna's own loop (Study.optimize): a running trial records a heartbeat in the storage, and a
+trial whose heartbeat stopped (its search process killed, its machine or container gone) is marked FAIL by the
+next search process on the study and its hyperparameters queued again, as is a trial interrupted with the
+search (Ctrl-C, SIGTERM); the retry resumes from the lost trial's checkpoint where this machine sees its folder.
+MaxTrialsCallback ends the search at --max-jobs completed, pruned or running trials. After the search, plots of
+the study go to <output>/plots.
 """
 
 from __future__ import annotations
@@ -19,19 +22,20 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.study import MaxTrialsCallback
 from optuna.trial import FrozenTrial, Trial, TrialState
 
 from imgclf.config import hyperparameter_strings, parse_value
@@ -45,11 +49,17 @@ log = logging.getLogger("imgclf.search.local_search")
 
 DEFAULT_STUDY = "imgclf-hpo"
 PRUNERS = ("median", "halving", "none")
-HOST = socket.gethostname()
 # The training loop's per-epoch line (`epoch=3 ... valid_accuracy=0.7312`): its epoch is the pruner's step.
 EPOCH = re.compile(r"\bepoch=(\d+)\b")
 STOP_GRACE_S = 120  # how long a SIGTERMed training may take to checkpoint and exit before it is killed
-COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING)
+# Toward --max-jobs: a failed trial does not count (an interrupted or lost one is retried, and one process starts at
+# most --max-jobs trials, so a search whose trials all fail still ends).
+COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+# A running trial's heartbeat: recorded every HEARTBEAT_S; after GRACE_S without one, its search process is taken for
+# gone. GRACE_S covers a heartbeat delayed by SQLite's lock wait (60 s, open_storage): a busy database loses no trial.
+HEARTBEAT_S = 30
+GRACE_S = 120
+PLOTS = ("optimization_history", "param_importances", "parallel_coordinate")
 
 
 class TrialFailed(Exception):
@@ -162,11 +172,13 @@ def make_pruner(args: Options) -> optuna.pruners.BasePruner:
                                        n_warmup_steps=args.prune_from_epoch)
 
 
-def open_storage(url: str) -> optuna.storages.RDBStorage:
+def open_storage(url: str, on_lost: Callable[[optuna.Study, FrozenTrial], None]) -> optuna.storages.RDBStorage:
+    """The study's storage, with heartbeats: `on_lost` is called for each trial found without one for GRACE_S."""
     # SQLite shared by several processes on one machine: wait for the lock instead of failing at once.
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
     try:
-        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_S,
+                                          grace_period=GRACE_S, heartbeat_stale_trial_callback=on_lost)
     except Exception as e:  # sqlalchemy's errors, a missing database driver, a bad URL: one clear line
         raise UserError(f"--storage {url}: cannot open it ({type(e).__name__}: {str(e).splitlines()[0]}); use "
                         "sqlite:///path/study.db or a database URL such as postgresql://user:pw@host/db (its "
@@ -198,13 +210,14 @@ class Search:
                          "search_space": parameter_ranges(space), "static_hyperparameters": self.static}
         self.enqueue = [parse_enqueue(spec, self.dists) for spec in args.enqueue]
         self.max_trials = args.max_jobs
-        self.deadline = time.monotonic() + args.timeout if args.timeout else None
+        self.timeout = args.timeout or None
+        self.interrupted: int | None = None  # the number of a trial that a Ctrl-C or SIGTERM stopped
         self._check_data()
         self.output.mkdir(parents=True, exist_ok=True)
         self.storage_url = args.storage or f"sqlite:///{self.output / 'study.db'}"
         sampler = (optuna.samplers.RandomSampler(seed=args.seed) if args.strategy == "Random"
                    else optuna.samplers.TPESampler(seed=args.seed))
-        self.storage = open_storage(self.storage_url)
+        self.storage = open_storage(self.storage_url, self._lost)
         self.study = optuna.create_study(storage=self.storage, study_name=args.study_name,
                                          direction=optuna.study.StudyDirection[self.direction.upper()], sampler=sampler,
                                          pruner=make_pruner(args), load_if_exists=True)
@@ -233,81 +246,84 @@ class Search:
     def trials(self, states: tuple[TrialState, ...] | None = None) -> list[FrozenTrial]:
         return self.study.get_trials(deepcopy=False, states=states)
 
-    def counted(self) -> int:
-        """Trials toward --max-jobs: ended on their own, or running (here or on another machine)."""
-        return sum(1 for t in self.trials(COUNTED) if not t.user_attrs.get("interrupted"))
+    def _lost(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        """Optuna's heartbeat-stale callback: the trial is FAIL now; queue it again."""
+        self._requeue(study, trial, f"sent no heartbeat for {GRACE_S} s: its search process was killed, or its "
+                                    "machine or container is gone")
 
-    def recover(self) -> None:
-        """Fail trials whose search process on this machine is gone; queue every interrupted trial once again."""
-        storage = self.storage
-        study_id = storage.get_study_id_from_name(self.study.study_name)
-        for t in self.trials((TrialState.RUNNING,)):
-            host, pid = t.user_attrs.get("host"), t.user_attrs.get("pid")
-            if host == HOST and isinstance(pid, int) and not _alive(pid):
-                trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, t.number)
-                storage.set_trial_user_attr(trial_id, "interrupted", True)
-                storage.set_trial_user_attr(trial_id, "fail_reason", f"interrupted: search process {pid} is gone")
-                storage.set_trial_state_values(trial_id, TrialState.FAIL)
-                log.warning("trial %d was left RUNNING by search process %d, which is gone: marked FAIL",
-                            t.number, pid)
-            else:
-                log.info("trial %d is running on %s (process %s): left to it", t.number, host, pid)
-        trials = self.trials()
-        retried = {t.user_attrs.get("retry_of") for t in trials}
-        for t in trials:
-            if t.state == TrialState.FAIL and t.user_attrs.get("interrupted") and t.number not in retried:
-                self.study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
-                log.info("trial %d was interrupted: its hyperparameters are queued again (resuming from its "
-                         "checkpoint)", t.number)
+    @staticmethod
+    def _requeue(study: optuna.Study, trial: FrozenTrial, why: str) -> None:
+        """Queue a FAIL trial's hyperparameters again; the retry resumes from its checkpoint (_resume_retry)."""
+        # Not Optuna's RetryHeartbeatStaleTrialCallback: it re-creates the trial with create_trial, which refuses an
+        # --enqueue value outside its range (tried as given); enqueue_trial takes it.
+        study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+        log.warning("trial %d %s: marked FAIL, its hyperparameters queued again", trial.number, why)
 
     # ---- running ----------------------------------------------------------------------------------------
 
     def run(self) -> None:
         for params in self.enqueue:
             self.study.enqueue_trial(params, skip_if_exists=True)
-        self.recover()
+        optuna.storages.fail_stale_trials(self.study)  # before counting: a lost trial is retried, not counted
         finished = [t for t in self.trials() if t.state.is_finished()]
+        counted = len(self.trials(COUNTED))
         log.info("study %s in %s: %d trial(s) so far, %d to go; trials in %s", self.study.study_name,
-                 self.storage_url, len(finished), max(0, self.max_trials - self.counted()), self.output)
+                 self.storage_url, len(finished), max(0, self.max_trials - counted), self.output)
+        for t in self.trials((TrialState.RUNNING,)):
+            log.info("trial %d is running in another search process: counted, and queued again if its heartbeat "
+                     "stops for %d s", t.number, GRACE_S)
         print(f"{'trial':>5}  {'state':<8}  {'value':>10}  {'best':>10}  {'seconds':>7}  hyperparameters",
               flush=True)
         for t in finished:
             self.print_row(t)
-        while self.counted() < self.max_trials:
-            if self.deadline and time.monotonic() > self.deadline:
-                log.info("--timeout reached: no new trial started")
-                break
-            trial = self.study.ask(self.dists)
-            frozen = self.run_one(trial)
-            self.print_row(frozen)
-
-    def run_one(self, trial: Trial) -> FrozenTrial:
-        out = self.output / f"trial-{trial.number}"
-        for key, attr in (("host", HOST), ("pid", os.getpid()), ("output", str(out))):
-            trial.set_user_attr(key, attr)
+        if counted >= self.max_trials:
+            return  # optimize would start a trial before MaxTrialsCallback first looks
+        started = time.monotonic()
         try:
-            value = self.train(trial, out)
+            # n_trials: failed trials do not count toward --max-jobs, but bound this process's trials.
+            self.study.optimize(self.objective, n_trials=self.max_trials, timeout=self.timeout, catch=(TrialFailed,),
+                                callbacks=[self.trial_ended, MaxTrialsCallback(self.max_trials, states=COUNTED)])
+        except KeyboardInterrupt:
+            if self.interrupted is not None:
+                trial = self.trials()[self.interrupted]
+                if trial.state == TrialState.FAIL:  # else it stayed RUNNING: its heartbeat stops, and it is retried
+                    self._requeue(self.study, trial, "was interrupted")
+            raise
+        left = self.max_trials - len(self.trials(COUNTED))
+        if left > 0:
+            timed_out = self.timeout is not None and time.monotonic() - started >= self.timeout
+            log.info("stopped with %d trial(s) to go: %s; run the same command again to go on", left,
+                     "--timeout reached" if timed_out else
+                     f"this process started {self.max_trials} trials, its limit (failed ones do not count toward "
+                     "--max-jobs)")
+
+    def objective(self, trial: Trial) -> float:
+        """One trial: its hyperparameters, then its training; Optuna records the outcome."""
+        suggest(trial, self.dists)
+        out = self.output / f"trial-{trial.number}"
+        trial.set_user_attr("output", str(out))
+        out.mkdir(parents=True, exist_ok=True)
+        try:
+            return self.train(trial, out, self._resume_retry(trial, out))
         except optuna.TrialPruned as e:
             log.info("trial %d %s", trial.number, e)
-            state, value = TrialState.PRUNED, None
+            raise
         except TrialFailed as e:
             trial.set_user_attr("fail_reason", str(e))
             log.warning("trial %d failed: %s", trial.number, e)
-            state, value = TrialState.FAIL, None
-        except KeyboardInterrupt:  # the search itself stops: the next run retries this trial
-            trial.set_user_attr("interrupted", True)
+            raise
+        except KeyboardInterrupt:  # the search itself stops (Optuna marks the trial FAIL): run() queues it again
             trial.set_user_attr("fail_reason", "interrupted: the search was stopped while it ran")
-            self.study.tell(trial, state=TrialState.FAIL)
+            self.interrupted = trial.number
             raise
         except Exception as e:
             trial.set_user_attr("fail_reason", f"search error: {type(e).__name__}: {e}")
-            self.study.tell(trial, state=TrialState.FAIL)
             raise
-        else:
-            state = TrialState.COMPLETE
-        self.study.tell(trial, value, state=state)
-        shutil.rmtree(out / "checkpoints", ignore_errors=True)  # only an interrupted trial resumes from them
-        return self.study.get_trials(deepcopy=False)[trial.number]
+
+    def trial_ended(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        """Optuna's callback after a trial that ended on its own (not after an interrupt or a search error)."""
+        shutil.rmtree(Path(trial.user_attrs["output"]) / "checkpoints", ignore_errors=True)  # only a retry needs them
+        self.print_row(trial)
 
     def command(self, hps: dict[str, str], out: Path) -> list[str]:
         cmd = [sys.executable, "-m", "imgclf.local", "train", "--data", str(self.data), "--output", str(out)]
@@ -315,12 +331,10 @@ class Search:
             cmd += ["--hp", f"{key}={value}"]
         return cmd + (["--weights", str(self.weights)] if self.weights else [])
 
-    def train(self, trial: Trial, out: Path) -> float:
-        """One local training run; returns the objective's last value, or raises TrialPruned / TrialFailed."""
+    def train(self, trial: Trial, out: Path, value: float | None) -> float:
+        """One local training run; returns the objective's last value, or raises TrialPruned / TrialFailed. `value`:
+        a retry's last reported value (it resumes where the lost trial stopped, possibly after its last epoch)."""
         hps = hyperparameter_strings({**self.static, **trial.params})
-        out.mkdir(parents=True, exist_ok=True)
-        # A retry resumes where the interrupted trial stopped, possibly after its last epoch: no new line then.
-        value = self._resume_retry(trial, out)
         log.info("trial %d: %s", trial.number, " ".join(f"{k}={v}" for k, v in sorted(trial.params.items())))
         pruned_at = None
         killer = None
@@ -368,16 +382,17 @@ class Search:
         return value
 
     def _resume_retry(self, trial: Trial, out: Path) -> float | None:
-        """A retried trial continues from the interrupted one: its checkpoint and the epochs it reported."""
+        """A retried trial continues from the lost one: the epochs it reported, and its checkpoint where this
+        machine sees its folder (the same machine, or a shared file system); returns the last value reported."""
         number = trial.user_attrs.get("retry_of")
         if number is None:
             return None
-        original = self.study.get_trials(deepcopy=False)[number]
+        original = self.trials()[number]
         for step, value in sorted(original.intermediate_values.items()):
             trial.report(value, step)
-        checkpoints = Path(original.user_attrs.get("output", "")) / "checkpoints"
-        if original.user_attrs.get("host") == HOST and checkpoints.is_dir() and not (out / "checkpoints").exists():
-            shutil.move(checkpoints, out / "checkpoints")
+        output = original.user_attrs.get("output")  # none if it was lost before it started
+        if output and (Path(output) / "checkpoints").is_dir() and not (out / "checkpoints").exists():
+            shutil.move(Path(output) / "checkpoints", out / "checkpoints")
             log.info("trial %d retries trial %d from its checkpoint", trial.number, number)
         steps = original.intermediate_values
         return steps[max(steps)] if steps else None
@@ -396,8 +411,8 @@ class Search:
         note = ""
         if t.state == TrialState.PRUNED and t.last_step is not None:
             note = f"  (pruned after epoch {t.last_step})"
-        elif t.state == TrialState.FAIL:
-            note = f"  ({t.user_attrs.get('fail_reason', 'no reason recorded')[:160]})"
+        elif t.state == TrialState.FAIL:  # without a reason: failed for its lost heartbeat (_lost)
+            note = f"  ({t.user_attrs.get('fail_reason', 'no heartbeat: its search process was lost')[:160]})"
         if "retry_of" in t.user_attrs:
             note += f"  (retry of trial {t.user_attrs['retry_of']})"
         best_text = f"{best.value:.4g}" if best else "-"
@@ -417,19 +432,73 @@ class Search:
               f"(model: {best.user_attrs.get('output')}/model.tar.gz)")
         print(f"hyperparameters: {' '.join(f'{k}={v}' for k, v in sorted(hps.items()))} -> {path}")
 
+    def write_plots(self) -> None:
+        """PLOTS as HTML (plotly; one shared plotly.min.js beside them, no internet needed) and PNG (matplotlib) in
+        <output>/plots. A plot is a by-product: one that cannot be drawn is skipped with the reason in the log."""
+        import matplotlib
+
+        matplotlib.use("Agg")  # files only: no window, no display needed
+        import matplotlib.pyplot as plt
+        import optuna.visualization as as_html
+        import optuna.visualization.matplotlib as as_png
+        import plotly.offline  # type: ignore[import-untyped]  # no type hints (plotly 6)
+
+        complete = self.trials((TrialState.COMPLETE,))
+        folder = self.output / "plots"
+        folder.mkdir(exist_ok=True)
+        with _replacing(folder / "plotly.min.js") as tmp:  # current with the plotly that draws the plots
+            tmp.write_text(plotly.offline.get_plotlyjs(), encoding="utf-8")
+        varied = [name for name in self.dists if len({repr(t.params.get(name)) for t in complete}) > 1]
+        written = []
+        for name in PLOTS:
+            if name == "param_importances" and (len(complete) < 2 or len(varied) < 2):
+                log.info("plots: no param_importances: it needs 2 completed trials and 2 hyperparameters that differ "
+                         "between them (%d completed; differing: %s)", len(complete), ", ".join(varied) or "none")
+                continue
+            try:
+                with warnings.catch_warnings():
+                    # Not the user's to act on: e.g. matplotlib's singular axis for a hyperparameter that did not vary.
+                    warnings.simplefilter("ignore")
+                    html = getattr(as_html, f"plot_{name}")(self.study).to_html(include_plotlyjs="directory")
+                    with _replacing(folder / f"{name}.html") as tmp:
+                        tmp.write_text(html, encoding="utf-8")
+                    figure = getattr(as_png, f"plot_{name}")(self.study).figure
+                    try:
+                        with _replacing(folder / f"{name}.png") as tmp:
+                            figure.savefig(tmp, format="png", bbox_inches="tight")
+                    finally:
+                        plt.close(figure)
+            except Exception as e:  # never fail a search that has its result for a plot
+                log.warning("plots: %s not written (%s: %s)", name, type(e).__name__, e)
+            else:
+                written.append(name)
+        log.info("plots in %s: %s (.html and .png)", folder, ", ".join(written) or "none")
+
+
+def suggest(trial: Trial, dists: dict[str, BaseDistribution]) -> None:
+    """Sample every hyperparameter of the space (an enqueued or retried trial gets its fixed values)."""
+    for name, dist in dists.items():
+        if isinstance(dist, FloatDistribution):
+            trial.suggest_float(name, dist.low, dist.high, log=dist.log)
+        elif isinstance(dist, IntDistribution):
+            trial.suggest_int(name, dist.low, dist.high, log=dist.log)
+        elif isinstance(dist, CategoricalDistribution):
+            trial.suggest_categorical(name, dist.choices)
+
 
 def _short(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def _alive(pid: int) -> bool:
+@contextmanager
+def _replacing(path: Path) -> Iterator[Path]:
+    """A temporary name beside `path` to write, renamed to `path` once written: nothing half-written is left."""
+    tmp = path.with_name(f".{path.name}.tmp")
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        yield tmp
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _stop(proc: subprocess.Popen, train_log) -> None:
@@ -451,11 +520,13 @@ def _raise_interrupt(signum, frame) -> None:
 
 def run(args: Options, space: dict[str, dict[str, Any]], static: dict[str, Any]) -> int:
     """`tune.py --local`: search, print a row per trial, write the best hyperparameters; return the exit code."""
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # our log lines and table say what happens
+    # Our log lines and table say what happens (Optuna's warning for a failed trial carries its traceback).
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     # Expected, and explained in our own log lines: an enqueued value outside the range, a retried trial
-    # re-reporting the epochs its predecessor reported.
+    # re-reporting the epochs its predecessor reported; heartbeats and the matplotlib plots are "experimental".
     warnings.filterwarnings("ignore", message="Fixed parameter .* is out of range")
     warnings.filterwarnings("ignore", message="The reported value is ignored")
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     search = Search(args, space, static)
     signal.signal(signal.SIGTERM, _raise_interrupt)  # a SIGTERM stops the search as cleanly as Ctrl-C
     try:
@@ -465,4 +536,5 @@ def run(args: Options, space: dict[str, dict[str, Any]], static: dict[str, Any])
                   search.study.study_name, search.storage_url)
         return EXIT_INTERRUPTED
     search.write_best(args.best_out)
+    search.write_plots()
     return EXIT_OK
