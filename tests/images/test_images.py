@@ -2,11 +2,11 @@
 
 This is AWS's bring-your-own-container check, automated, in every place the images run: `docker run -v
 TREE:/opt/ml IMAGE train` (and `serve`), the Makefile's local-train/local-serve/local-predict flow that the
-docs give, and the SageMaker SDK's own local mode (ModelTrainer, and the scripts' --local path: train, deploy,
-predict, batch transform), on images built by `make build`. Works with
+docs give, and the SageMaker SDK's own local mode through the scripts' --local path (train, deploy, predict,
+batch transform; the SDK's own classes: test_sdk.py), on images built by `make build`. Works with
 Docker or podman (DOCKER=); containers run detached, because podman's API service spins a core while a
 client stays attached. Only under `make test-images` (IMGCLF_IMAGE_TESTS=1): the builds take minutes. The
-test images and containers are removed at the end.
+test images and containers are removed at the end (the `images` fixture: conftest.py).
 """
 
 from __future__ import annotations
@@ -29,116 +29,27 @@ from imgclf import local
 
 from tests import hostile
 from tests.conftest import FAST_HPS, REPO, free_port
+from tests.images.conftest import (
+    ENGINE,
+    LABEL,
+    MAKE_ENV,
+    PREFIX,
+    TAG,
+    TORCH_SOURCE,
+    build_args,
+    engine,
+    image,
+    make,
+    remove_containers,
+    require_image_tests,
+)
 from tests.photos import DOG, forms
 from tests.servers import verdict
 
 pytestmark = pytest.mark.images
-ENGINE = os.environ.get("DOCKER") or "docker"
-PREFIX, TAG = os.environ.get("IMGCLF_TEST_PREFIX") or "imgclf-test", f"t{uuid.uuid4().hex[:8]}"
-TORCH_SOURCE = os.environ.get("TORCH_SOURCE") or "cpu"
+require_image_tests()
 # Small and fast, and still several steps per epoch, so a stop lands inside one.
 HPS = {**FAST_HPS, "epochs": "2"}
-# Every container a test starts carries LABEL=TAG (the make tests' also a label of their own), so that teardown
-# finds and removes it whatever happened in the test, and no failure leaves one behind for the next test.
-LABEL = "imgclf-test"
-
-
-def _engine_problem() -> str | None:
-    if shutil.which(ENGINE.split()[0]) is None:
-        return f"no {ENGINE} command on PATH"
-    try:
-        info = subprocess.run([*ENGINE.split(), "info"], capture_output=True, text=True, timeout=60)
-    except subprocess.TimeoutExpired:
-        return f"`{ENGINE} info` did not answer in 60 s"
-    return None if info.returncode == 0 else f"no container engine ({(info.stderr or info.stdout)[-300:]})"
-
-
-if not os.environ.get("IMGCLF_IMAGE_TESTS"):
-    pytest.skip("builds the three images (minutes): run them with make test-images", allow_module_level=True)
-if problem := _engine_problem():
-    pytest.fail(f"{problem}: make test-images needs Docker or podman (containers/podman.sh)", pytrace=False)
-
-
-def engine(*args: str, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run([*ENGINE.split(), *args], capture_output=True, text=True, timeout=timeout)
-    if check and result.returncode != 0:
-        pytest.fail(f"{ENGINE} {' '.join(args[:4])} ... exit {result.returncode}:\n{result.stdout[-3000:]}"
-                    f"\n{result.stderr[-3000:]}")
-    return result
-
-
-def image(name: str, tag: str = TAG) -> str:
-    return f"{PREFIX}-{name}:{tag}"
-
-
-# make's own variables: under `make test-images` they would make these makes print "Entering directory" lines.
-MAKE_ENV = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
-
-
-def make(*args: str, timeout: float = 3600) -> subprocess.CompletedProcess:
-    return subprocess.run(["make", "--no-print-directory", *args, f"DOCKER={ENGINE}", f"IMAGE_PREFIX={PREFIX}"],
-                          cwd=REPO, capture_output=True, text=True, timeout=timeout, env=MAKE_ENV)
-
-
-def build_args() -> list[str]:
-    return [f"TORCH_SOURCE={TORCH_SOURCE}"] + ([f"PYTHON_IMAGE={os.environ['PYTHON_IMAGE']}"]
-                                               if os.environ.get("PYTHON_IMAGE") else [])
-
-
-# The three builds' peak on the engine's disk with TORCH_SOURCE=pypi: the torch stage's wheels, their 5.5 GB
-# install and its commit (measured: 22.1 GB above the start, while the serving image builds beside it); the
-# layers above it need less.
-BUILD_DISK_GB = 24
-
-
-def dangling() -> set[str]:
-    return set(engine("images", "-q", "--no-trunc", "--filter", "dangling=true").stdout.split())
-
-
-def check_disk() -> None:
-    """Fail before a build that would stop half-way with `no space left on device` (and leave its layers)."""
-    root = engine("info", "--format", "{{.DockerRootDir}}", check=False).stdout.strip()
-    if root and Path(root).is_dir():  # a local engine: its storage is on this machine's disk
-        free = shutil.disk_usage(root).free / 2**30
-        if free < BUILD_DISK_GB:
-            pytest.fail(f"{root} has {free:.1f} GB free; building the three images needs about {BUILD_DISK_GB} GB. "
-                        f"Free some: `{ENGINE} image prune` (untagged images), `{ENGINE} rmi` old imgclf tags",
-                        pytrace=False)
-
-
-@pytest.fixture(scope="session")
-def images():
-    """All three images, built by the Makefile target users run; removed, with the test containers and the
-    untagged build-stage images the builds left, at the end."""
-    check_disk()
-    before = dangling()
-    started = time.monotonic()
-    try:
-        build = make("build", f"TAG={TAG}", *build_args())
-        assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-5000:]
-        print(f"\nbuilt the three images in {time.monotonic() - started:.0f} s", file=sys.stderr)
-        yield
-    finally:
-        # Containers first: ours by label, the SDK's (docker-compose labels them itself) by image name.
-        remove_containers(f"{LABEL}={TAG}")
-        for line in engine("ps", "-a", "--format", "{{.ID}} {{.Image}}", check=False).stdout.splitlines():
-            cid, _, used = line.partition(" ")
-            if used.split("/")[-1] in {image(n) for n in ("train-cpu", "train-gpu", "serve")}:
-                engine("rm", "-f", cid, check=False)
-        for name in ("train-cpu", "train-gpu", "serve"):
-            engine("rmi", image(name), image(name, "latest"), check=False)
-        # The deps and weights stages of the multi-stage builds stay as untagged images (7 GB each with PyPI's
-        # torch, mostly shared), as do a failed build's layers: remove those this run made, not the user's own.
-        if left := dangling() - before:
-            engine("rmi", *left, check=False)
-
-
-def remove_containers(label: str) -> list[str]:
-    """Remove every container, running or not, that carries label (KEY=VALUE); their names."""
-    found = engine("ps", "-a", "--filter", f"label={label}", "--format", "{{.Names}}", check=False).stdout.split()
-    if found:
-        engine("rm", "-f", *found, check=False)
-    return found
 
 
 def make_tree(tree: Path, data: Path, hps: dict[str, str]) -> Path:
@@ -638,27 +549,6 @@ def test_code_only_change_keeps_the_dependency_layers(images, tmp_path):
         assert len(after) == len(before[name])
         assert after[:-PACKAGE_LAYERS] == before[name][:-PACKAGE_LAYERS], f"{name}: a dependency layer was rebuilt"
         assert after[-1] != before[name][-1], f"{name}: the package layer did not change with the code"
-
-
-# ---- the SageMaker SDK's local mode runs the training image as SageMaker does ------------------------------------
-
-def test_sdk_model_trainer_local_mode_trains(images, tmp_path, sample_dataset, monkeypatch):
-    """ModelTrainer starts the image with no command at all: the image's CMD must train."""
-    from sagemaker.core.training.configs import Compute, InputData
-    from sagemaker.train import ModelTrainer
-    from sagemaker.train.model_trainer import Mode
-
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")  # the SDK's session wants one; nothing reaches AWS
-    root = tmp_path / "sdk"
-    root.mkdir()
-    trainer = ModelTrainer(training_image=image("train-cpu"), training_mode=Mode.LOCAL_CONTAINER,
-                           compute=Compute(instance_type="local_cpu", instance_count=1),
-                           hyperparameters={**HPS, "epochs": "1"}, base_job_name=f"{PREFIX}-sdk",
-                           local_container_root=str(root))
-    trainer.train(input_data_config=[InputData(channel_name=split, data_source=str(sample_dataset / split))
-                                     for split in ("train", "valid", "test")], wait=True, logs=False)
-    with tarfile.open(root / "compressed_artifacts" / "model.tar.gz") as tar:
-        assert {"config.json", "model.safetensors"} <= set(tar.getnames())
 
 
 # ---- the cloud workflow in SageMaker's local mode, through the scripts' --local path --------------------------

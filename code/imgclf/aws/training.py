@@ -135,6 +135,32 @@ def metric_definitions(rules: bool = False) -> list[dict[str, str]]:
     return [dict(m) for m in (*METRIC_DEFINITIONS, *(rule_metric_definitions(RULES) if rules else ()))]
 
 
+def sdk_metric_definitions(rules: bool = False) -> list:
+    """metric_definitions() as the SageMaker SDK's MetricDefinition shapes, for `ModelTrainer(...)
+    .with_metric_definitions(...)` (docs/sdk.md). HyperparameterTuner takes metric_definitions() as they are."""
+    from sagemaker.core.shapes import MetricDefinition
+
+    return [MetricDefinition(name=m["Name"], regex=m["Regex"]) for m in metric_definitions(rules)]
+
+
+def sdk_hyperparameter_ranges(space: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """A search space (imgclf.search.space.DEFAULT_SEARCH_SPACE, or a --search-space file's) as the SageMaker SDK's
+    parameter ranges, for `HyperparameterTuner(hyperparameter_ranges=...)` (docs/sdk.md): the ParameterRanges
+    that tune.py sends, checked with the schema by parameter_ranges()."""
+    from sagemaker.core.parameter import CategoricalParameter, ContinuousParameter, IntegerParameter
+
+    ranges = parameter_ranges(space)
+    sdk: dict[str, Any] = {}
+    # The bounds stay the schema's strings (hp_string): the SDK sends them unchanged, as tune.py does.
+    for r in ranges.get("ContinuousParameterRanges", []):
+        sdk[r["Name"]] = ContinuousParameter(r["MinValue"], r["MaxValue"], r["ScalingType"])
+    for r in ranges.get("IntegerParameterRanges", []):
+        sdk[r["Name"]] = IntegerParameter(r["MinValue"], r["MaxValue"], r["ScalingType"])
+    for r in ranges.get("CategoricalParameterRanges", []):
+        sdk[r["Name"]] = CategoricalParameter(r["Values"])
+    return sdk
+
+
 def training_job_request(name: str, spec: JobSpec, hyperparameters: dict[str, Any],
                          tags: list[dict[str, str]] | None = None) -> dict:
     spec.check()
