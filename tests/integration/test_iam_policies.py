@@ -2,10 +2,11 @@
 default names, judged as IAM judges them: Action and Resource (wildcards * and ?, NotAction / NotResource),
 Condition against the request's context, and an explicit Deny over any Allow (issue 31, item 7).
 
-The names come from the scripts themselves: the documented commands of docs/aws.md run as offline dry runs
-(`--dry-run`, no credentials) and print their Create* requests, whose names and S3 locations give the ARNs;
-repositories and the log group come from imgclf.aws. Only the names the user must type are fixed here, as
-docs/aws.md types them: the bucket, the execution role and the endpoint name.
+The names come from the scripts themselves: the documented commands of docs/aws.md and docs/registry.md run as
+offline dry runs (`--dry-run`, no credentials) and print their Create* requests, whose names and S3 locations give
+the ARNs; repositories, the log group and where register_model.py uploads metrics.json come from imgclf.aws. Only
+the names the user must type are fixed here, as the docs type them: the bucket, the execution role, the endpoint
+name and the model package group.
 
 The evaluator fails closed: a statement whose Condition names a key the request's context lacks never allows
 (and a Deny with such a condition counts as denying); a condition operator it does not know is an error.
@@ -30,8 +31,9 @@ IAM = REPO / "docs" / "iam"
 ACCOUNT, REGION = "123456789012", "us-east-1"
 # What a user types (docs/aws.md): BUCKET=my-ml-bucket, SAGEMAKER_ROLE=imgclf-sagemaker, deploy.py --name dog-breeds,
 # upload_data.py dogImages s3://$BUCKET/dogImages, train.py --weights s3://$BUCKET/weights/vgg16.pth,
-# deploy.py --data-capture s3://$BUCKET/capture, batch_predict.py --input s3://$BUCKET/dogImages/test.
-BUCKET, ROLE, ENDPOINT = "my-ml-bucket", "imgclf-sagemaker", "dog-breeds"
+# deploy.py --data-capture s3://$BUCKET/capture, batch_predict.py --input s3://$BUCKET/dogImages/test;
+# register_model.py --group dog-breeds (docs/registry.md).
+BUCKET, ROLE, ENDPOINT, GROUP = "my-ml-bucket", "imgclf-sagemaker", "dog-breeds", "dog-breeds"
 DATA, WEIGHTS, CAPTURE = f"s3://{BUCKET}/dogImages", f"s3://{BUCKET}/weights/vgg16.pth", f"s3://{BUCKET}/capture"
 BATCH_INPUT = f"{DATA}/test"
 PLACEHOLDERS = {"REGION": REGION, "ACCOUNT": ACCOUNT, "BUCKET": BUCKET}
@@ -145,6 +147,29 @@ def sm(kind: str, name: str) -> str:
     return arn("sagemaker", f"{kind}/{name.lower()}")  # SageMaker ARNs spell names in lower case
 
 
+def registry_needs(job: str, model_tar: str, group: str, version: str, serve_repository: str) -> list[Need]:
+    """register_model.py --training-job JOB --group GROUP (the job's output read, the image's digest, metrics.json
+    uploaded beside the model, the group and a version), --approve/--reject ARN; deploy.py --model-package ARN
+    reads the version."""
+    from imgclf.aws.registry import metrics_uri
+
+    def sagemaker(who: str, kind: str, name: str, *operations: str) -> list[Need]:
+        return [Need(who, f"sagemaker:{op}", sm(kind, name)) for op in operations]
+
+    return [
+        *sagemaker("register_model.py", "training-job", job, "DescribeTrainingJob"),
+        Need("register_model.py", "s3:GetObject", s3(model_tar.replace("model.tar.gz", "output.tar.gz"))),
+        Need("register_model.py", "ecr:DescribeImages", serve_repository),
+        Need("register_model.py", "s3:PutObject", s3(metrics_uri(model_tar))),
+        # a version is made in its group: CreateModelPackage is allowed on both ARNs
+        *sagemaker("register_model.py", "model-package-group", group, "DescribeModelPackageGroup",
+                   "CreateModelPackageGroup", "AddTags", "CreateModelPackage"),
+        *sagemaker("register_model.py", "model-package", version, "CreateModelPackage", "AddTags",
+                   "DescribeModelPackage", "UpdateModelPackage"),
+        *sagemaker("deploy.py --model-package", "model-package", version, "DescribeModelPackage"),
+    ]
+
+
 def needs(tmp: Path) -> dict[str, list[Need]]:
     """policy file -> what it must allow, from the documented commands' dry runs."""
     from imgclf.aws.images import REPOSITORIES
@@ -162,6 +187,11 @@ def needs(tmp: Path) -> dict[str, list[Need]]:
     batch_out = transform["TransformOutput"]["S3OutputPath"]
     model, config = deploy["CreateModel"]["ModelName"], deploy["CreateEndpointConfig"]["EndpointConfigName"]
     batch_model = batch["CreateModel"]["ModelName"]
+    register = dry_run("register_model.py", "--training-job", job, "--group", GROUP, "--tag", "project=imgclf",
+                       "--region", REGION, cwd=tmp)
+    package_group = register["CreateModelPackageGroup"]["ModelPackageGroupName"]
+    assert register["CreateModelPackage"]["ModelPackageGroupName"] == package_group == GROUP
+    version = f"{package_group}/1"  # SageMaker's ARN of a version: model-package/<group>/<version>
     assert deploy["CreateModel"]["ExecutionRoleArn"].endswith(f":role/{ROLE}")
     assert deploy["CreateEndpoint"]["EndpointName"] == ENDPOINT
 
@@ -229,6 +259,7 @@ def needs(tmp: Path) -> dict[str, list[Need]]:
         Need("batch_predict.py", "s3:ListBucket", bucket, {"s3:prefix": key_of(batch_out) + "/"}),
         Need("batch_predict.py", "s3:GetObject", s3(f"{batch_out}/Affenpinscher_00001.jpg.out")),
         Need("batch_predict.py", "s3:PutObject", s3(f"{batch_out}/summary.csv")),
+        *registry_needs(job, model_tar, package_group, version, repos["serve"]),
     ]
     push = [Need("push_images.py", "ecr:GetAuthorizationToken", "*")] + [
         Need("push_images.py", f"ecr:{op}", repo) for repo in repos.values()
@@ -366,6 +397,12 @@ BROKEN = {
                                                       "iam:PassRole"),
     "explicit Deny on deleting endpoints": (_deny("sagemaker:Delete*", "arn:aws:sagemaker:*:*:endpoint/*"),
                                             "sagemaker:DeleteEndpoint"),
+    "model package group misspelt": (_narrow("ModelRegistry", "model-package-group/dog-breeds*",
+                                             "model-package-group/dog-breed-*"), "sagemaker:CreateModelPackageGroup"),
+    "versions of another group": (_narrow("ModelRegistry", "model-package/dog-breeds*/*", "model-package/dogs*/*"),
+                                  "sagemaker:UpdateModelPackage"),
+    "metrics uploaded into the output archive only": (_narrow("RegistryMetrics", "metrics.json", "output.tar.gz"),
+                                                      "s3:PutObject"),
 }
 
 
@@ -377,3 +414,39 @@ def test_a_broken_scripts_policy_is_refused(variant, required):
     missing = refused(doc, required["scripts-policy.json"])
     assert any(f": {lost} on " in m for m in missing), f"{variant}: {lost} still allowed; refused: {missing}"
     assert not refused(policy("scripts-policy.json"), required["scripts-policy.json"])  # the change, not the policy
+
+
+def _without(doc: dict, sid: str) -> dict:
+    return {**doc, "Statement": [s for s in as_list(doc["Statement"]) if s.get("Sid") != sid]}
+
+
+def test_the_registry_statements_allow_what_registering_uses_and_nothing_wider(required):
+    """ModelRegistry grants exactly the actions that register_model.py and deploy.py --model-package call, on the
+    documented group and its versions only, and no other statement grants them; RegistryMetrics lets
+    register_model.py write metrics.json beside a job's model, and nothing else there."""
+    doc = policy("scripts-policy.json")
+    uses = [n for n in required["scripts-policy.json"] if ":model-package" in n.resource]
+    registry = _statement(doc, "ModelRegistry")
+    assert sorted(as_list(registry["Action"])) == sorted({n.action for n in uses})
+    for pattern in as_list(registry["Resource"]):
+        assert any(like(pattern, n.resource) for n in uses), f"ModelRegistry: no call needs {pattern}"
+    assert refused(_without(doc, "ModelRegistry"), uses) == [f"{n} -> NotAllowed" for n in uses]
+    for action in as_list(registry["Action"]):
+        for other in (sm("model-package-group", "other-group"), sm("model-package", "other-group/1"),
+                      sm("model-package", GROUP)):  # an unversioned package is not a version of the group
+            assert decide(doc, action, other) == "NotAllowed", f"{action} on {other}"
+    only_here = set(as_list(registry["Action"])) - {"sagemaker:AddTags"}  # AddTags: also jobs and endpoints
+    for name in ("scripts-policy.json", "push-images-policy.json", "execution-role-policy.json"):
+        for s in as_list(policy(name)["Statement"]):
+            if s.get("Sid") != "ModelRegistry":
+                granted = [a for a in only_here for pattern in as_list(s.get("Action", []))
+                           if like(pattern, a, ignore_case=True)]
+                assert not granted and "NotAction" not in s, f"{name}: {s.get('Sid')} also grants {granted}"
+
+    [upload] = [n for n in required["scripts-policy.json"]
+                if n.action == "s3:PutObject" and n.resource.endswith("/metrics.json")]
+    assert as_list(_statement(doc, "RegistryMetrics")["Action"]) == ["s3:PutObject"]
+    assert decide(_without(doc, "RegistryMetrics"), upload.action, upload.resource) == "NotAllowed"
+    for neighbour in ("output/model.tar.gz", "output/output.tar.gz", "checkpoints/last.pt"):
+        target = upload.resource.replace("output/metrics.json", neighbour)
+        assert decide(doc, "s3:PutObject", target) == "NotAllowed", f"s3:PutObject on {target}"
