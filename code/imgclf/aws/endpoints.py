@@ -3,7 +3,8 @@ and `delete` (scripts/deploy.py), which send them.
 
 Model and endpoint-config names end in a hash of what they contain, so deploying the same artifact with the
 same settings twice reuses them, and any change gives new names: the endpoint then moves to the new
-config with UpdateEndpoint (SageMaker's blue/green: the old fleet serves until the new one is healthy).
+config with UpdateEndpoint (SageMaker's blue/green: the old fleet serves until the new one is healthy; with a
+Rollout, the traffic moves in baked steps that CloudWatch alarms can roll back).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 
 from imgclf import instances
 from imgclf.aws import scripting
@@ -31,10 +33,17 @@ from imgclf.flags import FlagGroup
 log = logging.getLogger("imgclf.aws")
 
 VARIANT = "AllTraffic"
+SHADOW_VARIANT = "Shadow"
 SCALABLE_DIMENSION = "sagemaker:variant:DesiredInstanceCount"
 SERVERLESS_MEMORY_MB = (1024, 2048, 3072, 4096, 5120, 6144)
 MULTI_MODEL_ENV = "SAGEMAKER_MULTI_MODEL"  # what makes `serve` a multi-model endpoint (imgclf.serving.multi_model)
 PAYLOAD_ENV, ASYNC_PAYLOAD_MB = "SAGEMAKER_MAX_PAYLOAD_IN_MB", 100  # the container's request limit; async's default
+# Deployment guardrails (UpdateEndpoint's DeploymentConfig): SageMaker's limits, and what deploy.py assumes.
+CANARY_PERCENT, LINEAR_PERCENT = (1, 50), (10, 50)  # a canary is at most half the fleet; linear steps 10-50% of it
+STEP_WAIT, MAX_STEP_WAIT = 300, 3600  # seconds each step bakes (WaitIntervalInSeconds: 0-3600)
+MAX_ROLLOUT = 28800  # MaximumExecutionTimeoutInSeconds' ceiling
+PROVISIONING = 3600  # what starting the new fleet may take, on top of the baking
+MAX_ALARMS = 10
 
 
 def content_hash(*parts: object, length: int = 8) -> str:
@@ -64,6 +73,8 @@ class ServingSpec:
     async_output: str | None = None  # asynchronous inference: answers land here (S3 prefix)
     async_failure: str | None = None  # and failures here
     async_max_concurrency: int | None = None  # requests a container takes at once (SageMaker's default: its own)
+    shadow_model_data: str | None = None  # a shadow variant's model (same image and instances): s3://.../model.tar.gz
+    shadow_percent: int = 100  # the share of the requests SageMaker copies to the shadow
 
     def check(self) -> None:
         problems = []
@@ -77,6 +88,8 @@ class ServingSpec:
             problems.append(f"model data {self.model_data!r}: expected s3://.../model.tar.gz (train.py prints it)")
         if self.async_output or self.async_failure or self.async_max_concurrency:
             problems += async_problems(self)
+        if self.shadow_model_data is not None:
+            problems += shadow_problems(self)
         if self.serverless_memory_mb is not None:
             if self.serverless_memory_mb not in SERVERLESS_MEMORY_MB:
                 problems.append(f"serverless memory {self.serverless_memory_mb} MB: choose one of "
@@ -124,7 +137,12 @@ class ServingSpec:
             request["Tags"] = list(self.tags)
         return request
 
-    def endpoint_config_request(self, model_name: str) -> dict:
+    def shadow_model_request(self) -> dict:
+        """The shadow variant's model: this one with the shadow's artifact. Always named by its content hash, so that
+        it differs from the production model under --timestamp-names too."""
+        return replace(self, model_data=self.shadow_model_data or "", suffix=None).model_request()
+
+    def endpoint_config_request(self, model_name: str, shadow_model_name: str | None = None) -> dict:
         variant: dict = {"VariantName": VARIANT, "ModelName": model_name}
         if self.serverless_memory_mb is not None:
             variant["ServerlessConfig"] = {"MemorySizeInMB": self.serverless_memory_mb,
@@ -133,6 +151,10 @@ class ServingSpec:
             variant.update({"InstanceType": self.instance_type, "InitialInstanceCount": self.instance_count,
                             "InitialVariantWeight": 1.0})
         request: dict = {"ProductionVariants": [variant]}
+        if shadow_model_name:  # SageMaker copies to a shadow the share of requests its weight is of production's (1.0)
+            request["ShadowProductionVariants"] = [{
+                **variant, "VariantName": SHADOW_VARIANT, "ModelName": shadow_model_name,
+                "InitialVariantWeight": self.shadow_percent / 100}]
         if self.async_output:  # InvokeEndpointAsync: requests queue, answers land in S3
             output = {"S3OutputPath": self.async_output, **({"S3FailurePath": self.async_failure}
                                                               if self.async_failure else {})}
@@ -183,6 +205,112 @@ def async_problems(spec: ServingSpec) -> list[str]:
     return problems
 
 
+def shadow_problems(spec: ServingSpec) -> list[str]:
+    """What a shadow variant does not take: SageMaker's shadow variants exclude serverless, asynchronous and
+    multi-model endpoints, and local mode has none."""
+    problems = []
+    if not (spec.shadow_model_data or "").startswith("s3://") or not (spec.shadow_model_data or "").endswith(".tar.gz"):
+        problems.append(f"--shadow-model-data {spec.shadow_model_data!r}: expected s3://.../model.tar.gz")
+    if not 1 <= spec.shadow_percent <= 100:
+        problems.append(f"--shadow-percent {spec.shadow_percent}: must be 1-100 (the share of requests copied)")
+    for excluded, what in ((spec.serverless_memory_mb is not None, "serverless"), (spec.async_output, "asynchronous"),
+                           (spec.multi_model, "multi-model"), (spec.local, "local-mode")):
+        if excluded:
+            problems.append(f"SageMaker has no shadow variants on {what} endpoints: drop the --shadow-* flags")
+    return problems
+
+
+@dataclass(frozen=True)
+class Rollout(FlagGroup):
+    """How an update moves the traffic (SageMaker's deployment guardrails): a canary share of the new fleet first, or
+    linear steps, each baked for its wait while the rollback alarms may send all traffic back to the old fleet."""
+
+    canary: int | None = None  # percent of the new fleet's capacity that takes traffic first
+    canary_wait: int | None = None  # seconds the canary (then the whole new fleet) bakes; default STEP_WAIT
+    linear: int | None = None  # percent of the capacity each step adds
+    linear_wait: int | None = None  # seconds each step bakes
+    rollback_alarm: Sequence[str] = ()  # CloudWatch alarms that roll the update back
+
+    @property
+    def given(self) -> bool:
+        return bool(self.rollback_alarm) or any(
+            v is not None for v in (self.canary, self.canary_wait, self.linear, self.linear_wait))
+
+    def problems(self) -> list[str]:
+        problems = []
+        if self.canary is not None and self.linear is not None:
+            problems.append("--canary and --linear: choose one")
+        for flag, percent, (low, high), wait in (("--canary", self.canary, CANARY_PERCENT, self.canary_wait),
+                                                  ("--linear", self.linear, LINEAR_PERCENT, self.linear_wait)):
+            if percent is not None and not low <= percent <= high:
+                problems.append(f"{flag} {percent}: must be {low}-{high} (percent of the new fleet's capacity that "
+                                "SageMaker allows per step)")
+            if wait is not None and percent is None:
+                problems.append(f"{flag}-wait goes with {flag} PERCENT")
+            if wait is not None and not 0 <= wait <= MAX_STEP_WAIT:
+                problems.append(f"{flag}-wait {wait}: must be 0-{MAX_STEP_WAIT} seconds (SageMaker's limit)")
+        if self.rollback_alarm and self.canary is None and self.linear is None:
+            problems.append("--rollback-alarm watches a rollout in steps: add --canary PERCENT or --linear PERCENT")
+        if len(self.rollback_alarm) > MAX_ALARMS:
+            problems.append(f"{len(self.rollback_alarm)} --rollback-alarm: SageMaker takes at most {MAX_ALARMS}")
+        problems += [f"--rollback-alarm {a!r}: not a CloudWatch alarm name (1-255 characters, not blank)"
+                     for a in self.rollback_alarm if not 1 <= len(a) <= 255 or not a.strip()]
+        return problems
+
+    def deployment_config(self) -> dict | None:
+        """UpdateEndpoint's DeploymentConfig; None without rollout flags. Raises UserError naming each bad value."""
+        if not self.given:
+            return None
+        problems = self.problems()
+        if problems:
+            raise UserError("; ".join(problems))
+        canary = self.canary is not None
+        percent = self.canary if canary else self.linear
+        assert percent is not None  # problems() refuses a wait or an alarm without a step size
+        kind, size = ("CANARY", "CanarySize") if canary else ("LINEAR", "LinearStepSize")
+        wait = self.wait
+        steps = 2 if canary else -(-100 // percent)  # a canary, then the rest; or as many steps as fill 100%
+        # Every step bakes (the last one before the old fleet goes too), after the new fleet has started: SageMaker
+        # gives up on the whole rollout at MaximumExecutionTimeoutInSeconds, which must leave room for all of it.
+        deadline = steps * wait + PROVISIONING
+        if deadline > MAX_ROLLOUT:
+            raise UserError(f"{steps} steps baking {wait} s each, plus up to {PROVISIONING} s to start the new fleet, "
+                            f"exceed SageMaker's limit of {MAX_ROLLOUT} s for a rollout: use a shorter wait or "
+                            "larger steps")
+        config: dict = {"BlueGreenUpdatePolicy": {
+            "TrafficRoutingConfiguration": {"Type": kind, size: {"Type": "CAPACITY_PERCENT", "Value": percent},
+                                            "WaitIntervalInSeconds": wait},
+            "TerminationWaitInSeconds": 0, "MaximumExecutionTimeoutInSeconds": deadline}}
+        if self.rollback_alarm:
+            config["AutoRollbackConfiguration"] = {"Alarms": [{"AlarmName": a} for a in self.rollback_alarm]}
+        return config
+
+    @property
+    def wait(self) -> int:
+        given = self.canary_wait if self.canary is not None else self.linear_wait
+        return STEP_WAIT if given is None else given
+
+    def summary(self) -> str:
+        steps = (f"{self.canary}% of the new fleet first, the rest {self.wait} s later" if self.canary is not None
+                 else f"steps of {self.linear}% every {self.wait} s")
+        alarms = f"; rolled back if {' or '.join(self.rollback_alarm)} goes off" if self.rollback_alarm else ""
+        return steps + alarms
+
+
+@dataclass(frozen=True)
+class Shadow(FlagGroup):
+    """A shadow variant: a second model on the same image and instances that gets a copy of shadow_percent of the
+    requests; its answers go only to its metrics and data capture, never to the caller."""
+
+    shadow_model_data: str | None = None  # s3://.../model.tar.gz
+    shadow_training_job: str | None = None  # else the artifact of this Completed training job
+    shadow_percent: int = 100
+
+    @property
+    def given(self) -> bool:
+        return bool(self.shadow_model_data or self.shadow_training_job)
+
+
 def endpoint_request(name: str, config_name: str, tags: list[dict[str, str]] | None = None) -> dict:
     request: dict = {"EndpointName": name, "EndpointConfigName": config_name}
     if tags:
@@ -190,13 +318,17 @@ def endpoint_request(name: str, config_name: str, tags: list[dict[str, str]] | N
     return request
 
 
-def update_endpoint_request(name: str, config_name: str, keep_instance_count: bool = False) -> dict:
+def update_endpoint_request(name: str, config_name: str, keep_instance_count: bool = False,
+                            deployment: dict | None = None) -> dict:
     """keep_instance_count: the variant keeps its current instance count (what autoscaling set) and weight
-    instead of the new config's InitialInstanceCount; the new config's data capture settings still apply."""
+    instead of the new config's InitialInstanceCount; the new config's data capture settings still apply.
+    deployment: a Rollout's DeploymentConfig."""
     request: dict = {"EndpointName": name, "EndpointConfigName": config_name}
     if keep_instance_count:
         request.update({"RetainAllVariantProperties": True,
                         "ExcludeRetainedVariantProperties": [{"VariantPropertyType": "DataCaptureConfig"}]})
+    if deployment:
+        request["DeploymentConfig"] = deployment
     return request
 
 
@@ -443,7 +575,45 @@ def restore_scaling(api: Api, endpoint: str, wanted: tuple[int, int, float], bac
                   endpoint, e, min_n, max_n, target)
 
 
-def wait_in_service(api: Api, name: str, config_name: str, waiting: Waiting) -> None:
+def describe_alarms(api: Api, names: Sequence[str]) -> list[dict]:
+    answer = api.call("cloudwatch", "DescribeAlarms", {"AlarmNames": list(names),
+                                                      "AlarmTypes": ["MetricAlarm", "CompositeAlarm"]}, mutates=False)
+    return answer.get("MetricAlarms", []) + answer.get("CompositeAlarms", [])
+
+
+def check_alarms_exist(api: Api, names: Sequence[str]) -> None:
+    """SageMaker watches the rollback alarms by name: a misspelt one would guard nothing."""
+    if not names or scripting.is_offline(api):
+        return
+    found = {a["AlarmName"] for a in describe_alarms(api, names)}
+    missing = [n for n in names if n not in found]
+    if missing:
+        raise UserError(f"CloudWatch alarm {', '.join(missing)} not found in {scripting.region_of(api)}: create it "
+                        "first (docs/aws.md#rolling-out-a-new-model-safely shows one), or correct --rollback-alarm")
+
+
+def rollback_cause(api: Api, endpoint: dict, alarms: Sequence[str], since: datetime | None) -> str:
+    """Why an update ended on the old config. DescribeEndpoint has only FailureReason (often empty after an alarm),
+    so CloudWatch says which rollback alarm is in ALARM, or changed state since the update began (it may be OK
+    again once the old fleet serves)."""
+    reason = endpoint.get("FailureReason")
+    if not alarms:
+        return reason or "the new config did not become healthy"
+    states = describe_alarms(api, alarms)
+    firing = [a["AlarmName"] for a in states if a["StateValue"] == "ALARM"]
+    changed = [a["AlarmName"] for a in states if a["AlarmName"] not in firing and since is not None
+               and a["StateUpdatedTimestamp"] >= since]
+    causes = ([f"rollback alarm {', '.join(firing)} in ALARM"] if firing else []) + (
+        [f"rollback alarm {', '.join(changed)} changed state during the rollout"] if changed else [])
+    if not causes:
+        causes = [f"no rollback alarm ({', '.join(alarms)}) went off: the new fleet failed to become healthy"]
+    return "; ".join(causes) + (f" ({reason})" if reason else "")
+
+
+def wait_in_service(api: Api, name: str, config_name: str, waiting: Waiting, alarms: Sequence[str] = (),
+                    since: datetime | None = None) -> None:
+    """Wait until the endpoint is InService on `config_name`; a rollback (InService on another config) or a failure
+    raises JobFailed with the cause (the rollback `alarms` of an update begun at `since` among them)."""
     ep = scripting.wait_for(
         lambda: api.call("sagemaker", "DescribeEndpoint", {"EndpointName": name}, mutates=False),
         lambda e: e["EndpointStatus"], {"InService", "Failed", "OutOfService", "UpdateRollbackFailed"},
@@ -453,7 +623,7 @@ def wait_in_service(api: Api, name: str, config_name: str, waiting: Waiting) -> 
         raise JobFailed(f"endpoint {name} {ep['EndpointStatus']}: {ep.get('FailureReason') or 'no reason given'}")
     if ep["EndpointConfigName"] != config_name:
         raise JobFailed(f"endpoint {name} rolled back to {ep['EndpointConfigName']}: "
-                        f"{ep.get('FailureReason') or 'the new config did not become healthy'}")
+                        + rollback_cause(api, ep, alarms, since))
 
 
 def serve_locally(api: Api, name: str, model_name: str, config_name: str, tags: list[dict[str, str]],
@@ -523,8 +693,8 @@ class DeployPlan:
     wanted: tuple[int, int, float] | None = None  # after the deploy: the flags' autoscaling, else what was registered
 
 
-def check_update(api: Api, name: str, endpoint: dict, config: dict) -> dict:
-    """Refuse an update SageMaker would refuse; return the endpoint's current config."""
+def check_update(api: Api, name: str, endpoint: dict, config: dict | None = None) -> dict:
+    """Refuse an update (to `config`, when given) SageMaker would refuse; return the endpoint's current config."""
     if endpoint["EndpointStatus"] in BUSY:
         raise AwsError(f"endpoint {name} is {endpoint['EndpointStatus']}: wait until it is InService, then "
                        "deploy again")
@@ -533,7 +703,7 @@ def check_update(api: Api, name: str, endpoint: dict, config: dict) -> dict:
                        f"delete it with `deploy.py --name {name} --delete`, then deploy again")
     current = api.call("sagemaker", "DescribeEndpointConfig",
                        {"EndpointConfigName": endpoint["EndpointConfigName"]}, mutates=False)
-    if is_serverless(current) != is_serverless(config):
+    if config is not None and is_serverless(current) != is_serverless(config):
         kinds = ("serverless", "instance") if is_serverless(current) else ("instance", "serverless")
         raise UserError(f"endpoint {name} is a {kinds[0]} endpoint and SageMaker cannot update it to a "
                         f"{kinds[1]} one: deploy under another --name, or delete it first (`deploy.py --name "
@@ -541,11 +711,20 @@ def check_update(api: Api, name: str, endpoint: dict, config: dict) -> dict:
     return current
 
 
-def plan_deploy(api: Api, name: str, config: dict, autoscaling: Autoscaling, no_wait: bool) -> DeployPlan:
+def plan_deploy(api: Api, name: str, config: dict, autoscaling: Autoscaling, no_wait: bool,
+                rollout: Rollout = Rollout()) -> DeployPlan:
     endpoint = scripting.describe_or_none(api, "sagemaker", "DescribeEndpoint", {"EndpointName": name})
+    if endpoint is None and rollout.given:
+        if not scripting.is_offline(api):
+            raise UserError(f"endpoint {name} does not exist yet, and --canary/--linear/--rollback-alarm shape an "
+                            "update (traffic moving from the old fleet to the new one): deploy without them first, "
+                            "then deploy the next model with them")
+        log.warning("dry run without AWS access: showing the update of an existing endpoint %s, the only deploy the "
+                    "rollout flags apply to", name)
+        endpoint = {"EndpointName": name, "EndpointConfigName": "<its current config>", "EndpointStatus": "InService"}
     plan = DeployPlan(endpoint, endpoint is None or endpoint["EndpointConfigName"] != config["EndpointConfigName"],
                       current_scaling(api, name) if endpoint else None)
-    if endpoint is not None and plan.changes:
+    if endpoint is not None and plan.changes and not scripting.is_offline(api):
         current = check_update(api, name, endpoint, config)
         # SageMaker refuses an update that changes an autoscaled variant's instance type; a new model is allowed.
         plan.lift = plan.scaling is not None and instance_type_of(current) != instance_type_of(config)
@@ -560,19 +739,22 @@ def plan_deploy(api: Api, name: str, config: dict, autoscaling: Autoscaling, no_
 
 
 def update_endpoint(api: Api, name: str, config_name: str, plan: DeployPlan, waiting: Waiting,
-                    backlog: bool = False) -> None:
-    """Move the endpoint to the new config, lifting autoscaling around the update when the plan says so."""
+                    backlog: bool = False, rollout: Rollout = Rollout()) -> None:
+    """Move the endpoint to the new config (in the rollout's steps), lifting autoscaling around the update when the
+    plan says so."""
     if plan.lift:
         for service, operation, request in deregister_scaling_requests(name, has_from_zero_alarm(api, name)):
             api.call(service, operation, request)
     try:
+        since = datetime.now(UTC)
         # Autoscaled: keep the instance count autoscaling chose rather than the config's initial count.
-        api.call("sagemaker", "UpdateEndpoint",
-                 update_endpoint_request(name, config_name, keep_instance_count=bool(plan.scaling)))
-        log.info("endpoint %s: updating from %s to %s (the old fleet serves until the new one is healthy)",
-                 name, (plan.endpoint or {}).get("EndpointConfigName"), config_name)
+        api.call("sagemaker", "UpdateEndpoint", update_endpoint_request(
+            name, config_name, keep_instance_count=bool(plan.scaling), deployment=rollout.deployment_config()))
+        how = rollout.summary() if rollout.given else "the old fleet serves until the new one is healthy"
+        log.info("endpoint %s: updating from %s to %s (%s)", name, (plan.endpoint or {}).get("EndpointConfigName"),
+                 config_name, how)
         if not (api.dry_run or waiting.no_wait):
-            wait_in_service(api, name, config_name, waiting)
+            wait_in_service(api, name, config_name, waiting, rollout.rollback_alarm, since)
     except BaseException:  # failed call, timeout, rollback, interrupt: never leave it without autoscaling
         if plan.lift and plan.registered is not None:  # what it had: a rollback brings the old instances back
             restore_scaling(api, name, plan.registered, backlog)
@@ -584,14 +766,21 @@ def deploy(access: Access, *, name: str, model: ModelSource, instance_type: str 
            data_capture_percent: int, kms_key: str | None = None, network_isolation: bool = False,
            autoscaling: Autoscaling = Autoscaling(), tags: Sequence[tuple[str, str]] = (),
            timestamp_names: bool = False, waiting: Waiting = Waiting(), async_output: str | None = None,
-           async_failure: str | None = None, async_max_concurrency: int | None = None) -> int:
-    """Create or update the endpoint `name` (with its model and config) and its autoscaling; print its name once it
-    is InService. With access.local, serve it here until Ctrl-C or SIGTERM (serve_locally)."""
+           async_failure: str | None = None, async_max_concurrency: int | None = None,
+           rollout: Rollout = Rollout(), shadow: Shadow = Shadow()) -> int:
+    """Create or update the endpoint `name` (with its model and config, and a shadow variant's model) and its
+    autoscaling; an update moves in the rollout's steps. Print its name once it is InService. With access.local,
+    serve it here until Ctrl-C or SIGTERM (serve_locally)."""
     api = scripting.make_api(access)
     local = scripting.is_local(api)
     autoscaling = replace(autoscaling, backlog=bool(async_output))
     check_deploy_flags(name, local, serverless_memory, data_capture, autoscaling, waiting.no_wait,
                        bool(model.multi_model), bool(async_output))
+    if rollout.deployment_config() and serverless_memory:  # checks the rollout flags too, before any AWS call
+        raise UserError("--canary/--linear/--rollback-alarm: SageMaker's deployment guardrails are for instance "
+                        "endpoints; a serverless endpoint updates all at once")
+    if shadow.shadow_percent != Shadow.shadow_percent and not shadow.given:
+        raise UserError("--shadow-percent goes with --shadow-model-data or --shadow-training-job")
     spec = ServingSpec(
         name=name, image=model.image or "<image>",
         model_data=model.multi_model or (model.model_data if model.model_data and not local else "s3://x/model.tar.gz"),
@@ -601,15 +790,24 @@ def deploy(access: Access, *, name: str, model: ModelSource, instance_type: str 
         data_capture_uri=data_capture, data_capture_percent=data_capture_percent, kms_key=kms_key,
         network_isolation=network_isolation, tags=scripting.tags_from(tags),
         suffix=scripting.timestamp() if timestamp_names else None, local=local, multi_model=bool(model.multi_model),
-        async_output=async_output, async_failure=async_failure, async_max_concurrency=async_max_concurrency)
+        async_output=async_output, async_failure=async_failure, async_max_concurrency=async_max_concurrency,
+        shadow_model_data=shadow.shadow_model_data or ("s3://x/model.tar.gz" if shadow.given else None),
+        shadow_percent=shadow.shadow_percent)
     spec.check()  # the flags alone: before any AWS call
+    if shadow.shadow_training_job:
+        spec.shadow_model_data = model_data_of(api, ModelSource(training_job=shadow.shadow_training_job))
     resolve_model(api, spec, model)
     model_request = spec.model_request()
-    config = spec.endpoint_config_request(model_request["ModelName"])
+    shadow_request = spec.shadow_model_request() if shadow.given else None
+    config = spec.endpoint_config_request(model_request["ModelName"],
+                                          shadow_request["ModelName"] if shadow_request else None)
     config_name = config["EndpointConfigName"]
-    plan = plan_deploy(api, name, config, autoscaling, waiting.no_wait)
+    plan = plan_deploy(api, name, config, autoscaling, waiting.no_wait, rollout)
+    check_alarms_exist(api, rollout.rollback_alarm)
 
     create_model(api, model_request)
+    if shadow_request:
+        create_model(api, shadow_request)
     if scripting.describe_or_none(api, "sagemaker", "DescribeEndpointConfig", {"EndpointConfigName": config_name}):
         log.info("endpoint config %s exists", config_name)
     else:
@@ -621,11 +819,45 @@ def deploy(access: Access, *, name: str, model: ModelSource, instance_type: str 
     elif not plan.changes:
         log.info("endpoint %s already uses %s: nothing to update", name, config_name)
     else:
-        update_endpoint(api, name, config_name, plan, waiting, autoscaling.backlog)
+        update_endpoint(api, name, config_name, plan, waiting, autoscaling.backlog, rollout)
     if plan.endpoint is None and not (waiting.no_wait or api.dry_run):
         wait_in_service(api, name, config_name, waiting)
     if plan.wanted and (plan.lift or autoscaling.max_instances):  # --no-wait only when nothing changed (plan_deploy)
         apply_scaling(api, name, *plan.wanted, backlog=autoscaling.backlog)
+    if not api.dry_run:
+        print(name)
+    return EXIT_OK
+
+
+def promote_shadow(access: Access, name: str, rollout: Rollout = Rollout(), waiting: Waiting = Waiting()) -> int:
+    """Make the endpoint's shadow model its production model: a new config whose production variant is the current
+    one with the shadow's model, and no shadow variant; the endpoint moves to it in the rollout's steps."""
+    rollout.deployment_config()  # checks the flags before any AWS call
+    api = scripting.make_api(access)
+    if scripting.is_offline(api):
+        log.warning("dry run without AWS access: the promoted config copies the endpoint's current one, which "
+                    "cannot be read; showing the update only")
+        plan = DeployPlan({"EndpointConfigName": "<its current config>"}, True, None)
+        update_endpoint(api, name, "<the promoted config>", plan, waiting, rollout=rollout)
+        return EXIT_OK
+    endpoint = scripting.describe_or_none(api, "sagemaker", "DescribeEndpoint", {"EndpointName": name})
+    if endpoint is None:
+        raise AwsError(f"endpoint {name} not found in {scripting.region_of(api)}: nothing to promote")
+    current = check_update(api, name, endpoint)
+    shadows = current.get("ShadowProductionVariants") or []
+    if not shadows:
+        raise UserError(f"endpoint {name} has no shadow variant (its config {endpoint['EndpointConfigName']}): deploy "
+                        "one first with --shadow-model-data or --shadow-training-job")
+    [production] = current["ProductionVariants"]  # SageMaker allows one production variant beside a shadow
+    request: dict = {"ProductionVariants": [{**production, "ModelName": shadows[0]["ModelName"]}],
+                     **{key: current[key] for key in ("DataCaptureConfig", "KmsKeyId") if current.get(key)}}
+    config_name = resource_name(name, suffix=content_hash(request))
+    check_alarms_exist(api, rollout.rollback_alarm)
+    log.info("endpoint %s: promoting shadow model %s (config %s)", name, shadows[0]["ModelName"], config_name)
+    if not scripting.describe_or_none(api, "sagemaker", "DescribeEndpointConfig", {"EndpointConfigName": config_name}):
+        api.call("sagemaker", "CreateEndpointConfig", {"EndpointConfigName": config_name, **request})
+    plan = DeployPlan(endpoint, True, current_scaling(api, name))
+    update_endpoint(api, name, config_name, plan, waiting, rollout=rollout)
     if not api.dry_run:
         print(name)
     return EXIT_OK
@@ -653,7 +885,7 @@ def deployed_names(api: Api, name: str, current: str) -> tuple[list[str], list[s
     config = api.call("sagemaker", "DescribeEndpointConfig", {"EndpointConfigName": current}, mutates=False)
     configs = [current] + [c for c in _list_names(api, "ListEndpointConfigs", "EndpointConfigs", "EndpointConfigName",
                                                   name) if _ours(c, name) and c != current]
-    models = [v["ModelName"] for v in config.get("ProductionVariants", [])]
+    models = [v["ModelName"] for v in config.get("ProductionVariants", []) + config.get("ShadowProductionVariants", [])]
     models += [m for m in _list_names(api, "ListModels", "Models", "ModelName", name)
                if _ours(m, name) and m not in models]
     return configs, models

@@ -7,6 +7,11 @@
     imgclf-deploy --name dog-breeds-per-site --multi-model s3://bucket/models/   # a multi-model endpoint
     imgclf-deploy --name dog-breeds-async --model-data s3://... --async-output s3://bucket/async/ \
         --autoscale-min 0 --autoscale-max 2          # asynchronous inference, scaling to zero when idle
+    imgclf-deploy --name dog-breeds --model-data s3://.../v2/model.tar.gz --canary 25 --canary-wait 600 \
+        --rollback-alarm dog-breeds-5xx       # an update: a quarter of the fleet first, rolled back on the alarm
+    imgclf-deploy --name dog-breeds --model-data s3://.../v1/model.tar.gz --shadow-model-data s3://.../v2/... \
+        --shadow-percent 20                   # v2 answers a copy of 20% of the requests, unseen by callers
+    imgclf-deploy --name dog-breeds --promote-shadow --linear 20 --linear-wait 300   # then v2 serves them
     imgclf-deploy --name dog-breeds --delete
     imgclf-deploy --local --name dog-breeds --model-data sagemaker-local/<job>/output/model.tar.gz
 
@@ -23,10 +28,20 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Collection
 
 from imgclf.aws import endpoints, scripting
 from imgclf.aws.images import image_tag_default
+from imgclf.errors import UserError
 from imgclf.exit_codes import EXIT_CODES_HELP
+
+# Flags SageMaker's local mode has no use for (one container, no updates, no CloudWatch), and what --promote-shadow
+# reads besides the endpoint's own settings.
+CLOUD_ONLY = {"canary", "canary_wait", "linear", "linear_wait", "rollback_alarm", "shadow_model_data",
+              "shadow_training_job", "shadow_percent", "promote_shadow"}
+PROMOTE_FLAGS = {"name", "promote_shadow", "canary", "canary_wait", "linear", "linear_wait", "rollback_alarm",
+                 "no_wait", "timeout", "poll_interval", "region", "profile", "endpoint_url", "dry_run", "verbose",
+                 "role", "local"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,6 +94,33 @@ def build_parser() -> argparse.ArgumentParser:
     scaling.add_argument("--autoscale-target", type=float, metavar="N",
                          help="invocations per instance per minute to aim for (default 100); for an asynchronous "
                               "endpoint, queued requests per instance (ApproximateBacklogSizePerInstance, default 5)")
+    rollout = parser.add_argument_group(
+        "safe rollout: how an update moves the traffic to the new model (SageMaker's deployment guardrails; "
+        "docs/aws.md#rolling-out-a-new-model-safely)")
+    steps = rollout.add_mutually_exclusive_group()
+    steps.add_argument("--canary", type=int, metavar="PERCENT",
+                       help="first this share of the new fleet's capacity (1-50) takes traffic, the rest after "
+                            "--canary-wait")
+    rollout.add_argument("--canary-wait", type=int, metavar="SECONDS",
+                         help=f"how long the canary, then the whole new fleet, bakes (0-3600, default "
+                              f"{endpoints.STEP_WAIT})")
+    steps.add_argument("--linear", type=int, metavar="PERCENT",
+                       help="move the traffic in steps of this share of the capacity (10-50), each baked --linear-wait")
+    rollout.add_argument("--linear-wait", type=int, metavar="SECONDS",
+                         help=f"how long each step bakes (0-3600, default {endpoints.STEP_WAIT})")
+    rollout.add_argument("--rollback-alarm", action="append", default=[], metavar="NAME",
+                         help="a CloudWatch alarm that sends all traffic back to the old fleet if it goes off while "
+                              "the update bakes (repeat, up to 10); deploy.py then exits 1 naming it")
+    shadow = parser.add_argument_group("shadow variant: a second model answers a copy of the requests; only its "
+                                       "metrics and data capture see the answers")
+    shadow_source = shadow.add_mutually_exclusive_group()
+    shadow_source.add_argument("--shadow-model-data", metavar="S3URI", help="the shadow's s3://.../model.tar.gz")
+    shadow_source.add_argument("--shadow-training-job", metavar="JOB", help="the shadow: this training job's model")
+    shadow.add_argument("--shadow-percent", type=int, default=endpoints.Shadow.shadow_percent, metavar="PERCENT",
+                        help="share of the requests copied to the shadow (1-100, default 100)")
+    shadow.add_argument("--promote-shadow", action="store_true",
+                        help="make the endpoint's shadow model its production model, without shadow (an update: "
+                             "--canary or --linear apply)")
     parser.add_argument("--tag", action="append", type=scripting.key_value, default=[], metavar="KEY=VALUE")
     scripting.add_wait_args(parser, "endpoint")
     scripting.add_common_args(parser, role=True)
@@ -87,12 +129,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def given(parser: argparse.ArgumentParser, args: argparse.Namespace, dests: Collection[str]) -> list[str]:
+    """The options among `dests` that the command line set (their value is not the default)."""
+    return [a.option_strings[0] for a in parser._actions
+            if a.dest in dests and a.option_strings and getattr(args, a.dest) != a.default]
+
+
 @scripting.program
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     flags = vars(args)
+    if args.local and (cloud_only := given(parser, args, CLOUD_ONLY)):
+        raise UserError(f"{', '.join(cloud_only)}: not in SageMaker's local mode (one container per endpoint, no "
+                        "updates to roll out, no shadow variants); drop them, or deploy on AWS")
     if args.delete:
         return endpoints.delete(scripting.Access.from_flags(flags), args.name)
+    if args.promote_shadow:
+        if unused := given(parser, args, set(flags) - PROMOTE_FLAGS):
+            raise UserError(f"{', '.join(unused)}: --promote-shadow keeps the endpoint's settings and takes the model "
+                            "of its shadow variant; drop them")
+        return endpoints.promote_shadow(scripting.Access.from_flags(flags), args.name,
+                                        endpoints.Rollout.from_flags(flags), scripting.Waiting.from_flags(flags))
     return endpoints.deploy(
         scripting.Access.from_flags(flags), name=args.name, model=endpoints.ModelSource.from_flags(flags),
         instance_type=args.instance_type, instance_count=args.instance_count,
@@ -102,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
         autoscaling=endpoints.Autoscaling(args.autoscale_min, args.autoscale_max, args.autoscale_target),
         tags=args.tag, timestamp_names=args.timestamp_names, waiting=scripting.Waiting.from_flags(flags),
         async_output=args.async_output, async_failure=args.async_failure,
-        async_max_concurrency=args.async_max_concurrency)
+        async_max_concurrency=args.async_max_concurrency, rollout=endpoints.Rollout.from_flags(flags),
+        shadow=endpoints.Shadow.from_flags(flags))
 
 
 if __name__ == "__main__":
