@@ -292,6 +292,8 @@ def needs(tmp: Path) -> dict[str, list[Need]]:
         Need("SageMaker", "cloudwatch:PutMetricData", "*", {"cloudwatch:namespace": LOG_GROUP}),
         *[Need("SageMaker (rules-stop)", "sagemaker:StopTrainingJob", sm("training-job", name))
           for name in (job, tuned)],
+        # a canary or linear rollout: SageMaker reads deploy.py's --rollback-alarm alarms with the execution role
+        Need("SageMaker (rollout)", "cloudwatch:DescribeAlarms", arn("cloudwatch", f"alarm:{ENDPOINT}-5xx")),
     ]
     return {"scripts-policy.json": scripts, "push-images-policy.json": push, "execution-role-policy.json": execution}
 
