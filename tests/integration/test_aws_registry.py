@@ -17,6 +17,7 @@ from imgclf.aws.transform import TransformSpec
 
 from tests.aws_helpers import (
     ACCOUNT,
+    ROLE,
     client,
     dry_run_requests,
     failed,
@@ -155,8 +156,21 @@ def test_register_approve_and_reject_against_moto(aws_env, moto_server, serve_di
     assert [s["operation"] for s in dry_run_requests(dry.stdout)] == ["PutObject", "CreateModelPackage"]
     assert len(sm.list_model_packages(ModelPackageGroupName="dog-breeds-registry")["ModelPackageSummaryList"]) == 2
 
+    # deploy.py serves a version only once it is Approved: before, it says why and creates nothing.
+    deploy = ["--name", "dog-breeds-registry", "--model-package", arn, "--role", ROLE, "--poll-interval", "0.1"]
+    pending = run_script("deploy.py", *deploy, env=aws_env)
+    assert pending.returncode == 2, failed(pending)
+    assert f"model package {arn} is PendingManualApproval" in pending.stderr and "--approve" in pending.stderr
+    assert not sm.list_models(NameContains="dog-breeds-registry")["Models"]
+
     approved = run_script("register_model.py", "--approve", arn, env=aws_env)
     assert approved.returncode == 0, failed(approved)
+    deployed = run_script("deploy.py", *deploy, env=aws_env)
+    assert deployed.returncode == 0, failed(deployed)
+    config = sm.describe_endpoint_config(
+        EndpointConfigName=sm.describe_endpoint(EndpointName="dog-breeds-registry")["EndpointConfigName"])
+    model = sm.describe_model(ModelName=config["ProductionVariants"][0]["ModelName"])
+    assert model["PrimaryContainer"]["ModelPackageName"] == arn and "Image" not in model["PrimaryContainer"]
     assert approved.stdout.strip() == arn
     assert sm.describe_model_package(ModelPackageName=arn)["ModelApprovalStatus"] == "Approved"
     again = run_script("register_model.py", "--approve", arn, env=aws_env)

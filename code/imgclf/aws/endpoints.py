@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
 from imgclf import instances
-from imgclf.aws import scripting
+from imgclf.aws import registry, scripting
 from imgclf.aws.images import DEFAULT_TAG, LOCAL_INSTANCE_TYPES
 from imgclf.aws.scripting import Access, Waiting, resource_name
 from imgclf.aws.session import Api, AwsError
@@ -75,6 +75,7 @@ class ServingSpec:
     async_max_concurrency: int | None = None  # requests a container takes at once (SageMaker's default: its own)
     shadow_model_data: str | None = None  # a shadow variant's model (same image and instances): s3://.../model.tar.gz
     shadow_percent: int = 100  # the share of the requests SageMaker copies to the shadow
+    model_package: str | None = None  # a registry's version (ARN): it names the image and model_data itself
 
     def check(self) -> None:
         problems = []
@@ -124,7 +125,9 @@ class ServingSpec:
         environment = {**self.environment, **({MULTI_MODEL_ENV: "true"} if self.multi_model else {})}
         if self.async_output:  # queued requests may be large photos (up to 1 GB): the container's limit, raised
             environment.setdefault(PAYLOAD_ENV, str(ASYNC_PAYLOAD_MB))
-        container: dict = {"Image": self.image, "ModelDataUrl": self.model_data, "Environment": environment}
+        container: dict = ({"ModelPackageName": self.model_package} if self.model_package
+                           else {"Image": self.image, "ModelDataUrl": self.model_data})
+        container["Environment"] = environment
         if self.multi_model:  # SageMaker loads the models under the prefix on demand (TargetModel)
             container["Mode"] = "MultiModel"
         # Isolation changes the name; without it, names stay what earlier versions gave (no needless update).
@@ -140,7 +143,7 @@ class ServingSpec:
     def shadow_model_request(self) -> dict:
         """The shadow variant's model: this one with the shadow's artifact. Always named by its content hash, so that
         it differs from the production model under --timestamp-names too."""
-        return replace(self, model_data=self.shadow_model_data or "", suffix=None).model_request()
+        return replace(self, model_data=self.shadow_model_data or "", model_package=None, suffix=None).model_request()
 
     def endpoint_config_request(self, model_name: str, shadow_model_name: str | None = None) -> dict:
         variant: dict = {"VariantName": VARIANT, "ModelName": model_name}
@@ -438,11 +441,12 @@ class ModelSource(FlagGroup):
     """The model to serve, as deploy.py's and batch_predict.py's flags give it: its artifact (or the training job that
     made it), the serving image, the container's environment and the execution role."""
 
-    OPTIONAL_FLAGS = frozenset({"multi_model"})  # batch_predict.py hosts one model
+    OPTIONAL_FLAGS = frozenset({"multi_model", "model_package"})  # batch_predict.py: one model, by its artifact
 
     model_data: str | None = None  # s3://.../model.tar.gz; with --local a local file
     training_job: str | None = None  # else the artifact of this Completed training job
     multi_model: str | None = None  # else the S3 prefix of a multi-model endpoint's models
+    model_package: str | None = None  # else an Approved version of the model registry (its ARN)
     image: str | None = None  # default: the serving image tagged image_tag
     image_tag: str = DEFAULT_TAG
     workers: int | None = None  # SAGEMAKER_MODEL_SERVER_WORKERS
@@ -506,9 +510,17 @@ def resolve_model(api: Api, spec: ServingSpec, source: ModelSource) -> None:
                         "Runtime on the CPU: the GPU would be paid for and idle. Use a CPU instance type (ml.c5, "
                         "ml.m5, ...), or pass --image with a serving image that has onnxruntime-gpu (with "
                         "IMGCLF_SERVE_DEVICE=cuda it refuses to start without a GPU)")
-    spec.model_data = model_data_of(api, source)
     spec.role_arn = scripting.role_arn(api, source.role)
-    spec.image = scripting.serving_image(api, source.image, source.image_tag)
+    if source.model_package:
+        if source.image:
+            raise UserError("--image: a model package names its image (by digest); drop --image or --model-package")
+        spec.model_package = source.model_package
+        if package := registry.approved_package(api, source.model_package):
+            container = package["InferenceSpecification"]["Containers"][0]
+            spec.image, spec.model_data = container["Image"], container["ModelDataUrl"]
+    else:
+        spec.model_data = model_data_of(api, source)
+        spec.image = scripting.serving_image(api, source.image, source.image_tag)
     spec.check()
 
 

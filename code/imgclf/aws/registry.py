@@ -154,6 +154,23 @@ def _described(api: Api, operation: str, params: dict) -> dict | None:
         raise
 
 
+def approved_package(api: Api, arn: str) -> dict | None:
+    """The model package version `arn`, which deploy.py --model-package serves only once a person approved it (None
+    in a dry run without AWS access)."""
+    check_package_arn(arn, "--model-package")
+    package = _described(api, "DescribeModelPackage", {"ModelPackageName": arn})
+    if package is None:
+        if scripting.is_offline(api):
+            return None
+        raise AwsError(f"model package {arn} not found in {scripting.region_of(api)}: check the ARN "
+                       "(register_model.py printed it)")
+    status = package.get("ModelApprovalStatus", "unknown")
+    if status != "Approved":
+        raise UserError(f"model package {arn} is {status}: only an Approved version is deployed; after checking its "
+                        f"metrics, approve it with register_model.py --approve {arn}, or deploy another version")
+    return package
+
+
 def completed_job(api: Api, name: str) -> dict | None:
     """The Completed training job `name` (None in a dry run without AWS access)."""
     job = _described(api, "DescribeTrainingJob", {"TrainingJobName": name})

@@ -12,6 +12,7 @@
     imgclf-deploy --name dog-breeds --model-data s3://.../v1/model.tar.gz --shadow-model-data s3://.../v2/... \
         --shadow-percent 20                   # v2 answers a copy of 20% of the requests, unseen by callers
     imgclf-deploy --name dog-breeds --promote-shadow --linear 20 --linear-wait 300   # then v2 serves them
+    imgclf-deploy --name dog-breeds --model-package arn:aws:sagemaker:...:model-package/dog-breeds/3  # approved
     imgclf-deploy --name dog-breeds --delete
     imgclf-deploy --local --name dog-breeds --model-data sagemaker-local/<job>/output/model.tar.gz
 
@@ -37,7 +38,7 @@ from imgclf.exit_codes import EXIT_CODES_HELP
 
 # Flags SageMaker's local mode has no use for (one container, no updates, no CloudWatch), and what --promote-shadow
 # reads besides the endpoint's own settings.
-CLOUD_ONLY = {"canary", "canary_wait", "linear", "linear_wait", "rollback_alarm", "shadow_model_data",
+CLOUD_ONLY = {"model_package", "canary", "canary_wait", "linear", "linear_wait", "rollback_alarm", "shadow_model_data",
               "shadow_training_job", "shadow_percent", "promote_shadow"}
 PROMOTE_FLAGS = {"name", "promote_shadow", "canary", "canary_wait", "linear", "linear_wait", "rollback_alarm",
                  "no_wait", "timeout", "poll_interval", "region", "profile", "endpoint_url", "dry_run", "verbose",
@@ -54,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     source = model.add_mutually_exclusive_group()
     source.add_argument("--model-data", metavar="S3URI", help="s3://.../model.tar.gz (train.py prints it)")
     source.add_argument("--training-job", metavar="JOB", help="take the model artifact of this training job")
+    source.add_argument("--model-package", metavar="ARN",
+                        help="an Approved version of the model registry (register_model.py prints its ARN); any "
+                             "other status is refused")
     source.add_argument("--multi-model", metavar="S3PREFIX",
                         help="a multi-model endpoint (Mode MultiModel): the S3 prefix that holds the models' "
                              "model.tar.gz files, loaded on demand; predict.py --target-model a/model.tar.gz picks one")
