@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 import logging
@@ -20,7 +21,7 @@ from imgclf import artifacts, atomic
 from imgclf.aws import s3sync, scripting
 from imgclf.aws.images import DEFAULT_TAG, image_uri, local_image, training_kind
 from imgclf.aws.session import Api, AwsError, check_local_image
-from imgclf.aws.training import JobSpec
+from imgclf.aws.training import INPUT_MODES, MAX_KEEP_ALIVE_S, MAX_RETRIES, PIPE_REFUSED, JobSpec
 from imgclf.errors import UserError
 from imgclf.exit_codes import JobFailed
 from imgclf.flags import CLOUD, FlagGroup, only_for
@@ -30,6 +31,12 @@ log = logging.getLogger("imgclf.aws")
 LOG_GROUP = "/aws/sagemaker/TrainingJobs"
 DEFAULT_INSTANCE_TYPE = "ml.g4dn.xlarge"
 LOCAL_OUTPUT = "sagemaker-local"  # --local's default output folder (what s3://<bucket>/imgclf/output is on AWS)
+# JobOptions field -> (flag, why SageMaker's local mode cannot do it)
+LOCAL_CANNOT = {
+    "shard_by_s3_key": ("--shard-by-s3-key", "every local container mounts the whole folder"),
+    "keep_alive": ("--keep-alive", "local containers are not kept warm"),
+    "max_retries": ("--max-retries", "a failed local job is not retried"),
+}
 
 
 @dataclass(frozen=True)
@@ -56,6 +63,10 @@ class JobOptions(FlagGroup):
     volume_kms_key: str | None = None
     encrypt_inter_container: bool = False
     role: str | None = None
+    input_mode: str = "File"
+    shard_by_s3_key: bool = False
+    keep_alive: int | None = None
+    max_retries: int | None = None
 
 
 def add_job_args(parser: argparse.ArgumentParser) -> None:
@@ -70,6 +81,10 @@ def add_job_args(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--output", metavar="S3URI",
                       help="where SageMaker writes <job>/output/model.tar.gz (default: s3://<data bucket>/imgclf/"
                            "output)")
+    data.add_argument("--input-mode", choices=INPUT_MODES, default=JobOptions.input_mode,
+                      help="File (default): the channels are copied to the instance before training; FastFile: "
+                           "files are read from S3 as the job opens them (with --local: File); Pipe is refused "
+                           "(the job reads image files)")
     hps = parser.add_argument_group("hyperparameters")
     hps.add_argument("--hyperparameters", type=Path, metavar="FILE",
                      help="JSON {name: value}, e.g. what tune.py wrote")
@@ -98,6 +113,15 @@ def add_job_args(parser: argparse.ArgumentParser) -> None:
         res.add_argument("--network-isolation", action="store_true",
                          help="no network access from the container (weights must come from the weights channel)"),
         res.add_argument("--tag", action="append", type=scripting.key_value, default=[], metavar="KEY=VALUE"),
+        res.add_argument("--shard-by-s3-key", action="store_true",
+                         help="with --instance-count 2 or more and --channel train=/valid=: each instance gets its "
+                              "own part of the train channel's files (ShardedByS3Key) instead of all of them"),
+        res.add_argument("--keep-alive", type=int, metavar="SECONDS",
+                         help=f"keep the instances warm this long after the job (warm pool, 0-{MAX_KEEP_ALIVE_S}; "
+                              "billed), for a next job with the same resources"),
+        res.add_argument("--max-retries", type=int, metavar="N",
+                         help=f"retry a job that fails with an internal error up to N times (1-{MAX_RETRIES}; "
+                              "RetryStrategy)"),
     )
     security = parser.add_argument_group("security (SageMaker only)")
     only_for(
@@ -111,6 +135,23 @@ def add_job_args(parser: argparse.ArgumentParser) -> None:
         security.add_argument("--encrypt-inter-container", action="store_true",
                               help="encrypt the traffic between the instances of a distributed job"),
     )
+
+
+def check_job_options(options: JobOptions, local: bool) -> JobOptions:
+    """Refuse what the job cannot do, in one line before anything starts: Pipe input, and with --local what SageMaker's
+    local mode lacks. With --local, FastFile becomes File (local mode mounts local folders), with a note."""
+    if options.input_mode == "Pipe":
+        raise UserError(PIPE_REFUSED)
+    if not local:
+        return options
+    given = [(flag, why) for name, (flag, why) in LOCAL_CANNOT.items() if getattr(options, name) not in (None, False)]
+    if given:
+        raise UserError(f"{', '.join(flag for flag, _ in given)}: not in local mode "
+                        f"({'; '.join(why for _, why in given)}); drop them")
+    if options.input_mode == "FastFile":
+        log.info("--input-mode FastFile: with --local the channels are local folders, mounted as in File mode")
+        return dataclasses.replace(options, input_mode="File")
+    return options
 
 
 def hyperparameters_from(file: Path | None, pairs: Sequence[tuple[str, str]] = ()) -> dict[str, Any]:
@@ -168,7 +209,9 @@ def job_spec(api: Api, job_name: str, options: JobOptions, checkpoints: bool = T
                    max_wait_s=options.max_wait, checkpoint_uri=checkpoint, network_isolation=options.network_isolation,
                    subnets=list(options.subnet), security_groups=list(options.security_group),
                    output_kms_key=options.kms_key, volume_kms_key=options.volume_kms_key,
-                   encrypt_inter_container=options.encrypt_inter_container,
+                   encrypt_inter_container=options.encrypt_inter_container, input_mode=options.input_mode,
+                   shard_train=options.shard_by_s3_key, keep_alive_s=options.keep_alive,
+                   max_retries=options.max_retries,
                    local=local, tensorboard_uri=None if local else f"{output.rstrip('/')}/{job_name}/tensorboard")
 
 

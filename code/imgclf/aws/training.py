@@ -15,7 +15,9 @@ from imgclf.config import (
     CHECKPOINT_DIR,
     METRIC_DEFINITIONS,
     TENSORBOARD_DIR,
+    default,
     hyperparameter_strings,
+    parse_value,
     rule_metric_definitions,
 )
 from imgclf.debugging.rules import RULES
@@ -24,6 +26,16 @@ from imgclf.search.results import user_hyperparameters
 from imgclf.search.space import OBJECTIVES, check_disjoint, parameter_ranges
 
 CHANNELS = ("training", "train", "valid", "test", "weights")
+INPUT_MODES = ("File", "FastFile", "Pipe")
+PIPE_REFUSED = ("--input-mode Pipe: Pipe streams each channel as one FIFO of records, and the job reads an ImageFolder "
+                "(class folders of image files); use File (copied before training) or FastFile (read from S3 on "
+                "demand)")
+SHARDED_CHANNEL = "train"  # the one channel --shard-by-s3-key splits between the instances
+MAX_KEEP_ALIVE_S = 3600  # warm pools: SageMaker's documented maximum (the API model allows more)
+MAX_RETRIES = 30  # RetryStrategy.MaximumRetryAttempts: 1-30
+# Tuning: ResourceLimits.MaxRuntimeInSeconds, and Hyperband's largest MaxResource (epochs).
+TUNING_RUNTIME_S = (120, 15_768_000)
+HYPERBAND_MAX_RESOURCE = 20_000
 
 
 @dataclass
@@ -49,6 +61,10 @@ class JobSpec:
     output_kms_key: str | None = None  # encrypts model.tar.gz, output.tar.gz (and checkpoints) in S3
     volume_kms_key: str | None = None  # encrypts the instances' storage volumes
     encrypt_inter_container: bool = False  # distributed training: encrypt traffic between the instances
+    input_mode: str = "File"  # TrainingInputMode and each channel's InputMode: File or FastFile
+    shard_train: bool = False  # the train channel ShardedByS3Key: each instance gets its own part of the files
+    keep_alive_s: int | None = None  # warm pool: ResourceConfig.KeepAlivePeriodInSeconds
+    max_retries: int | None = None  # RetryStrategy.MaximumRetryAttempts
     local: bool = False  # SageMaker's local mode: file:// locations, instance type local or local_gpu
 
     def check(self) -> None:
@@ -87,11 +103,44 @@ class JobSpec:
         problems += [f"--subnet {s!r}: expected subnet-<hex>" for s in self.subnets if not s.startswith("subnet-")]
         problems += [f"--security-group {g!r}: expected sg-<hex>" for g in self.security_groups
                      if not g.startswith("sg-")]
+        problems += self._check_options()
         if problems:
             raise UserError("; ".join(problems))
 
+    def _check_options(self) -> list[str]:
+        """Input mode, sharding, warm pool and retries."""
+        problems = []
+        if self.input_mode == "Pipe":
+            problems.append(PIPE_REFUSED)
+        elif self.input_mode not in INPUT_MODES:
+            problems.append(f"input mode {self.input_mode!r}: use File or FastFile")
+        elif self.local and self.input_mode != "File":
+            problems.append(f"input mode {self.input_mode}: local mode mounts local folders (File)")
+        if self.shard_train:
+            if self.instance_count < 2:
+                problems.append(f"--shard-by-s3-key splits the train channel between the instances: it needs "
+                                f"--instance-count 2 or more (got {self.instance_count})")
+            if SHARDED_CHANNEL not in self.channels:
+                problems.append("--shard-by-s3-key splits the train channel only (every instance needs the whole "
+                                "validation and test splits): give --channel train=S3URI --channel valid=S3URI "
+                                "[--channel test=S3URI] instead of --data")
+        if self.keep_alive_s is not None:
+            if not 0 <= self.keep_alive_s <= MAX_KEEP_ALIVE_S:
+                problems.append(f"--keep-alive {self.keep_alive_s}: warm pools keep instances 0-{MAX_KEEP_ALIVE_S} s")
+            if self.spot:
+                problems.append("--keep-alive with --spot: SageMaker's warm pools do not take managed spot training; "
+                                "drop one")
+        if self.max_retries is not None and not 1 <= self.max_retries <= MAX_RETRIES:
+            problems.append(f"--max-retries {self.max_retries}: SageMaker retries a job 1-{MAX_RETRIES} times")
+        if self.local:
+            problems += [f"{flag}: not in SageMaker's local mode" for flag, given in (
+                ("--shard-by-s3-key", self.shard_train), ("--keep-alive", self.keep_alive_s is not None),
+                ("--max-retries", self.max_retries is not None)) if given]
+        return problems
+
     def input_data_config(self) -> list[dict]:
-        return [{"ChannelName": name, "InputMode": "File", "DataSource": _data_source(uri)}
+        return [{"ChannelName": name, "InputMode": self.input_mode,
+                 "DataSource": _data_source(uri, self.shard_train and name == SHARDED_CHANNEL)}
                 for name, uri in sorted(self.channels.items())]
 
     def common(self) -> dict:
@@ -120,14 +169,21 @@ class JobSpec:
             request["ResourceConfig"]["VolumeKmsKeyId"] = self.volume_kms_key
         if self.encrypt_inter_container:
             request["EnableInterContainerTrafficEncryption"] = True
+        if self.keep_alive_s is not None:
+            request["ResourceConfig"]["KeepAlivePeriodInSeconds"] = self.keep_alive_s
+        if self.max_retries is not None:
+            request["RetryStrategy"] = {"MaximumRetryAttempts": self.max_retries}
         return request
 
 
-def _data_source(uri: str) -> dict:
-    """S3, or for the SDK's local mode a local folder (its FileDataSource, which requires the distribution type)."""
+def _data_source(uri: str, sharded: bool = False) -> dict:
+    """S3, or for the SDK's local mode a local folder (its FileDataSource, which requires the distribution type).
+    `sharded`: each instance gets its own part of the objects (the training job reads inputdataconfig.json's
+    S3DistributionType and splits its sampler accordingly: imgclf.training.sampling)."""
     if uri.startswith("file://"):
         return {"FileDataSource": {"FileUri": uri, "FileDataDistributionType": "FullyReplicated"}}
-    return {"S3DataSource": {"S3DataType": "S3Prefix", "S3Uri": uri, "S3DataDistributionType": "FullyReplicated"}}
+    return {"S3DataSource": {"S3DataType": "S3Prefix", "S3Uri": uri,
+                             "S3DataDistributionType": "ShardedByS3Key" if sharded else "FullyReplicated"}}
 
 
 def metric_definitions(rules: bool = False) -> list[dict[str, str]]:
@@ -167,7 +223,7 @@ def training_job_request(name: str, spec: JobSpec, hyperparameters: dict[str, An
     request = {
         "TrainingJobName": name,
         "HyperParameters": hyperparameter_strings(hyperparameters),
-        "AlgorithmSpecification": {"TrainingImage": spec.image, "TrainingInputMode": "File",
+        "AlgorithmSpecification": {"TrainingImage": spec.image, "TrainingInputMode": spec.input_mode,
                                    "MetricDefinitions": metric_definitions(rules=True),
                                    "EnableSageMakerMetricsTimeSeries": True},
         **spec.common(),
@@ -184,24 +240,47 @@ def tuning_job_request(name: str, spec: JobSpec, space: dict[str, dict[str, Any]
                        max_jobs: int = 10, max_parallel: int = 2, early_stopping: bool = True,
                        strategy: str = "Bayesian", warm_start_from: list[str] | None = None,
                        warm_start_type: str = "IdenticalDataAndAlgorithm",
-                       tags: list[dict[str, str]] | None = None) -> dict:
+                       tags: list[dict[str, str]] | None = None, hyperband_min_epochs: int | None = None,
+                       target_objective: float | None = None, max_runtime_s: int | None = None,
+                       random_seed: int | None = None) -> dict:
+    """CreateHyperParameterTuningJob. Hyperband: see hyperband_config. Completion criteria: `target_objective` (the
+    objective's value at which SageMaker stops the tuning job) and `max_runtime_s` (the whole tuning job's limit)."""
     spec.check()
     check_disjoint(space, static_hyperparameters)
     if not 1 <= max_parallel <= max_jobs:
         raise UserError(f"max parallel jobs {max_parallel} must be between 1 and max jobs {max_jobs}")
     metric, direction = OBJECTIVES[objective]
+    config: dict[str, Any] = {
+        "Strategy": strategy,
+        "HyperParameterTuningJobObjective": {"Type": direction, "MetricName": metric},
+        "ResourceLimits": {"MaxNumberOfTrainingJobs": max_jobs, "MaxParallelTrainingJobs": max_parallel},
+        "ParameterRanges": parameter_ranges(space),
+        "TrainingJobEarlyStoppingType": "Auto" if early_stopping else "Off",
+    }
+    if strategy == "Hyperband":
+        config["StrategyConfig"] = {"HyperbandStrategyConfig": hyperband_config(space, static_hyperparameters,
+                                                                                hyperband_min_epochs)}
+        config["TrainingJobEarlyStoppingType"] = "Off"  # SageMaker requires it: Hyperband stops jobs itself
+    elif hyperband_min_epochs is not None:
+        raise UserError("--hyperband-min-epochs is for --strategy Hyperband")
+    if target_objective is not None:
+        check_target(objective, target_objective)
+        config["TuningJobCompletionCriteria"] = {"TargetObjectiveMetricValue": target_objective}
+    if max_runtime_s is not None:
+        low, high = TUNING_RUNTIME_S
+        if not low <= max_runtime_s <= high:
+            raise UserError(f"--max-tuning-runtime {max_runtime_s}: SageMaker takes {low}-{high} seconds")
+        config["ResourceLimits"]["MaxRuntimeInSeconds"] = max_runtime_s
+    if random_seed is not None:
+        if random_seed < 0:
+            raise UserError(f"--random-seed {random_seed}: must be 0 or more")
+        config["RandomSeed"] = random_seed
     request: dict[str, Any] = {
         "HyperParameterTuningJobName": name,
-        "HyperParameterTuningJobConfig": {
-            "Strategy": strategy,
-            "HyperParameterTuningJobObjective": {"Type": direction, "MetricName": metric},
-            "ResourceLimits": {"MaxNumberOfTrainingJobs": max_jobs, "MaxParallelTrainingJobs": max_parallel},
-            "ParameterRanges": parameter_ranges(space),
-            "TrainingJobEarlyStoppingType": "Auto" if early_stopping else "Off",
-        },
+        "HyperParameterTuningJobConfig": config,
         "TrainingJobDefinition": {
             "StaticHyperParameters": hyperparameter_strings(static_hyperparameters),
-            "AlgorithmSpecification": {"TrainingImage": spec.image, "TrainingInputMode": "File",
+            "AlgorithmSpecification": {"TrainingImage": spec.image, "TrainingInputMode": spec.input_mode,
                                        "MetricDefinitions": metric_definitions()},
             **spec.common(),
         },
@@ -213,6 +292,40 @@ def tuning_job_request(name: str, spec: JobSpec, space: dict[str, dict[str, Any]
     if tags:
         request["Tags"] = tags
     return request
+
+
+HYPERBAND_EPOCHS_TUNED = (
+    "--strategy Hyperband: epochs is the resource Hyperband hands out (HyperbandStrategyConfig.MaxResource, which "
+    "SageMaker takes from the static epochs), so it cannot be tuned: drop the epochs range (--param or "
+    "--search-space) and give --hp epochs=N, the most epochs a training job may run")
+
+
+def hyperband_config(space: dict[str, Any], static: dict[str, Any], min_epochs: int | None) -> dict[str, int]:
+    """HyperbandStrategyConfig. Hyperband's resource is epochs, counted by the objective values a job prints (one
+    `epoch=N ... valid_accuracy=...` line per epoch): SageMaker stops a job when Hyperband gives up on it, and at
+    MaxResource. MaxResource is the static epochs (what SageMaker infers when it is missing, sent explicitly here),
+    so epochs must be static; MinResource (optional) is the fewest epochs before a job may be stopped."""
+    if "epochs" in space:
+        raise UserError(HYPERBAND_EPOCHS_TUNED)
+    epochs = int(parse_value("epochs", static.get("epochs", default("epochs"))))
+    if epochs > HYPERBAND_MAX_RESOURCE:
+        raise UserError(f"epochs={epochs}: Hyperband allows at most {HYPERBAND_MAX_RESOURCE}")
+    config = {"MaxResource": epochs}
+    if min_epochs is not None:
+        if not 1 <= min_epochs <= epochs:
+            raise UserError(f"--hyperband-min-epochs {min_epochs}: must be between 1 and epochs={epochs} "
+                            "(MaxResource)")
+        config["MinResource"] = min_epochs
+    return config
+
+
+def check_target(objective: str, value: float) -> None:
+    """A target objective value the metric can reach: accuracy is a fraction (0.85, not 85), a loss is >= 0."""
+    metric, _ = OBJECTIVES[objective]
+    if objective == "accuracy" and not 0 < value <= 1:
+        raise UserError(f"--target-objective {value:g}: {metric} is a fraction between 0 and 1 (e.g. 0.85)")
+    if objective == "loss" and value < 0:
+        raise UserError(f"--target-objective {value:g}: {metric} is 0 or more")
 
 
 def best_hyperparameters(tuning_job: dict) -> dict[str, Any]:

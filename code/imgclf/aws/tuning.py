@@ -17,8 +17,14 @@ from typing import Any
 from imgclf.aws import jobs, scripting
 from imgclf.aws.scripting import Access, Waiting
 from imgclf.aws.session import Api, AwsError
-from imgclf.aws.training import MAX_WARM_START_PARENTS, best_hyperparameters, check_warm_start, tuning_job_request
-from imgclf.config import hyperparameter_strings
+from imgclf.aws.training import (
+    HYPERBAND_EPOCHS_TUNED,
+    MAX_WARM_START_PARENTS,
+    best_hyperparameters,
+    check_warm_start,
+    tuning_job_request,
+)
+from imgclf.config import default, hyperparameter_strings, parse_value
 from imgclf.errors import UserError
 from imgclf.exit_codes import EXIT_OK, JobFailed
 from imgclf.flags import FlagGroup
@@ -44,12 +50,37 @@ class Search(FlagGroup):
     no_early_stopping: bool = False
     warm_start: Sequence[str] = ()
     warm_start_type: str = "IdenticalDataAndAlgorithm"
+    hyperband_min_epochs: int | None = None  # Hyperband's MinResource
+    target_objective: float | None = None  # completion criteria: the objective value that ends the tuning job
+    max_tuning_runtime: int | None = None  # and the whole tuning job's time limit (seconds)
+    random_seed: int | None = None
 
     def space(self) -> dict[str, dict[str, Any]]:
         space = load_search_space(self.search_space) if self.search_space else dict(DEFAULT_SEARCH_SPACE)
         for name, spec in self.param:
             space[name] = parse_range(name, spec)
         return space
+
+    def names_epochs(self) -> bool:
+        """Whether the user's own ranges (--search-space, --param) tune epochs, rather than the default space."""
+        return self.search_space is not None or any(name == "epochs" for name, _ in self.param)
+
+
+def hyperband_inputs(search: Search, space: dict[str, dict[str, Any]],
+                     static: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """The space and static hyperparameters of a Hyperband search: epochs is Hyperband's resource (MaxResource), so
+    it is static (training.hyperband_config). The default space's epochs range gives way to its largest value, or
+    to --hp epochs; a range the user gave is refused."""
+    if "epochs" in space:
+        if search.names_epochs():
+            raise UserError(HYPERBAND_EPOCHS_TUNED)
+        values = space["epochs"].get("values") or [space["epochs"]["max"]]
+        top = max(int(parse_value("epochs", v)) for v in values)
+        space = {name: r for name, r in space.items() if name != "epochs"}
+        log.info("--strategy Hyperband: epochs is not tuned but handed out by Hyperband, up to epochs=%s per job",
+                 static.get("epochs", top))
+        static = {"epochs": top, **static}
+    return space, {"epochs": default("epochs"), **static}
 
 
 def wait_tuning_job(api: Api, name: str, waiting: Waiting) -> dict:
@@ -120,8 +151,10 @@ def create_tuning_job(access: Access, *, job_name: str | None, job: jobs.JobOpti
                       tags: Sequence[tuple[str, str]] = ()) -> tuple[Api, str]:
     """Check the inputs (before anything is sent), then send CreateHyperParameterTuningJob; (the Api, its name).
     The static hyperparameters: --hyperparameters FILE, then each --hp over it."""
-    space = search.space()
-    static = static_hyperparameters(space, jobs.hyperparameters_from(hyperparameters_file, hp))
+    space, static = search.space(), jobs.hyperparameters_from(hyperparameters_file, hp)
+    if search.strategy == "Hyperband":
+        space, static = hyperband_inputs(search, space, static)
+    static = static_hyperparameters(space, static)
     hyperparameter_strings(static)  # a bad value stops here, before anything is sent
     if job.checkpoint_s3:
         # One definition serves every training job of the tuning job: parallel jobs must not share checkpoints.
@@ -138,7 +171,9 @@ def create_tuning_job(access: Access, *, job_name: str | None, job: jobs.JobOpti
         name, jobs.job_spec(api, name, job, checkpoints=False), space, static, objective=search.objective,
         max_jobs=search.max_jobs, max_parallel=search.max_parallel or 2, early_stopping=not search.no_early_stopping,
         strategy=search.strategy, warm_start_from=parents, warm_start_type=search.warm_start_type,
-        tags=scripting.tags_from(tags))
+        tags=scripting.tags_from(tags), hyperband_min_epochs=search.hyperband_min_epochs,
+        target_objective=search.target_objective, max_runtime_s=search.max_tuning_runtime,
+        random_seed=search.random_seed)
     if parents:  # SageMaker's rules, before anything is sent
         check_warm_start(request, warm_start_parents(api, parents))
     jobs.create(api, "CreateHyperParameterTuningJob", request, name, "tuning job")

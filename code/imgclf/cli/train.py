@@ -5,6 +5,8 @@
     imgclf-train --hyperparameters best_hyperparameters.json --data ... --role ...
     imgclf-train --attach imgclf-vgg16-20260101-120000     # wait for a job already running
     imgclf-train --local --data dogImages --hp model=resnet18   # SageMaker's local mode, no AWS
+    imgclf-train --channel train=s3://.../train/ --channel valid=s3://.../valid/ --instance-count 4 \\
+        --shard-by-s3-key --input-mode FastFile --max-retries 3     # each instance trains on its part of train
 
 Prints the model artifact URI (for deploy.py --model-data) on stdout.
 """
@@ -56,13 +58,13 @@ def main(argv: list[str] | None = None) -> int:
         api = scripting.make_api(scripting.Access.from_flags(flags))
         name = args.attach
     else:
+        options = jobs.check_job_options(jobs.JobOptions.from_flags(flags), local=args.local)
         hps = jobs.hyperparameters_from(args.hyperparameters, args.hp)
         hyperparameter_strings(hps)  # a bad value stops here, before anything is sent
         api = scripting.make_api(scripting.Access.from_flags(flags))
         model = str(hps.get("model", config.default("model")))
         name = args.job_name or scripting.resource_name("imgclf", model, suffix=scripting.timestamp())
-        request = training_job_request(name, jobs.job_spec(api, name, jobs.JobOptions.from_flags(flags)), hps,
-                                       scripting.tags_from(args.tag))
+        request = training_job_request(name, jobs.job_spec(api, name, options), hps, scripting.tags_from(args.tag))
         if args.local:
             request = jobs.local_output_path(request)
         try:

@@ -140,6 +140,7 @@ class Context:
     local_rank: int = 0
     device: torch.device | None = None
     _ddp: tuple[tuple, nn.Module] | None = field(default=None, repr=False)
+    local_world_size: int = 1  # the processes of this host (torchrun's LOCAL_WORLD_SIZE)
 
     @property
     def is_main(self) -> bool:
@@ -173,6 +174,14 @@ class Context:
         total = int(confusion.sum())
         return Evaluation(values[0] / max(total, 1), float(confusion.diag().sum()) / max(total, 1), confusion,
                           values[1] / max(total, 1) if smoothed is not None else None)
+
+    def max(self, value: int) -> int:
+        """The largest of the ranks' values."""
+        if self.world_size == 1:
+            return value
+        t = self._tensor([float(value)])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
 
     def first_error(self, error: BaseException | None) -> BaseException | None:
         """Collective: the first rank's error (stop request, rule stop) for every rank, or None when no rank has
@@ -225,7 +234,8 @@ SINGLE = Context()
 @contextmanager
 def worker():
     """The process group of a torchrun worker (NCCL on its own GPU, gloo on CPU) while it trains."""
-    rank, world, local = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    rank, world, local, local_world = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK",
+                                                                     "LOCAL_WORLD_SIZE"))
     if torch.cuda.is_available():
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
@@ -235,7 +245,7 @@ def worker():
         dist.init_process_group("gloo")
     log.info("process group ready: rank %d of %d (local rank %d) on %s, backend %s", rank, world, local, device,
              dist.get_backend())
-    yield Context(rank, world, local, device)
+    yield Context(rank, world, local, device, local_world_size=local_world)
     # Not after an error: with NCCL, tearing down while another rank waits in a collective can hang.
     dist.destroy_process_group()
 

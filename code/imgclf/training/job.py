@@ -52,7 +52,14 @@ from imgclf.training.loop import (
 )
 from imgclf.training.metrics import epoch_line, epoch_record, metrics_line
 from imgclf.training.mixing import BatchMix
-from imgclf.training.sampling import EpochSampler, SeededDataset
+from imgclf.training.sampling import (
+    SeededDataset,
+    check_class_coverage,
+    host_shard_splits,
+    rank_sampler,
+    sharded_channels,
+    train_is_sharded,
+)
 
 log = logging.getLogger("imgclf.train")
 
@@ -63,6 +70,7 @@ class Paths:
     output_data: Path
     checkpoints: Path
     channels: dict[str, str]
+    sharded: frozenset[str] = frozenset()  # channels SageMaker split between the hosts (ShardedByS3Key)
 
 
 @dataclass(frozen=True)
@@ -136,7 +144,8 @@ def build_setup(hp: Hyperparameters, paths: Paths, splits: dict[str, splits.Spli
     draft = prep.resize_size
     loaders = LoaderSettings.from_hyperparameters(hp)
     rank_batch = rank_batch_size(hp, dist)
-    sampler = EpochSampler(len(splits["train"].samples), hp.seed, rank=dist.rank, world_size=dist.world_size)
+    # The ranks split the whole train split, or with per-host shards (ShardedByS3Key) their host's shard.
+    sampler = rank_sampler(len(splits["train"].samples), hp.seed, dist, train_is_sharded(paths.sharded))
     train_set = SeededDataset(splits["train"].samples, data.train_transform(prep, hp.augment, hp.random_erase),
                              draft)
     eval_tf = data.eval_transform(prep)
@@ -181,10 +190,15 @@ def run(hp: Hyperparameters, paths: Paths, device: torch.device | None = None, d
 
 
 def check_inputs(hp: Hyperparameters, paths: Paths, check_decode: bool = True) -> dict[str, splits.Split]:
-    """Model name and data, before anything trains (the distributed launcher runs it before the workers)."""
+    """Model name and data, before anything trains (the distributed launcher runs it before the workers). With a
+    per-host shard of train, this host's part of it (sampling.host_shard_splits)."""
     models.check_model_name(hp.model)
-    return splits.validate_splits(splits.find_split_dirs(paths.channels), check_decode=check_decode,
-                                workers=max(2, LoaderSettings.from_hyperparameters(hp).workers()))
+    workers = max(2, LoaderSettings.from_hyperparameters(hp).workers())
+    split_dirs = splits.find_split_dirs(paths.channels)
+    if train_is_sharded(paths.sharded):
+        return host_shard_splits(split_dirs, lambda dirs: splits.validate_splits(dirs, check_decode=check_decode,
+                                                                                 workers=workers))
+    return splits.validate_splits(split_dirs, check_decode=check_decode, workers=workers)
 
 
 def freeze_plan(hp: Hyperparameters) -> str:
@@ -218,6 +232,8 @@ def head_solver(hp: Hyperparameters, cache_enabled: bool) -> tuple[str, str]:
 def train_job(hp: Hyperparameters, paths: Paths, device: torch.device, dbg: Debugger,
               dist: Context = SINGLE) -> dict:
     splits = check_inputs(hp, paths, check_decode=dist.world_size == 1)  # the launcher decoded every file
+    if train_is_sharded(paths.sharded):
+        check_class_coverage(splits["train"], dist)
     setup = build_setup(hp, paths, splits, device, dbg, dist)
     state, best = resume(setup)
     log.info("training %s (%s) on %s: %d classes, %d epochs%s", hp.model, freeze_plan(hp), device,
@@ -357,7 +373,7 @@ def main() -> None:
         env = environment.Environment()
         cuda_check.check(env.current_instance_type)  # GPUs that CUDA cannot use: fail now, not train on the CPU
         paths = Paths(Path(env.model_dir), Path(env.output_data_dir), Path(config.checkpoint_dir()),
-                      dict(env.channel_input_dirs))
+                      dict(env.channel_input_dirs), sharded_channels(env.input_data_config))
         train_or_launch(config.parse_hyperparameters(env.hyperparameters), paths, env)
     except RuleStop as e:
         if stop_action.stop_own_job():  # Debugger's StopTraining action: SageMaker ends the job Stopped
