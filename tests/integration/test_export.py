@@ -37,6 +37,9 @@ def test_training_writes_a_checked_dynamic_batch_graph(trained, sample_dataset):
     parity = config["onnx"]["parity"]
     assert parity["passed"] and parity["images"] == len(valid_images(sample_dataset)), parity
     assert parity["max_abs_logit_difference"] < export.PARITY_ATOL
+    assert config["onnx"]["exporter"] == "dynamo" and config["onnx"]["fallback_reason"] is None, config["onnx"]
+    assert config["onnx"]["opset"] == export.OPSET
+    assert "exported model.onnx with the dynamo exporter in " in result.stdout
     assert "parity on 40 validation images" in result.stdout
     with tarfile.open(out / "model.tar.gz") as tar:
         assert "model.onnx" in tar.getnames()
@@ -102,6 +105,7 @@ def test_export_command_on_an_existing_model_with_int8(trained, sample_dataset, 
     assert result.returncode == 0, result.stderr
     config = json.loads((model / "config.json").read_text())
     assert config["onnx"]["parity"]["passed"] and (model / "model.onnx").is_file()
+    assert config["onnx"]["exporter"] == "dynamo", config["onnx"]  # what int8 quantized: the dynamo exporter's graph
     int8 = config["onnx"]["int8"]
     assert int8["accepted"] and int8["top1_agreements"] == int8["images"] == 40, int8
     assert int8["max_probability_difference"] < int8["bound"] == export.INT8_MAX_PROBABILITY_DIFFERENCE
@@ -130,23 +134,25 @@ def test_export_command_refuses_bad_input_clearly(trained, tmp_path):
 
 
 def test_a_graph_that_differs_from_pytorch_fails_the_export(trained, sample_dataset, tmp_path, monkeypatch):
-    """The parity check itself: a graph of slightly different weights is refused and nothing is left behind."""
+    """The parity check itself: graphs of slightly different weights are refused, each exporter's, and nothing is
+    left behind."""
     model = tmp_path / "model"
     shutil.copytree(trained[0] / "model", model)
     (model / "model.onnx").unlink()
     (model / export.INT8_FILE).unlink()
     real_export = export.export_graph
 
-    def drifted(net, image_size, path):
+    def drifted(net, image_size, path, exporter):
         with torch.no_grad():
             net.fc.bias.add_(0.01)  # a small, uniform drift of every logit
-        real_export(net, image_size, path)
+        real_export(net, image_size, path, exporter)
         with torch.no_grad():
             net.fc.bias.sub_(0.01)
 
     monkeypatch.setattr(export, "export_graph", drifted)
-    with pytest.raises(ExportError, match=r"does not match PyTorch on 40 validation images: largest logit "
-                                          r"difference 0\.01.*No model\.onnx was written"):
+    differs = r"graph does not match PyTorch on 40 validation images: largest logit difference 0\.01, allowed "
+    with pytest.raises(ExportError, match=rf"^cannot export resnet18 to model\.onnx: the dynamo exporter's {differs}"
+                                          rf".*; the torchscript exporter's {differs}.*\. No model\.onnx was written"):
         export.export(model, valid_images(sample_dataset))
     assert sorted(p.name for p in model.iterdir()) == ["config.json", "model.safetensors"]
 
