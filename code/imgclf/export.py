@@ -144,11 +144,11 @@ class Graph(NamedTuple):
 
 
 def export_checked(net, name: str, image_size: int, path: Path, x: np.ndarray, reference: np.ndarray,
-                   source: str) -> Graph:
+                   source: str, exporters: tuple[str, ...] = EXPORTERS) -> Graph:
     """Write to `path` the graph of the first of EXPORTERS that exports `net` and whose logits on `x` match
     `reference` (PyTorch's); ExportError with every exporter's reason when none does."""
     failures: list[str] = []
-    for exporter in EXPORTERS:
+    for exporter in exporters:
         try:
             export_graph(net, image_size, path, exporter)
             logits = run_session(session(path), x)
@@ -231,9 +231,11 @@ def check_int8(fp32_logits: np.ndarray, int8_logits: np.ndarray) -> dict:
             "max_probability_difference": max_diff, "bound": INT8_MAX_PROBABILITY_DIFFERENCE, "reason": reason}
 
 
-def export(model_dir: str | os.PathLike, images: list[Path] | None = None, int8: bool = False) -> dict:
+def export(model_dir: str | os.PathLike, images: list[Path] | None = None, int8: bool = False,
+           exporter: str = "auto") -> dict:
     """Write model_dir/model.onnx (and model.int8.onnx), checked as the module docstring says; return the
-    `onnx` entry written to config.json. Raise ExportError when no exporter's fp32 graph matches PyTorch."""
+    `onnx` entry written to config.json. Raise ExportError when no exporter's fp32 graph matches PyTorch.
+    `exporter`: auto tries EXPORTERS in order; dynamo or torchscript uses that one only."""
     import onnxruntime
     import torch
 
@@ -254,7 +256,8 @@ def export(model_dir: str | os.PathLike, images: list[Path] | None = None, int8:
         (model_dir / artifacts.ONNX_FILE).unlink(missing_ok=True)  # a graph of these weights would answer NaN too
         raise
     with atomic.atomic_path(model_dir / artifacts.ONNX_FILE) as tmp:
-        graph = export_checked(net, config["architecture"], prep.image_size, tmp, x, reference, source)
+        graph = export_checked(net, config["architecture"], prep.image_size, tmp, x, reference, source,
+                               EXPORTERS if exporter == "auto" else (exporter,))
         entry = {"file": artifacts.ONNX_FILE, "exporter": graph.exporter,
                  "fallback_reason": "; ".join(graph.failures) or None, "opset": _opset(tmp),
                  "torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "inputs": source,

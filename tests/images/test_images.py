@@ -49,7 +49,7 @@ from tests.servers import verdict
 pytestmark = pytest.mark.images
 require_image_tests()
 # Small and fast, and still several steps per epoch, so a stop lands inside one.
-HPS = {**FAST_HPS, "epochs": "2"}
+HPS = {**FAST_HPS, "epochs": "2", "onnx-exporter": "auto"}  # the image's onnxscript: dynamo first
 
 
 def make_tree(tree: Path, data: Path, hps: dict[str, str]) -> Path:

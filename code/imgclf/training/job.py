@@ -276,7 +276,8 @@ def train_job(hp: Hyperparameters, paths: Paths, device: torch.device, dbg: Debu
     metrics = finish(hp, paths, setup.model, setup.classes, state, setup.eval_loaders, device, setup.preprocessing,
                      dist, dbg)
     if dist.is_main:  # model.onnx for serving, checked against the written weights on the validation images
-        export.export(paths.model, [path for path, _ in splits["valid"].samples], int8=hp.export_int8)
+        export.export(paths.model, [path for path, _ in splits["valid"].samples], int8=hp.export_int8,
+                      exporter=hp.onnx_exporter)
     return metrics
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from imgclf import artifacts, export, models
+from imgclf import artifacts, config, export, models
 from imgclf.errors import ExportError
 from imgclf.preprocessing import Preprocessing
 from torch import nn
@@ -213,3 +213,11 @@ def test_export_records_the_exporter_and_why_it_fell_back(tmp_path, monkeypatch,
     assert len(lines) == 1 and lines[0].levelno == logging.WARNING, caplog.text
     assert lines[0].getMessage().startswith("exported model.onnx with the torchscript exporter (the dynamo exporter "
                                             "failed: KeyError: 'an unknown operator') in "), lines[0].getMessage()
+
+
+def test_the_onnx_exporter_hyperparameter_picks_one_exporter_only(tmp_path):
+    """onnx-exporter=torchscript (what the suite's training runs use, for speed) makes model.onnx with TorchScript's
+    exporter and never tries dynamo's; the schema offers exactly auto and the two exporters."""
+    assert {p.name: p.choices for p in config.SCHEMA}["onnx-exporter"] == ("auto", *export.EXPORTERS)
+    entry = export.export(small_model_dir(tmp_path), exporter="torchscript")
+    assert entry["exporter"] == "torchscript" and entry["fallback_reason"] is None and entry["parity"]["passed"]
