@@ -6,10 +6,11 @@ BIN := $(VENV)/bin
 export PYTHONPATH := $(CURDIR)/code
 
 .PHONY: help install system-deps test test-unit lint demo clean build push audit lock local-train local-serve local-predict test-images base-image \
+	build-train-gpu-cu128 push-train-gpu-cu128 \
 	report-screenshot ui-screenshot
 
 help:
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | sort
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | sort
 
 $(BIN)/python:
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python 3.11 or run make PYTHON=/path/to/python3.11"; exit 1; }
@@ -81,6 +82,16 @@ BASE_IMAGE ?= localhost/imgclf-python:3.11-bookworm
 # The CPU training image's torch (the serving image has none): cpu (PyTorch's CPU index, the default) or pypi (PyPI's CUDA build, several GB larger,
 # for builds that cannot reach download.pytorch.org).
 TORCH_SOURCE ?= cpu
+# The GPU training image's build (docs/images.md; imgclf.instances.GPU_BUILDS): cu130 (PyPI's torch 2.14.1 on CUDA
+# 13.0: NVIDIA driver R580 or newer) or cu128 (PyPI's torch 2.10.0 on CUDA 12.8: R525 or newer, so also SageMaker's
+# R535 and R550 hosts). A cu128 build is tagged TAG-cu128 and latest-cu128 in the same repository, so that
+# scripts/train.py --image-tag latest-cu128 picks it: make build-train-gpu-cu128 push-train-gpu-cu128. It is not
+# part of make build or make test-images (another 5.5 GB torch layer and several minutes in CI).
+TRAIN_GPU_CUDA ?= cu130
+gpu_torch_source_cu130 := pypi
+gpu_torch_source_cu128 := pypi-cu128
+gpu_tag_suffix := $(if $(filter-out cu130,$(TRAIN_GPU_CUDA)),-$(TRAIN_GPU_CUDA))
+tag_suffix_train-gpu = $(gpu_tag_suffix)
 PLATFORM ?= linux/amd64
 VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 SOURCE_URL ?= $(or $(shell git config --get remote.origin.url 2>/dev/null),unknown)
@@ -105,12 +116,17 @@ build-torch-stage:
 	$(DOCKER) build --platform $(PLATFORM) -f $(dockerfile_train-gpu) --target torch \
 		$(if $(PYTHON_IMAGE),--build-arg PYTHON_IMAGE=$(PYTHON_IMAGE)) .
 
+build-train-gpu-cu128: ## the GPU training image's cu128 build (R525+ drivers, e.g. R535, R550): TAG-cu128, latest-cu128
+	@$(MAKE) --no-print-directory build-train-gpu TRAIN_GPU_CUDA=cu128
+
 build-%:
 	@test -n "$(dockerfile_$*)" || { echo "error: no image '$*'; images: train-cpu train-gpu serve"; exit 2; }
-	$(DOCKER) build --platform $(PLATFORM) -f $(dockerfile_$*) -t $(IMAGE_PREFIX)-$*:$(TAG) -t $(IMAGE_PREFIX)-$*:latest \
+	@test -n "$(gpu_torch_source_$(TRAIN_GPU_CUDA))" || { echo "error: TRAIN_GPU_CUDA=$(TRAIN_GPU_CUDA): cu130 or cu128"; exit 2; }
+	$(DOCKER) build --platform $(PLATFORM) -f $(dockerfile_$*) -t $(IMAGE_PREFIX)-$*:$(TAG)$(tag_suffix_$*) -t $(IMAGE_PREFIX)-$*:latest$(tag_suffix_$*) \
 		--build-arg VERSION=$(VERSION) --build-arg GIT_SHA=$(or $(shell git rev-parse --verify -q HEAD 2>/dev/null),unknown) \
 		--build-arg SOURCE=$(SOURCE_URL) $(if $(PYTHON_IMAGE),--build-arg PYTHON_IMAGE=$(PYTHON_IMAGE)) \
 		$(if $(filter train-cpu,$*),--build-arg TORCH_SOURCE=$(TORCH_SOURCE)) \
+		$(if $(filter train-gpu,$*),--build-arg TORCH_SOURCE=$(gpu_torch_source_$(TRAIN_GPU_CUDA))) \
 		$(if $(and $(PRETRAINED_MODELS),$(filter train-%,$*)),--build-arg PRETRAINED_MODELS="$(PRETRAINED_MODELS)") .
 
 base-image: ## a Python 3.11 base image from Debian's packages (debootstrap, root): builds without Docker Hub
@@ -118,9 +134,14 @@ base-image: ## a Python 3.11 base image from Debian's packages (debootstrap, roo
 
 ALLOW_CRITICAL ?=
 push: install ## push the images to ECR (REGION=, ACCOUNT=, PROFILE=, TAG=, KEEP_IMAGES=, DRY_RUN=1, ALLOW_CRITICAL=1)
-	$(BIN)/python scripts/push_images.py $(IMAGES) --prefix $(IMAGE_PREFIX) --tag $(TAG) --tag latest \
+	@test -z "$(gpu_tag_suffix)" || test "$(strip $(IMAGES))" = train-gpu || { echo "error: TRAIN_GPU_CUDA=$(TRAIN_GPU_CUDA)" \
+		"pushes the train-gpu image alone: make push-train-gpu-$(TRAIN_GPU_CUDA)"; exit 2; }
+	$(BIN)/python scripts/push_images.py $(IMAGES) --prefix $(IMAGE_PREFIX) --tag $(TAG)$(gpu_tag_suffix) --tag latest$(gpu_tag_suffix) \
 		--keep $(KEEP_IMAGES) --docker "$(DOCKER)" $(if $(REGION),--region $(REGION)) $(if $(ACCOUNT),--account $(ACCOUNT)) \
 		$(if $(PROFILE),--profile $(PROFILE)) $(if $(DRY_RUN),--dry-run) $(if $(ALLOW_CRITICAL),--allow-critical)
+
+push-train-gpu-cu128: ## push the cu128 build (make build-train-gpu-cu128) to the train-gpu repository: TAG-cu128, latest-cu128
+	@$(MAKE) --no-print-directory push IMAGES=train-gpu TRAIN_GPU_CUDA=cu128
 
 audit: install ## known vulnerabilities: pip-audit over the image locks (exit 3: service unreachable), MMS's Java libraries
 	$(BIN)/python scripts/audit.py
@@ -137,6 +158,10 @@ lock: $(BIN)/python ## regenerate requirements/lock/ from requirements/*.txt (ne
 	$(UV_COMPILE) requirements/train.txt -c requirements/lock/build.txt $(CPU_ONLY) -o requirements/lock/train-cpu.txt
 	$(UV_COMPILE) requirements/serve.txt -c requirements/lock/build.txt $(CPU_ONLY) -o requirements/lock/serve-cpu.txt
 	$(BIN)/python containers/torch_locks.py requirements/base.txt requirements/lock/train-gpu.txt requirements/lock
+	$(UV_COMPILE) requirements/train.txt --overrides requirements/torch-cu128.txt -c requirements/lock/build.txt \
+		-c requirements/lock/train-cpu.txt -o requirements/lock/train-gpu-cu128.txt
+	$(BIN)/python containers/torch_locks.py --variant requirements/lock/train-gpu-cu128.txt \
+		requirements/lock/train-cpu.txt requirements/lock/torch-pypi-cu128.txt
 	$(BIN)/python containers/torch_locks.py --agreed requirements/lock/train-gpu.txt requirements/lock/serve-cpu.txt \
 		> $(VENV)/image-locks-agree-on.txt
 	$(UV_COMPILE) requirements/dev.txt -c requirements/lock/build.txt -c $(VENV)/image-locks-agree-on.txt \

@@ -9,7 +9,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
-from imgclf import local
+from imgclf import instances, local
 from packaging.version import Version
 
 from tests.conftest import REPO
@@ -160,7 +160,8 @@ def test_the_development_environment_runs_the_images_versions():
     assert "--require-hashes" in makefile.split("$(VENV)/.installed:")[1].split("touch $@")[0]
 
 
-@pytest.mark.parametrize("lock", ["build.txt", "train-cpu.txt", "train-gpu.txt", "serve-cpu.txt", "dev.txt"])
+@pytest.mark.parametrize("lock", ["build.txt", "train-cpu.txt", "train-gpu.txt", "serve-cpu.txt", "dev.txt",
+                                  "train-gpu-cu128.txt"])
 def test_locks_are_hashed_and_made_by_make_lock(lock):
     text = (REPO / "requirements/lock" / lock).read_text()
     assert "#    make lock" in text.splitlines()[1], "regenerate with `make lock`"
@@ -170,3 +171,60 @@ def test_locks_are_hashed_and_made_by_make_lock(lock):
             assert "--hash=sha256:" in entry, f"{lock}: {entry.splitlines()[0]} has no hash"
     makefile = (REPO / "Makefile").read_text()
     assert f"-o requirements/lock/{lock}" in makefile
+
+
+def torch_locks():
+    """containers/torch_locks.py (what `make lock` runs), imported in this process."""
+    spec = importlib.util.spec_from_file_location("torch_locks", REPO / "containers/torch_locks.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("build", instances.GPU_BUILDS, ids=lambda b: b.name)
+def test_each_gpu_build_installs_its_torch_lock(build):
+    """imgclf.instances.GPU_BUILDS, the training Dockerfiles' TORCH_SOURCE, the locks and the Makefile agree."""
+    lock = f"requirements/lock/torch-{build.torch_source}.txt"
+    for image in ("train-cpu", "train-gpu"):  # the torch stage is the same text in both
+        assert lock in copy_sources(DOCKERFILES[image])
+        runs = " ".join(a for _, op, a in instructions(DOCKERFILES[image]) if op == "RUN")
+        assert f"{build.torch_source}) uv pip install --no-deps --require-hashes -r /tmp/lock/{Path(lock).name} ;;" \
+            in runs, f"{DOCKERFILES[image]}: TORCH_SOURCE={build.torch_source} must install {lock}"
+    default = re.search(r"^ARG TORCH_SOURCE=(\S+)$", (REPO / DOCKERFILES["train-gpu"]).read_text(), re.M)
+    assert default and default.group(1) == instances.DEFAULT_BUILD.torch_source
+    entries = torch_locks().lock_entries(REPO / lock)
+    pins = lock_pins(REPO / lock)
+    assert pins["torch"] == build.torch and torch_locks().cuda_line(entries) == build.cuda, (lock, build)
+    makefile = (REPO / "Makefile").read_text()
+    assert f"gpu_torch_source_{build.name} := {build.torch_source}\n" in makefile
+    if build.suffix:  # its own targets, its own tags (scripts/train.py --image-tag latest-cu128)
+        assert f"build-train-gpu-{build.name}:" in makefile and f"push-train-gpu-{build.name}:" in makefile
+        assert build.suffix == f"-{build.name}" and "tag_suffix_train-gpu = $(gpu_tag_suffix)" in makefile
+
+
+def test_the_cu128_build_is_locked_like_the_default_one(tmp_path):
+    """torch-pypi-cu128.txt + train-cpu.txt (what the cu128 build installs) = train-gpu-cu128.txt: requirements/
+    train.txt with requirements/torch-cu128.txt's torch, every other package at the default images' version."""
+    locks = REPO / "requirements/lock"
+    torch_lock, gpu_lock, rest = locks / "torch-pypi-cu128.txt", locks / "train-gpu-cu128.txt", locks / "train-cpu.txt"
+    pins: dict[str, str] = {}
+    for lock in (torch_lock, rest):
+        for name, version in lock_pins(lock).items():
+            assert pins.setdefault(name, version) == version, f"{name} locked twice, differently, for the cu128 build"
+    assert pins == lock_pins(gpu_lock), "run `make lock`"
+    overrides = top_level(REPO / "requirements/torch-cu128.txt")
+    build = next(b for b in instances.GPU_BUILDS if b.torch_source == "pypi-cu128")
+    assert set(overrides) == {"torch", "torchvision"} and str(overrides["torch"].specifier) == f"=={build.torch}"
+    for name, req in top_level(REPO / "requirements/train.txt").items():
+        wanted = overrides.get(name, req).specifier
+        assert wanted.contains(pins[name]), f"{name} {pins[name]} vs {wanted}: make lock"
+    cuda = [n for n in lock_pins(torch_lock) if n.startswith("nvidia-")]
+    assert cuda and all(n.endswith("-cu12") for n in cuda), cuda  # the CUDA 12 wheels, none of CUDA 13's
+    assert not set(cuda) & set(lock_pins(locks / "train-gpu.txt"))
+    torch_locks().write_variant(str(gpu_lock.relative_to(REPO)), str(rest.relative_to(REPO)), tmp_path / "t.txt")
+    assert (tmp_path / "t.txt").read_text() == torch_lock.read_text(), "run `make lock`"
+    entries = re.split(r"\n(?=[A-Za-z])", torch_lock.read_text())
+    assert all("--hash=sha256:" in e for e in entries if "==" in e.splitlines()[0])
+    makefile = (REPO / "Makefile").read_text()
+    assert "--overrides requirements/torch-cu128.txt" in makefile
+    assert "-c requirements/lock/train-cpu.txt -o requirements/lock/train-gpu-cu128.txt" in makefile

@@ -1,6 +1,8 @@
 """Fail in the first seconds when this machine has NVIDIA GPUs that PyTorch cannot use, instead of quietly
-training on the CPU for hours: a driver older than the CUDA line of the image, no driver visible in the
-container, a GPU too old for the image's kernels, or a CPU build of torch on a GPU instance.
+training on the CPU for hours: a driver older than the CUDA line of the installed torch (torch.version.cuda:
+13.0 or 12.8, by the GPU image's build), no driver visible in the container, a GPU that the installed torch
+has no kernels for, or a CPU build of torch on a GPU instance. A driver too old for this build names the build
+that runs on it (imgclf.instances.GPU_BUILDS).
 
 The machine "has NVIDIA GPUs" when SageMaker's resourceconfig.json names a GPU instance type of
 imgclf.instances.GPU_FAMILIES, or when NVML (the driver's library) counts GPUs.
@@ -9,6 +11,7 @@ imgclf.instances.GPU_FAMILIES, or when NVML (the driver's library) counts GPUs.
 from __future__ import annotations
 
 import logging
+import re
 
 import torch
 
@@ -39,6 +42,41 @@ def nvml_gpus() -> tuple[int, str | None, str | None]:
         pynvml.nvmlShutdown()
 
 
+def driver_problem(where: str, driver: str) -> str | None:
+    """Why this driver cannot run the installed torch's CUDA, and which build of the image can; None when it can
+    (or when its version or the CUDA line is one this check cannot read)."""
+    cuda = torch.version.cuda or ""
+    needed, branch = instances.min_driver_for(cuda), instances.driver_branch(driver)
+    if needed is None or branch is None or branch >= needed:
+        return None
+    reason = (f"{where} has NVIDIA driver {driver}, older than the R{needed} series that CUDA {cuda} "
+              f"(PyTorch {torch.__version__}) needs")
+    build = instances.gpu_build_for(branch)
+    if build:
+        return (f"{reason}. The {build.name} build of the GPU image (PyTorch {build.torch}, CUDA {build.cuda}) runs "
+                f"on R{build.min_driver} and newer: {build.how_to_use()} (docs/images.md)")
+    return (f"{reason}, and no build of the GPU image runs on it (the oldest driver one runs on is "
+            f"R{instances.OLDEST_DRIVER}): "
+            "choose an instance family whose hosts have a newer driver (docs/images.md)")
+
+
+def has_kernels_for(arch_list: list[str], capability: tuple[int, int]) -> bool:
+    """Whether a torch built for `arch_list` (torch.cuda.get_arch_list(): sm_75, sm_90a, compute_120) runs on a GPU
+    of this compute capability: machine code of the same major and an equal or lower minor (sm_86 runs on 8.9;
+    sm_90a only on 9.0), or PTX of an equal or lower capability, which the driver compiles."""
+    major, minor = capability
+    for arch in arch_list:
+        found = re.fullmatch(r"(sm|compute)_(\d+)(\d)([af]?)", arch)
+        if not found:
+            continue
+        kind, a_major, a_minor, variant = found[1], int(found[2]), int(found[3]), found[4]
+        if kind == "sm" and a_major == major and (a_minor == minor if variant == "a" else a_minor <= minor):
+            return True
+        if kind == "compute" and not variant and (a_major, a_minor) <= (major, minor):
+            return True
+    return False
+
+
 def problem(instance_type: str | None, gpus: int, driver: str | None, nvml_error: str | None) -> str | None:
     """Why CUDA cannot be used although GPUs are there; None when there are none, or CUDA works."""
     expected = bool(instance_type and instances.has_nvidia_gpus(instance_type))
@@ -52,15 +90,25 @@ def problem(instance_type: str | None, gpus: int, driver: str | None, nvml_error
         if driver is None:
             return (f"{where} has NVIDIA GPUs, but no NVIDIA driver is visible in the container ({nvml_error}); "
                     "run it with the GPUs passed through (SageMaker does; docker: --gpus all)")
-        if int(driver.split(".")[0]) < instances.MIN_DRIVER:
-            return (f"{where} has NVIDIA driver {driver}, older than the R{instances.MIN_DRIVER} series that CUDA "
-                    f"{torch.version.cuda} (PyTorch {torch.__version__}) needs; see docs/images.md")
-        return f"{where} has NVIDIA GPUs and driver {driver}, but torch.cuda.is_available() is False"
-    major, minor = torch.cuda.get_device_capability(0)
-    if (major, minor) < instances.MIN_CAPABILITY:
-        return (f"{where}'s {torch.cuda.get_device_name(0)} has compute capability {major}.{minor}; this image's "
-                f"PyTorch (CUDA {torch.version.cuda}) needs {'.'.join(map(str, instances.MIN_CAPABILITY))} or newer")
+        return (driver_problem(where, driver)
+                or f"{where} has NVIDIA GPUs and driver {driver}, but torch.cuda.is_available() is False")
+    capability = torch.cuda.get_device_capability(0)
+    arch_list = torch.cuda.get_arch_list()
+    if not (has_kernels_for(arch_list, capability) if arch_list else capability >= instances.MIN_CAPABILITY):
+        kernels = ", ".join(arch_list) or "compute capability " + ".".join(map(str, instances.MIN_CAPABILITY)) + "+"
+        return (f"{where}'s {torch.cuda.get_device_name(0)} has compute capability {'.'.join(map(str, capability))}; "
+                f"this image's PyTorch {torch.__version__} (CUDA {torch.version.cuda}) has kernels for {kernels} only")
     return None
+
+
+def compatibility_note(driver: str | None) -> str:
+    """' (through CUDA minor version compatibility)' when the driver is older than the installed torch's own CUDA
+    toolkit driver (the cu128 build on R535 or R550: no PTX JIT there), else ''."""
+    build = next((b for b in instances.GPU_BUILDS if b.cuda == torch.version.cuda), None)
+    branch = instances.driver_branch(driver)
+    if build and branch is not None and branch < build.native_driver:
+        return f" (older than CUDA {build.cuda}'s R{build.native_driver}: through CUDA minor version compatibility)"
+    return ""
 
 
 def check(instance_type: str | None) -> None:
@@ -70,5 +118,5 @@ def check(instance_type: str | None) -> None:
     if reason:
         raise CudaUnusableError(reason)
     if torch.cuda.is_available():
-        log.info("CUDA %s: %d GPU(s), %s, driver %s", torch.version.cuda, torch.cuda.device_count(),
-                 torch.cuda.get_device_name(0), driver)
+        log.info("CUDA %s (PyTorch %s): %d GPU(s), %s, driver %s%s", torch.version.cuda, torch.__version__,
+                 torch.cuda.device_count(), torch.cuda.get_device_name(0), driver, compatibility_note(driver))
