@@ -20,6 +20,7 @@ import gc
 import hashlib
 import logging
 import os
+import socket
 import sys
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -78,7 +79,11 @@ class Plan:
     def environment(self) -> dict[str, str]:
         """Variables for the workers: CPU threads shared between them, the network interface for gloo/NCCL."""
         env = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // self.processes_per_host))}
-        env.update({"GLOO_SOCKET_IFNAME": self.interface, "NCCL_SOCKET_IFNAME": self.interface})
+        if has_interface(self.interface):
+            env.update({"GLOO_SOCKET_IFNAME": self.interface, "NCCL_SOCKET_IFNAME": self.interface})
+        else:  # gloo would stop at "Unable to find address for: ethwe"; unset, gloo takes this host name's address
+            log.warning("resourceconfig.json names network interface %r, which this host lacks: gloo and NCCL "
+                        "choose the interface themselves", self.interface)
         # What the user set wins (e.g. NCCL_SOCKET_IFNAME=^docker0).
         return {k: v for k, v in env.items() if k not in os.environ}
 
@@ -87,6 +92,15 @@ class Plan:
         return (f"{len(self.hosts)} host(s) x {self.processes_per_host} process(es) = world size {self.world_size}; "
                 f"this host {self.current_host} is node {self.node_rank} ({device}); master "
                 + ("localhost" if len(self.hosts) == 1 else f"{self.master_addr}:{self.master_port}"))
+
+
+def has_interface(name: str) -> bool:
+    """Whether this host has the network interface `name`. resourceconfig.json may name one it lacks: the SDK's
+    ModelTrainer in local-container mode writes `ethwe`, and its compose containers have eth0."""
+    try:
+        return name in {found for _, found in socket.if_nameindex()}
+    except OSError:  # cannot tell: keep the one named
+        return True
 
 
 def make_plan(hosts: list[str], current_host: str, processes_per_host: int, interface: str = "eth0",
