@@ -87,6 +87,9 @@ def test_job_options_sagemaker_would_refuse_exit_2(script, args, message):
      "retried)"),
     ("train.py", ["--shard-by-s3-key", "--instance-count", "2"],
      "--shard-by-s3-key: not in local mode (every local container mounts the whole folder)"),
+    ("train.py", ["--spot", "--checkpoint-s3", "s3://b/ck"],
+     "--spot, --checkpoint-s3: not in local mode (local containers run on this machine, not on spot capacity; "
+     "SageMaker's local mode ignores CheckpointConfig: a rerun would start over)"),
     ("train.py", ["--input-mode", "Pipe"], "--input-mode Pipe"),
     ("tune.py", ["--keep-alive", "60"], "--keep-alive: not in local mode"),
     ("tune.py", ["--strategy", "Hyperband"],

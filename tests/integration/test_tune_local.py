@@ -180,7 +180,7 @@ def test_local_search_prunes_fails_and_resumes(data_without_test, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--local", "--data", "{data}", "--spot"], "--spot: SageMaker tuning job option(s), not used by --local"),
+    (["--local", "--data", "{data}", "--spot"], "--spot: not in local mode (local containers run on this machine"),
     (["--data", "s3://bucket/data", "--storage", "sqlite:///x.db"], "--storage: option(s) of the local search"),
     (["--local", "--data", "{data}", "--param", "batch-size=16,32", "--enqueue", "batch-size=64"],
      "--enqueue batch-size=64: not one of the search space's values 16, 32"),

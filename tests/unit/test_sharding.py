@@ -5,6 +5,7 @@ multi-host job's collectives (Context.max, Context.sum) are simulated over the h
 from __future__ import annotations
 
 import logging
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -155,3 +156,21 @@ def test_every_class_needs_training_images_on_some_host():
     check_class_coverage(shard, ranks[0])
     ranks[1].others_sum = [[2, 0, 0], [0, 1, 3], [0, 0, 0]]  # a second rank's counts are its host's first rank's
     check_class_coverage(shard, ranks[1])
+
+
+def test_the_workers_get_the_named_network_interface_only_where_the_host_has_it(monkeypatch, caplog):
+    """resourceconfig.json's interface goes to gloo and NCCL when the host has it; the SDK's local mode names
+    `ethwe`, which its containers lack: then neither is set (gloo would stop at "Unable to find address"), and
+    one warning says why. A user's own setting wins either way."""
+    from imgclf.training import distributed
+
+    monkeypatch.delenv("GLOO_SOCKET_IFNAME", raising=False)
+    monkeypatch.delenv("NCCL_SOCKET_IFNAME", raising=False)
+    [(_, present)] = socket.if_nameindex()[:1]
+    env = distributed.make_plan(["algo-1", "algo-2"], "algo-1", 1, interface=present).environment()
+    assert env["GLOO_SOCKET_IFNAME"] == env["NCCL_SOCKET_IFNAME"] == present
+    env = distributed.make_plan(["algo-1", "algo-2"], "algo-1", 1, interface="ethwe-absent").environment()
+    assert "GLOO_SOCKET_IFNAME" not in env and "NCCL_SOCKET_IFNAME" not in env
+    assert "names network interface 'ethwe-absent', which this host lacks" in caplog.text
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "eth7")
+    assert "GLOO_SOCKET_IFNAME" not in distributed.make_plan(["a", "b"], "a", 1, interface=present).environment()

@@ -36,6 +36,9 @@ LOCAL_CANNOT = {
     "shard_by_s3_key": ("--shard-by-s3-key", "every local container mounts the whole folder"),
     "keep_alive": ("--keep-alive", "local containers are not kept warm"),
     "max_retries": ("--max-retries", "a failed local job is not retried"),
+    "spot": ("--spot", "local containers run on this machine, not on spot capacity"),
+    "max_wait": ("--max-wait", "a wait for spot capacity"),
+    "checkpoint_s3": ("--checkpoint-s3", "SageMaker's local mode ignores CheckpointConfig: a rerun would start over"),
 }
 
 
