@@ -112,7 +112,8 @@ SCHEMA: tuple[Param, ...] = (
     Param("mixup-prob", float, 1.0, "share of the training batches that mixup/cutmix mixes", min=0.0, max=1.0),
     Param("mixup-off-epoch", int, 0, "from this epoch on (1-based), no more mixing: the last epochs see clean "
           "images; 0 = mix to the end", min=0),
-    Param("num-workers", int, -1, "DataLoader worker processes; -1 = one per CPU, up to 8", min=-1, max=64),
+    Param("num-workers", int, -1, "DataLoader worker processes; -1 = the CPUs the job may use (its CPU affinity), "
+          "shared between the host's training processes, less one each for the process itself", min=-1, max=256),
     Param("seed", int, 42, "seed for weights of the new head, data order and augmentation", min=0),
     Param("select-by", str, "accuracy", "the epoch kept: accuracy = best validation accuracy, ties broken by the "
           "lower validation loss; loss = lowest validation loss", choices=get_args(SelectBy)),
@@ -156,6 +157,14 @@ SCHEMA: tuple[Param, ...] = (
           "torchscript = that one only (TorchScript's is deprecated, and about 3 s faster per export)",
           choices=get_args(OnnxExporter)),
     Param("prefetch-factor", int, 4, "batches each DataLoader worker prepares ahead", min=1, max=64),
+    Param("decoded-cache", str, "auto", "keep the training images (and the validation images, if they fit too) "
+          "decoded in RAM, as uint8 at the JPEG draft size, after one first pass instead of decoding every image every "
+          "epoch (same batches); auto = when they fit decoded-cache-memory, else decode every epoch (one log line "
+          "with the figures); on = fail when the training images do not fit; off = decode every epoch",
+          choices=AUTO_ON_OFF),
+    Param("decoded-cache-memory", float, 0.5, "decoded-cache's budget: this share of the instance's RAM (at most "
+          "what is available when the job starts), divided between the host's training processes (each holds its "
+          "own copy)", min=0.01, max=0.95),
     # Distributed data-parallel training (imgclf.training.distributed): every host of the job runs this many processes.
     Param("processes-per-host", int, 0, "training processes per host (DistributedDataParallel); 0 = one per GPU, "
           "1 without a GPU; batch-size stays the global batch, split between all processes", min=0, max=64),
@@ -238,6 +247,8 @@ class Hyperparameters:
     export_int8: bool
     onnx_exporter: OnnxExporter
     prefetch_factor: int
+    decoded_cache: AutoOnOff
+    decoded_cache_memory: float
     processes_per_host: int
 
     def to_dict(self) -> dict[str, Any]:

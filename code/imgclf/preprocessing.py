@@ -43,13 +43,26 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
+def _draft(img: Image.Image, draft_size: int | None) -> Image.Image:
+    """JPEGs: decode at a reduced scale (1/2, 1/4, 1/8) no smaller than draft_size on either side."""
+    if draft_size and img.format == "JPEG":
+        img.draft("RGB", (draft_size, draft_size))
+    return img
+
+
 def load_rgb(source: str | os.PathLike | IO[bytes], draft_size: int | None = None) -> Image.Image:
     """Decode an image file to RGB. With draft_size, JPEGs decode at a reduced scale no smaller than it."""
     with Image.open(source) as img:
-        if draft_size and img.format == "JPEG":
-            img.draft("RGB", (draft_size, draft_size))
-        img.load()
+        _draft(img, draft_size).load()
         return to_rgb(img)
+
+
+def decoded_nbytes(source: str | os.PathLike | IO[bytes], draft_size: int | None = None) -> int:
+    """The bytes of load_rgb(source, draft_size)'s pixels, read from the header without decoding (EXIF rotation and
+    mode conversion keep the pixel count)."""
+    with Image.open(source) as img:
+        width, height = _draft(img, draft_size).size
+        return width * height * 3
 
 
 def resize_size(image_size: int, crop_pct: float | None = None) -> int:
@@ -92,12 +105,24 @@ def eval_array(img: Image.Image, image_size: int, mean=IMAGENET_MEAN, std=IMAGEN
     center: the shorter side to resize_size(image_size, crop_pct), then the centre image_size square (timm's
     and torchvision's evaluation); squash: both sides to resize_size (aspect ratio not kept), then the crop.
     """
+    return normalise(eval_pixels(img, image_size, interpolation, crop_pct, crop_mode), mean, std)
+
+
+def eval_pixels(img: Image.Image, image_size: int, interpolation: str = "bilinear", crop_pct: float | None = None,
+                crop_mode: str = "center") -> np.ndarray:
+    """eval_array before normalisation: the resized and cropped pixels, a uint8 (3, image_size, image_size) array
+    (what the training job's loaders send, to normalise on the device: imgclf.data.Normalise)."""
     check_transform(interpolation, crop_mode)
     side = resize_size(image_size, crop_pct)
     size = resized_size(*img.size, side) if crop_mode == "center" else (side, side)
     if size != img.size:
         img = img.resize(size, PIL_FILTERS[interpolation])
-    arr = center_crop(np.asarray(img), image_size).transpose(2, 0, 1).astype(np.float32) / np.float32(255)
+    return center_crop(np.asarray(img), image_size).transpose(2, 0, 1)
+
+
+def normalise(pixels: np.ndarray, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> np.ndarray:
+    """uint8 (3, H, W) -> float32: ToTensor's x / 255, then Normalize's (x - mean) / std, each step in float32."""
+    arr = pixels.astype(np.float32) / np.float32(255)
     return (arr - np.asarray(mean, np.float32)[:, None, None]) / np.asarray(std, np.float32)[:, None, None]
 
 
@@ -120,6 +145,9 @@ class Preprocessing:
     def eval_array(self, img: Image.Image) -> np.ndarray:
         return eval_array(img, self.image_size, self.mean, self.std, self.interpolation, self.crop_pct,
                           self.crop_mode)
+
+    def eval_pixels(self, img: Image.Image) -> np.ndarray:
+        return eval_pixels(img, self.image_size, self.interpolation, self.crop_pct, self.crop_mode)
 
     def to_config(self) -> dict:
         return {"image_size": self.image_size, "resize_size": self.resize_size, "mean": list(self.mean),

@@ -30,6 +30,8 @@ EXPECTED = {
     "gpu.py": ("resnet50", "vit_b_16"),
     "decode.py": ("pil_draft_ms_per_image", "torchvision_io_ms_per_image"),
     "collection_overhead.py": ("all_epochs", "later_epochs", "per_step"),
+    "dataloader.py": ("old_cpu_ms_per_image", "decoded_cpu_ms_per_image", "speedup_per_worker", "bitwise_equal",
+                      "loader_images_per_second_by_workers"),
 }
 
 
@@ -73,6 +75,8 @@ def test_benchmark_runs_and_prints_its_figures(script):
         assert [len(report["figures"]["epochs"][k]) for k in ("off", "on")] == [2, 2]
     if script == "head_cache.py":
         assert report["figures"]["metrics_match"] is True
+    if script == "dataloader.py":  # decode-once batches are today's, bit for bit
+        assert report["figures"]["bitwise_equal"] is True
     if script == "serving.py":
         figures = report["figures"]["resnet18"]
         for name in ("naive", "ours_torch", "ours_onnx_float32"):

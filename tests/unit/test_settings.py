@@ -89,12 +89,12 @@ def test_components_take_their_own_settings():
 
 
 def test_loader_workers(monkeypatch):
-    monkeypatch.setattr("os.cpu_count", lambda: 16)
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
-    assert LoaderSettings(num_workers=-1, prefetch_factor=4).workers() == 4  # one per CPU, shared between processes
+    """-1: the CPUs this process may use / the host's training processes, less one each (no cap)."""
+    for cpus, processes, workers in [(16, 4, 3), (16, 1, 15), (96, 8, 11), (192, 8, 23), (2, 1, 1), (1, 1, 1)]:
+        monkeypatch.setattr("os.sched_getaffinity", lambda _pid, n=cpus: set(range(n)))
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", str(processes))
+        assert LoaderSettings(num_workers=-1, prefetch_factor=4).workers() == workers, (cpus, processes)
     assert LoaderSettings(num_workers=3, prefetch_factor=4).workers() == 3
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
-    assert LoaderSettings(num_workers=-1, prefetch_factor=4).workers() == 8  # at most 8
 
 
 def test_the_rules_help_names_every_rule_of_the_catalogue():

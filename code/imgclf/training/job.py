@@ -15,7 +15,6 @@ select, checkpoint (imgclf.training.loop, imgclf.training.checkpoint); `finish` 
 from __future__ import annotations
 
 import logging
-import os
 import random
 import sys
 import time
@@ -53,7 +52,6 @@ from imgclf.training.loop import (
 from imgclf.training.metrics import epoch_line, epoch_record, metrics_line
 from imgclf.training.mixing import BatchMix
 from imgclf.training.sampling import (
-    SeededDataset,
     check_class_coverage,
     host_shard_splits,
     rank_sampler,
@@ -84,9 +82,11 @@ class LoaderSettings:
         return cls(num_workers=hp.num_workers, prefetch_factor=hp.prefetch_factor)
 
     def workers(self) -> int:
-        """-1: one per CPU up to 8, shared between the training processes of a host (torchrun's LOCAL_WORLD_SIZE)."""
-        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        return min(8, max(1, (os.cpu_count() or 1) // local_processes)) if self.num_workers < 0 else self.num_workers
+        """-1: the CPUs this process may use, shared between the training processes of the host (torchrun's
+        LOCAL_WORLD_SIZE), less one each for the training process itself; at least one (docs/performance.md)."""
+        if self.num_workers >= 0:
+            return self.num_workers
+        return max(1, data.cpus() // data.host_processes() - 1)
 
     def loader(self, dataset, batch_size: int, sampler=None) -> torch.utils.data.DataLoader:
         workers = self.workers()
@@ -146,16 +146,25 @@ def build_setup(hp: Hyperparameters, paths: Paths, splits: dict[str, splits.Spli
     rank_batch = rank_batch_size(hp, dist)
     # The ranks split the whole train split, or with per-host shards (ShardedByS3Key) their host's shard.
     sampler = rank_sampler(len(splits["train"].samples), hp.seed, dist, train_is_sharded(paths.sharded))
-    train_set = SeededDataset(splits["train"].samples, data.train_transform(prep, hp.augment, hp.random_erase),
-                             draft)
-    eval_tf = data.eval_transform(prep)
-    eval_loaders = {name: loaders.loader(data.ImageDataset(dist.shard(s.samples), eval_tf, draft), rank_batch)
-                    for name, s in splits.items() if name != "train"}
+    # Workers send uint8 images; the float work happens on the device, for training and evaluation alike.
+    train_set = data.ImageDataset(splits["train"].samples,
+                                  data.train_transform(prep, hp.augment, hp.random_erase, uint8=True), draft)
+    eval_sets = {name: data.ImageDataset(dist.shard(s.samples), data.eval_transform(prep, uint8=True), draft)
+                 for name, s in splits.items() if name != "train"}
+    # valid too (every epoch reads it); test is read once: decoding it ahead would save nothing. The one pass that
+    # decodes runs on this process's share of the host's CPUs.
+    data.plan_decoded_cache(hp.decoded_cache, hp.decoded_cache_memory,
+                            {"train": train_set, "valid": eval_sets["valid"]},
+                            threads=max(1, data.cpus() // data.host_processes()))
+    normalise = data.Normalise(prep.mean, prep.std, device,
+                               torch.channels_last if speed.channels_last else torch.preserve_format)
+    eval_loaders = {name: data.DeviceBatches(loaders.loader(dataset, rank_batch), normalise)
+                    for name, dataset in eval_sets.items()}
     # Every rank extracts the features of all images, then trains the head on its shard (same sampler).
     cache = FrozenFeatures(should_cache(hp), model, head, speed, splits, sampler,
                            lambda ds: loaders.loader(ds, rank_batch), rank_batch, prep, watch=dbg,
                            log_interval=hp.log_interval if dist.is_main else 0)
-    train_loader = loaders.loader(train_set, rank_batch, sampler=sampler)
+    train_loader = data.DeviceBatches(loaders.loader(train_set, rank_batch, sampler=sampler), normalise)
     steps_per_epoch = schedule.optimizer_steps(len(train_loader), hp.accumulate_steps)
     return Setup(
         hp=hp, model=model, head=head, optimizer=optimizer,

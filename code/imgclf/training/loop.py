@@ -23,6 +23,7 @@ from torch.optim.swa_utils import AveragedModel
 
 from imgclf import models
 from imgclf.config import Hyperparameters
+from imgclf.data import DeviceBatches
 from imgclf.debugging.debugger import Debugger
 from imgclf.errors import RuleStop, TrainingDiverged, TrainingInterrupted
 from imgclf.preprocessing import Preprocessing
@@ -82,8 +83,8 @@ class Setup:
     dbg: Debugger
     sampler: EpochSampler
     rank_batch: int  # this rank's share of the global batch-size
-    train_loader: torch.utils.data.DataLoader
-    eval_loaders: dict[str, torch.utils.data.DataLoader]
+    train_loader: DeviceBatches
+    eval_loaders: dict[str, DeviceBatches]
     cache: FrozenFeatures
     classes: list[str]
     fingerprint: dict
