@@ -41,7 +41,7 @@ from imgclf.debugging import report
 from imgclf.debugging.classes import ClassResults
 from imgclf.debugging.collect import Collector
 from imgclf.debugging.profiling import ProfilerCapture, StepTimer, SystemMonitor
-from imgclf.debugging.rules import ISSUES, RuleSet, configure
+from imgclf.debugging.rules import ISSUES, Rule, RuleSet, configure
 from imgclf.errors import RuleStop, TrainingInterrupted
 
 log = logging.getLogger(__name__)
@@ -103,10 +103,14 @@ class Debugger:
         self._stats_step = False
         self._live_report: tuple[float, float] | None = None  # (when the last live report was written, its cost)
         self._eval_stop: RuleStop | None = None  # found during validation, raised at the epoch end
+        self._losses: list[tuple[int, int, torch.Tensor, float]] = []  # (step, epoch, loss, lr) not read back yet
+        self._loss_every_step = False  # a stop rule reads the training loss: read it back at every step
         self.classes: ClassResults | None = None  # set by the job's finish: the report's classes section
         if not self.enabled:
             return
         self.rules: RuleSet = configure(settings.rules, settings.rules_config, settings.rules_stop)
+        self._loss_every_step = any(r.rule.stop and type(r.rule).train_loss is not Rule.train_loss
+                                    for r in self.rules.results)
         profiler_dir = self.data_dir / config.DATA_PROFILER
         self.collector = Collector(self.data_dir / config.DATA_TENSORS, self.live_dir,
                                    settings.collect_train_interval, settings.collect_eval_interval,
@@ -159,24 +163,39 @@ class Debugger:
             if phase == "forward" and self._stats_step:
                 self.collector.remove_hooks()
 
-    def step_end(self, loss: float) -> None:
-        """After the optimizer step, with the step's loss (a float the loop has already read)."""
+    def step_end(self, loss: torch.Tensor) -> None:
+        """After the optimizer step, with the step's loss, a tensor on the device. It is read back (a host sync)
+        only every collect-train-interval steps, all the losses since together: for the collection and the rules,
+        which see every step's in order. A stop rule on the training loss (rules-stop) reads it at every step, so
+        that the job stops at the step that found the issue."""
         if not self.enabled:
             self.step += 1
             return
         step, self.step = self.step, self.step + 1
         self.timer.end(step)
         lr = models.head_lr(self.optimizer) if self.optimizer is not None else float("nan")
-        self.collector.train_step(step, self.epoch, loss, lr)
+        self._losses.append((step, self.epoch, loss.detach(), lr))
+        if self._loss_every_step or self._stats_step or step % self.settings.collect_train_interval == 0:
+            self.read_losses()
         self.profiler.step_end(step)
-        self.rules.train_loss(step, self.epoch, loss)
         if self.model is not None and self._stats_step:
             self._stats_step = False
             self.rules.layer_stats(self.collector.layer_stats(self.model, step, self.epoch))
 
+    def read_losses(self) -> None:
+        """The training losses not read back yet, to the collection and the rules (one host sync)."""
+        if not self._losses:
+            return
+        pending, self._losses = self._losses, []
+        values = torch.stack([loss for _, _, loss, _ in pending]).tolist()
+        for (step, epoch, _, lr), loss in zip(pending, values, strict=True):
+            self.collector.train_step(step, epoch, loss, lr)
+            self.rules.train_loss(step, epoch, loss)
+
     def eval_batch(self, step: int, loss: float) -> None:
         """evaluate()'s on_batch callback: evaluation-mode loss of each batch."""
         if self.enabled:
+            self.read_losses()  # the training steps' before the evaluation's, as they ran
             self.profiler.stop()  # a capture ends with its epoch's training steps
             eval_step = self.collector.eval_step_loss(self.epoch, loss)
             try:
@@ -192,6 +211,7 @@ class Debugger:
     def backbone_forward_end(self, model: nn.Module) -> None:
         """Layer statistics of that batch (weights, activation inputs; no gradients) for the rules."""
         if self.enabled:
+            self.read_losses()
             self.rules.layer_stats(self.collector.layer_stats(model, self.step, self.epoch + 1, "feature_extraction"))
 
     def epoch_end(self, history: list[dict]) -> None:
@@ -199,6 +219,7 @@ class Debugger:
         self.history = list(history)
         if not self.enabled:
             return
+        self.read_losses()
         self.profiler.stop()  # a capture ends with its epoch's training steps
         self.collector.epoch_end(history[-1])
         try:
@@ -235,6 +256,10 @@ class Debugger:
         """Final rule evaluation, rules.json and the report; never raises over the job's own outcome."""
         if not self.enabled:
             return
+        try:
+            self.read_losses()  # the last steps' (a stop rule has read them all already: it cannot stop here)
+        except Exception as e:
+            log.warning("debugging: the last training losses were not collected: %s", e)
         if self.model is not None:
             self.collector.remove_hooks()
         for part in (self.profiler.export, self.monitor.stop, self.timer.close):

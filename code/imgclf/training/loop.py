@@ -33,7 +33,7 @@ from imgclf.training.checkpoint import State
 from imgclf.training.distributed import Context
 from imgclf.training.evaluate import Evaluation, evaluate
 from imgclf.training.features import FrozenFeatures
-from imgclf.training.metrics import RunningSums
+from imgclf.training.metrics import DeviceSums, RunningSums
 from imgclf.training.mixing import BatchMix
 from imgclf.training.progress import Progress
 from imgclf.training.sampling import EpochSampler
@@ -135,7 +135,7 @@ def train_one_epoch(setup: Setup, state: State, step_model: nn.Module, loader, b
     """This rank's steps of state.epoch (from state.batches_done on); returns the epoch's sums over all ranks.
     On SIGTERM saves a checkpoint and raises TrainingInterrupted; a stopping rule raises RuleStop."""
     before = state.running  # all ranks' sums before a resume (zero otherwise)
-    sums = RunningSums()  # this rank's, from here on
+    sums = DeviceSums()  # this rank's, from here on: read (a host sync) only at a stop and at the end
     train_model = setup.dist.wrap(step_model)  # DDP with several ranks
     setup.dbg.epoch_begin(state.epoch)
     batches = state.batches_done + len(loader)  # a resumed epoch's loader has the rest
@@ -161,7 +161,9 @@ def train_one_epoch(setup: Setup, state: State, step_model: nn.Module, loader, b
             if setup.ema is not None:
                 setup.ema.update_parameters(setup.model)
         setup.dbg.mark("optimizer")
-        loss_value = loss.item()
+        # No host sync per step: the loss stays on the device; progress and the debugger read it back at their
+        # intervals (with several processes coordinated_stop's collective syncs every step anyway).
+        loss_value = loss.detach()
         sums.add(loss_value, logits, labels)
         state.batches_done += 1
         progress.update(loss_value)
@@ -170,12 +172,12 @@ def train_one_epoch(setup: Setup, state: State, step_model: nn.Module, loader, b
         if steps:  # the schedule moves per optimizer step (training.schedule), after the debugger saw this one's lr
             setup.scheduler.step()
         if stopping is not None and steps:  # SIGTERM or a stop rule: resumable from here, after an optimizer step
-            state.running = before.merge(sums.all_ranks(setup.dist))
+            state.running = before.merge(sums.read().all_ranks(setup.dist))
             setup.save_checkpoint(state, best)
             progress.close()
             raise stopping
     progress.close()
-    return before.merge(sums.all_ranks(setup.dist))
+    return before.merge(sums.read().all_ranks(setup.dist))
 
 
 def validate(setup: Setup, step_model: nn.Module, loader, cached: bool) -> Evaluation:

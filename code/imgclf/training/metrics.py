@@ -43,6 +43,33 @@ class RunningSums:
         return asdict(self)
 
 
+class DeviceSums:
+    """RunningSums of the training steps, kept where they run: adding a batch reads nothing back from the device
+    (no host sync per step); `read` does, once. The loss sums in float64, so the result is exactly RunningSums'."""
+
+    def __init__(self):
+        self.loss: torch.Tensor | None = None  # float64 sum of the per-sample losses
+        self.correct: torch.Tensor | None = None
+        self.seen = 0
+
+    def add(self, mean_loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        """One batch: its mean loss (a 0-d tensor) and its predictions."""
+        loss = mean_loss.detach().double() * labels.numel()
+        correct = (logits.argmax(1) == labels).sum()
+        if self.loss is None or self.correct is None:
+            self.loss, self.correct = loss, correct
+        else:
+            self.loss += loss
+            self.correct += correct
+        self.seen += labels.numel()
+
+    def read(self) -> RunningSums:
+        if self.loss is None or self.correct is None:
+            return RunningSums()
+        loss, correct = torch.stack([self.loss, self.correct.double()]).tolist()
+        return RunningSums(loss, int(correct), self.seen)
+
+
 def epoch_record(epoch: int, sums: RunningSums, valid: Evaluation, lr: float, started: float,
                  feature_cache: bool) -> dict:
     """One entry of the job's history (metrics.json, rules, the profiler report); `epoch` is 0-based."""
