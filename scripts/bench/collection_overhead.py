@@ -67,7 +67,7 @@ def per_step_cost(steps: int = 3000) -> dict[str, float]:
                 dbg.mark("backward")
                 optimizer.step()
                 dbg.mark("optimizer")
-                dbg.step_end(loss.item())
+                dbg.step_end(loss.detach())  # as the training loop: read back only at collection steps
             result["on" if debugging else "off"] = 1e6 * (time.process_time() - started) / steps
     return {"step_cpu_us_off": round(result["off"], 1), "step_cpu_us_on": round(result["on"], 1),
             "debugger_cpu_us_per_step": round(result["on"] - result["off"], 1)}
