@@ -76,13 +76,19 @@ def train_size(data: Path) -> int:
     return sum(1 for p in (data / "train").rglob("*") if p.is_file())
 
 
-def compose_logs(img: str) -> dict[str, str]:
-    """{host: its container's log} of the job docker-compose ran (it leaves the containers stopped); removed."""
+def containers() -> set[str]:
+    return set(engine("ps", "-aq", "--no-trunc").stdout.split())
+
+
+def compose_logs(img: str, before: set[str]) -> dict[str, str]:
+    """{host: its container's log} of the job docker-compose ran (it leaves the containers stopped); removed.
+    Only containers not in `before`: other tests' local-mode jobs leave theirs with the same image and labels."""
     found = {}
-    listing = engine("ps", "-a", "--format", f'{{{{.ID}}}} {{{{.Image}}}} {{{{.Label "{COMPOSE_SERVICE}"}}}}')
+    listing = engine("ps", "-a", "--no-trunc", "--format",
+                     f'{{{{.ID}}}} {{{{.Image}}}} {{{{.Label "{COMPOSE_SERVICE}"}}}}')
     for line in listing.stdout.splitlines():
         cid, used, *service = line.split()
-        if used.split("/")[-1] == img and service:
+        if used.split("/")[-1] == img and service and cid not in before:
             logs = engine("logs", cid, check=False)
             found[service[0]] = (logs.stdout + logs.stderr).replace("\r", "")
             engine("rm", "-f", cid, check=False)
@@ -144,12 +150,12 @@ def scripts_run(train_cpu, tmp_path_factory, sample_dataset):
         "container_config": {"labels": {LABEL: TAG}}, "container_root": str(home / "jobs")}}))
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("AWS_")}, "HOME": str(home),
            "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "code")}
-    started = time.monotonic()
+    before, started = containers(), time.monotonic()
     train = script("train.py", "--local", "--instance-count", "2", "--data", str(sample_dataset),
                    "--image", train_cpu, "--job-name", f"{PREFIX}-multi", *[f"--hp={k}={v}" for k, v in HPS.items()],
                    env=env, timeout=1200)
     took = time.monotonic() - started
-    return train, compose_logs(train_cpu), home, took
+    return train, compose_logs(train_cpu, before), home, took
 
 
 def test_scripts_local_two_instances_train_their_own_shards_in_one_world(scripts_run, sample_dataset):
@@ -182,7 +188,7 @@ def trainer_run(train_cpu, tmp_path_factory, sample_dataset):
 
     work = tmp_path_factory.mktemp("multi-sdk")
     env = {**sdk_environment(work / "home"), "AWS_DEFAULT_REGION": "us-east-1", "SAGEMAKER_VALIDATE_ROLE": "false"}
-    started = time.monotonic()
+    before, started = containers(), time.monotonic()
     with mock.patch.dict(os.environ, env), contextlib.redirect_stdout(printed := io.StringIO()):
         ModelTrainer(training_image=train_cpu, training_mode=Mode.LOCAL_CONTAINER,
                      compute=Compute(instance_type="local_cpu", instance_count=2),
@@ -191,7 +197,8 @@ def trainer_run(train_cpu, tmp_path_factory, sample_dataset):
                      ).train(input_data_config=[InputData(channel_name=split, data_source=str(sample_dataset / split))
                                                 for split in ("train", "valid", "test")])
     took = time.monotonic() - started
-    return work / "train" / "compressed_artifacts" / "model.tar.gz", compose_logs(train_cpu), printed.getvalue(), took
+    return (work / "train" / "compressed_artifacts" / "model.tar.gz", compose_logs(train_cpu, before),
+            printed.getvalue(), took)
 
 
 def test_model_trainer_two_instances_train_their_own_shards_and_return_one_model(trainer_run, sample_dataset):
