@@ -64,7 +64,8 @@ demo: system-deps install ## sample data -> train -> serve -> predict, on this m
 # ---- Images: build, lock, push, and the `docker run` local mode (docs/images.md) --------------------------
 # The engine: DOCKER=docker or DOCKER=podman; by default docker when a Docker API answers, else podman.
 DOCKER ?= $(shell if docker info >/dev/null 2>&1 || ! command -v podman >/dev/null; then echo docker; else echo podman; fi)
-IMAGES ?= train-cpu train-gpu serve
+ALL_IMAGES := train-cpu train-gpu serve serve-gpu
+IMAGES ?= $(ALL_IMAGES)
 # Local image name = ECR repository name = $(IMAGE_PREFIX)-<image> (imgclf.aws.images.REPOSITORIES).
 IMAGE_PREFIX ?= imgclf
 TAG ?= $(shell git rev-parse --short=12 HEAD 2>/dev/null || echo dev)
@@ -98,12 +99,16 @@ SOURCE_URL ?= $(or $(shell git config --get remote.origin.url 2>/dev/null),unkno
 dockerfile_train-cpu := containers/train/Dockerfile.cpu
 dockerfile_train-gpu := containers/train/Dockerfile.gpu
 dockerfile_serve := containers/serve/Dockerfile
+# The GPU serving image: the serving Dockerfile on the GPU lock (onnxruntime-gpu, CUDA 13 and cuDNN 9 wheels: NVIDIA
+# driver R580 or newer); it serves on the CPU where no GPU is visible.
+dockerfile_serve-gpu := containers/serve/Dockerfile
+build_args_serve-gpu := --build-arg LOCK=serve-gpu --build-arg DEVICE=GPU --build-arg TITLE=imgclf-serve-gpu
 
 # BUILD_JOBS=3 runs the builds side by side, each one's output shown whole when it ends: 343-348 s instead of 461 s
 # twice here, but 731 s in a CI run and over 8 minutes once (podman's API service spins a core while the docker
 # CLI streams builds), so one at a time, the output as it comes, stays the default (docs/development.md).
 BUILD_JOBS ?= 1
-build: ## build the images (all three, or IMAGES=serve; or make build-train-cpu), BUILD_JOBS at a time
+build: ## build the images (all four, or IMAGES=serve; or make build-train-cpu), BUILD_JOBS at a time
 	@$(MAKE) --no-print-directory -j$(BUILD_JOBS) $(if $(filter-out 1,$(BUILD_JOBS)),--output-sync=target) \
 		$(addprefix build-,$(IMAGES))
 
@@ -120,14 +125,15 @@ build-train-gpu-cu128: ## the GPU training image's cu128 build (R525+ drivers, e
 	@$(MAKE) --no-print-directory build-train-gpu TRAIN_GPU_CUDA=cu128
 
 build-%:
-	@test -n "$(dockerfile_$*)" || { echo "error: no image '$*'; images: train-cpu train-gpu serve"; exit 2; }
+	@test -n "$(dockerfile_$*)" || { echo "error: no image '$*'; images: $(ALL_IMAGES)"; exit 2; }
 	@test -n "$(gpu_torch_source_$(TRAIN_GPU_CUDA))" || { echo "error: TRAIN_GPU_CUDA=$(TRAIN_GPU_CUDA): cu130 or cu128"; exit 2; }
 	$(DOCKER) build --platform $(PLATFORM) -f $(dockerfile_$*) -t $(IMAGE_PREFIX)-$*:$(TAG)$(tag_suffix_$*) -t $(IMAGE_PREFIX)-$*:latest$(tag_suffix_$*) \
 		--build-arg VERSION=$(VERSION) --build-arg GIT_SHA=$(or $(shell git rev-parse --verify -q HEAD 2>/dev/null),unknown) \
 		--build-arg SOURCE=$(SOURCE_URL) $(if $(PYTHON_IMAGE),--build-arg PYTHON_IMAGE=$(PYTHON_IMAGE)) \
 		$(if $(filter train-cpu,$*),--build-arg TORCH_SOURCE=$(TORCH_SOURCE)) \
 		$(if $(filter train-gpu,$*),--build-arg TORCH_SOURCE=$(gpu_torch_source_$(TRAIN_GPU_CUDA))) \
-		$(if $(and $(PRETRAINED_MODELS),$(filter train-%,$*)),--build-arg PRETRAINED_MODELS="$(PRETRAINED_MODELS)") .
+		$(if $(and $(PRETRAINED_MODELS),$(filter train-%,$*)),--build-arg PRETRAINED_MODELS="$(PRETRAINED_MODELS)") \
+		$(build_args_$*) .
 
 base-image: ## a Python 3.11 base image from Debian's packages (debootstrap, root): builds without Docker Hub
 	DOCKER=$(DOCKER) containers/base/build.sh $(BASE_IMAGE)
@@ -148,6 +154,8 @@ audit: install ## known vulnerabilities: pip-audit over the image locks (exit 3:
 
 # requirements/lock/: one fully pinned, hashed set per image and one for the development environment (dev.txt),
 # resolved from requirements/*.txt on PyPI.
+# serve-gpu.txt: requirements/serve-gpu.txt without onnxruntime (lock/cpu-only.txt), every version the CPU serving
+# lock's and the CUDA wheels the GPU training lock's (torch-pypi.txt), so that they install from the same caches.
 UV_COMPILE = $(BIN)/uv pip compile --quiet --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
 	--generate-hashes --custom-compile-command "make lock"
 CPU_ONLY = --excludes requirements/lock/cuda-only.txt --no-emit-package torch --no-emit-package torchvision
@@ -158,6 +166,8 @@ lock: $(BIN)/python ## regenerate requirements/lock/ from requirements/*.txt (ne
 	$(UV_COMPILE) requirements/train.txt -c requirements/lock/build.txt $(CPU_ONLY) -o requirements/lock/train-cpu.txt
 	$(UV_COMPILE) requirements/serve.txt -c requirements/lock/build.txt $(CPU_ONLY) -o requirements/lock/serve-cpu.txt
 	$(BIN)/python containers/torch_locks.py requirements/base.txt requirements/lock/train-gpu.txt requirements/lock
+	$(UV_COMPILE) requirements/serve-gpu.txt -c requirements/lock/build.txt --excludes requirements/lock/cpu-only.txt \
+		-c requirements/lock/serve-cpu.txt -c requirements/lock/torch-pypi.txt -o requirements/lock/serve-gpu.txt
 	$(UV_COMPILE) requirements/train.txt --overrides requirements/torch-cu128.txt -c requirements/lock/build.txt \
 		-c requirements/lock/train-cpu.txt -o requirements/lock/train-gpu-cu128.txt
 	$(BIN)/python containers/torch_locks.py --variant requirements/lock/train-gpu-cu128.txt \
@@ -208,7 +218,7 @@ UI_MODEL ?=
 ui-screenshot: install ## screenshot the try-a-model page to docs/images/try-a-model.png (UI_MODEL=model.tar.gz, else a sample run)
 	$(BIN)/python scripts/ui_screenshot.py $(REPORT_OUT) $(if $(UI_MODEL),--model $(UI_MODEL))
 
-test-images: install ## build the three images, run the image tests on them, remove them (docker or podman)
+test-images: install ## build the four images, run the image tests on them, remove them (docker or podman)
 	IMGCLF_IMAGE_TESTS=1 DOCKER=$(DOCKER) PYTHON_IMAGE=$(PYTHON_IMAGE) TORCH_SOURCE=$(TORCH_SOURCE) \
 		$(BIN)/pytest -q tests/images
 

@@ -2,7 +2,7 @@
 
     python scripts/audit.py [--lock requirements/lock/serve-cpu.txt ...] [--service pypi|osv] [--osv-url URL]
 
-pip-audit checks each image lock (default: train-cpu, train-gpu and serve-cpu in requirements/lock/) against
+pip-audit checks each image lock (default: every image build's, audit.IMAGE_LOCKS, in requirements/lock/) against
 the vulnerability service (default: PyPI's, which serves OSV's data; osv: api.osv.dev); then the Java libraries
 bundled in multi-model-server's frontend jar are listed with the versions the jar records (netty, log4j, ...),
 which no Python vulnerability service covers: compare them with the advisories yourself.

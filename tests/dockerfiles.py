@@ -12,17 +12,47 @@ from packaging.requirements import Requirement
 from tests.conftest import REPO
 
 DOCKERFILES = {"train-cpu": "containers/train/Dockerfile.cpu", "train-gpu": "containers/train/Dockerfile.gpu",
-               "serve": "containers/serve/Dockerfile"}
+               "serve": "containers/serve/Dockerfile", "serve-gpu": "containers/serve/Dockerfile"}
+
+
+def makefile_build_args() -> dict[str, dict[str, str]]:
+    """image -> the --build-arg NAME=VALUE pairs the Makefile's build_args_<image> passes (serve-gpu's LOCK...)."""
+    found = re.findall(r"^build_args_(\S+) := (.*)$", (REPO / "Makefile").read_text(), re.M)
+    return {image: dict(a.split("=", 1) for a in re.findall(r"--build-arg (\S+)", args)) for image, args in found}
+
+
+BUILD_ARGS = makefile_build_args()
 
 
 # The top-level requirements each image is locked from (CI installs dev.txt, which includes both).
 TOP_LEVEL = {"train-cpu": "requirements/train.txt", "train-gpu": "requirements/train.txt",
-             "serve": "requirements/serve.txt"}
+             "serve": "requirements/serve.txt", "serve-gpu": "requirements/serve-gpu.txt"}
+
+
+def names(path: str) -> set[str]:
+    lines = (line.strip() for line in (REPO / path).read_text().splitlines())
+    return {line for line in lines if line and not line.startswith("#")}
 
 
 # The CUDA-only dependencies of PyPI's torch, kept out of the CPU images (make lock excludes them).
-CUDA_ONLY = {line.strip() for line in (REPO / "requirements/lock/cuda-only.txt").read_text().splitlines()
-             if line.strip() and not line.startswith("#")}
+CUDA_ONLY = names("requirements/lock/cuda-only.txt")
+# The CPU build of ONNX Runtime, which the GPU serving image's lock leaves out for onnxruntime-gpu.
+CPU_ONLY = names("requirements/lock/cpu-only.txt")
+
+
+def arg_defaults(dockerfile: str) -> dict[str, str]:
+    """NAME -> default of every `ARG NAME=default` (several on one line too)."""
+    defaults = {}
+    for _, op, args in instructions(dockerfile):
+        if op == "ARG":
+            defaults.update(item.split("=", 1) for item in shlex.split(args) if "=" in item)
+    return defaults
+
+
+def expand(text: str, dockerfile: str, image: str | None = None) -> str:
+    """${NAME} and $NAME as the build of `image` sees them: its Makefile build arguments, else the ARG defaults."""
+    values = {**arg_defaults(dockerfile), **BUILD_ARGS.get(image or "", {})}
+    return re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: values.get(m.group(1) or m.group(2), m.group(0)), text)
 
 
 def instructions(dockerfile: str) -> list[tuple[int, str, str]]:
@@ -68,11 +98,12 @@ def final_env(dockerfile: str) -> dict[str, str]:
     return env_of([a for s, op, a in ins if op == "ENV" and s in chain])
 
 
-def copy_sources(dockerfile: str) -> list[str]:
+def copy_sources(dockerfile: str, image: str | None = None) -> list[str]:
+    """What the build context gives the COPY and ADD instructions, with `image`'s build arguments (expand)."""
     sources = []
     for _, op, args in instructions(dockerfile):
         if op in ("COPY", "ADD") and "--from=" not in args:
-            sources += [s for s in shlex.split(args)[:-1] if not s.startswith("--")]
+            sources += [expand(s, dockerfile, image) for s in shlex.split(args)[:-1] if not s.startswith("--")]
     return sources
 
 
@@ -114,10 +145,12 @@ def top_level(path: Path) -> dict[str, Requirement]:
     return reqs
 
 
-def installed_locks(dockerfile: str) -> list[Path]:
-    """The requirement files the image pip-installs (-r /tmp/lock/X) with its default TORCH_SOURCE."""
-    copied = {Path(s).name: REPO / s for s in copy_sources(dockerfile) if s.startswith("requirements/")}
-    names = re.findall(r"-r /tmp/lock/(\S+)", " ".join(a for _, op, a in instructions(dockerfile) if op == "RUN"))
+def installed_locks(dockerfile: str, image: str | None = None) -> list[Path]:
+    """The requirement files the image pip-installs (-r /tmp/lock/X) with its default TORCH_SOURCE and the
+    Makefile's build arguments for `image`."""
+    copied = {Path(s).name: REPO / s for s in copy_sources(dockerfile, image) if s.startswith("requirements/")}
+    runs = " ".join(a for _, op, a in instructions(dockerfile) if op == "RUN")
+    names = re.findall(r"-r /tmp/lock/(\S+)", expand(runs, dockerfile, image))
     assert names, f"{dockerfile} installs no requirement file from /tmp/lock"
     source = re.search(r"^ARG TORCH_SOURCE=(\w+)$", (REPO / dockerfile).read_text(), re.M)
     return [copied[n] for n in names if not n.startswith("torch-") or source and n == f"torch-{source.group(1)}.txt"]

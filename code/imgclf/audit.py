@@ -24,7 +24,8 @@ from pathlib import Path
 
 from imgclf.errors import UserError
 
-IMAGE_LOCKS = ("train-cpu.txt", "train-gpu.txt", "train-gpu-cu128.txt", "serve-cpu.txt")  # every image build's
+IMAGE_LOCKS = ("train-cpu.txt", "train-gpu.txt", "train-gpu-cu128.txt", "serve-cpu.txt",  # every image build's
+               "serve-gpu.txt")
 SERVICES = ("pypi", "osv")
 EXIT_VULNERABLE = 1  # pip-audit found known vulnerabilities
 EXIT_UNREACHABLE = 3  # the vulnerability service could not be reached (or audited nothing): no verdict

@@ -1,6 +1,7 @@
-"""What the image tests share (tests/images/test_images.py, tests/images/test_sdk.py): the engine, the names of the
-test images, and the session's `images` fixture, which builds them once for every module and removes them, and
-every container the tests left, at the end.
+"""What the image tests share (tests/images/test_images.py, tests/images/test_sdk.py, ...): the engine, the names of
+the test images, the session's `images` fixture, which builds them once for every module and removes them, and
+every container the tests left, at the end; detached container runs, and the one model the serving tests serve
+(`trained_tree`).
 
 IMGCLF_TEST_TAG=<tag> reuses images built beforehand (`make build IMAGE_PREFIX=imgclf-test TAG=<tag> ...`, the
 same PYTHON_IMAGE and TORCH_SOURCE) instead of building them, and keeps them afterwards: for rerunning the image
@@ -19,14 +20,15 @@ import uuid
 from pathlib import Path
 
 import pytest
+from imgclf import local
 
-from tests.conftest import REPO
+from tests.conftest import FAST_HPS, REPO
 
 ENGINE = os.environ.get("DOCKER") or "docker"
 REUSE_TAG = os.environ.get("IMGCLF_TEST_TAG")
 PREFIX, TAG = os.environ.get("IMGCLF_TEST_PREFIX") or "imgclf-test", REUSE_TAG or f"t{uuid.uuid4().hex[:8]}"
 TORCH_SOURCE = os.environ.get("TORCH_SOURCE") or "cpu"
-IMAGE_NAMES = ("train-cpu", "train-gpu", "serve")
+IMAGE_NAMES = ("train-cpu", "train-gpu", "serve", "serve-gpu")
 # Every container a test starts carries LABEL=TAG (the make tests' also a label of their own), so that teardown
 # finds and removes it whatever happened in the test, and no failure leaves one behind for the next test.
 LABEL = "imgclf-test"
@@ -45,7 +47,7 @@ def _engine_problem() -> str | None:
 def require_image_tests() -> None:
     """At the top of each image test module: skip it outside `make test-images`, fail it without an engine."""
     if not os.environ.get("IMGCLF_IMAGE_TESTS"):
-        pytest.skip("builds the three images (minutes): run them with make test-images", allow_module_level=True)
+        pytest.skip("builds the four images (minutes): run them with make test-images", allow_module_level=True)
     if problem := _engine_problem():
         pytest.fail(f"{problem}: make test-images needs Docker or podman (containers/podman.sh)", pytrace=False)
 
@@ -76,10 +78,10 @@ def build_args() -> list[str]:
                                                if os.environ.get("PYTHON_IMAGE") else [])
 
 
-# The three builds' peak on the engine's disk with TORCH_SOURCE=pypi: the torch stage's wheels, their 5.5 GB
-# install and its commit (measured: 22.1 GB above the start, while the serving image builds beside it); the
-# layers above it need less.
-BUILD_DISK_GB = 24
+# The builds' peak on the engine's disk with TORCH_SOURCE=pypi: the torch stage's wheels, their 5.5 GB install and
+# its commit (measured: 22.1 GB above the start, while the serving image builds beside it); the layers above it
+# need less. The GPU serving image adds its 3.8 GB (CUDA and cuDNN wheels) and their install.
+BUILD_DISK_GB = 28
 
 
 def dangling() -> set[str]:
@@ -92,7 +94,7 @@ def check_disk() -> None:
     if root and Path(root).is_dir():  # a local engine: its storage is on this machine's disk
         free = shutil.disk_usage(root).free / 2**30
         if free < BUILD_DISK_GB:
-            pytest.fail(f"{root} has {free:.1f} GB free; building the three images needs about {BUILD_DISK_GB} GB. "
+            pytest.fail(f"{root} has {free:.1f} GB free; building the four images needs about {BUILD_DISK_GB} GB. "
                         f"Free some: `{ENGINE} image prune` (untagged images), `{ENGINE} rmi` old imgclf tags",
                         pytrace=False)
 
@@ -120,7 +122,7 @@ def remove_image_containers() -> list[str]:
 
 @pytest.fixture(scope="session")
 def images():
-    """All three images, built by the Makefile target users run; removed, with the test containers and the
+    """All four images, built by the Makefile target users run; removed, with the test containers and the
     untagged build-stage images the builds left, at the end (with IMGCLF_TEST_TAG: reused and kept)."""
     if REUSE_TAG:
         check_reused_images()
@@ -136,7 +138,7 @@ def images():
     try:
         build = make("build", f"TAG={TAG}", *build_args())
         assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-5000:]
-        print(f"\nbuilt the three images in {time.monotonic() - started:.0f} s", file=sys.stderr)
+        print(f"\nbuilt the four images in {time.monotonic() - started:.0f} s", file=sys.stderr)
         yield
     finally:
         # Containers first: ours by label, the SDK's (docker-compose labels them itself) by image name.
@@ -156,3 +158,55 @@ def remove_containers(label: str) -> list[str]:
     if found:
         engine("rm", "-f", *found, check=False)
     return found
+
+
+# ---- what the modules that run containers share: detached runs, and one trained model ------------------------
+# Small and fast, and still several steps per epoch, so a stop lands inside one.
+HPS = {**FAST_HPS, "epochs": "2", "onnx-exporter": "auto"}  # the image's onnxscript: dynamo first
+
+
+def make_tree(tree: Path, data: Path, hps: dict[str, str]) -> Path:
+    cmd = [sys.executable, str(REPO / "containers/local_tree.py"), str(tree), "--data", str(data)]
+    subprocess.run(cmd + [f"--hp={k}={v}" for k, v in hps.items()], check=True, capture_output=True)
+    return tree
+
+
+def run_detached(img: str, *args: str, tree: Path | None = None, name: str | None = None,
+                 options: tuple[str, ...] = ()) -> str:
+    name = name or f"{PREFIX}-{uuid.uuid4().hex[:8]}"
+    mounts = ("-v", f"{tree}:/opt/ml") if tree else ()
+    engine("run", "-d", "--name", name, "--label", f"{LABEL}={TAG}", "--shm-size", "1g", "--hostname", "algo-1",
+           *mounts, *options, img, *args)
+    return name
+
+
+def finish(name: str, timeout: float = 1200) -> tuple[int, str]:
+    """Wait for a detached container to end: (exit status, its output); the container is removed.
+    Polls `inspect`: under podman, a `wait` client held open makes the API service spin a core."""
+    try:
+        deadline = time.monotonic() + timeout
+        while engine("inspect", "--format", "{{.State.Running}}", name).stdout.strip() == "true":
+            assert time.monotonic() < deadline, f"{name} still running after {timeout} s"
+            time.sleep(1)
+        status = int(engine("inspect", "--format", "{{.State.ExitCode}}", name).stdout.strip())
+        logs = engine("logs", name, check=False)
+        return status, logs.stdout + logs.stderr
+    finally:
+        engine("rm", "-f", name, check=False)
+
+
+
+@pytest.fixture(scope="session")
+def trained_tree(images, tmp_path_factory, sample_dataset):
+    """One training run of train-cpu over a mounted tree, shared by the serving tests of both serving images:
+    (tree, exit status, output). Its model folder is mounted read-only; a test that changes a model copies it."""
+    tree = make_tree(tmp_path_factory.mktemp("train-cpu") / "opt_ml", sample_dataset, HPS)
+    status, logs = finish(run_detached(image("train-cpu"), "train", tree=tree))
+    return tree, status, logs
+
+
+def wait_healthy(url: str, name: str, timeout: float = 240) -> float:
+    try:
+        return local.wait_healthy(f"{url}/ping", timeout)
+    except local.ServerFailed as e:
+        pytest.fail(f"{e}:\n{engine('logs', name, check=False).stderr[-5000:]}")

@@ -1,4 +1,5 @@
-"""The three images, built and run for real (make test-images): train, fail, stop and resume, serve, cache.
+"""The images, built and run for real (make test-images): train, fail, stop and resume, serve, cache (the GPU serving
+image's own tests: test_serve_gpu.py).
 
 This is AWS's bring-your-own-container check, automated, in every place the images run: `docker run -v
 TREE:/opt/ml IMAGE train` (and `serve`), the Makefile's local-train/local-serve/local-predict flow that the
@@ -28,9 +29,11 @@ import requests
 from imgclf import local
 
 from tests import hostile
-from tests.conftest import FAST_HPS, REPO, free_port
+from tests.conftest import REPO, free_port
 from tests.images.conftest import (
     ENGINE,
+    HPS,
+    IMAGE_NAMES,
     LABEL,
     MAKE_ENV,
     PREFIX,
@@ -38,50 +41,20 @@ from tests.images.conftest import (
     TORCH_SOURCE,
     build_args,
     engine,
+    finish,
     image,
     make,
+    make_tree,
     remove_containers,
     require_image_tests,
+    run_detached,
+    wait_healthy,
 )
 from tests.photos import DOG, forms
 from tests.servers import verdict
 
 pytestmark = pytest.mark.images
 require_image_tests()
-# Small and fast, and still several steps per epoch, so a stop lands inside one.
-HPS = {**FAST_HPS, "epochs": "2", "onnx-exporter": "auto"}  # the image's onnxscript: dynamo first
-
-
-def make_tree(tree: Path, data: Path, hps: dict[str, str]) -> Path:
-    cmd = [sys.executable, str(REPO / "containers/local_tree.py"), str(tree), "--data", str(data)]
-    subprocess.run(cmd + [f"--hp={k}={v}" for k, v in hps.items()], check=True, capture_output=True)
-    return tree
-
-
-def run_detached(img: str, *args: str, tree: Path | None = None, name: str | None = None,
-                 options: tuple[str, ...] = ()) -> str:
-    name = name or f"{PREFIX}-{uuid.uuid4().hex[:8]}"
-    mounts = ("-v", f"{tree}:/opt/ml") if tree else ()
-    engine("run", "-d", "--name", name, "--label", f"{LABEL}={TAG}", "--shm-size", "1g", "--hostname", "algo-1",
-           *mounts, *options, img, *args)
-    return name
-
-
-def finish(name: str, timeout: float = 1200) -> tuple[int, str]:
-    """Wait for a detached container to end: (exit status, its output); the container is removed.
-    Polls `inspect`: under podman, a `wait` client held open makes the API service spin a core."""
-    try:
-        deadline = time.monotonic() + timeout
-        while engine("inspect", "--format", "{{.State.Running}}", name).stdout.strip() == "true":
-            assert time.monotonic() < deadline, f"{name} still running after {timeout} s"
-            time.sleep(1)
-        status = int(engine("inspect", "--format", "{{.State.ExitCode}}", name).stdout.strip())
-        logs = engine("logs", name, check=False)
-        return status, logs.stdout + logs.stderr
-    finally:
-        engine("rm", "-f", name, check=False)
-
-
 def wait_for_log(name: str, text: str, timeout: float = 600) -> str:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -102,7 +75,7 @@ def test_images_are_labelled_and_configured_for_sagemaker(images):
     sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     version = next(line.split('"')[1] for line in (REPO / "pyproject.toml").read_text().splitlines()
                    if line.startswith("version ="))
-    for name in ("train-cpu", "train-gpu", "serve"):
+    for name in IMAGE_NAMES:
         info = inspect(image(name))
         labels = info["Config"]["Labels"]
         assert labels["org.opencontainers.image.revision"] == sha
@@ -117,6 +90,7 @@ def test_images_are_labelled_and_configured_for_sagemaker(images):
     assert serve["Entrypoint"] == ["serve"]
     assert serve["Labels"]["com.amazonaws.sagemaker.capabilities.accept-bind-to-port"] == "true"
     assert serve["Labels"]["com.amazonaws.sagemaker.capabilities.multi-models"] == "true"
+    assert "(CPU)" in serve["Labels"]["org.opencontainers.image.description"]  # serve-gpu's: test_serve_gpu.py
 
 
 @pytest.mark.parametrize("name,torch_build,compiler", [
@@ -144,14 +118,6 @@ def test_serving_image_has_onnx_runtime_and_no_torch(images):
 
 
 # ---- training ------------------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def trained_tree(images, tmp_path_factory, sample_dataset):
-    """One training run of train-cpu over a mounted tree: (tree, exit status, output)."""
-    tree = make_tree(tmp_path_factory.mktemp("train-cpu") / "opt_ml", sample_dataset, HPS)
-    status, logs = finish(run_detached(image("train-cpu"), "train", tree=tree))
-    return tree, status, logs
-
 
 def test_train_cpu_writes_the_model(trained_tree):
     tree, status, logs = trained_tree
@@ -206,13 +172,6 @@ def test_stopped_container_resumes_from_its_checkpoint(images, tmp_path, sample_
 
 
 # ---- serving ---------------------------------------------------------------------------------------------
-
-def wait_healthy(url: str, name: str, timeout: float = 240) -> float:
-    try:
-        return local.wait_healthy(f"{url}/ping", timeout)
-    except local.ServerFailed as e:
-        pytest.fail(f"{e}:\n{engine('logs', name, check=False).stderr[-5000:]}")
-
 
 @pytest.fixture(scope="module")
 def server(trained_tree):

@@ -59,7 +59,7 @@ COMPOSE_SERVICE = "com.docker.compose.service"  # docker-compose's label: the se
 @pytest.fixture(scope="module")
 def train_cpu(request):
     """The CPU training image, the only one this module runs. With IMGCLF_TEST_TAG only it need exist
-    (make build IMAGES=train-cpu ...); otherwise the session's `images` fixture builds all three."""
+    (make build IMAGES=train-cpu ...); otherwise the session's `images` fixture builds all four."""
     if not REUSE_TAG:
         request.getfixturevalue("images")
     elif engine("image", "inspect", image("train-cpu"), check=False).returncode != 0:

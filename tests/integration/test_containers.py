@@ -91,7 +91,12 @@ def test_makefile_builds_images_under_the_ecr_repository_names():
     for image, repository in REPOSITORIES.items():
         assert f"-f {DOCKERFILES[image]} -t {repository}:t1 -t {repository}:latest" in result.stdout
     bad = subprocess.run(["make", "build-nope"], cwd=REPO, capture_output=True, text=True)
-    assert bad.returncode != 0 and "no image 'nope'" in bad.stdout
+    assert bad.returncode != 0 and f"no image 'nope'; images: {' '.join(REPOSITORIES)}\n" in bad.stdout
+    # One serving Dockerfile: the GPU image is its build on the GPU lock, the CPU image its defaults.
+    serve_gpu = "--build-arg LOCK=serve-gpu --build-arg DEVICE=GPU --build-arg TITLE=imgclf-serve-gpu"
+    assert serve_gpu in result.stdout.split(f"-t {REPOSITORIES['serve-gpu']}:t1")[1].split(" .\n")[0]
+    serve = subprocess.run(["make", "-n", "build-serve"], cwd=REPO, capture_output=True, text=True, check=True)
+    assert "LOCK=" not in serve.stdout and "DEVICE=" not in serve.stdout
 
 
 def test_local_tree_runs_the_training_image_environment(tmp_path, sample_dataset):

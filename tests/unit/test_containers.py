@@ -14,6 +14,8 @@ from packaging.version import Version
 
 from tests.conftest import REPO
 from tests.dockerfiles import (
+    BUILD_ARGS,
+    CPU_ONLY,
     CUDA_ONLY,
     DOCKERFILES,
     TOP_LEVEL,
@@ -32,7 +34,7 @@ from tests.dockerfiles import (
 def test_copy_sources_exist_and_are_in_the_build_context(image):
     patterns = [line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()
                 if line.strip() and not line.startswith("#")]
-    for source in copy_sources(DOCKERFILES[image]):
+    for source in copy_sources(DOCKERFILES[image], image):
         path = REPO / source
         assert path.exists(), f"{DOCKERFILES[image]}: COPY {source}: no such file in the repository"
         files = [path] if path.is_file() else [p for p in path.rglob("*.py") if "__pycache__" not in p.parts]
@@ -49,7 +51,7 @@ def test_images_are_lean_multi_stage_builds(image):
     stages = [a for _, op, a in instructions(dockerfile) if op == "FROM"]
     # The dependencies in a deps stage; the training images start it from their shared torch stage.
     first = 1 if image.startswith("train-") else 0
-    assert image == "serve" or stages[0].endswith(" AS torch"), f"{dockerfile}: torch in a stage of its own"
+    assert image.startswith("serve") or stages[0].endswith(" AS torch"), f"{dockerfile}: torch in a stage of its own"
     assert len(stages) >= 2 and " AS deps" in stages[first], f"{dockerfile}: build the dependencies in a deps stage"
     assert stages[-1] == "deps", f"{dockerfile}: the image is the dependencies plus small layers (no venv copy)"
     final = final_stage(dockerfile)
@@ -116,25 +118,34 @@ def test_serve_entrypoint_is_the_serve_script_of_the_serving_tests():
 @pytest.mark.parametrize("image", DOCKERFILES)
 def test_image_pins_are_the_pins_ci_installs(image):
     """One source of truth: every top-level pin of requirements/*.txt is the version locked in the image."""
-    locks = installed_locks(DOCKERFILES[image])
+    locks = installed_locks(DOCKERFILES[image], image)
     pins: dict[str, str] = {}
     for lock in locks:
         for name, version in lock_pins(lock).items():
             assert pins.setdefault(name, version) == version, f"{name} locked twice, differently, for {image}"
-    assert_locked(TOP_LEVEL[image], pins, image)
+    assert_locked(TOP_LEVEL[image], pins, image, excluded=CPU_ONLY if image == "serve-gpu" else set())
     cuda = sorted(n for n in pins if n in CUDA_ONLY)
     if image == "train-gpu":
         assert "torch" in pins and cuda, "the GPU image installs PyPI's CUDA build of torch with its CUDA wheels"
     elif image == "serve":  # the exported graph runs on ONNX Runtime: no torch, no CUDA, nothing that needs them
         assert "onnxruntime" in pins and not {"torch", "torchvision", "timm", "safetensors"} & set(pins), pins
         assert not cuda, cuda
+    elif image == "serve-gpu":  # ONNX Runtime's CUDA build (one `onnxruntime` module: never both), still no torch
+        assert "onnxruntime-gpu" in pins and "onnxruntime" not in pins, pins
+        assert not {"torch", "torchvision", "timm", "safetensors", "triton"} & set(pins), pins
+        assert {"nvidia-cublas", "nvidia-cuda-runtime", "nvidia-cudnn-cu13", "nvidia-cufft", "nvidia-curand"} \
+            <= set(cuda), cuda
     else:
         assert pins["torch"].endswith("+cpu") and pins["torchvision"].endswith("+cpu") and not cuda, cuda
 
 
-def assert_locked(requirements: str, pins: dict[str, str], what: str) -> None:
-    """Every requirement of requirements/X.txt (following -r) has a locked version that satisfies it."""
+def assert_locked(requirements: str, pins: dict[str, str], what: str, excluded: set[str] = frozenset()) -> None:
+    """Every requirement of requirements/X.txt (following -r) has a locked version that satisfies it, but those
+    `make lock` excludes from the lock (--excludes)."""
     for name, req in top_level(REPO / requirements).items():
+        if name in excluded:
+            assert name not in pins, f"{name} is excluded from {what}'s lock, yet locked: run `make lock`"
+            continue
         assert name in pins, f"{name} ({requirements}) is not in {what}'s locks: run `make lock`"
         locked = Version(pins[name])
         if str(req.specifier).startswith("=="):
@@ -161,7 +172,7 @@ def test_the_development_environment_runs_the_images_versions():
 
 
 @pytest.mark.parametrize("lock", ["build.txt", "train-cpu.txt", "train-gpu.txt", "serve-cpu.txt", "dev.txt",
-                                  "train-gpu-cu128.txt"])
+                                  "train-gpu-cu128.txt", "serve-gpu.txt"])
 def test_locks_are_hashed_and_made_by_make_lock(lock):
     text = (REPO / "requirements/lock" / lock).read_text()
     assert "#    make lock" in text.splitlines()[1], "regenerate with `make lock`"
@@ -171,6 +182,30 @@ def test_locks_are_hashed_and_made_by_make_lock(lock):
             assert "--hash=sha256:" in entry, f"{lock}: {entry.splitlines()[0]} has no hash"
     makefile = (REPO / "Makefile").read_text()
     assert f"-o requirements/lock/{lock}" in makefile
+
+
+def test_the_gpu_serving_image_is_the_serving_image_on_the_gpu_lock():
+    """make build-serve-gpu: the serving Dockerfile with LOCK=serve-gpu (labelled GPU); make build-serve: its
+    defaults, the CPU lock (labelled CPU). The GPU lock is the CPU one with onnxruntime-gpu for onnxruntime: every
+    other version the same, and its CUDA wheels the GPU training image's (one download, one cache)."""
+    assert DOCKERFILES["serve-gpu"] == DOCKERFILES["serve"] and "serve" not in BUILD_ARGS
+    assert BUILD_ARGS["serve-gpu"] == {"LOCK": "serve-gpu", "DEVICE": "GPU", "TITLE": "imgclf-serve-gpu"}
+    labels = " ".join(a for op, a in final_stage(DOCKERFILES["serve"]) if op == "LABEL")
+    assert 'org.opencontainers.image.description="SageMaker inference image (${DEVICE})' in labels
+    assert 'org.opencontainers.image.title="${TITLE}"' in labels
+    assert [p.name for p in installed_locks(DOCKERFILES["serve"])] == ["build.txt", "serve-cpu.txt"]
+    assert [p.name for p in installed_locks(DOCKERFILES["serve-gpu"], "serve-gpu")] == ["build.txt", "serve-gpu.txt"]
+    locks = REPO / "requirements/lock"
+    cpu, gpu = lock_pins(locks / "serve-cpu.txt"), lock_pins(locks / "serve-gpu.txt")
+    assert {n: v for n, v in gpu.items() if n in cpu} == {n: v for n, v in cpu.items() if n != "onnxruntime"}
+    assert set(cpu) - set(gpu) == CPU_ONLY == {"onnxruntime"}
+    train_gpu = lock_pins(locks / "train-gpu.txt")
+    extra = {n: v for n, v in gpu.items() if n not in cpu}
+    assert extra.pop("onnxruntime-gpu") == str(top_level(REPO / "requirements/serve-gpu.txt")["onnxruntime-gpu"]
+                                               .specifier)[2:]
+    assert extra and extra == {n: train_gpu[n] for n in extra}, "CUDA wheels other than the GPU training lock's"
+    makefile = (REPO / "Makefile").read_text()
+    assert "--excludes requirements/lock/cpu-only.txt" in makefile.split("-o requirements/lock/serve-gpu.txt")[0]
 
 
 def torch_locks():

@@ -11,7 +11,7 @@ from imgclf.aws.ecr import DEFAULT_PREFIX, describe_image_request, digest_uri, r
 
 log = logging.getLogger("imgclf.aws")
 
-IMAGES = ("train-cpu", "train-gpu", "serve")
+IMAGES = ("train-cpu", "train-gpu", "serve", "serve-gpu")
 # The ECR repositories `make push` (scripts/push_images.py) creates and pushes to.
 REPOSITORIES = {image: repository_name(DEFAULT_PREFIX, image) for image in IMAGES}
 DEFAULT_TAG = "latest"

@@ -25,7 +25,7 @@ from imgclf.errors import UserError
 from imgclf.exit_codes import EXIT_OK
 
 log = logging.getLogger("imgclf.aws")
-IMAGES = tuple(REPOSITORIES)  # train-cpu, train-gpu, serve
+IMAGES = tuple(REPOSITORIES)  # train-cpu, train-gpu, serve, serve-gpu
 
 
 class DockerUnavailable(UserError):

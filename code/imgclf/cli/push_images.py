@@ -1,6 +1,6 @@
 """Push the images `make build` made to Amazon ECR (what `make push` runs).
 
-    imgclf-push-images [train-cpu train-gpu serve] --tag TAG [--tag latest] [--keep 20]
+    imgclf-push-images [train-cpu train-gpu serve serve-gpu] --tag TAG [--tag latest] [--keep 20]
                                   [--region R] [--profile P] [--account ID] [--dry-run]
                                   [--scan-timeout 300] [--allow-critical]
 
