@@ -121,6 +121,14 @@ class InstanceTypeError(UserError):
     """An instance type that no image of this project can train on."""
 
 
+# The serve-gpu image: onnxruntime-gpu on CUDA 13.0, so an R580+ driver. SageMaker's endpoints get one with this
+# InferenceAmiVersion (botocore's ProductionVariant documentation: NVIDIA driver 580, CUDA 13.0); the default hosts
+# (R470, R535) cannot run it. Batch transform's AMIs stop at R535: no GPU batch transform with this image.
+SERVE_GPU_CUDA = "13.0"
+SERVE_GPU_DRIVER = MIN_DRIVER_BY_CUDA_MAJOR[13]
+SERVE_GPU_AMI = "al2023-ami-sagemaker-inference-gpu-4-1"
+
+
 def family(instance_type: str) -> str:
     """ml.g4dn.xlarge -> g4dn; ml.p6-b200.48xlarge -> p6-b200."""
     return instance_type.removeprefix("ml.").rsplit(".", 1)[0]
@@ -142,6 +150,13 @@ def training_image(instance_type: str) -> str:
         raise InstanceTypeError(f"{instance_type}: GPU family {name!r} is not in imgclf.instances.GPU_FAMILIES; "
                                 "add it there if its NVIDIA GPU has compute capability 7.5 or newer")
     return "train-cpu"
+
+
+def serving_image(instance_type: str) -> str:
+    """serve-gpu for the families of GPU_FAMILIES, serve for the others (local_gpu: serve-gpu, local: serve)."""
+    if instance_type in ("local", "local_gpu"):
+        return "serve-gpu" if instance_type == "local_gpu" else "serve"
+    return "serve-gpu" if has_nvidia_gpus(instance_type) else "serve"
 
 
 def documented_build(name: str) -> str:

@@ -101,6 +101,8 @@ def test_dry_run_offline_prints_validated_requests_with_the_default_output():
     (["--input", "s3://dogs-batch/photos", "--instance-type", "m5.large"], "SageMaker types start with ml."),
     (["--input", "s3://dogs-batch/photos", "--invocation-retries", "5"], "invocation retries 5: must be 0-3"),
     (["--input", "s3://dogs-batch/photos", "--local", "--dry-run"], "choose one"),
+    # batch transform's GPU hosts (R470, R535) are older than the R580 the serve-gpu image needs
+    (["--input", "s3://dogs-batch/photos", "--instance-type", "ml.g5.xlarge"], "older than the R580"),
 ])
 def test_bad_batch_input_exits_2(args, message):
     result = run_script("batch_predict.py", "--model-data", MODEL_DATA, "--role", ROLE, "--dry-run", *args,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -136,10 +137,13 @@ def test_create_keep_update_autoscale_delete(aws_env, moto_server, serve_image):
 
     deleted = run_script("deploy.py", "--name", "dog-breeds", "--delete", env=aws_env)
     assert deleted.returncode == 0, failed(deleted)
-    assert not sm.list_endpoints()["Endpoints"]
-    assert not [c for c in sm.list_endpoint_configs()["EndpointConfigs"] if c["EndpointConfigName"].startswith("dog")]
-    assert not [m for m in sm.list_models()["Models"] if m["ModelName"].startswith("dog-breeds")]
-    assert not scaling.describe_scalable_targets(ServiceNamespace="sagemaker")["ScalableTargets"]
+    # (other tests share the moto server: only this endpoint's resources count, dog-breeds-<hash>)
+    ours = re.compile(r"dog-breeds(-[0-9a-f]{8})?").fullmatch
+    assert not [e for e in sm.list_endpoints()["Endpoints"] if ours(e["EndpointName"])]
+    assert not [c for c in sm.list_endpoint_configs()["EndpointConfigs"] if ours(c["EndpointConfigName"])]
+    assert not [m for m in sm.list_models()["Models"] if ours(m["ModelName"])]
+    assert not [t for t in scaling.describe_scalable_targets(ServiceNamespace="sagemaker")["ScalableTargets"]
+                if t["ResourceId"].startswith("endpoint/dog-breeds/")]
 
     missing = run_script("deploy.py", "--name", "dog-breeds", "--delete", env=aws_env)
     assert missing.returncode == 3, failed(missing)
@@ -208,7 +212,6 @@ def test_dry_run_offline_prints_validated_requests_and_names_are_deterministic()
     (["--model-data", MODEL_DATA, "--serverless-memory", "2048", "--data-capture", "s3://b/capture"],
      "data capture is not available on serverless endpoints"),
     ([], "no model: pass --model-data"),
-    (["--model-data", MODEL_DATA, "--instance-type", "ml.g5.xlarge"], "the GPU would be paid for and idle"),
 ])
 def test_bad_deploy_input_exits_2(args, message):
     result = run_script("deploy.py", "--name", "dog-breeds", "--role", ROLE, "--dry-run", *args, env=offline_env())
@@ -458,13 +461,28 @@ def test_bad_async_input_exits_2(args, message):
     assert message in result.stderr and "Traceback" not in result.stderr
 
 
-def test_a_gpu_instance_takes_an_explicit_gpu_serving_image():
-    """Refused with the default CPU serving image (test_bad_deploy_input_exits_2); --image is the user's choice."""
-    image = f"{SERVE_REPOSITORY}-gpu@sha256:{'a' * 64}"
-    dry = run_script("deploy.py", "--name", "dog-breeds", "--model-data", MODEL_DATA, "--role", ROLE, "--dry-run",
-                     "--instance-type", "ml.g5.xlarge", "--image", image, "--env", "IMGCLF_SERVE_DEVICE=cuda",
-                     env=offline_env())
-    assert dry.returncode == 0, failed(dry)
-    [create_model] = [r["request"] for r in dry_run_requests(dry.stdout) if r["operation"] == "CreateModel"]
-    assert create_model["PrimaryContainer"]["Image"] == image
-    assert create_model["PrimaryContainer"]["Environment"] == {"IMGCLF_SERVE_DEVICE": "cuda"}
+def test_a_gpu_instance_gets_the_gpu_serving_image_on_hosts_with_its_driver():
+    """ml.g5 picks the serve-gpu image and the InferenceAmiVersion whose R580 driver its CUDA 13.0 needs (the
+    default hosts' R470 cannot run it); --inference-ami-version and --image are the user's choice."""
+    args = ["--name", "dog-breeds", "--model-data", MODEL_DATA, "--role", ROLE, "--dry-run",
+            "--instance-type", "ml.g5.xlarge"]
+
+    def requests_of(*extra: str) -> tuple[dict, dict]:
+        dry = run_script("deploy.py", *args, *extra, env=offline_env())
+        assert dry.returncode == 0, failed(dry)
+        by_operation = {r["operation"]: r["request"] for r in dry_run_requests(dry.stdout)}
+        return by_operation["CreateModel"], by_operation["CreateEndpointConfig"]["ProductionVariants"][0]
+
+    model, variant = requests_of()
+    assert model["PrimaryContainer"]["Image"].rsplit("/", 1)[1].startswith("imgclf-serve-gpu:")
+    assert variant["InferenceAmiVersion"] == "al2023-ami-sagemaker-inference-gpu-4-1"
+    assert variant["InstanceType"] == "ml.g5.xlarge"
+    image = f"{SERVE_REPOSITORY}-cu12@sha256:{'a' * 64}"
+    model, variant = requests_of("--image", image, "--env", "IMGCLF_SERVE_DEVICE=cuda",
+                                 "--inference-ami-version", "al2-ami-sagemaker-inference-gpu-3-1")
+    assert model["PrimaryContainer"]["Image"] == image
+    assert model["PrimaryContainer"]["Environment"] == {"IMGCLF_SERVE_DEVICE": "cuda"}
+    assert variant["InferenceAmiVersion"] == "al2-ami-sagemaker-inference-gpu-3-1"
+    cpu_model, cpu_variant = requests_of("--instance-type", "ml.c5.xlarge")  # the last --instance-type wins
+    assert cpu_model["PrimaryContainer"]["Image"].rsplit("/", 1)[1].startswith("imgclf-serve:")
+    assert "InferenceAmiVersion" not in cpu_variant

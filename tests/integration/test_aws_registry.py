@@ -166,6 +166,9 @@ def test_register_approve_and_reject_against_moto(aws_env, moto_server, serve_di
 
     approved = run_script("register_model.py", "--approve", arn, env=aws_env)
     assert approved.returncode == 0, failed(approved)
+    # The version names the CPU serving image: a GPU instance would idle, so deploy.py refuses it.
+    on_gpu = run_script("deploy.py", *deploy, "--instance-type", "ml.g5.xlarge", env=aws_env)
+    assert on_gpu.returncode == 2 and "names the CPU serving image" in on_gpu.stderr, failed(on_gpu)
     deployed = run_script("deploy.py", *deploy, env=aws_env)
     assert deployed.returncode == 0, failed(deployed)
     config = sm.describe_endpoint_config(

@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psutil
@@ -234,3 +235,31 @@ def test_sigterm_while_the_model_is_checked_stops_serve_at_once(trained, tmp_pat
             stop(proc)
     assert proc.returncode == 128 + signal.SIGTERM, output[-3000:]
     assert "multi-model-server" not in output, output[-3000:]  # stopped before it started
+
+
+def test_requests_are_batched_as_configured(trained, tmp_path):
+    """IMGCLF_BATCH_SIZE and IMGCLF_MAX_BATCH_DELAY_MS reach multi-model-server: with one worker, a lone request
+    waits the delay for company, while as many requests as the batch size, sent together, are answered at once
+    (one after the other, each would wait the delay)."""
+    port = free_port()
+    proc = start_serve(model_tree(trained, tmp_path), port, SAGEMAKER_MODEL_SERVER_WORKERS="1", IMGCLF_BATCH_SIZE="4",
+                       IMGCLF_MAX_BATCH_DELAY_MS="3000")
+    url = f"http://127.0.0.1:{port}/invocations"
+
+    def invoke(body: bytes) -> tuple[int, float]:
+        started = time.monotonic()
+        answer = requests.post(url, data=body, timeout=60, headers={"Content-Type": "image/jpeg"})
+        return answer.status_code, time.monotonic() - started
+
+    try:
+        assert first_ping(port, proc, status=200).json()["status"] == "Healthy"
+        status, lone = invoke(DOG.read_bytes())
+        assert status == 200 and lone >= 2.9, lone  # waited for the batch to fill
+        bodies = [DOG.read_bytes()] * 3 + [b"not an image"]
+        with ThreadPoolExecutor(4) as pool:
+            together = list(pool.map(invoke, bodies))
+        assert [s for s, _ in together] == [200, 200, 200, 400], together
+        assert max(t for _, t in together) < 2.5, together  # the batch filled: nobody waited the delay
+    finally:
+        output = stop(proc)
+    assert "batches of up to 4 request(s) within 3000 ms" in output, output[-3000:]

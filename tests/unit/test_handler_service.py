@@ -4,6 +4,7 @@ unit tests do the same with mocks). What reaches the HTTP client is the status a
 
 from __future__ import annotations
 
+import base64
 import json
 
 import pytest
@@ -27,11 +28,11 @@ def mms_context(model_dir, headers: list[dict]) -> Context:
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    """A squeezenet of 3 classes at 32 px (random weights), saved and exported as training writes it."""
+    """A resnet18 of 3 classes at 32 px (random weights), saved and exported as training writes it."""
     folder = tmp_path_factory.mktemp("model")
     torch.manual_seed(0)
-    net, _ = models.build_model("squeezenet1_1", len(CLASSES))
-    artifacts.save_model(folder, net.eval(), {"architecture": "squeezenet1_1", "class_names": CLASSES,
+    net, _ = models.build_model("resnet18", len(CLASSES))  # random weights whose answers differ between images
+    artifacts.save_model(folder, net.eval(), {"architecture": "resnet18", "class_names": CLASSES,
                                               **Preprocessing(32).to_config()})
     export.export(folder)
     return folder
@@ -83,3 +84,35 @@ def test_a_model_that_cannot_load_answers_503_with_the_reason(tmp_path, monkeypa
     assert context.get_response_status(0)[0] == 503 == answer["code"]
     message = answer["message"]
     assert message.startswith("model not loaded: WeightsError: ") and "config.json is missing" in message
+
+
+def test_a_batch_of_requests_runs_through_the_network_in_one_pass_and_answers_each_alone(service, model_dir):
+    """IMGCLF_BATCH_SIZE: MMS hands a worker several requests; their images make one forward pass (up to
+    IMGCLF_MAX_IMAGES), and each answer equals the one the request gets alone."""
+    from dataclasses import replace
+
+    from tests.photos import encode, photo
+
+    bodies = [encode(photo(seed=seed), "JPEG", quality=90) for seed in range(4)]
+    alone = [json.loads(service.handle([{"body": b}], mms_context(model_dir, [{"Content-Type": "image/jpeg"}]))[0])
+             for b in bodies]
+    passes = []
+    run = service.model.run
+    service.model.run = lambda batch: passes.append(len(batch)) or run(batch)
+    jpeg = {"Content-Type": "image/jpeg"}
+    headers = [jpeg, jpeg, {"Content-Type": "image/png"}, jpeg, jpeg]
+    batch = bodies[:2] + [b"not an image"] + bodies[2:]
+    context = mms_context(model_dir, headers)
+    answers = [json.loads(a) for a in service.handle([{"body": b} for b in batch], context)]
+    assert passes == [4]  # the four good requests together; the bad one refused before the pass
+    assert [context.get_response_status(i)[0] for i in range(5)] == [200, 200, 400, 200, 200]
+    assert answers[:2] + answers[3:] == alone
+    # At most IMGCLF_MAX_IMAGES images per pass: 3 requests of 2 images with a limit of 4 -> passes of 4 and 2.
+    passes.clear()
+    service.model.settings = replace(service.model.settings, max_images=4)
+    two = json.dumps({"instances": [{"b64": base64.b64encode(b).decode()} for b in bodies[:2]]}).encode()
+    context = mms_context(model_dir, [{"Content-Type": "application/json"}] * 3)
+    answers = [json.loads(a) for a in service.handle([{"body": two}] * 3, context)]
+    assert passes == [4, 2] and all(len(a["predictions"]) == 2 for a in answers)
+    assert answers[0]["predictions"] == [a["predictions"][0] for a in alone[:2]]
+    assert len({json.dumps(a) for a in alone}) == 4  # the comparisons above tell the requests apart

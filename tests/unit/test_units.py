@@ -10,6 +10,7 @@ import io
 import json
 import math
 from http import HTTPStatus
+from pathlib import Path
 
 import pytest
 import torch
@@ -396,12 +397,29 @@ def test_the_serving_device_picks_onnx_runtimes_providers_and_says_why():
     from imgclf.serving.settings import ServingSettings, SettingsError
 
     cpu_build, gpu_build = ["CPUExecutionProvider"], ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    assert runtime.onnx_providers("auto", gpu_build)[0] == gpu_build  # CUDA first, the CPU as ORT's fallback
+    # CUDA first, on the worker's GPU, the CPU as ORT's fallback
+    assert runtime.onnx_providers("auto", gpu_build, gpu_id=1)[0] == [
+        ("CUDAExecutionProvider", {"device_id": 1}), "CPUExecutionProvider"]
     providers, why = runtime.onnx_providers("auto", cpu_build)
     assert providers == cpu_build and "no CUDA execution provider" in why
     assert runtime.onnx_providers("cpu", gpu_build) == (cpu_build, "IMGCLF_SERVE_DEVICE=cpu")
     with pytest.raises(WeightsError, match="IMGCLF_SERVE_DEVICE=cuda, but this ONNX Runtime has no CUDA"):
         runtime.onnx_providers("cuda", cpu_build)
+    # onnxruntime-gpu where CUDA cannot run: the CPU, and the reason (the driver's answers, faked here)
+    no_driver = runtime.cuda_problem((None, 0, "no NVIDIA driver in this container"), 13000)
+    assert runtime.onnx_providers("auto", gpu_build, no_driver) == (cpu_build, "no NVIDIA driver in this container")
+    with pytest.raises(WeightsError, match="IMGCLF_SERVE_DEVICE=cuda, but no NVIDIA driver in this container"):
+        runtime.onnx_providers("cuda", gpu_build, no_driver)
+    old_driver = runtime.cuda_problem((12040, 1, None), 13000)  # R550 (CUDA 12.4) under CUDA 13.0's libraries
+    assert old_driver and "supports CUDA 12.4, older than the CUDA 13.0" in old_driver
+    assert "al2023-ami-sagemaker-inference-gpu-4-1" in old_driver
+    assert runtime.cuda_problem((13000, 8, None), 13000) is None  # R580
+    assert runtime.cuda_problem((13020, 1, None), 13000) is None  # newer minor: minor version compatibility
+    assert runtime.cuda_problem((12090, 1, None), 12000) is None  # a CUDA 12 build on R575
+    assert runtime.cuda_problem((13000, 0, "the NVIDIA driver sees no GPU"), 13000) == "the NVIDIA driver sees no GPU"
+    assert runtime.cuda_version_text(12040) == "12.4" and runtime.cuda_version_text(13000) == "13.0"
+    if not Path("/dev/nvidiactl").exists():  # this machine, as CI's: no driver, so the reason says so
+        assert runtime.driver_cuda()[2].startswith("no NVIDIA driver in this container (libcuda.so.1 not found)")
     # What the session ended up on: ORT falls back to the CPU when CUDA cannot start (no GPU, no driver).
     assert runtime.used_device("auto", gpu_build, gpu_build, "r").startswith("on the GPU")
     assert "could not start CUDA" in runtime.used_device("auto", gpu_build, cpu_build, "r")

@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 
 from imgclf import instances
 from imgclf.aws import registry, scripting
-from imgclf.aws.images import DEFAULT_TAG, LOCAL_INSTANCE_TYPES
+from imgclf.aws.images import DEFAULT_TAG, LOCAL_INSTANCE_TYPES, REPOSITORIES
 from imgclf.aws.scripting import Access, Waiting, resource_name
 from imgclf.aws.session import Api, AwsError
 from imgclf.errors import UserError
@@ -76,6 +76,7 @@ class ServingSpec:
     shadow_model_data: str | None = None  # a shadow variant's model (same image and instances): s3://.../model.tar.gz
     shadow_percent: int = 100  # the share of the requests SageMaker copies to the shadow
     model_package: str | None = None  # a registry's version (ARN): it names the image and model_data itself
+    inference_ami: str | None = None  # the hosts' InferenceAmiVersion (their NVIDIA driver); GPU types get one
 
     def check(self) -> None:
         problems = []
@@ -153,6 +154,8 @@ class ServingSpec:
         else:
             variant.update({"InstanceType": self.instance_type, "InitialInstanceCount": self.instance_count,
                             "InitialVariantWeight": 1.0})
+            if self.inference_ami:
+                variant["InferenceAmiVersion"] = self.inference_ami
         request: dict = {"ProductionVariants": [variant]}
         if shadow_model_name:  # SageMaker copies to a shadow the share of requests its weight is of production's (1.0)
             request["ShadowProductionVariants"] = [{
@@ -505,11 +508,9 @@ def model_data_of(api: Api, source: ModelSource) -> str:
 
 def resolve_model(api: Api, spec: ServingSpec, source: ModelSource) -> None:
     """Fill in what takes AWS (or the local images): the artifact, the role's ARN, the image by digest; check."""
-    if not source.image and not spec.local and instances.has_nvidia_gpus(spec.instance_type or ""):
-        raise UserError(f"{spec.instance_type} has NVIDIA GPUs, and the serving image (imgclf-serve) runs ONNX "
-                        "Runtime on the CPU: the GPU would be paid for and idle. Use a CPU instance type (ml.c5, "
-                        "ml.m5, ...), or pass --image with a serving image that has onnxruntime-gpu (with "
-                        "IMGCLF_SERVE_DEVICE=cuda it refuses to start without a GPU)")
+    gpu = instances.has_nvidia_gpus(spec.instance_type or "")
+    if gpu and not spec.local and spec.serverless_memory_mb is None:  # the serve-gpu image's CUDA needs R580+
+        spec.inference_ami = spec.inference_ami or instances.SERVE_GPU_AMI
     spec.role_arn = scripting.role_arn(api, source.role)
     if source.model_package:
         if source.image:
@@ -518,10 +519,21 @@ def resolve_model(api: Api, spec: ServingSpec, source: ModelSource) -> None:
         if package := registry.approved_package(api, source.model_package):
             container = package["InferenceSpecification"]["Containers"][0]
             spec.image, spec.model_data = container["Image"], container["ModelDataUrl"]
+            if gpu and repository_of(spec.image) == REPOSITORIES["serve"]:
+                raise UserError(f"{spec.instance_type} has NVIDIA GPUs, and model package {source.model_package} "
+                                f"names the CPU serving image ({spec.image}): the GPU would be paid for and idle. "
+                                "Deploy it on a CPU instance type (ml.c5, ml.m5, ...), or register the model with the "
+                                "serve-gpu image (register_model.py --image-tag, or --image)")
     else:
         spec.model_data = model_data_of(api, source)
-        spec.image = scripting.serving_image(api, source.image, source.image_tag)
+        kind = instances.serving_image(spec.instance_type or "")
+        spec.image = scripting.serving_image(api, source.image, source.image_tag, kind)
     spec.check()
+
+
+def repository_of(image: str) -> str:
+    """<registry>/<repository>:<tag> or @<digest> -> <repository>."""
+    return image.rsplit("/", 1)[-1].split("@", 1)[0].split(":", 1)[0]
 
 
 def create_model(api: Api, request: dict) -> str:
@@ -779,7 +791,7 @@ def deploy(access: Access, *, name: str, model: ModelSource, instance_type: str 
            autoscaling: Autoscaling = Autoscaling(), tags: Sequence[tuple[str, str]] = (),
            timestamp_names: bool = False, waiting: Waiting = Waiting(), async_output: str | None = None,
            async_failure: str | None = None, async_max_concurrency: int | None = None,
-           rollout: Rollout = Rollout(), shadow: Shadow = Shadow()) -> int:
+           rollout: Rollout = Rollout(), shadow: Shadow = Shadow(), inference_ami: str | None = None) -> int:
     """Create or update the endpoint `name` (with its model and config, and a shadow variant's model) and its
     autoscaling; an update moves in the rollout's steps. Print its name once it is InService. With access.local,
     serve it here until Ctrl-C or SIGTERM (serve_locally)."""
@@ -804,7 +816,7 @@ def deploy(access: Access, *, name: str, model: ModelSource, instance_type: str 
         suffix=scripting.timestamp() if timestamp_names else None, local=local, multi_model=bool(model.multi_model),
         async_output=async_output, async_failure=async_failure, async_max_concurrency=async_max_concurrency,
         shadow_model_data=shadow.shadow_model_data or ("s3://x/model.tar.gz" if shadow.given else None),
-        shadow_percent=shadow.shadow_percent)
+        shadow_percent=shadow.shadow_percent, inference_ami=inference_ami)
     spec.check()  # the flags alone: before any AWS call
     if shadow.shadow_training_job:
         spec.shadow_model_data = model_data_of(api, ModelSource(training_job=shadow.shadow_training_job))

@@ -168,13 +168,13 @@ def local_uri(location: str, what: str, must_exist: bool = True) -> str:
     return path.as_uri()
 
 
-def serving_image(api: Api, image: str | None, image_tag: str) -> str:
-    """The image a model serves with (`image`, else the serving image tagged `image_tag`): with --local the locally
-    built one; on AWS ECR's, by digest (a tag such as latest moves with every push, and a model's name hashes this
-    URI, so a new push gives a new model)."""
+def serving_image(api: Api, image: str | None, image_tag: str, kind: str = "serve") -> str:
+    """The image a model serves with (`image`, else the serving image `kind`, serve or serve-gpu, tagged `image_tag`):
+    with --local the locally built one; on AWS ECR's, by digest (a tag such as latest moves with every push, and a
+    model's name hashes this URI, so a new push gives a new model)."""
     if is_local(api):
-        return check_local_image(image or local_image("serve", image_tag))
-    return resolve_digest(api, image or image_uri(account_of(api), region_of(api), "serve", image_tag))
+        return check_local_image(image or local_image(kind, image_tag))
+    return resolve_digest(api, image or image_uri(account_of(api), region_of(api), kind, image_tag))
 
 
 def describe_or_none(api: Api, service: str, operation: str, params: dict) -> dict | None:

@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from imgclf import atomic
+from imgclf import atomic, instances
 from imgclf.aws import endpoints, s3sync, scripting
 from imgclf.aws.images import LOCAL_INSTANCE_TYPES
 from imgclf.aws.scripting import Access, Waiting
@@ -198,6 +198,10 @@ def locations(api: Api, name: str, input_location: str, output_location: str | N
 
 def create_model(api: Api, model: endpoints.ModelSource, instance_type: str) -> str:
     """The model, as deploy creates it (same image, artifact and environment, so the same answers)."""
+    if instances.has_nvidia_gpus(instance_type) and not model.image:
+        raise UserError(f"{instance_type}: batch transform's GPU hosts run NVIDIA driver R470 or R535 "
+                        "(TransformAmiVersion), older than the R580 that the serve-gpu image's CUDA 13.0 needs: use "
+                        "a CPU instance type (ml.c5, ml.m5, ...), or --image with a serving image built for CUDA 12")
     spec = endpoints.ServingSpec(name="imgclf-batch", image="", model_data="", role_arn="",
                                  environment=model.environment(), instance_type=instance_type,
                                  local=scripting.is_local(api))

@@ -31,6 +31,7 @@ import argparse
 import sys
 from collections.abc import Collection
 
+from imgclf import instances
 from imgclf.aws import endpoints, scripting
 from imgclf.aws.images import image_tag_default
 from imgclf.errors import UserError
@@ -75,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     fleet = parser.add_argument_group("instances")
     fleet.add_argument("--instance-type", help="default ml.m5.large; with --local: local (the default) or local_gpu")
     fleet.add_argument("--instance-count", type=int, default=1)
+    fleet.add_argument("--inference-ami-version", metavar="AMI",
+                       help="the hosts' InferenceAmiVersion, i.e. their NVIDIA driver (default for GPU instance types: "
+                            f"{instances.SERVE_GPU_AMI}, R580, which the serve-gpu image's CUDA 13.0 needs)")
     fleet.add_argument("--serverless-memory", type=int, metavar="MB",
                        help="serverless endpoint with this memory (1024-6144, steps of 1024) instead of instances")
     fleet.add_argument("--serverless-concurrency", type=int, default=5, help="serverless: max concurrent requests")
@@ -165,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         tags=args.tag, timestamp_names=args.timestamp_names, waiting=scripting.Waiting.from_flags(flags),
         async_output=args.async_output, async_failure=args.async_failure,
         async_max_concurrency=args.async_max_concurrency, rollout=endpoints.Rollout.from_flags(flags),
-        shadow=endpoints.Shadow.from_flags(flags))
+        shadow=endpoints.Shadow.from_flags(flags), inference_ami=args.inference_ami_version)
 
 
 if __name__ == "__main__":

@@ -9,8 +9,9 @@ Images are decoded and transformed exactly as evaluation does it, by the same fu
 load_rgb with the JPEG draft size, then eval_array with config.json's preprocessing: size, resize, crop,
 mean/std, interpolation), in PIL and numpy: serving an exported model imports no torch. Every
 bad request raises RequestError (an HTTP status and a message saying what was wrong and what is accepted);
-`handle_request` turns it into a JSON error body, so nothing a client sends can crash a worker or come back
-as a 500 with a traceback.
+`handle_requests` turns it into a JSON error body, so nothing a client sends can crash a worker or come back
+as a 500 with a traceback. It takes multi-model-server's batch of requests (IMGCLF_BATCH_SIZE; 1 on the CPU, 16
+on a GPU by default) and runs their images through the network together, each request answered on its own.
 
 Response (one entry per image, in request order):
     {"predictions": [{"top_k": [{"label": "Affenpinscher", "class_name": "001.Affenpinscher",
@@ -130,14 +131,14 @@ def check_model_dir(model_dir: str | os.PathLike, settings: ServingSettings = DE
                            f"{len(config['class_names'])} classes): {'; '.join(problems)}")
 
 
-def model_fn(model_dir: str, settings: ServingSettings | None = None) -> ServingModel:
-    """Load what runs the network (runtime.load_runner), the preprocessing of config.json, warm up.
-    The settings are read here, once per worker, unless given."""
+def model_fn(model_dir: str, settings: ServingSettings | None = None, gpu_id: int = 0) -> ServingModel:
+    """Load what runs the network (runtime.load_runner; on GPU `gpu_id` when on a GPU), the preprocessing of
+    config.json, warm up. The settings are read here, once per worker, unless given."""
     settings = settings or ServingSettings.load()
     Image.MAX_IMAGE_PIXELS = settings.max_image_pixels  # PIL refuses 2x this itself; `decode` refuses 1x with a 413
     config = artifacts.read_config(model_dir)
     model = ServingModel(
-        run=runtime.load_runner(model_dir, config, settings), config=config,
+        run=runtime.load_runner(model_dir, config, settings, gpu_id), config=config,
         class_names=list(config["class_names"]), labels=[label_of(c) for c in config["class_names"]],
         preprocessing=Preprocessing.from_config(config), settings=settings,
     )
@@ -320,12 +321,16 @@ def model_input(image: bytes, model: ServingModel, where: str, budget: list[int]
                                                    f"{str(e)[:200]})") from None
 
 
-def predict_fn(request: ImageRequest, model: ServingModel) -> Prediction:
-    """Decode and transform every image once (within the request's pixel budget), then one batched forward pass."""
+def model_inputs(request: ImageRequest, model: ServingModel) -> np.ndarray:
+    """Every image of a request decoded and transformed once, within the request's pixel budget: (N, 3, H, W)."""
     where = "image" if len(request.images) == 1 else "instances[{}]"
     budget = [model.settings.max_request_pixels]
-    batch = np.stack([model_input(img, model, where.format(i), budget) for i, img in enumerate(request.images)])
-    logits = model.run(batch).astype(np.float32)
+    return np.stack([model_input(img, model, where.format(i), budget) for i, img in enumerate(request.images)])
+
+
+def prediction_of(logits: np.ndarray, request: ImageRequest, model: ServingModel) -> Prediction:
+    """A request's rows of the network's output -> its class probabilities."""
+    logits = logits.astype(np.float32)
     if not np.isfinite(logits).all():  # never NaN in a response (not JSON either)
         raise RequestError(HTTPStatus.INTERNAL_SERVER_ERROR,
                            "the model's outputs are not finite (NaN or infinity): it diverged in training; retrain "
@@ -334,6 +339,11 @@ def predict_fn(request: ImageRequest, model: ServingModel) -> Prediction:
     probabilities = exp / exp.sum(axis=1, keepdims=True)
     top_k = request.top_k or model.settings.top_k
     return Prediction(probabilities, model.class_names, model.labels, min(top_k, len(model.class_names)))
+
+
+def predict_fn(request: ImageRequest, model: ServingModel) -> Prediction:
+    """Decode and transform every image once (within the request's pixel budget), then one batched forward pass."""
+    return prediction_of(model.run(model_inputs(request, model)), request, model)
 
 
 def check_accept(accept: str | None) -> None:
@@ -364,21 +374,73 @@ def header(headers: dict, name: str) -> str | None:
     return None
 
 
+@dataclass
+class Pending:
+    """A request that passed its checks, waiting for its batch's forward pass."""
+
+    index: int  # its place in multi-model-server's batch
+    request: ImageRequest
+    accept: str | None
+    inputs: np.ndarray
+
+
+def refusal(e: Exception) -> tuple[int, str]:
+    """(status, JSON body) for what went wrong with a request: a RequestError's own, else a 500 that says what."""
+    if isinstance(e, RequestError):
+        log.info("request refused: %d %s", e.status_code, e.message)
+        return e.status_code, error_body(e.status_code, e.message)
+    log.error("request failed", exc_info=e)  # a bug or resource problem: answer 500 with a message, keep the worker
+    return 500, error_body(500, f"internal error: {type(e).__name__}: {e}")
+
+
+def handle_requests(model: ServingModel | None, requests: list[tuple[bytes | None, dict]],
+                    load_error: str | None = None) -> list[tuple[int, str]]:
+    """(HTTP status, JSON body) for each of several requests (multi-model-server's batch, IMGCLF_BATCH_SIZE); never
+    raises. Each request is checked and decoded alone, and answered alone (one bad image refuses its own request
+    only); their images go through the network together, at most IMGCLF_MAX_IMAGES at once (more wait for the next
+    pass), so a batch of requests holds no more memory than one full request."""
+    answers: list[tuple[int, str] | None] = [None] * len(requests)
+    group: list[Pending] = []
+
+    def run(group: list[Pending]) -> None:
+        try:
+            logits = model.run(np.concatenate([p.inputs for p in group]))  # type: ignore[union-attr]
+        except Exception as e:  # the whole pass failed: each of its requests says so
+            for p in group:
+                answers[p.index] = refusal(e)
+            return
+        start = 0
+        for p in group:
+            rows = logits[start:start + len(p.inputs)]
+            start += len(p.inputs)
+            try:
+                answers[p.index] = 200, output_fn(prediction_of(rows, p.request, model), p.accept)  # type: ignore
+            except Exception as e:
+                answers[p.index] = refusal(e)
+
+    for index, (body, headers) in enumerate(requests):
+        try:
+            if model is None:
+                raise RequestError(HTTPStatus.SERVICE_UNAVAILABLE, f"model not loaded: {load_error}")
+            accept = header(headers, "accept")
+            check_accept(accept)  # before the work, so a 406 costs nothing
+            request = input_fn(body or b"", header(headers, "content-type"), model.settings)
+            if request.top_k is None:
+                request.top_k = top_k_from_attributes(header(headers, CUSTOM_ATTRIBUTES))
+            pending = Pending(index, request, accept, model_inputs(request, model))
+        except Exception as e:
+            answers[index] = refusal(e)
+            continue
+        if group and sum(len(p.inputs) for p in group) + len(pending.inputs) > model.settings.max_images:
+            run(group)
+            group = []
+        group.append(pending)
+    if group:
+        run(group)
+    return answers  # type: ignore[return-value]  # every request was answered above
+
+
 def handle_request(model: ServingModel | None, body: bytes | None, headers: dict,
                    load_error: str | None = None) -> tuple[int, str]:
     """(HTTP status, JSON body) for one request; never raises."""
-    try:
-        if model is None:
-            raise RequestError(HTTPStatus.SERVICE_UNAVAILABLE, f"model not loaded: {load_error}")
-        accept = header(headers, "accept")
-        check_accept(accept)  # before the work, so a 406 costs nothing
-        request = input_fn(body or b"", header(headers, "content-type"), model.settings)
-        if request.top_k is None:
-            request.top_k = top_k_from_attributes(header(headers, CUSTOM_ATTRIBUTES))
-        return 200, output_fn(predict_fn(request, model), accept)
-    except RequestError as e:
-        log.info("request refused: %d %s", e.status_code, e.message)
-        return e.status_code, error_body(e.status_code, e.message)
-    except Exception as e:  # a bug or resource problem: answer 500 with a message, keep the worker alive
-        log.exception("request failed")
-        return 500, error_body(500, f"internal error: {type(e).__name__}: {e}")
+    return handle_requests(model, [(body, headers)], load_error)[0]

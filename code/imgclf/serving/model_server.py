@@ -11,17 +11,23 @@ timeout in minutes. Here:
   their working directory. The handler finds the real model through MODEL_DIR_ENV, and PYTHONPATH keeps no
   empty entry, so no `sitecustomize.py` or module in the artifact is ever imported; nothing is installed;
 - config, pid file, logs and temporary files live in that private folder (a read-only /opt/ml is fine);
-- the request timeout is `default_response_timeout_seconds`, in seconds.
+- the request timeout is `default_response_timeout_seconds`, in seconds;
+- the model is registered through the management API once MMS is up (`register`), not given with `--models`:
+  only a registration sets MMS's batching (batch_size, max_batch_delay; `--models` always gets 1 and 100 ms) and
+  the number of workers; it answers once they are up, so the front says 503 "starting" until then. The front
+  relays /invocations to /predictions/model (MMS's own /invocations knows `--models` models only).
 """
 
 from __future__ import annotations
 
 import contextlib
+import http.client
 import logging
 import os
 import subprocess
 import sys
 import time
+import urllib.parse
 from importlib import resources
 from pathlib import Path
 
@@ -56,41 +62,55 @@ def clean_python_path(value: str | None) -> str:
     return os.pathsep.join(p for p in (value or "").split(os.pathsep) if p)
 
 
-def write_config(folder: Path, port: int, management_port: int, handler: str, timeout_s: int, workers: int,
-                 max_request_bytes: int, load_models: bool = True) -> Path:
+def write_config(folder: Path, port: int, management_port: int, handler: str, timeout_s: int,
+                 max_request_bytes: int) -> Path:
     lines = {
         "inference_address": f"http://127.0.0.1:{port}",
         "management_address": f"http://127.0.0.1:{management_port}",
         "enable_envvars_config": "false",  # this file is the whole configuration
         "decode_input_request": "false",
-        # the --models names; a multi-model endpoint loads none at start (ALL would load every folder in the store)
-        **({"load_models": "ALL"} if load_models else {}),
+        # no model at start (ALL would load every folder in the store): `register` adds them
         "default_service_handler": handler,
         "default_response_timeout_seconds": str(timeout_s),
         "max_request_size": str(max_request_bytes),
-        **({"default_workers_per_model": str(workers)} if workers else {}),
     }
     path = folder / "mms.properties"
     path.write_text("".join(f"{k}={v}\n" for k, v in lines.items()))
     return path
 
 
+def registration(name: str, workers: int, batch_size: int, max_batch_delay_ms: int) -> str:
+    """The management API's call that registers the model in folder `name` of the model store as `name`; it answers
+    once its workers are up (synchronous)."""
+    return "/models?" + urllib.parse.urlencode({
+        "url": name, "model_name": name, "initial_workers": workers, "batch_size": batch_size,
+        "max_batch_delay": max_batch_delay_ms, "synchronous": "true"})
+
+
+def management_call(port: int, method: str, path: str, timeout: float) -> tuple[int, str]:
+    """(status, body) of a call to MMS's management API on 127.0.0.1:`port`; OSError when it does not answer."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        connection.request(method, path)
+        response = connection.getresponse()
+        return response.status, response.read().decode(errors="replace")
+    finally:
+        connection.close()
+
+
 class ModelServer:
-    """One multi-model-server (a launcher that waits for its Java process) serving `model_dir` on 127.0.0.1;
-    with `model_dir` None (a multi-model endpoint), none until the management API loads them."""
+    """One multi-model-server (a launcher that waits for its Java process) on 127.0.0.1, for `model_dir` (`register`
+    loads it); with `model_dir` None (a multi-model endpoint), none until the management API loads them."""
 
     def __init__(self, folder: Path, model_dir: Path | None, port: int, management_port: int, handler: str,
-                 timeout_s: int, workers: int, max_request_bytes: int) -> None:
-        self.folder = folder
+                 timeout_s: int, max_request_bytes: int) -> None:
+        self.folder, self.management_port = folder, management_port
         for sub in ((folder / MODEL_NAME,) if model_dir else ()) + (folder / "logs", folder / "tmp"):
             sub.mkdir(parents=True, exist_ok=True)
-        self.config = write_config(folder, port, management_port, handler, timeout_s, workers, max_request_bytes,
-                                   load_models=model_dir is not None)
+        self.config = write_config(folder, port, management_port, handler, timeout_s, max_request_bytes)
         log_config = resources.files("sagemaker_inference") / "etc" / "log4j2.xml"
         self.command = ["multi-model-server", "--start", "--foreground", "--mms-config", str(self.config),
                         "--log-config", str(log_config), "--model-store", str(folder)]
-        if model_dir is not None:
-            self.command += ["--models", f"{MODEL_NAME}={MODEL_NAME}"]  # in the model store
         self.env = {**os.environ, MODEL_DIR_ENV: str(model_dir or ""), "TMPDIR": str(folder / "tmp"),
                     "TEMP": str(folder / "tmp"), "LOG_LOCATION": str(folder / "logs"),
                     "METRICS_LOCATION": str(folder / "logs"), "PYTHONPATH": clean_python_path(os.environ.get(
@@ -104,6 +124,30 @@ class ModelServer:
 
     def start(self) -> None:
         self.launcher = subprocess.Popen(self.command, env=self.env, cwd=self.folder)
+
+    def register(self, workers: int, batch_size: int, max_batch_delay_ms: int, up_timeout: float,
+                 load_timeout: float) -> str | None:
+        """Register the model (MODEL_NAME) once the management API answers; why it failed, or None. Waits at most
+        `up_timeout` seconds for MMS to come up, then `load_timeout` for its workers to load the model."""
+        deadline = time.monotonic() + up_timeout
+        while True:
+            if self.launcher is None or self.launcher.poll() is not None:
+                return "it exited before the model was registered (its log above says why)"
+            try:
+                status, text = management_call(self.management_port, "POST", registration(
+                    MODEL_NAME, workers, batch_size, max_batch_delay_ms), timeout=load_timeout)
+            except ConnectionRefusedError:  # not listening yet
+                if time.monotonic() > deadline:
+                    return f"its management API did not answer within {up_timeout:g} s"
+                time.sleep(0.2)
+                continue
+            except OSError as e:
+                return f"registering the model failed ({e})"
+            if status != 200:
+                return f"registering the model was answered {status}: {text[:500]}"
+            log.info("multi-model-server: model registered (%d worker(s), batches of up to %d request(s) within %d "
+                     "ms)", workers, batch_size, max_batch_delay_ms)
+            return None
 
     def java(self):
         """The Java process (psutil.Process), or None when it is not (or no longer) running."""

@@ -21,7 +21,6 @@ puts them.
 from __future__ import annotations
 
 import hashlib
-import http.client
 import json
 import logging
 import shutil
@@ -34,7 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from imgclf.serving.front import error_body
-from imgclf.serving.model_server import POINTER_FILE
+from imgclf.serving.model_server import POINTER_FILE, management_call, registration
 
 if TYPE_CHECKING:
     from imgclf.serving.settings import ServingSettings
@@ -203,26 +202,18 @@ class Models:
         stand_in = self.stand_ins / loaded.mms_name
         stand_in.mkdir(parents=True, exist_ok=True)
         (stand_in / POINTER_FILE).write_text(loaded.url)
-        query = urllib.parse.urlencode({"url": loaded.mms_name, "model_name": loaded.mms_name,
-                                        "initial_workers": self.workers, "synchronous": "true"})
         try:
-            self._management("POST", f"/models?{query}")
+            self._management("POST", registration(loaded.mms_name, self.workers, self.settings.batch_size or 1,
+                                                  self.settings.max_batch_delay_ms))
         except Answer:
             shutil.rmtree(stand_in, ignore_errors=True)
             raise
 
     def _management(self, method: str, path: str) -> None:
         """A call to MMS's management API; Answer 500 with MMS's message when it fails."""
-        connection = http.client.HTTPConnection("127.0.0.1", self.management_port,
-                                                timeout=self.settings.model_server_timeout + 60)
         try:
-            connection.request(method, path)
-            response = connection.getresponse()
-            text = response.read().decode(errors="replace")
+            status, text = management_call(self.management_port, method, path, self.settings.model_server_timeout + 60)
         except OSError as e:
             raise Answer(HTTPStatus.SERVICE_UNAVAILABLE, f"the model server is not answering ({e}); retry") from None
-        finally:
-            connection.close()
-        if response.status != 200:
-            raise Answer(HTTPStatus.INTERNAL_SERVER_ERROR, f"the model server answered {response.status}: "
-                                                           f"{text[:500]}")
+        if status != 200:
+            raise Answer(HTTPStatus.INTERNAL_SERVER_ERROR, f"the model server answered {status}: {text[:500]}")

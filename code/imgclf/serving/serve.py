@@ -29,6 +29,7 @@ import sys
 import tarfile
 import tempfile
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 from imgclf import artifacts, config
@@ -36,7 +37,7 @@ from imgclf.processes import MAX_PORT, free_port
 from imgclf.serving.front import STARTING, Front, batch_transform, execution_parameters, limits_for
 from imgclf.serving.model_server import ModelServer, code_in_artifact
 from imgclf.serving.multi_model import Models
-from imgclf.serving.settings import ServingSettings, SettingsError
+from imgclf.serving.settings import GPU_BATCH_SIZE, ServingSettings, SettingsError
 from imgclf.serving.supervisor import run_model_server
 
 TARBALL = "model.tar.gz"
@@ -80,6 +81,17 @@ def read_settings() -> tuple[ServingSettings, str | None]:
         return ServingSettings.from_environment(), None
     except SettingsError as e:
         return ServingSettings(), f"the model cannot be served: {e}"
+
+
+def definite(settings: ServingSettings) -> ServingSettings:
+    """The automatic worker count and batch size made definite for a single model, as the device wants them: on a
+    GPU a worker per GPU (multi-model-server's own rule) and batches of up to GPU_BATCH_SIZE requests; on the CPU
+    a worker per CPU and no batching (a batch waits for the slowest decode and gains little there)."""
+    from imgclf.serving import runtime
+
+    gpus = runtime.driver_cuda()[1] if runtime.gpu_usable(settings) else 0
+    return replace(settings, workers=settings.workers or gpus or os.cpu_count() or 1,
+                   batch_size=settings.batch_size or (GPU_BATCH_SIZE if gpus else 1))
 
 
 def unpack_model_tarball(model_dir: Path) -> None:
@@ -166,8 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         print(f"cannot listen on port {port} ({e}): set SAGEMAKER_BIND_TO_PORT to a free port", file=sys.stderr)
         return 1
-    if not settings.multi_model:
-        problem = problem or prepare(model_dir, settings)
+    if not settings.multi_model and not problem:
+        settings = definite(settings)
+        problem = prepare(model_dir, settings)
     signals.front_ready.set()
     if problem or signals.stopped.is_set():
         return answer_unhealthy(front, problem, signals.stopped) if problem else 0

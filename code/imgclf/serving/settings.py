@@ -14,6 +14,9 @@ validated, then passed around as one frozen value; nothing reads the environment
     IMGCLF_TORCH_THREADS            0           ONNX Runtime or torch threads per worker; 0 = automatic
                                                 (imgclf.serving.runtime: onnx_threads, threads_per_worker)
     SAGEMAKER_MODEL_SERVER_WORKERS  0           MMS workers; 0 = MMS's default (one per CPU, or per GPU)
+    IMGCLF_BATCH_SIZE               0           requests a worker runs through the network at once (MMS's
+                                                batching); 0 = automatic: GPU_BATCH_SIZE on a GPU, else 1
+    IMGCLF_MAX_BATCH_DELAY_MS       10          how long MMS waits for a batch to fill before it runs what it has
     SAGEMAKER_MODEL_SERVER_TIMEOUT  60          seconds a worker may take per request (then a JSON 500; MMS
                                                 counts the toolkit's value in minutes: serve gives it seconds);
                                                 SAGEMAKER_MODEL_SERVER_TIMEOUT_SECONDS, the toolkit's name, wins
@@ -48,6 +51,9 @@ DEVICES = ("auto", "cpu", "cuda")
 MB = 1024 * 1024
 
 
+GPU_BATCH_SIZE = 16  # IMGCLF_BATCH_SIZE's default on a GPU: one request rarely fills it
+
+
 class SettingsError(UserError):
     """A serving environment variable with a value the server cannot use."""
 
@@ -64,6 +70,8 @@ class ServingSettings:
     device: str = "auto"
     torch_threads: int = 0
     workers: int = 0
+    batch_size: int = 0
+    max_batch_delay_ms: int = 10
     model_server_timeout: int = 60
     unhealthy_after_s: int = 30
     body_timeout_s: int = 10
@@ -79,8 +87,10 @@ class ServingSettings:
                      "idle_timeout_s", "max_connections"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"serving setting {name}={getattr(self, name)}: must be at least 1")
-        if self.torch_threads < 0 or self.workers < 0:
-            raise SettingsError("serving settings torch_threads and workers must be 0 (automatic) or more")
+        if self.torch_threads < 0 or self.workers < 0 or self.batch_size < 0:
+            raise SettingsError("serving settings torch_threads, batch_size and workers must be 0 (automatic) or more")
+        if not 0 <= self.max_batch_delay_ms <= 10_000:
+            raise SettingsError(f"IMGCLF_MAX_BATCH_DELAY_MS={self.max_batch_delay_ms}: must be 0-10000 (milliseconds)")
         if self.max_models < 0 or self.min_free_memory_mb < 0:
             raise SettingsError("IMGCLF_MAX_MODELS and IMGCLF_MIN_FREE_MEMORY_MB must be 0 or more")
         if self.dtype not in DTYPES:
@@ -104,6 +114,8 @@ class ServingSettings:
             device=env.get("IMGCLF_SERVE_DEVICE", "").strip().lower() or default.device,
             torch_threads=_int(env, "IMGCLF_TORCH_THREADS", default.torch_threads),
             workers=_int(env, "SAGEMAKER_MODEL_SERVER_WORKERS", default.workers),
+            batch_size=_int(env, "IMGCLF_BATCH_SIZE", default.batch_size),
+            max_batch_delay_ms=_int(env, "IMGCLF_MAX_BATCH_DELAY_MS", default.max_batch_delay_ms),
             model_server_timeout=_int(env, "SAGEMAKER_MODEL_SERVER_TIMEOUT_SECONDS", _int(
                 env, "SAGEMAKER_MODEL_SERVER_TIMEOUT", default.model_server_timeout)),
             unhealthy_after_s=_int(env, "IMGCLF_UNHEALTHY_AFTER_S", default.unhealthy_after_s),

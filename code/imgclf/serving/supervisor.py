@@ -34,6 +34,8 @@ if TYPE_CHECKING:
 # The module multi-model-server imports in each worker (MMS's default_service_handler; exactly one class).
 HANDLER_SERVICE = "imgclf.serving.handler_service"
 PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
+REGISTER_TIMEOUT_S = 120  # for MMS's management API to come up
+LOAD_TIMEOUT_S = 900  # for its workers to load the model (each loads and warms up its own copy)
 
 log = logging.getLogger("imgclf.serve")  # the `serve` process's events, under one name
 
@@ -150,7 +152,7 @@ def run_model_server(front: Front, model_dir: Path | None, settings: ServingSett
     states.mkdir()
     os.environ.update({**settings.for_workers(), WORKER_STATE_ENV: str(states)})  # MMS hands them to the workers
     server = ModelServer(folder, model_dir, mms_port, management_port, HANDLER_SERVICE, settings.model_server_timeout,
-                         settings.workers, 2 * settings.max_payload_bytes)
+                         2 * settings.max_payload_bytes)
     adopt(server)
 
     def unhealthy(reason: str) -> None:  # answered at once, while MMS stops
@@ -166,13 +168,21 @@ def run_model_server(front: Front, model_dir: Path | None, settings: ServingSett
              model_dir or "a multi-model endpoint", HANDLER_SERVICE, front.port,
              "SageMaker's multi-model calls" if front.multi_model else "/ping and /invocations")
     server.start()
-    front.unhealthy = None  # relayed; 503 until MMS answers
-    watchdog.start()
+    if model_dir is not None:  # the front answers 503 "starting" until the workers hold the model
+        problem = server.register(settings.workers, settings.batch_size, settings.max_batch_delay_ms,
+                                  up_timeout=REGISTER_TIMEOUT_S, load_timeout=LOAD_TIMEOUT_S)
+        if problem and not stopped.is_set():
+            watchdog.reason = f"multi-model-server did not take the model: {problem}"
+            unhealthy(watchdog.reason)
+    if watchdog.reason is None and not stopped.is_set():
+        front.unhealthy = None  # relayed; 503 until MMS answers
+        watchdog.start()
     try:
         code = server.wait()
     finally:
         watchdog.done.set()
-        watchdog.join(timeout=30)  # it may be inside stop_mms: its reason decides serve's exit code
+        if watchdog.is_alive():
+            watchdog.join(timeout=30)  # it may be inside stop_mms: its reason decides serve's exit code
         stop_leftovers()
         shutil.rmtree(folder, ignore_errors=True)
     return code, watchdog.reason
