@@ -103,6 +103,38 @@ def test_the_ema_update_is_decay_times_ema_plus_the_rest_times_the_weights():
     assert ema.counterpart(average, model, model[2]) is average.module[2]
 
 
+def test_the_ema_matches_torchs_averaged_model_without_reading_its_count_back_each_step(monkeypatch):
+    """The same average as torch's AveragedModel, and after the first update no tensor is read back to the host
+    (on a GPU each read is a synchronisation per optimizer step); a loaded state is read once."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    ours = ema.averaged(model, decay=0.9)
+    torchs = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=True)
+
+    def train_step():
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+            model(torch.randn(8, 3))
+
+    reads = []
+    for step in range(4):
+        train_step()
+        with monkeypatch.context() as m:
+            if step:  # the first update copies the weights, and reads the count once
+                m.setattr(torch.Tensor, "__bool__", lambda t: reads.append(t) or True)
+            ours.update_parameters(model)
+        torchs.update_parameters(model)
+    assert reads == []
+    for key, value in torchs.state_dict().items():
+        assert torch.equal(ours.state_dict()[key], value), key
+    resumed = ema.averaged(model, decay=0.9)
+    resumed.load_state_dict(ours.state_dict())
+    assert resumed.started is None and int(resumed.n_averaged) == 4
+
+
 def test_mixed_targets_are_probabilities_and_mixing_stops_at_its_epoch():
     torch.manual_seed(0)
     images, labels = torch.rand(8, 3, 16, 16), torch.arange(8) % 4
