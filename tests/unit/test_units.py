@@ -154,6 +154,9 @@ def test_sampler_skip_resumes_mid_epoch():
     resumed = EpochSampler(10, seed=1)
     resumed.set_epoch(0, skip=4)
     assert list(resumed) == whole[4:] and len(resumed) == 6
+    # stopped on the epoch's last batch: batches x batch size (3 x 4) passes the 10 samples; nothing is left
+    resumed.set_epoch(0, skip=12)
+    assert list(resumed) == [] and len(resumed) == 0
 
 
 def test_sampler_shards_interleave_to_the_single_process_order():

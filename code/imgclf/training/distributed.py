@@ -226,6 +226,16 @@ class Context:
             raise error
         return result
 
+    def same_buffers(self, module: nn.Module) -> None:
+        """Rank 0's buffers (BatchNorm's running statistics, and the EMA's average of them) on every rank. DDP sends
+        them at the start of each training forward, so after an epoch's last step each rank holds its own: every
+        rank then validates the model rank 0 saves, and a run resumed at an epoch's end validates what an
+        uninterrupted run does."""
+        if self.world_size == 1:
+            return
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)
+
     def wrap(self, module: nn.Module) -> nn.Module:
         """The module to run training steps through: DistributedDataParallel (gradients averaged over the ranks)
         when there are several. DDP covers the parameters that train when it is built, so a new wrapper is made

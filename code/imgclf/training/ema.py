@@ -20,7 +20,8 @@ class Ema(AveragedModel):
     creation or a checkpoint's load); the arithmetic is torch's (get_ema_multi_avg_fn)."""
 
     def __init__(self, model: nn.Module, decay: float):
-        super().__init__(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+        self.update = get_ema_multi_avg_fn(decay)
+        super().__init__(model, multi_avg_fn=self.update, use_buffers=True)
         self.started: bool | None = None  # unknown: read from n_averaged at the next update
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
@@ -42,7 +43,7 @@ class Ema(AveragedModel):
         for floating in (True, False):
             group = [(m.detach(), t.detach()) for m, t in pairs if m.is_floating_point() == floating]
             if group:
-                self.multi_avg_fn([m for m, _ in group], [t for _, t in group], self.n_averaged)
+                self.update([m for m, _ in group], [t for _, t in group], self.n_averaged)
         self.n_averaged += 1
 
 

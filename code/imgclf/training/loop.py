@@ -54,18 +54,27 @@ class StopFlag:
         self.requested = True
 
 
-def coordinated_stop(dist: Context, check: Callable[[], None],
-                     requested: Callable[[], BaseException | None] = lambda: None) -> BaseException | None:
-    """Run `check` (debugging rules: may raise RuleStop), else ask `requested` (SIGTERM); the first rank's reason
-    to stop goes to every rank, so that all stop at the same point. None: carry on."""
-    stopping: BaseException | None = None
+# Batches between the ranks' agreements on stopping, with several processes: an agreement is a collective whose
+# answer the host reads (a GPU sync), so not every step; a stop (SIGTERM, a rule) waits at most this many batches.
+AGREE_EVERY = 10
+
+
+def stop_reason(check: Callable[[], None],
+                requested: Callable[[], BaseException | None] = lambda: None) -> BaseException | None:
+    """Run `check` (debugging rules: may raise RuleStop), else ask `requested` (SIGTERM): this rank's reason to
+    stop, or None."""
     try:
         check()
     except RuleStop as e:
-        stopping = e
-    if stopping is None:
-        stopping = requested()
-    return dist.first_error(stopping)
+        return e
+    return requested()
+
+
+def coordinated_stop(dist: Context, check: Callable[[], None],
+                     requested: Callable[[], BaseException | None] = lambda: None) -> BaseException | None:
+    """stop_reason, and the first rank's reason goes to every rank, so that all stop at the same point. None: carry
+    on."""
+    return dist.first_error(stop_reason(check, requested))
 
 
 @dataclass
@@ -142,6 +151,7 @@ def train_one_epoch(setup: Setup, state: State, step_model: nn.Module, loader, b
     progress = Progress(f"epoch {state.epoch + 1}/{setup.hp.epochs}", batches,
                         setup.hp.log_interval if setup.dist.is_main else 0, done=state.batches_done)
     stopping: BaseException | None = None
+    pending: BaseException | None = None
     for images, labels in loader:
         images, labels = setup.speed.inputs(images), labels.to(setup.device, non_blocking=True)
         setup.dbg.step_begin()  # debugging: data wait ends
@@ -162,13 +172,15 @@ def train_one_epoch(setup: Setup, state: State, step_model: nn.Module, loader, b
                 setup.ema.update_parameters(setup.model)
         setup.dbg.mark("optimizer")
         # No host sync per step: the loss stays on the device; progress and the debugger read it back at their
-        # intervals (with several processes coordinated_stop's collective syncs every step anyway).
+        # intervals, and several processes agree on stopping every AGREE_EVERY batches.
         loss_value = loss.detach()
         sums.add(loss_value, logits, labels)
         state.batches_done += 1
         progress.update(loss_value)
-        stopping = coordinated_stop(setup.dist, partial(setup.dbg.step_end, loss_value),  # collection and rules
-                                    lambda: setup.interruption(state)) or stopping
+        # collection and rules; this rank's reason to stop is kept until the ranks agree (every step with one)
+        pending = stop_reason(partial(setup.dbg.step_end, loss_value), lambda: setup.interruption(state)) or pending
+        if setup.dist.world_size == 1 or state.batches_done % AGREE_EVERY == 0 or state.batches_done == batches:
+            stopping = setup.dist.first_error(pending) or stopping
         if steps:  # the schedule moves per optimizer step (training.schedule), after the debugger saw this one's lr
             setup.scheduler.step()
         if stopping is not None and steps:  # SIGTERM or a stop rule: resumable from here, after an optimizer step
@@ -181,6 +193,7 @@ def train_one_epoch(setup: Setup, state: State, step_model: nn.Module, loader, b
 
 
 def validate(setup: Setup, step_model: nn.Module, loader, cached: bool) -> Evaluation:
+    setup.dist.same_buffers(step_model)
     with setup.speed.autocast():
         # With label smoothing the training loss is smoothed: the validation loss under the same criterion too.
         valid = evaluate(step_model, loader, len(setup.classes), setup.device, on_batch=setup.dbg.eval_batch,

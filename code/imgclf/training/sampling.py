@@ -47,7 +47,8 @@ class EpochSampler(torch.utils.data.Sampler):
         self.epoch, self.skip = 0, 0
 
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
-        self.epoch, self.skip = epoch, skip
+        # a stop on an epoch's last batch skips it all (batches x batch size may pass a partial last batch)
+        self.epoch, self.skip = epoch, min(skip, self.per_rank)
 
     def order(self) -> list[int]:
         if not self.shuffle:
