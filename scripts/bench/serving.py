@@ -7,6 +7,10 @@
 - ours_onnx_int8: the same graph quantized (IMGCLF_SERVE_DTYPE=int8), if the export's accuracy check accepted it
 - the workers x threads rule's alternatives: N workers x 1 thread, 1 worker x N threads (N = CPUs)
   (the default: one worker per CPU, each with up to 4 threads that sleep when idle: imgclf.serving.runtime)
+- ours_onnx_float32_batch_4: the default server with batching across requests (IMGCLF_BATCH_SIZE=4, 10 ms delay;
+  the default on a GPU is 16, off on the CPU)
+- --servers names a subset (say `--servers ours_onnx_float32 ours_onnx_float32_batch_4 --concurrency 1 16` for the
+  GPU question of docs/performance.md, run in the serve-gpu image's environment)
 
 The models: --trained ones (default resnet50) are trained by the training job itself (all layers, from random
 weights: no pretrained weights here) on generated images of 8 classes until they classify them, so the int8
@@ -14,14 +18,15 @@ check judges a model with real margins; the others keep random weights (speed do
 near-uniform outputs the int8 check rightly refuses the quantized graph). 8 classes, not 133: the classifier's
 size changes the FLOPs by under 0.1%.
 
-Latency p50/p95/p99 at concurrency 1; throughput (requests/s) at concurrency 4; all servers run at once and
+Latency p50/p95/p99 and throughput (requests/s) at each --concurrency level (1 and 4); all servers run at once and
 are measured in --rounds interleaved turns (this machine's speed drifts by tens of percent). FLOP/s: the forward pass's
 FLOPs per image (torch.utils.flop_counter: 2 per multiply-add of convolutions and matrix products) times the
-requests per second at concurrency 4, as a share of the CPU's fp32 peak: cores x clock x 64 (AVX-512: two FMA
+requests per second at the highest concurrency, as a share of the CPU's fp32 peak: cores x clock x 64 (AVX-512: two FMA
 units x 16 fp32 lanes x 2 operations), the clock from /proc/cpuinfo. The export's own figures (time, parity,
 int8 agreement on the generated validation images) are in `export`, the training's in `training`.
 
     python scripts/bench/serving.py [--models resnet50 vgg16] [--trained resnet50] [--requests 40] [--quick]
+                                    [--concurrency 1 4] [--servers NAME ...]
 """
 
 from __future__ import annotations
@@ -67,15 +72,15 @@ def load(url: str, image: bytes, concurrency: int, count: int) -> tuple[list[flo
     return latencies, time.perf_counter() - started
 
 
-def measure(urls: dict[str, str], image: bytes, count: int, rounds: int) -> dict:
-    """Every server at concurrency 1 and 4, `count` requests per level in all, in `rounds` interleaved rounds
-    (A B C A B C ...): a slow spell of a shared machine then hits every server, not one."""
-    samples = {name: {c: ([], 0.0) for c in (1, 4)} for name in urls}
+def measure(urls: dict[str, str], image: bytes, count: int, rounds: int, levels: list[int]) -> dict:
+    """Every server at each concurrency of `levels`, `count` requests per level in all, in `rounds` interleaved
+    rounds (A B C A B C ...): a slow spell of a shared machine then hits every server, not one."""
+    samples = {name: {c: ([], 0.0) for c in levels} for name in urls}
     for url in urls.values():  # warm-up: every worker has answered once
         load(url, image, 4, 4)
     for r in range(rounds):
         for name, url in urls.items():
-            for c in (1, 4):
+            for c in levels:
                 latencies, wall = load(url, image, c, count // rounds + (r < count % rounds))
                 done, seconds = samples[name][c]
                 samples[name][c] = (done + latencies, seconds + wall)
@@ -150,25 +155,35 @@ def bench_model(arch: str, args, tmp: Path, data: Path, image: bytes) -> dict:
                                                                 {"IMGCLF_TORCH_THREADS": "1"})
         runs[f"ours_onnx_float32_1_worker_x_{cpus}_threads"] = ([*ours, str(exported), "--workers", "1", "--port"],
                                                                  {})
+    if not args.quick:
+        runs["ours_onnx_float32_batch_4"] = ([*ours, str(exported), "--port"], {"IMGCLF_BATCH_SIZE": "4",
+                                                                                "IMGCLF_MAX_BATCH_DELAY_MS": "10"})
+    if args.servers:
+        unknown = set(args.servers) - set(runs)
+        if unknown:
+            raise SystemExit(f"--servers: no server {', '.join(sorted(unknown))}; these run here: {', '.join(runs)}")
+        runs = {name: run for name, run in runs.items() if name in args.servers}
     with ExitStack() as stack:  # all servers up at once (idle ones cost no CPU), measured in turns
         urls = {}
         for name, (cmd, env) in runs.items():
             port = free_port()
             urls[name] = stack.enter_context(local.server_process(
                 cmd + [str(port)], f"http://127.0.0.1:{port}", root / f"{name}.log", env, timeout=300)).url
-        results = measure(urls, image, args.requests, args.rounds)
+        results = measure(urls, image, args.requests, args.rounds, args.concurrency)
     for name, r in results.items():
         print(f"{arch} {name}: {json.dumps(r)}", file=sys.stderr, flush=True)
     flops = flops_per_image(arch, args.image_size)
     peak, how = peak_fp32_flops()
-    naive = results["naive"]
+    top, low = f"concurrency_{max(args.concurrency)}", f"concurrency_{min(args.concurrency)}"
+    naive = results.get("naive")
     for r in results.values():
-        rps = r["concurrency_4"]["requests_per_second"]
-        r["throughput_c4_vs_naive"] = round(rps / naive["concurrency_4"]["requests_per_second"], 3)
-        r["p50_c1_vs_naive"] = round(r["concurrency_1"]["latency_seconds"]["p50"]
-                                     / naive["concurrency_1"]["latency_seconds"]["p50"], 3)
-        r["gflops_per_second_c4"] = round(flops * rps / 1e9, 1)
-        r["share_of_fp32_peak_c4"] = round(flops * rps / peak, 3)
+        rps = r[top]["requests_per_second"]
+        if naive:
+            r[f"throughput_c{max(args.concurrency)}_vs_naive"] = round(rps / naive[top]["requests_per_second"], 3)
+            r[f"p50_c{min(args.concurrency)}_vs_naive"] = round(r[low]["latency_seconds"]["p50"]
+                                                                / naive[low]["latency_seconds"]["p50"], 3)
+        r[f"gflops_per_second_c{max(args.concurrency)}"] = round(flops * rps / 1e9, 1)
+        r[f"share_of_fp32_peak_c{max(args.concurrency)}"] = round(flops * rps / peak, 3)
     return {**results, "export": export_figures, **({"training": training} if training else {}),
             "gflops_per_image": round(flops / 1e9, 3),
             "fp32_peak_gflops": round(peak / 1e9, 1), "fp32_peak_estimate": how}
@@ -184,6 +199,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--requests", type=int, default=40, help="per server and load level")
     parser.add_argument("--rounds", type=int, default=4, help="interleaved rounds the requests are split into")
     parser.add_argument("--quick", action="store_true", help="smoke test: tiny model, few requests")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4], help="clients at once, per level")
+    parser.add_argument("--servers", nargs="+", help="only these servers (names as in the output)")
     args = parser.parse_args(argv)
     train, valid = 16, 5  # per class: 128 training and 40 validation images
     if args.quick:
@@ -196,7 +213,7 @@ def main(argv: list[str] | None = None) -> dict:
         figures = {arch: bench_model(arch, args, Path(tmp), data, image) for arch in args.models}
     return common.emit("serving", figures, settings={
         "image_size": args.image_size, "photo_bytes": len(image), "requests_per_level": args.requests,
-        "rounds": args.rounds,
+        "rounds": args.rounds, "concurrency": args.concurrency,
         "classes": CLASSES, "images_per_class": {"train": train, "valid": valid},
         "default_workers": "serve's default (imgclf.serving.runtime.onnx_threads)",
         "weights": f"trained by the training job: {args.trained or 'none'}; random: the others"})
