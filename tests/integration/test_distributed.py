@@ -11,13 +11,14 @@ import sys
 from pathlib import Path
 
 import pytest
-from imgclf import local, models, processes, splits
+from imgclf import models, splits
 from imgclf.errors import HyperparameterError
 from imgclf.training import distributed
 from imgclf.training.sampling import EpochSampler
 from safetensors.torch import load_file
 
-from tests.conftest import TINY_HPS, free_port, local_train
+from tests.conftest import TINY_HPS, local_train
+from tests.hosts import run_hosts
 
 pytestmark = pytest.mark.long  # scheduled first: see tests/conftest.py
 
@@ -96,26 +97,9 @@ def test_two_processes_train_on_different_shards_and_write_once(ddp_run, sample_
 
 def test_two_simulated_hosts(tmp_path, sample_dataset, ddp_run):
     """Two `train` processes with their own /opt/ml trees, as SageMaker runs a 2-instance job (1 CPU process each)."""
-    port = free_port()
-    procs, bases = {}, {}
-    for host in ("algo-1", "algo-2"):
-        bases[host] = tmp_path / host
-        local.write_tree(bases[host], HPS, splits.split_channels(sample_dataset), hosts=["algo-1", "algo-2"],
-                         current_host=host)
-        env = local.training_env(bases[host], tmp_path / f"ckpt-{host}", {
-            distributed.MASTER_ADDR_ENV: "127.0.0.1", distributed.MASTER_PORT_ENV: str(port),
-            "OMP_NUM_THREADS": "1"})  # as the local 2-process run: same kernels, same numbers
-        procs[host] = subprocess.Popen([processes.venv_bin("train")], env=env, stdout=subprocess.PIPE,
-                                       stderr=subprocess.STDOUT, text=True)
-    logs = {}
-    try:
-        for host, proc in procs.items():
-            logs[host] = proc.communicate(timeout=600)[0]
-    finally:
-        for proc in procs.values():
-            proc.kill()
-    for host, proc in procs.items():
-        assert proc.returncode == 0, f"{host}:\n{logs[host][-4000:]}"
+    bases, logs = run_hosts(tmp_path, HPS, {host: splits.split_channels(sample_dataset)
+                                            for host in ("algo-1", "algo-2")})
+    for host in bases:
         assert (bases[host] / "output" / "success").exists()
     assert "2 host(s) x 1 process(es) = world size 2; this host algo-2 is node 1" in logs["algo-2"]
     first, second = _rank_lines(logs["algo-1"]), _rank_lines(logs["algo-2"])

@@ -7,14 +7,12 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
-from imgclf import local, processes
-from imgclf.training import distributed
 
-from tests.conftest import TINY_HPS, free_port
+from tests.conftest import TINY_HPS
+from tests.hosts import run_hosts
 
 pytestmark = pytest.mark.long  # scheduled first: see tests/conftest.py
 
@@ -39,31 +37,17 @@ def test_two_hosts_train_on_their_own_shards_with_one_class_list(tmp_path, sampl
     # algo-1: half of every class but the last (48 images); algo-2: the other half of the first and all of the last
     parts = {"algo-1": {name: slice(0, None, 2) for name in classes[:-1]},
              "algo-2": {classes[0]: slice(1, None, 2), classes[-1]: slice(None)}}
-    port, procs, bases, sizes = free_port(), {}, {}, {}
-    for host, take in parts.items():
-        bases[host] = tmp_path / host
-        sizes[host] = _shard(sample_dataset, tmp_path / f"shard-{host}", take)
-        channels = {"train": tmp_path / f"shard-{host}", "valid": sample_dataset / "valid",
-                    "test": sample_dataset / "test"}
-        local.write_tree(bases[host], HPS, channels, hosts=list(parts), current_host=host)
-        config = bases[host] / "input" / "config" / "inputdataconfig.json"
+    sizes = {host: _shard(sample_dataset, tmp_path / f"shard-{host}", take) for host, take in parts.items()}
+
+    def sharded(tree: Path) -> None:  # as SageMaker writes a channel it splits between the hosts
+        config = tree / "input" / "config" / "inputdataconfig.json"
         channel_config = json.loads(config.read_text())
-        channel_config["train"]["S3DistributionType"] = "ShardedByS3Key"  # as SageMaker writes a sharded channel
+        channel_config["train"]["S3DistributionType"] = "ShardedByS3Key"
         config.write_text(json.dumps(channel_config))
-        env = local.training_env(bases[host], tmp_path / f"ckpt-{host}", {
-            distributed.MASTER_ADDR_ENV: "127.0.0.1", distributed.MASTER_PORT_ENV: str(port),
-            "OMP_NUM_THREADS": "1"})
-        procs[host] = subprocess.Popen([processes.venv_bin("train")], env=env, stdout=subprocess.PIPE,
-                                       stderr=subprocess.STDOUT, text=True)
-    logs = {}
-    try:
-        for host, proc in procs.items():
-            logs[host] = proc.communicate(timeout=600)[0]
-    finally:
-        for proc in procs.values():
-            proc.kill()
-    for host, proc in procs.items():
-        assert proc.returncode == 0, f"{host}:\n{logs[host][-4000:]}"
+
+    channels = {host: {"train": tmp_path / f"shard-{host}", "valid": sample_dataset / "valid",
+                       "test": sample_dataset / "test"} for host in parts}
+    bases, logs = run_hosts(tmp_path, HPS, channels, sharded)
     assert sizes["algo-1"] != sizes["algo-2"]
     # every rank runs the same number of steps: the larger shard's size (one process per host), the smaller padded
     for host, rank in (("algo-1", 0), ("algo-2", 1)):

@@ -495,15 +495,8 @@ def model_data_of(api: Api, source: ModelSource) -> str:
     if scripting.is_local(api):
         raise UserError(f"training job {source.training_job}: the SDK's local mode keeps a job only in the train.py "
                         "--local that ran it; pass --model-data with the path that command printed")
-    job = scripting.describe_or_none(api, "sagemaker", "DescribeTrainingJob",
-                                     {"TrainingJobName": source.training_job})
-    if job is None:
-        if scripting.is_offline(api):
-            return f"s3://<output of {source.training_job}>/model.tar.gz"
-        raise AwsError(f"training job {source.training_job} not found in {scripting.region_of(api)}")
-    if job["TrainingJobStatus"] != "Completed":
-        raise UserError(f"training job {source.training_job} is {job['TrainingJobStatus']}: use a Completed one")
-    return job["ModelArtifacts"]["S3ModelArtifacts"]
+    job = registry.completed_job(api, source.training_job)
+    return job["ModelArtifacts"]["S3ModelArtifacts"] if job else f"s3://<output of {source.training_job}>/model.tar.gz"
 
 
 def resolve_model(api: Api, spec: ServingSpec, source: ModelSource) -> None:

@@ -172,7 +172,8 @@ def approved_package(api: Api, arn: str) -> dict | None:
 
 
 def completed_job(api: Api, name: str) -> dict | None:
-    """The Completed training job `name` (None in a dry run without AWS access)."""
+    """The Completed training job `name`, with its model artifact (None in a dry run without AWS access): what
+    register_model.py registers and deploy.py --training-job serves."""
     job = _described(api, "DescribeTrainingJob", {"TrainingJobName": name})
     if job is None:
         if scripting.is_offline(api):
@@ -182,8 +183,8 @@ def completed_job(api: Api, name: str) -> dict | None:
     status = job["TrainingJobStatus"]
     if status != "Completed":
         hint = (f"wait for it with `train.py --attach {name}`" if status in ("InProgress", "Stopping")
-                else "register a Completed job")
-        raise UserError(f"training job {name} is {status}: only a Completed job has a model to register; {hint}")
+                else "use a Completed job")
+        raise UserError(f"training job {name} is {status}: only a Completed job has a model; {hint}")
     if not (job.get("ModelArtifacts") or {}).get("S3ModelArtifacts"):
         raise AwsError(f"training job {name} is Completed but names no model artifact (ModelArtifacts)")
     return job
