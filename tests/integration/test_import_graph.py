@@ -43,6 +43,8 @@ LAZY_IMPORTS = {
     ("imgclf.serving.runtime", "torch"): "TorchRunner: only without model.onnx (PyTorch serving)",
     ("imgclf.serving.runtime", "imgclf.devices"): "TorchRunner's device (torch): only without model.onnx",
     ("imgclf.serving.serve", "imgclf.errors"): "after the port opens: serve answers /ping before heavy imports",
+    ("imgclf.serving.serve", "imgclf.serving.runtime"): "after the port opens: the device (ONNX Runtime's providers, "
+                                                       "the driver) decides the batch size and workers",
     ("imgclf.serving.serve", "imgclf.serving.inference"): "after the port opens: serve answers /ping before the "
                                                           "handler's imports (numpy, PIL, onnxruntime)",
 }

@@ -4,7 +4,7 @@ SageMaker calls GET /ping and POST /invocations (batch transform also GET /execu
 on 127.0.0.1 only, its management API (which registers handlers from any folder, unregisters models, scales
 workers) on a port of its own; this front is what answers on SAGEMAKER_BIND_TO_PORT:
 
-    GET /ping, POST /invocations    relayed to MMS's /ping and /predictions/model (503 JSON while it is not up)
+    GET /ping, POST /invocations    relayed to MMS's /ping and the model's predictions (503 JSON while it is not up)
     GET /execution-parameters       answered here when batch transform runs the container, else 404
     anything else                   404 JSON; a known path with another method: 405
 
@@ -39,8 +39,6 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from typing import TYPE_CHECKING
 
-from imgclf.serving.model_server import MODEL_NAME
-
 if TYPE_CHECKING:
     from imgclf.serving.multi_model import Models
     from imgclf.serving.settings import ServingSettings
@@ -55,7 +53,6 @@ NOT_RELAYED = {"connection", "keep-alive", "transfer-encoding", "content-length"
                "upgrade", "proxy-connection"}
 STARTING = "the model server is starting"  # the 503 message while serve checks the model
 BATCH_ENV = "SAGEMAKER_BATCH"  # set by batch transform
-INVOCATIONS_UPSTREAM = f"/predictions/{MODEL_NAME}"  # the single model, as model_server registers it
 
 
 def error_body(status: int, message: str) -> bytes:
@@ -103,8 +100,11 @@ def execution_parameters(settings: ServingSettings) -> dict:
 
 class Front:
     def __init__(self, port: int, upstream_port: int, limits: Limits, execution_parameters: dict | None = None,
-                 host: str = "0.0.0.0", multi_model: bool = False) -> None:
+                 host: str = "0.0.0.0", multi_model: bool = False, invocations: str = "/invocations") -> None:
+        """`invocations`: where MMS predicts with the single model (serve registers it; MMS's own /invocations
+        knows only models given with --models)."""
         self.port, self.upstream_port, self.limits, self.host = port, upstream_port, limits, host
+        self.invocations = invocations
         self.execution_parameters = execution_parameters
         self.multi_model = multi_model
         self.models: Models | None = None  # a multi-model endpoint's, once multi-model-server runs
@@ -291,8 +291,8 @@ class Front:
             if predictions is None:
                 return 404, json_type, error_body(404, f"model {name!r} is not loaded (POST /models loads it)")
             path = predictions
-        elif path == "/invocations":  # MMS's own /invocations knows models given with --models only
-            path = INVOCATIONS_UPSTREAM
+        elif path == "/invocations":
+            path = self.invocations
         relayed = {k: v for k, v in headers.items() if k not in NOT_RELAYED}
         return await loop.run_in_executor(self._pool, self._relay, method, path, relayed, body)
 

@@ -35,7 +35,7 @@ from pathlib import Path
 from imgclf import artifacts, config
 from imgclf.processes import MAX_PORT, free_port
 from imgclf.serving.front import STARTING, Front, batch_transform, execution_parameters, limits_for
-from imgclf.serving.model_server import ModelServer, code_in_artifact
+from imgclf.serving.model_server import MODEL_NAME, ModelServer, code_in_artifact
 from imgclf.serving.multi_model import Models
 from imgclf.serving.settings import GPU_BATCH_SIZE, ServingSettings, SettingsError
 from imgclf.serving.supervisor import run_model_server
@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     settings, problem = read_settings()
     mms_port, management_port = free_port(), free_port()
     front = Front(port, mms_port, limits_for(settings), execution_parameters(settings) if batch else None,
-                  multi_model=settings.multi_model)
+                  multi_model=settings.multi_model, invocations=f"/predictions/{MODEL_NAME}")
     front.unhealthy = problem or STARTING
     try:
         front.start()
