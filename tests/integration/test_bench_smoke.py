@@ -29,6 +29,7 @@ EXPECTED = {
     "serving.py": ("resnet18",),
     "gpu.py": ("resnet50", "vit_b_16"),
     "decode.py": ("pil_draft_ms_per_image", "torchvision_io_ms_per_image"),
+    "prepare.py": ("one_thread_ms_per_batch", "worker_threads_ms_per_batch", "speedup"),
     "collection_overhead.py": ("all_epochs", "later_epochs", "per_step"),
     "dataloader.py": ("old_cpu_ms_per_image", "decoded_cpu_ms_per_image", "speedup_per_worker", "bitwise_equal",
                       "loader_images_per_second_by_workers"),

@@ -116,3 +116,28 @@ def test_a_batch_of_requests_runs_through_the_network_in_one_pass_and_answers_ea
     assert passes == [4, 2] and all(len(a["predictions"]) == 2 for a in answers)
     assert answers[0]["predictions"] == [a["predictions"][0] for a in alone[:2]]
     assert len({json.dumps(a) for a in alone}) == 4  # the comparisons above tell the requests apart
+
+
+def test_a_batchs_requests_are_decoded_in_threads_with_the_same_answers(service, model_dir, monkeypatch):
+    """A worker with CPUs to spare (one worker per GPU, several vCPUs) decodes a batch's requests at once."""
+    import threading
+    from dataclasses import replace
+
+    from imgclf.serving import inference
+
+    from tests.photos import encode, photo
+
+    bodies = [encode(photo(seed=seed), "JPEG", quality=90) for seed in range(4)] + [b"not an image"]
+    jpeg = {"Content-Type": "image/jpeg"}
+    alone = service.handle([{"body": b} for b in bodies], mms_context(model_dir, [jpeg] * 5))  # 1 thread here
+    service.model.settings = replace(service.model.settings, workers=1)
+    monkeypatch.setattr(inference.os, "cpu_count", lambda: 4)
+    assert inference.preparing_threads(service.model.settings) == 4
+    threads = []
+    model_inputs = inference.model_inputs
+    monkeypatch.setattr(inference, "model_inputs", lambda request, model: threads.append(
+        threading.current_thread().name) or model_inputs(request, model))
+    context = mms_context(model_dir, [jpeg] * 5)
+    assert service.handle([{"body": b} for b in bodies], context) == alone
+    assert [context.get_response_status(i)[0] for i in range(5)] == [200, 200, 200, 200, 400]
+    assert len(threads) == 5 and all(name.startswith("prepare") for name in threads), threads

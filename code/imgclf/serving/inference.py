@@ -32,6 +32,7 @@ import logging
 import os
 import re
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from http import HTTPStatus
 from pathlib import Path
@@ -136,6 +137,9 @@ def model_fn(model_dir: str, settings: ServingSettings | None = None, gpu_id: in
     config.json, warm up. The settings are read here, once per worker, unless given."""
     settings = settings or ServingSettings.load()
     Image.MAX_IMAGE_PIXELS = settings.max_image_pixels  # PIL refuses 2x this itself; `decode` refuses 1x with a 413
+    # PIL warns between 1x and 2x; `decode` answers those itself. Once per process, not per image: catch_warnings
+    # is not thread-safe, and a batch's requests are decoded in threads.
+    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
     config = artifacts.read_config(model_dir)
     model = ServingModel(
         run=runtime.load_runner(model_dir, config, settings, gpu_id), config=config,
@@ -283,28 +287,27 @@ def decode(image: bytes, draft_size: int, where: str = "image", settings: Servin
     if not image:
         raise RequestError(HTTPStatus.BAD_REQUEST, f"{where}: empty image")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(image)) as probe:
-                check_shape(*probe.size, where, settings)
-                if probe.format == "JPEG":  # what load_rgb will decode: JPEGs at a reduced scale
-                    probe.draft("RGB", (draft_size, draft_size))
-                pixels = probe.size[0] * probe.size[1]
-            if budget is not None:
-                if pixels > budget[0]:
-                    raise RequestError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                                       f"{where}: the request's images decode to more than "
-                                       f"{settings.max_request_pixels} pixels together (IMGCLF_MAX_REQUEST_PIXELS); "
-                                       "send fewer or smaller images per request")
-                budget[0] -= pixels
-            return load_rgb(io.BytesIO(image), draft_size=draft_size)
+        with Image.open(io.BytesIO(image)) as probe:
+            check_shape(*probe.size, where, settings)
+            if probe.format == "JPEG":  # what load_rgb will decode: JPEGs at a reduced scale
+                probe.draft("RGB", (draft_size, draft_size))
+            pixels = probe.size[0] * probe.size[1]
+        if budget is not None:
+            if pixels > budget[0]:
+                raise RequestError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                                   f"{where}: the request's images decode to more than "
+                                   f"{settings.max_request_pixels} pixels together (IMGCLF_MAX_REQUEST_PIXELS); "
+                                   "send fewer or smaller images per request")
+            budget[0] -= pixels
+        return load_rgb(io.BytesIO(image), draft_size=draft_size)
     except Image.DecompressionBombError as e:
         raise RequestError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"{where}: {e}") from None
     except RequestError:
         raise
     except Exception as e:  # PIL raises many types for bad bytes (UnidentifiedImageError, OSError, SyntaxError...)
+        said = re.sub(r" ?<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(e))[:200]  # PIL names our buffer
         raise RequestError(HTTPStatus.BAD_REQUEST,
-                           f"{where}: not a readable image ({type(e).__name__}: {str(e)[:200]}); send a complete "
+                           f"{where}: not a readable image ({type(e).__name__}: {said}); send a complete "
                            "JPEG, PNG, WebP, GIF, BMP or TIFF file") from None
 
 
@@ -393,51 +396,91 @@ def refusal(e: Exception) -> tuple[int, str]:
     return 500, error_body(500, f"internal error: {type(e).__name__}: {e}")
 
 
+def preparing_threads(settings: ServingSettings) -> int:
+    """Threads that decode a batch's requests at once in a worker: its share of the CPUs (a GPU worker's batch
+    would otherwise be decoded on one core while the others idle). PIL and numpy release the GIL."""
+    return max(1, (os.cpu_count() or 1) // max(1, settings.workers or (os.cpu_count() or 1)))
+
+
+_pool: ThreadPoolExecutor | None = None
+
+
+def prepared(requests: list[ImageRequest], model: ServingModel) -> list[np.ndarray | Exception]:
+    """model_inputs of each request (or what it raised), several requests at once in threads."""
+    global _pool
+
+    def one(request: ImageRequest) -> np.ndarray | Exception:
+        try:
+            return model_inputs(request, model)
+        except Exception as e:  # answered for this request alone
+            return e
+
+    threads = min(len(requests), preparing_threads(model.settings))
+    if threads < 2:
+        return [one(r) for r in requests]
+    if _pool is None:
+        _pool = ThreadPoolExecutor(preparing_threads(model.settings), thread_name_prefix="prepare")
+    return list(_pool.map(one, requests))
+
+
 def handle_requests(model: ServingModel | None, requests: list[tuple[bytes | None, dict]],
                     load_error: str | None = None) -> list[tuple[int, str]]:
     """(HTTP status, JSON body) for each of several requests (multi-model-server's batch, IMGCLF_BATCH_SIZE); never
-    raises. Each request is checked and decoded alone, and answered alone (one bad image refuses its own request
-    only); their images go through the network together, at most IMGCLF_MAX_IMAGES at once (more wait for the next
-    pass), so a batch of requests holds no more memory than one full request."""
+    raises. Each request is checked alone and answered alone (one bad image refuses its own request only). They go
+    through the network in groups of at most IMGCLF_MAX_IMAGES images, so a batch holds no more memory than one
+    full request; a group's requests are decoded at once in threads (`prepared`), then run in one pass."""
+    if model is None:
+        return [refusal(RequestError(HTTPStatus.SERVICE_UNAVAILABLE, f"model not loaded: {load_error}"))
+                for _ in requests]
     answers: list[tuple[int, str] | None] = [None] * len(requests)
-    group: list[Pending] = []
-
-    def run(group: list[Pending]) -> None:
-        try:
-            logits = model.run(np.concatenate([p.inputs for p in group]))  # type: ignore[union-attr]
-        except Exception as e:  # the whole pass failed: each of its requests says so
-            for p in group:
-                answers[p.index] = refusal(e)
-            return
-        start = 0
-        for p in group:
-            rows = logits[start:start + len(p.inputs)]
-            start += len(p.inputs)
-            try:
-                answers[p.index] = 200, output_fn(prediction_of(rows, p.request, model), p.accept)  # type: ignore
-            except Exception as e:
-                answers[p.index] = refusal(e)
-
+    parsed: list[tuple[int, ImageRequest, str | None]] = []
     for index, (body, headers) in enumerate(requests):
         try:
-            if model is None:
-                raise RequestError(HTTPStatus.SERVICE_UNAVAILABLE, f"model not loaded: {load_error}")
             accept = header(headers, "accept")
             check_accept(accept)  # before the work, so a 406 costs nothing
             request = input_fn(body or b"", header(headers, "content-type"), model.settings)
             if request.top_k is None:
                 request.top_k = top_k_from_attributes(header(headers, CUSTOM_ATTRIBUTES))
-            pending = Pending(index, request, accept, model_inputs(request, model))
+            parsed.append((index, request, accept))
         except Exception as e:
             answers[index] = refusal(e)
-            continue
-        if group and sum(len(p.inputs) for p in group) + len(pending.inputs) > model.settings.max_images:
-            run(group)
-            group = []
-        group.append(pending)
-    if group:
-        run(group)
+    groups: list[list[tuple[int, ImageRequest, str | None]]] = []
+    images = 0
+    for item in parsed:
+        if groups and images + len(item[1].images) <= model.settings.max_images:
+            groups[-1].append(item)
+            images += len(item[1].images)
+        else:
+            groups.append([item])
+            images = len(item[1].images)
+    for group in groups:
+        pending = []
+        for (index, request, accept), inputs in zip(group, prepared([r for _, r, _ in group], model), strict=True):
+            if isinstance(inputs, Exception):
+                answers[index] = refusal(inputs)
+            else:
+                pending.append(Pending(index, request, accept, inputs))
+        if pending:
+            run_pass(model, pending, answers)
     return answers  # type: ignore[return-value]  # every request was answered above
+
+
+def run_pass(model: ServingModel, group: list[Pending], answers: list) -> None:
+    """One forward pass over the group's images; each request's rows become its answer."""
+    try:
+        logits = model.run(np.concatenate([p.inputs for p in group]))
+    except Exception as e:  # the whole pass failed: each of its requests says so
+        for p in group:
+            answers[p.index] = refusal(e)
+        return
+    start = 0
+    for p in group:
+        rows = logits[start:start + len(p.inputs)]
+        start += len(p.inputs)
+        try:
+            answers[p.index] = 200, output_fn(prediction_of(rows, p.request, model), p.accept)
+        except Exception as e:
+            answers[p.index] = refusal(e)
 
 
 def handle_request(model: ServingModel | None, body: bytes | None, headers: dict,
