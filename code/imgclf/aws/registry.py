@@ -154,16 +154,23 @@ def _described(api: Api, operation: str, params: dict) -> dict | None:
         raise
 
 
+def _existing(api: Api, operation: str, params: dict, what: str, hint: str) -> dict | None:
+    """The description of `what`, which must exist (AwsError naming it and `hint` if not); None only in a dry run
+    without AWS access."""
+    found = _described(api, operation, params)
+    if found is None and not scripting.is_offline(api):
+        raise AwsError(f"{what} not found in {scripting.region_of(api)}: {hint}")
+    return found
+
+
 def approved_package(api: Api, arn: str) -> dict | None:
     """The model package version `arn`, which deploy.py --model-package serves only once a person approved it (None
     in a dry run without AWS access)."""
     check_package_arn(arn, "--model-package")
-    package = _described(api, "DescribeModelPackage", {"ModelPackageName": arn})
+    package = _existing(api, "DescribeModelPackage", {"ModelPackageName": arn}, f"model package {arn}",
+                        "check the ARN (register_model.py printed it)")
     if package is None:
-        if scripting.is_offline(api):
-            return None
-        raise AwsError(f"model package {arn} not found in {scripting.region_of(api)}: check the ARN "
-                       "(register_model.py printed it)")
+        return None
     status = package.get("ModelApprovalStatus", "unknown")
     if status != "Approved":
         raise UserError(f"model package {arn} is {status}: only an Approved version is deployed; after checking its "
@@ -174,12 +181,10 @@ def approved_package(api: Api, arn: str) -> dict | None:
 def completed_job(api: Api, name: str) -> dict | None:
     """The Completed training job `name`, with its model artifact (None in a dry run without AWS access): what
     register_model.py registers and deploy.py --training-job serves."""
-    job = _described(api, "DescribeTrainingJob", {"TrainingJobName": name})
+    job = _existing(api, "DescribeTrainingJob", {"TrainingJobName": name}, f"training job {name}",
+                    "check the name (train.py prints it; `aws sagemaker list-training-jobs` lists them) and --region")
     if job is None:
-        if scripting.is_offline(api):
-            return None
-        raise AwsError(f"training job {name} not found in {scripting.region_of(api)}: check the name (train.py "
-                       "prints it; `aws sagemaker list-training-jobs` lists them) and --region")
+        return None
     status = job["TrainingJobStatus"]
     if status != "Completed":
         hint = (f"wait for it with `train.py --attach {name}`" if status in ("InProgress", "Stopping")
@@ -274,10 +279,9 @@ def set_status(access: Access, arn: str, status: str, description: str | None = 
     flag = "--approve" if status == APPROVED else "--reject"
     check_package_arn(arn, flag)
     api = scripting.make_api(access)
-    package = _described(api, "DescribeModelPackage", {"ModelPackageName": arn})
-    if package is None and not scripting.is_offline(api):
-        raise AwsError(f"model package {arn} not found in {scripting.region_of(api)}: check the ARN (register_model.py "
-                       "printed it; `aws sagemaker list-model-packages --model-package-group-name <group>` lists them)")
+    package = _existing(api, "DescribeModelPackage", {"ModelPackageName": arn}, f"model package {arn}",
+                        "check the ARN (register_model.py printed it; `aws sagemaker list-model-packages "
+                        "--model-package-group-name <group>` lists them)")
     if package is not None:
         state = package.get("ModelPackageStatus", "Completed")
         if status == APPROVED and state != "Completed":
