@@ -169,15 +169,19 @@ def used_device(device: str, asked: list, used: list[str], reason: str) -> str:
     return f"on the CPU ({reason})"
 
 
-def gpu_usable(settings: ServingSettings) -> bool:
-    """Whether an exported model would run on a GPU here (serve's batching default follows it)."""
+def usable_gpus(settings: ServingSettings) -> int:
+    """The GPUs an exported model would run on here, 0 when it would run on the CPU (serve's batching and worker
+    defaults follow it)."""
     if settings.device == "cpu":
-        return False
+        return 0
     try:
         import onnxruntime as ort
     except ImportError:
-        return False
-    return CUDA_PROVIDER in ort.get_available_providers() and cuda_problem(driver_cuda(), needed_cuda()) is None
+        return 0
+    if CUDA_PROVIDER not in ort.get_available_providers():
+        return 0
+    driver = driver_cuda()
+    return 0 if cuda_problem(driver, needed_cuda()) else driver[1]
 
 
 class OnnxRunner:

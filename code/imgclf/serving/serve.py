@@ -89,7 +89,7 @@ def definite(settings: ServingSettings) -> ServingSettings:
     a worker per CPU and no batching (a batch waits for the slowest decode and gains little there)."""
     from imgclf.serving import runtime
 
-    gpus = runtime.driver_cuda()[1] if runtime.gpu_usable(settings) else 0
+    gpus = runtime.usable_gpus(settings)
     return replace(settings, workers=settings.workers or gpus or os.cpu_count() or 1,
                    batch_size=settings.batch_size or (GPU_BATCH_SIZE if gpus else 1))
 
