@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import boto3
@@ -14,6 +16,17 @@ from botocore.validate import validate_parameters
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 ACCOUNT, REGION = "123456789012", "us-east-1"  # moto's default account
 ROLE = f"arn:aws:iam::{ACCOUNT}:role/imgclf-sagemaker"
+
+
+def output_tarball(files: dict[str, bytes]) -> bytes:
+    """A job's output.tar.gz as SageMaker uploads it: `files` (name -> content) at its top level."""
+    body = io.BytesIO()
+    with tarfile.open(fileobj=body, mode="w:gz") as tar:
+        for name, content in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(content)
+            tar.addfile(info, io.BytesIO(content))
+    return body.getvalue()
 
 
 def run_script(name: str, *args: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:

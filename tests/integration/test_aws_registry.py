@@ -4,10 +4,8 @@ and offline dry runs: what a version names, and the clear errors before anything
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import re
-import tarfile
 
 import pytest
 from imgclf import instances
@@ -22,6 +20,7 @@ from tests.aws_helpers import (
     dry_run_requests,
     failed,
     offline_env,
+    output_tarball,
     put_ecr_image,
     run_script,
     sagemaker_backend,
@@ -33,16 +32,6 @@ SERVE_REPOSITORY = f"{ACCOUNT}.dkr.ecr.us-east-1.amazonaws.com/imgclf-serve"
 METRICS = {"best_epoch": 4, "test_accuracy": 0.8312, "test_loss": 0.61, "valid_accuracy": 0.85, "valid_loss": 0.55,
            "hyperparameters": {"model": "resnet18", "lr": 0.001}, "history": [{"epoch": 0, "valid_accuracy": 0.4}]}
 GRAVITON = ("ml.c6g.large", "ml.m6g.large", "ml.r7gd.large", "ml.c8g.large")
-
-
-def _archive(files: dict[str, bytes]) -> bytes:
-    body = io.BytesIO()
-    with tarfile.open(fileobj=body, mode="w:gz") as tar:
-        for name, content in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(content)
-            tar.addfile(info, io.BytesIO(content))
-    return body.getvalue()
 
 
 def _training_job(endpoint: str, name: str, files: dict[str, bytes] | None) -> dict:
@@ -58,7 +47,7 @@ def _training_job(endpoint: str, name: str, files: dict[str, bytes] | None) -> d
         ResourceConfig={"InstanceType": "ml.m5.xlarge", "InstanceCount": 1, "VolumeSizeInGB": 30},
         StoppingCondition={"MaxRuntimeInSeconds": 3600})
     if files is not None:
-        s3.put_object(Bucket=BUCKET, Key=f"imgclf/output/{name}/output/output.tar.gz", Body=_archive(files))
+        s3.put_object(Bucket=BUCKET, Key=f"imgclf/output/{name}/output/output.tar.gz", Body=output_tarball(files))
     return sm.describe_training_job(TrainingJobName=name)
 
 

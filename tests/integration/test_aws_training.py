@@ -22,6 +22,7 @@ from tests.aws_helpers import (
     dry_run_requests,
     failed,
     offline_env,
+    output_tarball,
     run_script,
     sagemaker_backend,
 )
@@ -125,17 +126,6 @@ def test_attach_to_a_failed_job_prints_the_failure_reason(aws_env):
     assert "training job job-that-fails Failed: ClientError: hyperparameter lr=-1" in result.stderr
 
 
-def _report_tarball(files: dict[str, object]) -> bytes:
-    report = io.BytesIO()
-    with tarfile.open(fileobj=report, mode="w:gz") as tar:
-        for name, content in files.items():
-            body = json.dumps(content).encode()
-            info = tarfile.TarInfo(name)
-            info.size = len(body)
-            tar.addfile(info, io.BytesIO(body))
-    return report.getvalue()
-
-
 @pytest.mark.parametrize("status", ["Failed", "Stopped"])
 def test_a_failed_or_stopped_job_still_gets_its_reports(aws_env, moto_server, tmp_path, status):
     name = f"job-{status.lower()}-with-reports"
@@ -147,7 +137,7 @@ def test_a_failed_or_stopped_job_still_gets_its_reports(aws_env, moto_server, tm
     s3 = client("s3", moto_server)
     s3.create_bucket(Bucket="dogs-train")
     s3.put_object(Bucket="dogs-train", Key=f"imgclf/output/{name}/output/output.tar.gz",
-                  Body=_report_tarball({"rules.json": {"LossNotDecreasing": "IssuesFound"}}))
+                  Body=output_tarball({"rules.json": json.dumps({"LossNotDecreasing": "IssuesFound"}).encode()}))
     result = run_script("train.py", "--attach", name, "--poll-interval", "0.1", "--no-logs", "--reports-dir",
                         str(tmp_path / "reports"), env=aws_env)
     assert result.returncode == 1, failed(result)

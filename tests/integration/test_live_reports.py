@@ -3,14 +3,12 @@ the final ones from output.tar.gz; against a moto server."""
 
 from __future__ import annotations
 
-import io
 import json
 import subprocess
 import sys
-import tarfile
 import time
 
-from tests.aws_helpers import ROLE, SCRIPTS, client, failed, run_script, sagemaker_backend
+from tests.aws_helpers import ROLE, SCRIPTS, client, failed, output_tarball, run_script, sagemaker_backend
 
 
 def _rules(status: str, overfit: str) -> bytes:
@@ -18,16 +16,6 @@ def _rules(status: str, overfit: str) -> bytes:
     return json.dumps({"job_status": status, "epochs": 3, "steps": 24, "rules": [
         {"name": "overfit", "status": overfit, "finding": finding if overfit == "IssuesFound" else None},
         {"name": "exploding_tensor", "status": "NoIssuesFound", "finding": None}]}).encode()
-
-
-def _tarball(files: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-        for name, body in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(body)
-            tar.addfile(info, io.BytesIO(body))
-    return buf.getvalue()
 
 
 def _wait_for_file(path, proc, timeout=60) -> None:
@@ -69,7 +57,8 @@ def test_train_fetches_live_rules_while_running_then_the_final_ones(aws_env, mot
             time.sleep(0.1)
         assert not (reports / "events.out.tfevents.1.algo-1").exists()  # only the reports are fetched
 
-        final = _tarball({"rules.json": _rules("Completed", "IssuesFound"), "profiler-report.html": b"<html>final"})
+        final = output_tarball({"rules.json": _rules("Completed", "IssuesFound"),
+                                "profiler-report.html": b"<html>final"})
         s3.put_object(Bucket="live-bucket", Key=f"imgclf/output/{name}/output/output.tar.gz", Body=final)
         job.training_job_status, job.secondary_status = "Completed", "Completed"
         stdout, stderr = proc.communicate(timeout=60)
