@@ -6,16 +6,16 @@ summary line per model (stderr). Training step = bf16 autocast forward + cross-e
 (channels_last for the CNN), inference = bf16 forward under inference_mode. --compile adds torch.compile'd
 variants (about a minute each).
 
---real-data DIR (an ImageFolder dataset with train/, found as the job finds it, or one folder of class folders,
-as a `train` channel) runs that training step again, same model, batch size, dtype and compile setting, on the
-batches of the job's training DataLoader: imgclf.data's ImageDataset with the job's training transform (uint8),
-the decode-once cache planned by data.plan_decoded_cache (decoded-cache, decoded-cache-memory), the sampler of a
-single-process job, training.job.LoaderSettings.loader (num-workers: -1 = the job's rule; prefetch-factor) and
-data.DeviceBatches (host-to-device copy and Normalise on the device). Per model it reports the real-data images/s,
-its ratio to the synthetic figure, and the data-wait share: the time blocked in next() of that batch stream, which
-includes the copy and normalisation on the device (torch.cuda.synchronize before and after it on a GPU; wall
-time on the CPU), over the total step time. The first --warmup steps (worker start-up, the first batches) are
-reported apart from the steady state, and so is the cache fill (seconds, images, bytes).
+--real-data DIR (an ImageFolder dataset with train/, found as the job finds it, or one folder of class folders, as a
+`train` channel) runs that training step again, same model, batch size, dtype and compile setting, on the batches of
+the job's training DataLoader, wired by the job's own imgclf.training.job.run_batches: imgclf.data's ImageDataset
+with the job's training transform (uint8), the decode-once cache planned by data.plan_decoded_cache (decoded-cache,
+decoded-cache-memory), the sampler of a single-process job, training.job.LoaderSettings.loader (num-workers: -1 =
+the job's rule; prefetch-factor) and data.DeviceBatches (host-to-device copy and Normalise on the device). Per model
+it reports the real-data images/s, its ratio to the synthetic figure, and the data-wait share: the time blocked in
+next() of that batch stream, which includes the copy and normalisation on the device (torch.cuda.synchronize before
+and after it on a GPU; wall time on the CPU), over the total step time. The first --warmup steps (worker start-up,
+the first batches) are reported apart from the steady state, and so is the cache fill (seconds, images, bytes).
 
     python scripts/bench/gpu.py [--batch-size 256] [--steps 20] [--compile] [--models resnet50 timm/...] [--quick]
     python scripts/bench/gpu.py --real-data ../dogImages [--workers 16] [--decoded-cache auto|on|off] [--quick]
@@ -36,7 +36,6 @@ from imgclf import models as imgclf_models
 from imgclf.errors import DataError
 from imgclf.training import job
 from imgclf.training.distributed import SINGLE
-from imgclf.training.sampling import rank_sampler
 from torch import nn
 from torchvision import models
 
@@ -91,20 +90,17 @@ def loader_hyperparameters(args) -> config.Hyperparameters:
 
 
 class RealData:
-    """The training job's batches of one model's preprocessing (imgclf.training.job.build_setup's calls): dataset,
-    decoded cache plan, sampler, DataLoader and DeviceBatches; `epochs` yields them epoch after epoch."""
+    """The training job's batches of one model's preprocessing, from the job's own wiring (job.run_batches: dataset,
+    decoded cache plan, sampler, DataLoader and DeviceBatches, as a single-process job); `epochs` yields them epoch
+    after epoch."""
 
     def __init__(self, hp: config.Hyperparameters, split: splits.Split, prep, device: torch.device,
                  memory_format: torch.memory_format):
-        self.dataset = data.ImageDataset(split.samples, data.train_transform(prep, hp.augment, hp.random_erase,
-                                                                             uint8=True), prep.resize_size)
-        data.plan_decoded_cache(hp.decoded_cache, hp.decoded_cache_memory, {"train": self.dataset},
-                                threads=max(1, data.cpus() // data.host_processes()))
-        self.sampler = rank_sampler(len(self.dataset), hp.seed, SINGLE, per_host_shard=False)
-        settings = job.LoaderSettings.from_hyperparameters(hp)
-        self.workers = settings.workers()
-        self.batches = data.DeviceBatches(settings.loader(self.dataset, hp.batch_size, sampler=self.sampler),
-                                          data.Normalise(prep.mean, prep.std, device, memory_format))
+        batches = job.run_batches(hp, {"train": split}, prep, device, SINGLE, hp.batch_size, per_host_shard=False,
+                                  memory_format=memory_format)
+        self.sampler, self.batches = batches.sampler, batches.train
+        self.dataset = batches.train.dataset
+        self.workers = job.LoaderSettings.from_hyperparameters(hp).workers()
         self.epoch = 0
 
     def fill_cache(self) -> dict:

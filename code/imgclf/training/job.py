@@ -18,6 +18,7 @@ import logging
 import random
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +53,7 @@ from imgclf.training.loop import (
 from imgclf.training.metrics import epoch_line, epoch_record, metrics_line
 from imgclf.training.mixing import BatchMix
 from imgclf.training.sampling import (
+    EpochSampler,
     check_class_coverage,
     host_shard_splits,
     rank_sampler,
@@ -133,6 +135,46 @@ def build_model(hp: Hyperparameters, paths: Paths, num_classes: int,
     return model.to(device), head, prep
 
 
+@dataclass
+class RunBatches:
+    """A run's data as the loop reads it: the training sampler and batches, the evaluation splits' batches, and
+    `loader` (an ImageDataset -> this run's DataLoader) for the frozen-feature cache."""
+    sampler: EpochSampler
+    train: data.DeviceBatches
+    evaluation: dict[str, data.DeviceBatches]
+    loader: Callable[[data.ImageDataset], torch.utils.data.DataLoader]
+
+
+def run_batches(hp: Hyperparameters, splits: dict[str, splits.Split], prep: Preprocessing, device: torch.device,
+                dist: Context, rank_batch: int, per_host_shard: bool,
+                memory_format: torch.memory_format = torch.preserve_format) -> RunBatches:
+    """The datasets, decoded-cache plan, sampler and DataLoaders of a run (scripts/bench/gpu.py --real-data feeds
+    its step from this too)."""
+    draft = prep.resize_size
+    loaders = LoaderSettings.from_hyperparameters(hp)
+    # The ranks split the whole train split, or with per-host shards (ShardedByS3Key) their host's shard.
+    sampler = rank_sampler(len(splits["train"].samples), hp.seed, dist, per_host_shard)
+    # Workers send uint8 images; the float work happens on the device, for training and evaluation alike.
+    train_set = data.ImageDataset(splits["train"].samples,
+                                  data.train_transform(prep, hp.augment, hp.random_erase, uint8=True), draft)
+    eval_sets = {name: data.ImageDataset(dist.shard(s.samples), data.eval_transform(prep, uint8=True), draft)
+                 for name, s in splits.items() if name != "train"}
+    # valid too (every epoch reads it); test is read once: decoding it ahead would save nothing. The one pass that
+    # decodes runs on this process's share of the host's CPUs.
+    data.plan_decoded_cache(hp.decoded_cache, hp.decoded_cache_memory,
+                            {name: dataset for name, dataset in {"train": train_set, **eval_sets}.items()
+                             if name != "test"},
+                            threads=max(1, data.cpus() // data.host_processes()))
+    normalise = data.Normalise(prep.mean, prep.std, device, memory_format)
+
+    def loader(dataset: data.ImageDataset, **kwargs) -> torch.utils.data.DataLoader:
+        return loaders.loader(dataset, rank_batch, **kwargs)
+
+    return RunBatches(sampler, data.DeviceBatches(loader(train_set, sampler=sampler), normalise),
+                      {name: data.DeviceBatches(loader(dataset), normalise) for name, dataset in eval_sets.items()},
+                      loader)
+
+
 def build_setup(hp: Hyperparameters, paths: Paths, splits: dict[str, splits.Split], device: torch.device,
                 dbg: Debugger, dist: Context) -> Setup:
     """Model, speed settings, optimizer, loaders and feature cache of a run (seeded: every rank the same)."""
@@ -148,36 +190,19 @@ def build_setup(hp: Hyperparameters, paths: Paths, splits: dict[str, splits.Spli
                                                        hp.layer_decay), device)
     dbg.attach(model, optimizer)  # debugging: init-scale, layer statistics
 
-    draft = prep.resize_size
-    loaders = LoaderSettings.from_hyperparameters(hp)
     rank_batch = rank_batch_size(hp, dist)
-    # The ranks split the whole train split, or with per-host shards (ShardedByS3Key) their host's shard.
-    sampler = rank_sampler(len(splits["train"].samples), hp.seed, dist, train_is_sharded(paths.sharded))
-    # Workers send uint8 images; the float work happens on the device, for training and evaluation alike.
-    train_set = data.ImageDataset(splits["train"].samples,
-                                  data.train_transform(prep, hp.augment, hp.random_erase, uint8=True), draft)
-    eval_sets = {name: data.ImageDataset(dist.shard(s.samples), data.eval_transform(prep, uint8=True), draft)
-                 for name, s in splits.items() if name != "train"}
-    # valid too (every epoch reads it); test is read once: decoding it ahead would save nothing. The one pass that
-    # decodes runs on this process's share of the host's CPUs.
-    data.plan_decoded_cache(hp.decoded_cache, hp.decoded_cache_memory,
-                            {"train": train_set, "valid": eval_sets["valid"]},
-                            threads=max(1, data.cpus() // data.host_processes()))
-    normalise = data.Normalise(prep.mean, prep.std, device,
-                               torch.channels_last if speed.channels_last else torch.preserve_format)
-    eval_loaders = {name: data.DeviceBatches(loaders.loader(dataset, rank_batch), normalise)
-                    for name, dataset in eval_sets.items()}
+    batches = run_batches(hp, splits, prep, device, dist, rank_batch, train_is_sharded(paths.sharded),
+                          torch.channels_last if speed.channels_last else torch.preserve_format)
     # Every rank extracts the features of all images, then trains the head on its shard (same sampler).
-    cache = FrozenFeatures(should_cache(hp), model, head, speed, splits, sampler,
-                           lambda ds: loaders.loader(ds, rank_batch), rank_batch, prep, watch=dbg,
-                           log_interval=hp.log_interval if dist.is_main else 0)
-    train_loader = data.DeviceBatches(loaders.loader(train_set, rank_batch, sampler=sampler), normalise)
-    steps_per_epoch = schedule.optimizer_steps(len(train_loader), hp.accumulate_steps)
+    cache = FrozenFeatures(should_cache(hp), model, head, speed, splits, batches.sampler, batches.loader, rank_batch,
+                           prep, watch=dbg, log_interval=hp.log_interval if dist.is_main else 0)
+    steps_per_epoch = schedule.optimizer_steps(len(batches.train), hp.accumulate_steps)
     return Setup(
         hp=hp, model=model, head=head, optimizer=optimizer,
         scheduler=schedule.make_scheduler(hp, optimizer, steps_per_epoch),
         criterion=nn.CrossEntropyLoss(label_smoothing=hp.label_smoothing), speed=speed, device=device, dist=dist,
-        dbg=dbg, sampler=sampler, rank_batch=rank_batch, train_loader=train_loader, eval_loaders=eval_loaders,
+        dbg=dbg, sampler=batches.sampler, rank_batch=rank_batch, train_loader=batches.train,
+        eval_loaders=batches.evaluation,
         cache=cache, classes=classes, fingerprint=checkpoint.fingerprint(hp, classes),
         checkpoints=paths.checkpoints, stop=StopFlag(), preprocessing=prep,
         ema=ema.averaged(model, hp.model_ema_decay) if hp.model_ema else None,
