@@ -74,6 +74,11 @@ def cases() -> dict[str, tuple[bytes, bool, int]]:
         "garbage_request_line": (b"\x16\x03\x01\x02\x00 hello\r\n\r\n", True, 400),
         "huge_head": (b"GET /ping HTTP/1.1\r\nX-Pad: " + b"a" * 70_000 + b"\r\n\r\n", True, 431),
         "space_before_colon": (b"GET /ping HTTP/1.1\r\nContent-Length : 5\r\n\r\n", True, 400),
+        # heads the model server's HTTP decoder or the relay (http.client) would refuse: the front answers them
+        "head_over_8k": (b"GET /ping HTTP/1.1\r\nX-Pad: " + b"a" * 9000 + b"\r\n\r\n", True, 431),
+        "bare_cr_in_header_value": (post(png(8, 8), x_foo="a\rb"), True, 400),
+        "nul_in_header_value": (post(png(8, 8), x_foo="a\x00b"), True, 400),
+        "non_ascii_header_name": (post(png(8, 8)).replace(b"Host:", b"X-\xe9: v\r\nHost:", 1), True, 400),
     }
 
 

@@ -8,6 +8,7 @@ evaluation did: architecture, class names in index order, image size, resize siz
 from __future__ import annotations
 
 import json
+import math
 import os
 import tarfile
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from imgclf import atomic
 from imgclf.errors import WeightsError
+from imgclf.preprocessing import CROP_MODES, CROP_PCTS, INTERPOLATIONS, MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
 
 if TYPE_CHECKING:  # torch is imported where weights are read or written: the slim serving image has none
     from torch import nn
@@ -50,19 +52,63 @@ def save_model(model_dir: str | os.PathLike, model: nn.Module, config: dict) -> 
 
 
 def read_config(model_dir: str | os.PathLike) -> dict:
+    """config.json, checked field by field (WeightsError naming the field): every model artifact is untrusted."""
     path = Path(model_dir) / CONFIG_FILE
     try:
-        config = json.loads(path.read_text())
+        config = json.loads(path.read_bytes())
     except FileNotFoundError:
         raise WeightsError(f"{path} is missing: the model directory must be a training output "
                            f"({CONFIG_FILE} + {WEIGHTS_FILE}) or model.tar.gz extracted") from None
-    except json.JSONDecodeError as e:
-        raise WeightsError(f"{path} is not valid JSON ({e})") from None
+    except OSError as e:
+        raise WeightsError(f"cannot read {path} ({e.strerror or e})") from None
+    except RecursionError:
+        raise WeightsError(f"{path} is not the config.json training writes (JSON nested too deeply)") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise WeightsError(f"{path} is not valid JSON ({str(e)[:200]})") from None
+    if not isinstance(config, dict):
+        raise WeightsError(f"{path} is not the config.json training writes (a JSON object)")
     required = ("architecture", "class_names", "image_size", "resize_size", "mean", "std")
     missing = [k for k in required if k not in config]
     if missing:
         raise WeightsError(f"{path} lacks {', '.join(missing)}; retrain with this version of the training code")
+    problems = config_problems(config)
+    if problems:
+        raise WeightsError(f"{path} is not usable: {'; '.join(problems)}. Use the config.json that training (or "
+                           "python -m imgclf.export) wrote beside the weights")
     return config
+
+
+def config_problems(config: dict) -> list[str]:
+    """What is wrong with config.json's fields (types and bounds: serving sizes its buffers from them)."""
+    def number(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+    problems = []
+    names = config["class_names"]
+    if not isinstance(config["architecture"], str) or not config["architecture"]:
+        problems.append(f"architecture {str(config['architecture'])[:50]!r} is not a model name")
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
+        problems.append("class_names must be a list of class folder names, in index order")
+    elif len(set(names)) != len(names):
+        problems.append("class_names repeats a name")
+    size, crop_pct = config["image_size"], config.get("crop_pct")
+    if isinstance(size, bool) or not isinstance(size, int) or not MIN_IMAGE_SIZE <= size <= MAX_IMAGE_SIZE:
+        problems.append(f"image_size {str(size)[:20]} is not a side of {MIN_IMAGE_SIZE}-{MAX_IMAGE_SIZE} pixels")
+    if crop_pct is not None and not (number(crop_pct) and CROP_PCTS[0] <= crop_pct <= CROP_PCTS[1]):
+        problems.append(f"crop_pct {str(crop_pct)[:20]} is not a ratio of {CROP_PCTS[0]}-{CROP_PCTS[1]}")
+    for key in ("mean", "std"):
+        values = config[key]
+        if not (isinstance(values, list) and len(values) == 3 and all(number(v) for v in values)) or (
+                key == "std" and min(values) <= 0):
+            problems.append(f"{key} {str(values)[:60]} is not 3 numbers (one per RGB channel"
+                            f"{', each above 0' if key == 'std' else ''})")
+    for key, choices in (("interpolation", INTERPOLATIONS), ("crop_mode", CROP_MODES)):
+        if key in config and config[key] not in choices:
+            problems.append(f"{key} {str(config[key])[:20]!r} is not one of {', '.join(choices)}")
+    exported = config.get("onnx")
+    if exported is not None and not (isinstance(exported, dict) and isinstance(exported.get("int8") or {}, dict)):
+        problems.append("onnx is not the export's record (a JSON object)")
+    return problems
 
 
 def load_model(model_dir: str | os.PathLike) -> tuple[nn.Module, dict]:

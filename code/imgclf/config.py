@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
 from imgclf.errors import HyperparameterError
+from imgclf.preprocessing import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
 
 FreezeMode = Literal["head", "none", "head-then-all"]
 OptimizerName = Literal["adam", "adamw", "sgd"]
@@ -30,7 +31,6 @@ SCHEDULERS: tuple[str, ...] = get_args(SchedulerName)
 AMP_MODES: tuple[str, ...] = get_args(AmpMode)
 AUTO_ON_OFF: tuple[str, ...] = get_args(AutoOnOff)
 AUGMENTS: tuple[str, ...] = get_args(AugmentMode)
-MIN_IMAGE_SIZE = 16
 TIMM_PREFIX = "timm/"  # model=timm/<name>[.<tag>]: a timm model (imgclf.models)
 
 # The rule catalogue's names, in its order: imgclf.debugging.rules.RULES, which refuses to load unless it has a class
@@ -98,7 +98,7 @@ SCHEMA: tuple[Param, ...] = (
     Param("accumulate-steps", int, 1, "batches whose gradients add up before each optimizer step: a batch-size x N "
           "batch in the memory of one", min=1, max=1024),
     Param("image-size", int, 0, "side of the square crop the model sees (pixels); 0 = the model's own: timm's "
-          "data config for timm/ models, 224 for torchvision models", min=0, max=1024),
+          "data config for timm/ models, 224 for torchvision models", min=0, max=MAX_IMAGE_SIZE),
     Param("augment", str, "auto", "training-split augmentation: flip = random resized crop + horizontal flip; "
           "trivialaugment / randaugment = that, then torchvision's TrivialAugmentWide / RandAugment; none; auto = "
           "none with freeze=head (the backbone's features are then cached: epochs after the first take "

@@ -25,6 +25,10 @@ PIL_FILTERS = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling
                "hamming": Image.Resampling.HAMMING, "lanczos": Image.Resampling.LANCZOS}
 INTERPOLATIONS = tuple(PIL_FILTERS)
 CROP_MODES = ("center", "squash")
+# The sizes a model may have (timm's largest pretrained input is 1024) and the crop_pct bounds (timm's lie in
+# 0.875-1.15): config.json is refused outside them, since serving sizes its buffers from these values.
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 16, 1024
+CROP_PCTS = (0.5, 2.0)
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

@@ -25,7 +25,8 @@ RENAMED = ["101.Alpha", "102.Bravo", "103.Charlie", "104.Delta", "105.Echo"]
 @pytest.fixture(scope="module")
 def store(trained, tmp_path_factory):
     """The model store: a = the session's trained model; b = the same graph with other class names; c = a
-    copy; bad = a folder whose config.json is not a training output."""
+    copy; bad = a folder whose config.json is not a training output; huge and more_names = config.json files that
+    do not fit the graph (an image size that would exhaust memory, more class names than outputs)."""
     root = tmp_path_factory.mktemp("models")
     shutil.copytree(trained[0] / "model", root / "a")
     shutil.copytree(trained[0] / "model", root / "b")
@@ -35,6 +36,9 @@ def store(trained, tmp_path_factory):
     shutil.copytree(trained[0] / "model", root / "c")
     (root / "bad").mkdir()
     (root / "bad/config.json").write_text('{"architecture": "resnet18"}')
+    for name, change in (("huge", {"image_size": 100_000}), ("more_names", {"class_names": RENAMED + ["106.Fox"]})):
+        shutil.copytree(trained[0] / "model", root / name)  # serving would size its buffers from image_size
+        (root / name / "config.json").write_text(json.dumps({**config, **change}))
     return root
 
 
@@ -119,6 +123,10 @@ def test_a_model_that_cannot_load_is_refused_with_the_reason(endpoint, store):
         assert refused.status_code == 400 and said in refused.json()["message"], refused.text
     missing = load(url, "x", "nowhere")
     assert missing.status_code == 404 and "no such folder" in missing.json()["message"]
+    for folder, said in (("huge", "image_size 100000 is not a side of 16-1024 pixels"),
+                         ("more_names", "config.json lists 6 class_names")):
+        refused = load(url, folder, folder)
+        assert refused.status_code == 400 and said in refused.json()["message"], refused.text
 
 
 def test_only_sagemakers_multi_model_calls_are_answered(endpoint):

@@ -71,7 +71,7 @@ def model_tree(trained, tmp_path: Path) -> Path:
 @pytest.mark.parametrize("env, reason", [
     ({"IMGCLF_SERVE_DTYPE": "float8"}, "IMGCLF_SERVE_DTYPE='float8'"),
     ({"SAGEMAKER_MODEL_SERVER_TIMEOUT": "soon"}, "SAGEMAKER_MODEL_SERVER_TIMEOUT='soon' is not an integer"),
-    ({"SAGEMAKER_MODEL_SERVER_WORKERS": "-1"}, "workers must be 0"),
+    ({"SAGEMAKER_MODEL_SERVER_WORKERS": "-1"}, "SAGEMAKER_MODEL_SERVER_WORKERS=-1: must be 0-1024"),
     # A GPU demanded where ONNX Runtime has none (the CPU build): no paid GPU idles behind a healthy /ping.
     ({"IMGCLF_SERVE_DEVICE": "cuda"}, "IMGCLF_SERVE_DEVICE=cuda, but this ONNX Runtime has no CUDA execution provider"),
 ])

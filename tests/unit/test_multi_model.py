@@ -37,6 +37,15 @@ def test_load_requests_are_checked_before_anything_is_loaded(tmp_path):
         status, payload = load(m, "x", url)
         assert (status, payload["code"]) == (400, 400) and "outside the model store" in payload["message"]
     assert load(m, "x", "nowhere")[0] == 404
+    deep = b'{"model_name": "x", "url": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    assert m.answer("POST", "/models", deep)[0] == 400
+    status, payload = load(m, "x", "a\x00b")
+    assert status == 400 and "control characters" in payload["message"]
+    (tmp_path / "outside.onnx").write_bytes(b"0")
+    (m.store / "linked").mkdir()
+    (m.store / "linked/model.onnx").symlink_to(tmp_path / "outside.onnx")
+    status, payload = load(m, "x", "linked")
+    assert status == 400 and "model.onnx links outside the model folder" in payload["message"]
 
 
 def test_a_full_endpoint_answers_507_so_that_sagemaker_unloads_a_model(tmp_path):
@@ -67,6 +76,9 @@ def test_listing_pages_and_unknown_models(tmp_path):
     assert status == 200 and len(first["models"]) == PAGE_SIZE and first["nextPageToken"]
     _, rest = m.answer("GET", f"/models?next_page_token={first['nextPageToken']}", b"")
     assert [x["modelName"] for x in first["models"] + rest["models"]] == names and "nextPageToken" not in rest
+    for token in ("\u00b2", "9" * 5000, "-1", "abc"):  # only the tokens this server hands out
+        status, payload = m.answer("GET", f"/models?next_page_token={token}", b"")
+        assert status == 400 and "next_page_token" in payload["message"], token
     quoted = "/models/site-001%2Fmodel.tar.gz"
     assert m.answer("GET", quoted, b"") == (200, {"modelName": names[1], "modelUrl": "/opt/ml/models/1"})
     assert m.invoke_path(names[1]) == f"/predictions/{mms_name(names[1])}" and m.invoke_path("nope") is None

@@ -9,6 +9,7 @@ import base64
 import io
 import json
 import math
+import re
 from http import HTTPStatus
 from pathlib import Path
 
@@ -121,8 +122,15 @@ def test_settings_from_the_environment_and_their_checks():
         ServingSettings.from_environment({"IMGCLF_TOP_K": "three"})
     with pytest.raises(SettingsError, match="IMGCLF_SERVE_DTYPE='fp8'"):
         ServingSettings.from_environment({"IMGCLF_SERVE_DTYPE": "fp8"})
-    with pytest.raises(SettingsError, match="top_k=0"):
+    with pytest.raises(SettingsError, match="IMGCLF_TOP_K=0: must be at least 1"):
         ServingSettings(top_k=0)
+    # multi-model-server reads its numbers as Java ints; SageMaker's payloads stop at 1 GB (asynchronous inference)
+    for variable, value, said in (("IMGCLF_BATCH_SIZE", "99999999999", "must be 0-1024"),
+                                  ("SAGEMAKER_MODEL_SERVER_TIMEOUT", "99999999999", "must be 1-3600 (seconds)"),
+                                  ("SAGEMAKER_MAX_PAYLOAD_IN_MB", "1025", "must be 1-1024 (MB)")):
+        with pytest.raises(SettingsError, match=re.escape(f"{variable}={value}: {said}")):
+            ServingSettings.from_environment({variable: value})
+    assert ServingSettings.from_environment({"SAGEMAKER_MAX_PAYLOAD_IN_MB": "1024"}).max_payload_bytes == 1024 * MB
     with pytest.raises(Exception, match="cannot assign"):
         got.top_k = 4  # frozen
 

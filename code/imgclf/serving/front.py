@@ -13,7 +13,7 @@ GET /ping, GET and POST /models, GET and DELETE /models/<name>, POST /models/<na
 imgclf.serving.multi_model; an invoke is relayed to MMS); MMS's management API still answers nothing here.
 
 It reads each request whole before relaying it, within limits checked before anything is allocated: the head
-(64 KiB, IDLE timeout to arrive), the body (Content-Length required, at most the payload limit, BODY timeout to
+(MAX_HEAD_BYTES, IDLE timeout to arrive), the body (Content-Length required, at most the payload limit, BODY timeout to
 arrive; chunked bodies get 411, a bad Content-Length 400), the connections (MAX_CONNECTIONS, then 503) and the
 requests held at once (their bodies' memory). asyncio, so a slow or idle client costs a socket, not a thread.
 Every refusal is a JSON body in the shape of MMS's errors: {"code": 413, "type": "...", "message": "..."}.
@@ -32,6 +32,7 @@ import http.client
 import json
 import logging
 import os
+import re
 import threading
 import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
@@ -45,7 +46,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MAX_HEAD_BYTES = 64 * 1024
+# multi-model-server's HTTP decoder (Netty's defaults) answers a bare 400 to heads over 8 KiB: the front refuses
+# them itself, leaving room for the headers the relay sets.
+MAX_HEAD_BYTES = 8 * 1024 - 512
+READ_LIMIT = 64 * 1024  # the connection's read buffer (asyncio's flow control), not a request limit
+# RFC 9110: a header name is a token; a value holds no control characters but tab (http.client refuses them too).
+HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9a-zA-Z-]+")
+BAD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 ROUTES = {"/ping": "GET", "/invocations": "POST"}
 BATCH_ROUTE = "/execution-parameters"
 # Hop-by-hop headers and those the relay sets itself are not passed on.
@@ -132,7 +139,7 @@ class Front:
         try:
             self._slots = asyncio.Semaphore(self.limits.max_requests)
             self._server = self._loop.run_until_complete(asyncio.start_server(
-                self._connection, self.host, self.port, limit=MAX_HEAD_BYTES, backlog=1024))
+                self._connection, self.host, self.port, limit=READ_LIMIT, backlog=1024))
         except OSError as e:
             self._error = e
             self._started.set()
@@ -194,11 +201,15 @@ class Front:
             return False
         except asyncio.LimitOverrunError:
             await self._refuse(writer, Refused(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
-                                               f"request head over {MAX_HEAD_BYTES} bytes"))
+                                               f"request head over {MAX_HEAD_BYTES} bytes: send shorter or fewer "
+                                               "headers"))
             return False
         except TimeoutError:
             return False  # idle keep-alive, or a client that never sent a whole head
         try:
+            if len(head) > MAX_HEAD_BYTES:
+                raise Refused(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, f"request head of {len(head)} bytes is over "
+                              f"{MAX_HEAD_BYTES}: send shorter or fewer headers")
             method, path, version, headers = parse_head(head)
             keep_alive = version == "HTTP/1.1" and headers.get("connection", "").lower() != "close"
             length = self._route(method, path, headers)
@@ -221,7 +232,12 @@ class Front:
                 await self._refuse(writer, Refused(HTTPStatus.REQUEST_TIMEOUT, f"the {length} byte body did not "
                                                    f"arrive within {self.limits.body_timeout:g} s"))
                 return False
-            status, answer_headers, answer = await self._answer_for(method, path, headers, body)
+            try:
+                status, answer_headers, answer = await self._answer_for(method, path, headers, body)
+            except Exception as e:  # a bug: the client still gets an answer, and the log the traceback
+                log.exception("%s %s failed", method, path[:200])
+                status, answer_headers = 500, {"Content-Type": "application/json"}
+                answer = error_body(500, f"internal error ({type(e).__name__}); retry, and report it if it persists")
         finally:
             self._slots.release()
         await self._answer(writer, status, answer, answer_headers, close=not keep_alive)
@@ -319,6 +335,9 @@ class Front:
                 self._drop()
                 return 503, {"Content-Type": "application/json"}, error_body(
                     503, f"the model server is not answering ({e}); retry")
+            except Exception:  # anything else leaves the connection mid-request: never reuse it
+                self._drop()
+                raise
         raise AssertionError("unreachable")
 
     def _drop(self) -> None:
@@ -356,9 +375,11 @@ def parse_head(head: bytes) -> tuple[str, str, str, dict[str, str]]:
     for line in header_lines:
         raw, sep, value = line.partition(":")
         name = raw.lower()
-        if not sep or not name or name != name.strip() or " " in name or "\t" in name:  # no space before ':'
+        if not sep or not HEADER_NAME.fullmatch(name):  # no space before ':', no control or non-ASCII byte
             raise Refused(HTTPStatus.BAD_REQUEST, f"malformed header line {line[:100]!r}")
-        value = value.strip()
+        value = value.strip(" \t")
+        if BAD_VALUE.search(value):
+            raise Refused(HTTPStatus.BAD_REQUEST, f"header {raw[:100]!r}: its value holds a control character")
         if name == "content-length" and name in headers and headers[name] != value:
             raise Refused(HTTPStatus.BAD_REQUEST, "two different Content-Length headers")
         headers[name] = f"{headers[name]}, {value}" if name in headers and name != "content-length" else value

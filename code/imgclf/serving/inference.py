@@ -300,8 +300,11 @@ def decode(image: bytes, draft_size: int, where: str = "image", settings: Servin
                                    "send fewer or smaller images per request")
             budget[0] -= pixels
         return load_rgb(io.BytesIO(image), draft_size=draft_size)
-    except Image.DecompressionBombError as e:
-        raise RequestError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"{where}: {e}") from None
+    except Image.DecompressionBombError as e:  # PIL's own refusal, at twice the limit, before check_shape
+        counted = re.search(r"\((\d+) pixels\)", str(e))
+        raise RequestError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                           f"{where}: {counted[1] + ' pixels' if counted else 'the image'} is over the limit of "
+                           f"{settings.max_image_pixels} (IMGCLF_MAX_IMAGE_PIXELS); downscale it") from None
     except RequestError:
         raise
     except Exception as e:  # PIL raises many types for bad bytes (UnidentifiedImageError, OSError, SyntaxError...)
@@ -334,6 +337,11 @@ def model_inputs(request: ImageRequest, model: ServingModel) -> np.ndarray:
 def prediction_of(logits: np.ndarray, request: ImageRequest, model: ServingModel) -> Prediction:
     """A request's rows of the network's output -> its class probabilities."""
     logits = logits.astype(np.float32)
+    if logits.ndim != 2 or logits.shape[1] != len(model.class_names):  # refused at load: warm_up runs this
+        raise RequestError(HTTPStatus.INTERNAL_SERVER_ERROR,
+                           f"the network gives outputs of shape {logits.shape} for {len(logits)} image(s), but "
+                           f"config.json lists {len(model.class_names)} class_names: serve the config.json written "
+                           "with these weights")
     if not np.isfinite(logits).all():  # never NaN in a response (not JSON either)
         raise RequestError(HTTPStatus.INTERNAL_SERVER_ERROR,
                            "the model's outputs are not finite (NaN or infinity): it diverged in training; retrain "

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import shutil
 import threading
 import urllib.parse
@@ -103,7 +104,10 @@ class Models:
 
     def page(self, query: str) -> dict:
         token = urllib.parse.parse_qs(query).get("next_page_token", ["0"])[0]
-        start = int(token) if token.isdigit() else 0
+        if not re.fullmatch(r"[0-9]{1,9}", token):
+            raise Answer(HTTPStatus.BAD_REQUEST, f"next_page_token {token[:20]!r}: give the nextPageToken of the "
+                         "previous answer")
+        start = int(token)
         with self._lock:
             models = sorted(self._models.values(), key=lambda m: m.name)
         shown = models[start:start + PAGE_SIZE]
@@ -167,17 +171,24 @@ class Models:
         example = 'send {"model_name": "<name>", "url": "<folder under ' + str(self.store) + '>"}'
         try:
             request = json.loads(body)
-        except ValueError:
-            raise Answer(HTTPStatus.BAD_REQUEST, f"the body is not JSON: {example}") from None
+        except (ValueError, RecursionError):  # not JSON, not UTF-8, or nested too deeply
+            raise Answer(HTTPStatus.BAD_REQUEST, f"the body is not JSON, or nested too deeply: {example}") from None
         name, url = (request.get("model_name"), request.get("url")) if isinstance(request, dict) else (None, None)
         if not isinstance(name, str) or not isinstance(url, str) or not name or len(name) > MAX_NAME \
                 or not name.isprintable():
             raise Answer(HTTPStatus.BAD_REQUEST, f"model_name (1-{MAX_NAME} printable characters) and url: {example}")
+        if not url.isprintable():
+            raise Answer(HTTPStatus.BAD_REQUEST, f"url {url[:200]!r} holds control characters: {example}")
         folder = (self.store / url).resolve()  # an absolute url stays itself
         if not folder.is_relative_to(self.store.resolve()):
             raise Answer(HTTPStatus.BAD_REQUEST, f"url {url!r} is outside the model store {self.store}: {example}")
         if not folder.is_dir():
             raise Answer(HTTPStatus.NOT_FOUND, f"url {url!r}: no such folder")
+        # Links inside the folder must stay inside it: the model reads only its own files.
+        outside = [p for p in folder.rglob("*") if p.is_symlink() and not p.resolve().is_relative_to(folder)]
+        if outside:
+            raise Answer(HTTPStatus.BAD_REQUEST, f"url {url!r}: {outside[0].relative_to(folder)} links outside the "
+                         "model folder; a model holds its own files")
         return name, folder
 
     def _check_memory(self, folder: Path) -> None:

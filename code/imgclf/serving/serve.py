@@ -69,7 +69,7 @@ class Signals:
 def read_port() -> int | None:
     """SAGEMAKER_BIND_TO_PORT (8080), or None once the error is printed."""
     port_text = os.environ.get("SAGEMAKER_BIND_TO_PORT", "8080")
-    if not port_text.isdigit() or not 0 < int(port_text) <= MAX_PORT:
+    if not (port_text.isascii() and port_text.isdigit()) or not 0 < int(port_text) <= MAX_PORT:
         print(f"SAGEMAKER_BIND_TO_PORT={port_text!r}: multi-model-server takes ports 1-{MAX_PORT}", file=sys.stderr)
         return None
     return int(port_text)

@@ -52,6 +52,32 @@ MB = 1024 * 1024
 
 
 GPU_BATCH_SIZE = 16  # IMGCLF_BATCH_SIZE's default on a GPU: one request rarely fills it
+JAVA_INT_MAX = 2**31 - 1  # what multi-model-server (Java) reads its numbers into
+# Each integer setting's variable and (lowest, highest or None) value: multi-model-server takes its numbers as Java
+# ints, SageMaker's invocations last at most an hour and carry at most 1 GB (asynchronous inference).
+VARIABLES = {
+    "top_k": "IMGCLF_TOP_K", "max_image_pixels": "IMGCLF_MAX_IMAGE_PIXELS",
+    "max_request_pixels": "IMGCLF_MAX_REQUEST_PIXELS", "max_aspect_ratio": "IMGCLF_MAX_ASPECT_RATIO",
+    "max_images": "IMGCLF_MAX_IMAGES", "max_payload_bytes": PAYLOAD_ENV, "torch_threads": "IMGCLF_TORCH_THREADS",
+    "workers": "SAGEMAKER_MODEL_SERVER_WORKERS", "batch_size": "IMGCLF_BATCH_SIZE",
+    "max_batch_delay_ms": "IMGCLF_MAX_BATCH_DELAY_MS", "model_server_timeout": "SAGEMAKER_MODEL_SERVER_TIMEOUT",
+    "unhealthy_after_s": "IMGCLF_UNHEALTHY_AFTER_S", "body_timeout_s": "IMGCLF_BODY_TIMEOUT_S",
+    "idle_timeout_s": "IMGCLF_IDLE_TIMEOUT_S", "max_connections": "IMGCLF_MAX_CONNECTIONS",
+    "max_models": "IMGCLF_MAX_MODELS", "min_free_memory_mb": "IMGCLF_MIN_FREE_MEMORY_MB",
+}
+DAY = 86_400
+BOUNDS = {
+    "top_k": (1, None), "max_image_pixels": (1, None), "max_request_pixels": (1, None),
+    "max_aspect_ratio": (1, None), "max_images": (1, 100_000), "max_payload_bytes": (1, 1024 * MB),
+    "torch_threads": (0, 1024), "workers": (0, 1024), "batch_size": (0, 1024), "max_batch_delay_ms": (0, 10_000),
+    "model_server_timeout": (1, 3600), "unhealthy_after_s": (1, DAY), "body_timeout_s": (1, DAY),
+    "idle_timeout_s": (1, DAY), "max_connections": (1, 1_000_000), "max_models": (0, 100_000),
+    "min_free_memory_mb": (0, None),
+}
+UNITS = {"max_payload_bytes": " (MB)", "max_batch_delay_ms": " (milliseconds)", "model_server_timeout": " (seconds)",
+         "unhealthy_after_s": " (seconds)", "body_timeout_s": " (seconds)", "idle_timeout_s": " (seconds)",
+         "torch_threads": " (0: automatic)", "workers": " (0: automatic)", "batch_size": " (0: automatic)",
+         "max_models": " (0: no limit)"}
 
 
 class SettingsError(UserError):
@@ -82,17 +108,13 @@ class ServingSettings:
     min_free_memory_mb: int = 512
 
     def __post_init__(self) -> None:
-        for name in ("top_k", "max_image_pixels", "max_request_pixels", "max_aspect_ratio", "max_images",
-                     "max_payload_bytes", "model_server_timeout", "unhealthy_after_s", "body_timeout_s",
-                     "idle_timeout_s", "max_connections"):
-            if getattr(self, name) < 1:
-                raise SettingsError(f"serving setting {name}={getattr(self, name)}: must be at least 1")
-        if self.torch_threads < 0 or self.workers < 0 or self.batch_size < 0:
-            raise SettingsError("serving settings torch_threads, batch_size and workers must be 0 (automatic) or more")
-        if not 0 <= self.max_batch_delay_ms <= 10_000:
-            raise SettingsError(f"IMGCLF_MAX_BATCH_DELAY_MS={self.max_batch_delay_ms}: must be 0-10000 (milliseconds)")
-        if self.max_models < 0 or self.min_free_memory_mb < 0:
-            raise SettingsError("IMGCLF_MAX_MODELS and IMGCLF_MIN_FREE_MEMORY_MB must be 0 or more")
+        for name, (lowest, highest) in BOUNDS.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not lowest <= value <= (highest or value):
+                unit = MB if name == "max_payload_bytes" else 1  # the variable counts MB
+                shown = repr(value) if not isinstance(value, int) else value if unit == 1 else f"{value / unit:g}"
+                allowed = f"{-(-lowest // unit)}-{highest // unit}" if highest else f"at least {lowest}"
+                raise SettingsError(f"{VARIABLES[name]}={shown}: must be {allowed}{UNITS.get(name, '')}")
         if self.dtype not in DTYPES:
             raise SettingsError(f"IMGCLF_SERVE_DTYPE={self.dtype!r}: use {' or '.join(DTYPES)}")
         if self.device not in DEVICES:
@@ -103,28 +125,15 @@ class ServingSettings:
         """The documented variables (module docstring); unset or empty ones take the defaults."""
         env = os.environ if environ is None else environ
         default = cls()
+        ints = {name: _int(env, variable, getattr(default, name)) for name, variable in VARIABLES.items()}
+        ints["max_payload_bytes"] = _int(env, PAYLOAD_ENV, default.max_payload_bytes // MB) * MB
+        ints["model_server_timeout"] = _int(env, "SAGEMAKER_MODEL_SERVER_TIMEOUT_SECONDS",
+                                            ints["model_server_timeout"])  # the toolkit's name wins
         return cls(
-            top_k=_int(env, "IMGCLF_TOP_K", default.top_k),
-            max_image_pixels=_int(env, "IMGCLF_MAX_IMAGE_PIXELS", default.max_image_pixels),
-            max_request_pixels=_int(env, "IMGCLF_MAX_REQUEST_PIXELS", default.max_request_pixels),
-            max_aspect_ratio=_int(env, "IMGCLF_MAX_ASPECT_RATIO", default.max_aspect_ratio),
-            max_images=_int(env, "IMGCLF_MAX_IMAGES", default.max_images),
-            max_payload_bytes=_int(env, PAYLOAD_ENV, default.max_payload_bytes // MB) * MB,
             dtype=env.get("IMGCLF_SERVE_DTYPE", "").strip().lower() or default.dtype,
             device=env.get("IMGCLF_SERVE_DEVICE", "").strip().lower() or default.device,
-            torch_threads=_int(env, "IMGCLF_TORCH_THREADS", default.torch_threads),
-            workers=_int(env, "SAGEMAKER_MODEL_SERVER_WORKERS", default.workers),
-            batch_size=_int(env, "IMGCLF_BATCH_SIZE", default.batch_size),
-            max_batch_delay_ms=_int(env, "IMGCLF_MAX_BATCH_DELAY_MS", default.max_batch_delay_ms),
-            model_server_timeout=_int(env, "SAGEMAKER_MODEL_SERVER_TIMEOUT_SECONDS", _int(
-                env, "SAGEMAKER_MODEL_SERVER_TIMEOUT", default.model_server_timeout)),
-            unhealthy_after_s=_int(env, "IMGCLF_UNHEALTHY_AFTER_S", default.unhealthy_after_s),
-            body_timeout_s=_int(env, "IMGCLF_BODY_TIMEOUT_S", default.body_timeout_s),
-            idle_timeout_s=_int(env, "IMGCLF_IDLE_TIMEOUT_S", default.idle_timeout_s),
-            max_connections=_int(env, "IMGCLF_MAX_CONNECTIONS", default.max_connections),
             multi_model=_bool(env, "SAGEMAKER_MULTI_MODEL"),
-            max_models=_int(env, "IMGCLF_MAX_MODELS", default.max_models),
-            min_free_memory_mb=_int(env, "IMGCLF_MIN_FREE_MEMORY_MB", default.min_free_memory_mb),
+            **ints,
         )
 
     @classmethod

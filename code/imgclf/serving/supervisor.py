@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from imgclf.serving.model_server import WORKER_STATE_ENV, ModelServer
+from imgclf.serving.settings import JAVA_INT_MAX
 
 if TYPE_CHECKING:
     from imgclf.serving.front import Front
@@ -152,7 +153,7 @@ def run_model_server(front: Front, model_dir: Path | None, settings: ServingSett
     states.mkdir()
     os.environ.update({**settings.for_workers(), WORKER_STATE_ENV: str(states)})  # MMS hands them to the workers
     server = ModelServer(folder, model_dir, mms_port, management_port, HANDLER_SERVICE, settings.model_server_timeout,
-                         2 * settings.max_payload_bytes)
+                         min(2 * settings.max_payload_bytes, JAVA_INT_MAX))
     adopt(server)
 
     def unhealthy(reason: str) -> None:  # answered at once, while MMS stops
