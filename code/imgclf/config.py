@@ -9,6 +9,7 @@ snake_case (hp.batch_size). `to_dict` gives them back under the schema's names (
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -89,8 +90,8 @@ SCHEMA: tuple[Param, ...] = (
     Param("model-ema", bool, False, "keep an exponential moving average of the weights, updated every optimizer "
           "step; the average is what is validated, selected, saved, exported and served"),
     Param("model-ema-decay", float, 0.999, "with model-ema: ema = decay x ema + (1 - decay) x weights after each "
-          "step (about 1/(1 - decay) steps of memory: 0.999 for short runs, 0.9998 for ImageNet-length ones)",
-          min=0.0, max=1.0),
+          "step (about 1/(1 - decay) steps of memory: 0.999 for short runs, 0.9998 for ImageNet-length ones; 1 would "
+          "never move from the first weights)", min=0.0, max=0.99999),
     Param("drop-path", float, 0.0, "timm models: stochastic depth rate, the share of residual blocks skipped per "
           "sample in training (0.1 is usual for ViT-B or ConvNeXt-T fine-tuning)", min=0.0, max=0.9),
     Param("layer-decay", float, 1.0, "timm models: layer-wise learning-rate decay, each block down from the head "
@@ -114,7 +115,7 @@ SCHEMA: tuple[Param, ...] = (
           "images; 0 = mix to the end", min=0),
     Param("num-workers", int, -1, "DataLoader worker processes; -1 = the CPUs the job may use (its CPU affinity), "
           "shared between the host's training processes, less one each for the process itself", min=-1, max=256),
-    Param("seed", int, 42, "seed for weights of the new head, data order and augmentation", min=0),
+    Param("seed", int, 42, "seed for weights of the new head, data order and augmentation", min=0, max=2**32 - 1),
     Param("select-by", str, "accuracy", "the epoch kept: accuracy = best validation accuracy, ties broken by the "
           "lower validation loss; loss = lowest validation loss", choices=get_args(SelectBy)),
     Param("early-stopping-patience", int, 0, "stop after this many epochs without a better epoch (by select-by); "
@@ -286,9 +287,12 @@ def _coerce(param: Param, value: Any) -> Any:
         if isinstance(value, bool):
             raise bad
         try:
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
             raise bad from None
+        if not math.isfinite(number):  # NaN passes every range check
+            raise HyperparameterError(f"hyperparameter {param.name}={value!r}: expected a finite number")
+        return number
     if isinstance(value, dict | list):  # the toolkit json-decodes values: inline JSON arrives as an object
         return json.dumps(value)
     value = str(value).strip()
@@ -317,7 +321,9 @@ def parse_hyperparameters(raw: dict[str, Any]) -> Hyperparameters:
         if param.choices and value not in param.choices:
             problems.append(f"hyperparameter {name}={value!r}: choose one of {', '.join(param.choices)}")
         elif (param.min is not None and value < param.min) or (param.max is not None and value > param.max):
-            problems.append(f"hyperparameter {name}={value!r}: must be between {param.min} and {param.max}")
+            bounds = (f"between {param.min} and {param.max}" if param.min is not None and param.max is not None
+                      else f"at least {param.min}" if param.min is not None else f"at most {param.max}")
+            problems.append(f"hyperparameter {name}={value!r}: must be {bounds}")
         else:
             values[name] = value
     if problems:

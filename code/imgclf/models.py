@@ -11,6 +11,7 @@ timm is imported inside the functions that need it: a torchvision-only job or se
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -152,10 +153,17 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise WeightsError(f"cannot read weights file {path}: {type(e).__name__}: {e}. "
-                           "Give a torchvision state_dict (.pth) or a .safetensors file.") from None
+        if "Weights only load failed" in str(e):  # a pickle of more than tensors: never unpickled (it can run code)
+            raise WeightsError(f"weights file {path} is a pickle of objects, not only tensors (a whole model saved "
+                               "with torch.save(model)?): it is not loaded, since unpickling can run code; save "
+                               "model.state_dict() instead, or a .safetensors file") from None
+        said = re.sub(r"\x1b\[[0-9;]*m", "", " ".join(str(e).split()))[:300]  # one short line, no colours
+        raise WeightsError(f"cannot read weights file {path} ({type(e).__name__}: {said}): give a torchvision "
+                           "state_dict (.pth) or a .safetensors file") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
+    if isinstance(state, dict) and state and all(isinstance(k, str) and k.startswith("module.") for k in state):
+        state = {k.removeprefix("module."): v for k, v in state.items()}  # saved from DataParallel / DDP
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise WeightsError(f"weights file {path} is not a state_dict (a mapping of names to tensors)")
     return state
@@ -259,10 +267,11 @@ def load_pretrained(model: nn.Module, name: str, weights_dir: Path | None, downl
         state = {k: v for k, v in state.items() if not k.startswith(("AuxLogits.", "aux1.", "aux2."))}
     try:
         model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        first = str(e).splitlines()[0:3]
-        raise WeightsError(f"weights file {source} does not fit architecture {name}: {' '.join(first)}. "
-                           f"Give the {'timm' if is_timm(name) else 'torchvision'} weights of {name} itself.") from None
+    except RuntimeError as e:  # the hint first: SageMaker shows a failure reason's first 1,024 characters
+        detail = " ".join(str(e).split())
+        raise WeightsError(f"weights file {source} does not fit architecture {name}: give the "
+                           f"{'timm' if is_timm(name) else 'torchvision'} weights of {name} itself ({detail[:400]}"
+                           f"{'...' if len(detail) > 400 else ''})") from None
     log.info("pretrained %s weights loaded from %s", name, source)
     return source
 

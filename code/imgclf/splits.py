@@ -4,6 +4,7 @@ CLI, the upload script and the demo check data without loading torch."""
 from __future__ import annotations
 
 import logging
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +26,16 @@ def is_image_file(path: Path) -> bool:
 
 
 def image_files(folder: Path) -> list[Path]:
-    """The image files under `folder`, at any depth, sorted."""
-    return sorted(p for p in folder.rglob("*") if p.is_file() and is_image_file(p))
+    """The image files under `folder`, at any depth (linked folders too, each real folder once), sorted."""
+    found, seen = [], set()
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:  # a link loop, or a folder linked twice
+            dirs.clear()
+            continue
+        seen.add(real)
+        found += [path for name in files if is_image_file(path := Path(root) / name) and path.is_file()]
+    return sorted(found)
 
 
 @dataclass
@@ -51,6 +60,9 @@ def scan_split(name: str, root: Path) -> tuple[Split, list[str]]:
         samples.extend((f, index) for f in files)
     if class_dirs and not samples:
         problems.append(f"{name} split {root}: no images")
+    if len(class_dirs) == 1 and name == "valid":  # valid holds every class (a train shard of one host may not)
+        problems.append(f"{name} split {root}: one class folder ({class_dirs[0].name}); a classifier needs at least "
+                        "two, one folder per class")
     return Split(name, root, [p.name for p in class_dirs], samples), problems
 
 
@@ -116,10 +128,13 @@ def validate_splits(split_dirs: dict[str, Path], check_decode: bool = True, work
                     + (f"missing from {name}: {', '.join(sorted(absent)[:MAX_LISTED])}" if absent else "")
                     + ". Every split needs the same class folders."
                 )
-    if check_decode and not problems:
+    if check_decode:  # with the other problems: every one is reported at once
         paths = [p for s in splits.values() for p, _ in s.samples]
-        with ThreadPoolExecutor(max_workers=workers) as pool:  # PIL decodes without the GIL
+        pool = ThreadPoolExecutor(max_workers=workers)  # PIL decodes without the GIL
+        try:
             bad = [msg for msg in pool.map(_check_decodes, paths) if msg]
+        finally:  # a stop signal (an exception here) must not wait for the rest of the files
+            pool.shutdown(cancel_futures=True)
         if bad:
             problems.append(_listing("files that do not decode (delete or replace them)", bad))
     if problems:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shutil
 import signal
@@ -199,3 +200,58 @@ def test_killed_run_resumes_from_the_last_epoch(tmp_path, sample_dataset, capsys
     assert epochs == list(range(done + 1, 4))
     metrics = json.loads((tree / "output" / "data" / "metrics.json").read_text())
     assert [h["epoch"] for h in metrics["history"]] == [1, 2, 3]
+
+
+def test_a_checkpoint_of_other_values_or_other_images_is_refused_not_continued(tmp_path, sample_dataset):
+    """A checkpoint resumes only the run that wrote it: another lr, or other training images, is another run (it
+    would continue with the checkpoint's optimizer and stop at its epoch); values that only change how the data is
+    read or reported may change. The same run again finishes at once from its checkpoint."""
+    from imgclf.errors import CheckpointError
+
+    hps = {**TINY_HPS, "epochs": "1", "image-size": "32"}
+    train_in_process(tmp_path / "first", sample_dataset, hps)
+
+    def again(name: str, data: Path, hps: dict) -> Path:  # another run over the first one's checkpoints
+        shutil.copytree(tmp_path / "first" / "checkpoints", tmp_path / name / "checkpoints")
+        return train_in_process(tmp_path / name, data, hps)
+
+    with pytest.raises(CheckpointError, match=r"\(lr=0.001 then, 0.05 now\).*another --output"):
+        again("lr", sample_dataset, {**hps, "lr": "0.05"})
+    other = tmp_path / "other_data"
+    shutil.copytree(sample_dataset, other)
+    next((other / "train").rglob("*.jpg")).unlink()
+    with pytest.raises(CheckpointError, match="the train/valid images changed"):
+        again("data", other, hps)
+    tree = again("same", sample_dataset, {**hps, "num-workers": "1", "log-interval": "3"})
+    assert (tree / "model" / "model.safetensors").exists()
+
+
+def test_ctrl_c_checkpoints_and_fails_like_a_stop(tmp_path, sample_dataset):
+    """Ctrl-C in a terminal signals the whole process group: the job checkpoints and fails with the reason, as on
+    SIGTERM (it used to end with exit 0, no failure and no checkpoint)."""
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "imgclf.local", "train", "--data", str(sample_dataset), "--output", str(out)]
+    for key, value in {**TINY_HPS, "epochs": "20", "image-size": "32"}.items():
+        cmd += ["--hp", f"{key}={value}"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        assert "epoch=1 " in _wait_for(proc, "epoch=1 ")
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode != 0
+    assert "TrainingInterrupted: stopped by SIGINT in epoch" in (out / "failure").read_text()
+    assert torch.load(out / "checkpoints" / "checkpoint.pt", weights_only=True)["state"]["epoch"] < 20
+
+
+def test_a_last_batch_of_one_image_sits_the_epoch_out(tmp_path, sample_dataset, caplog):
+    """At small image sizes a ResNet's last feature map is 1x1, and BatchNorm cannot train on one value per
+    channel: a last batch of one image used to fail the job after a whole epoch."""
+    caplog.set_level(logging.INFO, "imgclf")
+    images = sum(1 for p in (sample_dataset / "train").rglob("*") if p.is_file())
+    hps = {**TINY_HPS, "epochs": "1", "image-size": "32", "batch-size": str(images - 1)}
+    tree = train_in_process(tmp_path, sample_dataset, hps)
+    assert (tree / "model" / "model.safetensors").exists()
+    assert "the last batch of one image is left out of each epoch" in caplog.text

@@ -6,6 +6,7 @@ resumes where it stopped and ends with the same epochs as an uninterrupted one.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import random
 from dataclasses import dataclass, field
@@ -16,13 +17,17 @@ import torch
 from imgclf import artifacts
 from imgclf.config import Hyperparameters
 from imgclf.errors import CheckpointError
+from imgclf.splits import Split
 from imgclf.training.metrics import RunningSums
 
 CHECKPOINT_FILE = "checkpoint.pt"
-# What must not change between a checkpoint and the run that resumes from it.
-FINGERPRINT_HYPERPARAMETERS = ("model", "batch-size", "optimizer", "freeze", "image-size", "seed", "lr-scheduler",
-                               "epochs", "warmup-epochs", "accumulate-steps", "model-ema", "model-ema-decay",
-                               "layer-decay")
+# Hyperparameters that may change between a checkpoint and the run that resumes from it: how fast the data is
+# read, what is logged or reported, how the model is exported. Every other one shapes the weights, and so does the
+# data: a checkpoint of other values or other images is refused, not silently continued.
+RESUME_MAY_CHANGE = ("num-workers", "prefetch-factor", "decoded-cache", "decoded-cache-memory", "compile",
+                     "channels-last", "download-weights", "log-interval", "debugging", "rules", "rules-config",
+                     "rules-stop", "collect-train-interval", "collect-eval-interval", "collect-stats-interval",
+                     "monitor-interval-ms", "profiler-steps", "profiler-start-step", "export-int8", "onnx-exporter")
 
 
 @dataclass
@@ -52,10 +57,26 @@ class State:
         self.epoch, self.batches_done, self.running = self.epoch + 1, 0, RunningSums()
 
 
-def fingerprint(hp: Hyperparameters, classes: list[str]) -> dict:
-    """Under the schema's names (batch-size, ...): the checkpoints of earlier versions hold them so."""
+def fingerprint(hp: Hyperparameters, classes: list[str], splits: dict[str, Split]) -> dict:
+    """What a checkpoint must share with the run that resumes from it: the hyperparameters (under the schema's
+    names) but RESUME_MAY_CHANGE, the classes, and a digest of the train and valid images (paths inside their
+    split and sizes: a changed dataset is another run)."""
+    images = hashlib.sha256()
+    for name in ("train", "valid"):
+        for path, label in splits[name].samples if name in splits else ():
+            images.update(f"{name}/{path.relative_to(splits[name].root)}/{path.stat().st_size}/{label}\n".encode())
     values = hp.to_dict()
-    return {"hyperparameters": {k: values[k] for k in FINGERPRINT_HYPERPARAMETERS}, "classes": classes}
+    return {"hyperparameters": {k: v for k, v in values.items() if k not in RESUME_MAY_CHANGE}, "classes": classes,
+            "images": images.hexdigest()}
+
+
+def differences(saved: dict, now: dict) -> list[str]:
+    """How a checkpoint's fingerprint differs from this run's, in words."""
+    then, hps = saved.get("hyperparameters") or {}, now["hyperparameters"]
+    said = [f"{k}={then.get(k, '(unset)')!r} then, {v!r} now" for k, v in hps.items() if then.get(k) != v]
+    said += [f"{what} changed" for key, what in (("classes", "the class folders"), ("images", "the train/valid images"))
+             if saved.get(key) != now[key]]
+    return said
 
 
 def save(folder: Path, model, optimizer, scheduler, state: State, fingerprint: dict, best: dict | None,
@@ -71,17 +92,20 @@ def save(folder: Path, model, optimizer, scheduler, state: State, fingerprint: d
 def load(folder: Path, fingerprint: dict) -> dict | None:
     """The checkpoint in `folder`, or None; CheckpointError when it is unreadable or belongs to another run."""
     path = folder / CHECKPOINT_FILE
-    if not path.is_file():
+    if not path.exists():
         return None
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"checkpoint {path} cannot be read ({e}); delete it to start afresh") from None
-    if ckpt.get("fingerprint") != fingerprint:
+    except Exception as e:  # a folder, an empty or truncated file, a pickle of other types
+        raise CheckpointError(f"checkpoint {path} cannot be read ({type(e).__name__}: {str(e)[:300]}); delete it to "
+                              "start afresh") from None
+    saved = ckpt.get("fingerprint") if isinstance(ckpt, dict) else None
+    if saved != fingerprint:
+        changed = differences(saved if isinstance(saved, dict) else {}, fingerprint)
         raise CheckpointError(
-            f"checkpoint {path} belongs to a different run ({ckpt.get('fingerprint', {}).get('hyperparameters')}"
-            f" vs now {fingerprint['hyperparameters']}, or other classes); delete it or use another "
-            "checkpoint location to start afresh"
+            f"checkpoint {path} belongs to a different run ({'; '.join(changed[:6])}"
+            f"{f'; and {len(changed) - 6} more' if len(changed) > 6 else ''}): delete it, or use another checkpoint "
+            "location (local mode: another --output), to start afresh; or run with that run's data and values"
         )
     return ckpt
 

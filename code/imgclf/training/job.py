@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import random
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -30,7 +31,7 @@ from imgclf.config import Hyperparameters
 from imgclf.debugging import classes as classes_report
 from imgclf.debugging import stop_action
 from imgclf.debugging.debugger import Debugger, DebugSettings
-from imgclf.errors import RuleStop, UserError
+from imgclf.errors import HyperparameterError, RuleStop, TrainingInterrupted, UserError
 from imgclf.preprocessing import Preprocessing
 from imgclf.training import checkpoint, cuda_check, distributed, ema, schedule
 from imgclf.training.accel import SpeedSettings
@@ -40,6 +41,7 @@ from imgclf.training.features import FrozenFeatures, should_cache
 from imgclf.training.head_solver import fit_head
 from imgclf.training.loop import (
     SELECTION,
+    STOP_SIGNALS,
     Setup,
     StopFlag,
     check_selected,
@@ -90,10 +92,10 @@ class LoaderSettings:
             return self.num_workers
         return max(1, data.cpus() // data.host_processes() - 1)
 
-    def loader(self, dataset, batch_size: int, sampler=None) -> torch.utils.data.DataLoader:
+    def loader(self, dataset, batch_size: int, sampler=None, drop_last: bool = False) -> torch.utils.data.DataLoader:
         workers = self.workers()
         return torch.utils.data.DataLoader(
-            dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+            dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=drop_last,
             pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0,
             prefetch_factor=self.prefetch_factor if workers > 0 else None,
         )
@@ -170,7 +172,13 @@ def run_batches(hp: Hyperparameters, splits: dict[str, splits.Split], prep: Prep
     def loader(dataset: data.ImageDataset, **kwargs) -> torch.utils.data.DataLoader:
         return loaders.loader(dataset, rank_batch, **kwargs)
 
-    return RunBatches(sampler, data.DeviceBatches(loader(train_set, sampler=sampler), normalise),
+    # A last batch of one image fails in BatchNorm (one value per channel): that image sits the epoch out (the
+    # shuffle leaves out another one each epoch).
+    lone = len(sampler) % rank_batch == 1 and rank_batch > 1
+    if lone:
+        log.info("%d training images per process and batches of %d: the last batch of one image is left out of "
+                 "each epoch (a batch of one cannot train BatchNorm)", len(sampler), rank_batch)
+    return RunBatches(sampler, data.DeviceBatches(loader(train_set, sampler=sampler, drop_last=lone), normalise),
                       {name: data.DeviceBatches(loader(dataset), normalise) for name, dataset in eval_sets.items()},
                       loader)
 
@@ -203,7 +211,7 @@ def build_setup(hp: Hyperparameters, paths: Paths, splits: dict[str, splits.Spli
         criterion=nn.CrossEntropyLoss(label_smoothing=hp.label_smoothing), speed=speed, device=device, dist=dist,
         dbg=dbg, sampler=batches.sampler, rank_batch=rank_batch, train_loader=batches.train,
         eval_loaders=batches.evaluation,
-        cache=cache, classes=classes, fingerprint=checkpoint.fingerprint(hp, classes),
+        cache=cache, classes=classes, fingerprint=checkpoint.fingerprint(hp, classes, splits),
         checkpoints=paths.checkpoints, stop=StopFlag(), preprocessing=prep,
         ema=ema.averaged(model, hp.model_ema_decay) if hp.model_ema else None,
         mix=BatchMix.from_hyperparameters(hp, len(classes)),
@@ -234,6 +242,10 @@ def check_inputs(hp: Hyperparameters, paths: Paths, check_decode: bool = True) -
     """Model name and data, before anything trains (the distributed launcher runs it before the workers). With a
     per-host shard of train, this host's part of it (sampling.host_shard_splits)."""
     models.check_model_name(hp.model)
+    if "weights" in paths.channels and not hp.pretrained:
+        raise HyperparameterError("a weights channel is given, but pretrained=false: the backbone would start from "
+                                  "random weights and the file would not be read; drop pretrained=false, or the "
+                                  "weights channel (local mode: --weights)")
     workers = max(2, LoaderSettings.from_hyperparameters(hp).workers())
     split_dirs = splits.find_split_dirs(paths.channels)
     if train_is_sharded(paths.sharded):
@@ -411,6 +423,13 @@ def main() -> None:
     for d in (Path(environment.model_dir), output_dir / "data"):
         d.mkdir(parents=True, exist_ok=True)
     failure = output_dir / "failure"
+
+    def stopped_before_training(signum, frame):  # until build_setup's StopFlag takes over: nothing to checkpoint yet
+        raise TrainingInterrupted(f"stopped by {signal.Signals(signum).name} before training started (checking the "
+                                  "data, loading the model): nothing to resume, run the job again")
+
+    for stop in STOP_SIGNALS:
+        signal.signal(stop, stopped_before_training)
     try:
         env = environment.Environment()
         cuda_check.check(env.current_instance_type)  # GPUs that CUDA cannot use: fail now, not train on the CPU

@@ -42,16 +42,20 @@ from imgclf.training.schedule import accumulation
 log = logging.getLogger("imgclf.train")
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)  # SageMaker's stop (spot interruption, StopTrainingJob); Ctrl-C
+
+
 class StopFlag:
-    """SIGTERM (spot interruption, StopTrainingJob) asks the loop to checkpoint and stop at the next batch."""
+    """A stop signal asks the loop to checkpoint and stop at the next batch; `requested` is its name."""
 
     def __init__(self):
-        self.requested = False
-        signal.signal(signal.SIGTERM, self._handle)
+        self.requested: str | None = None
+        for stop in STOP_SIGNALS:
+            signal.signal(stop, self._handle)
 
     def _handle(self, signum, frame):
-        log.warning("SIGTERM received: saving a checkpoint and stopping after this batch")
-        self.requested = True
+        self.requested = signal.Signals(signum).name
+        log.warning("%s received: saving a checkpoint and stopping after this batch", self.requested)
 
 
 # Batches between the ranks' agreements on stopping, with several processes: an agreement is a collective whose
@@ -116,7 +120,8 @@ class Setup:
         if not self.stop.requested:
             return None
         return TrainingInterrupted(
-            f"stopped by SIGTERM in epoch {state.epoch + 1}, batch {state.batches_done}; checkpoint saved in "
+            f"stopped by {self.stop.requested} in epoch {state.epoch + 1}, batch {state.batches_done}; checkpoint "
+            f"saved in "
             f"{self.checkpoints}: run the same job again to resume")
 
 
