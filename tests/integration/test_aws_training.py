@@ -279,6 +279,7 @@ def test_tuning_overrides_warm_start_and_best_hyperparameters_for_train(aws_env,
                           env=aws_env)
     assert attached.returncode == 0, failed(attached)
     assert "best training job: hpo-override-004-abc valid:loss=0.41" in attached.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.json", "space.json"]  # atomic: no temporary file
     written = json.loads(best.read_text())
     assert written["hyperparameters"] == {"model": "resnet50", "lr": "0.00231", "freeze": "none", "epochs": "9",
                                           "head-solver": "sgd"}  # static: the search tuned the loop's lr
@@ -330,7 +331,7 @@ def test_warm_start_rules_are_checked_before_sending(aws_env, moto_server):
     (["--param", "batch-size=1.5:4"], "hyperparameter batch-size='1.5': expected int"),
     (["--param", "freeze=head,sideways"], "choose one of auto, head, none, head-then-all"),
     (["--hp", "lr=0.01"], "lr: both tuned and static"),
-    (["--max-jobs", "2", "--max-parallel", "3"], "max parallel jobs 3 must be between 1 and max jobs 2"),
+    (["--max-jobs", "2", "--max-parallel", "3"], "--max-parallel 3: must be from 1 to --max-jobs (2)"),
     (["--checkpoint-s3", "s3://x/y"], "--checkpoint-s3 is for train.py"),
 ])
 def test_bad_tuning_input_exits_2(args, message):

@@ -29,6 +29,7 @@ from imgclf.aws.session import Api, AwsError
 from imgclf.errors import UserError
 from imgclf.exit_codes import EXIT_OK, JobFailed
 from imgclf.flags import FlagGroup
+from imgclf.serving.settings import VARIABLES, ServingSettings, SettingsError
 
 log = logging.getLogger("imgclf.aws")
 
@@ -119,6 +120,8 @@ class ServingSpec:
                 problems.append(f"data capture destination {self.data_capture_uri!r} is not an s3:// URI")
             if not 0 <= self.data_capture_percent <= 100:
                 problems.append(f"data capture sampling {self.data_capture_percent}%: must be 0-100")
+        elif self.data_capture_percent != ServingSpec.data_capture_percent:
+            problems.append("--data-capture-percent goes with --data-capture S3URI")
         if problems:
             raise UserError("; ".join(problems))
 
@@ -457,11 +460,31 @@ class ModelSource(FlagGroup):
     env: Sequence[tuple[str, str]] = ()  # more container environment
     role: str | None = None  # execution role, ARN or name
 
+    def __post_init__(self) -> None:
+        """Refuse the container environment that the serving image would refuse (ServingSettings' rules), and a
+        flag that --env contradicts: such an endpoint answers 503 until SageMaker gives up on it, minutes later."""
+        given = dict(self.env)
+        for flag, (variable, value) in self._flags().items():
+            if value is not None and given.get(variable, str(value)) != str(value):
+                raise UserError(f"{flag} {value} and --env {variable}={given[variable]}: give one of them")
+            if value is not None:
+                _check_serving_environment(flag, {variable: str(value)})
+        _check_serving_environment("--env", self.environment())
+
+    def _flags(self) -> dict[str, tuple[str, int | None]]:
+        return {"--workers": (VARIABLES["workers"], self.workers), "--top-k": (VARIABLES["top_k"], self.top_k)}
+
     def environment(self) -> dict[str, str]:
-        env = {k: str(v) for k, v in (("SAGEMAKER_MODEL_SERVER_WORKERS", self.workers), ("IMGCLF_TOP_K", self.top_k))
-               if v is not None}
+        env = {variable: str(value) for variable, value in self._flags().values() if value is not None}
         env.update(dict(self.env))
         return env
+
+
+def _check_serving_environment(flag: str, environment: dict[str, str]) -> None:
+    try:
+        ServingSettings.from_environment(environment)
+    except SettingsError as e:
+        raise UserError(f"{flag}: {e} (the serving container would refuse it)") from None
 
 
 @dataclass(frozen=True)
@@ -819,6 +842,7 @@ def deploy(access: Access, *, name: str, model: ModelSource, instance_type: str 
     config = spec.endpoint_config_request(model_request["ModelName"],
                                           shadow_request["ModelName"] if shadow_request else None)
     config_name = config["EndpointConfigName"]
+    api.validate("sagemaker", "CreateEndpointConfig", config)  # its instance type, before the model is created
     plan = plan_deploy(api, name, config, autoscaling, waiting.no_wait, rollout)
     check_alarms_exist(api, rollout.rollback_alarm)
 

@@ -12,6 +12,7 @@ import sys
 import tarfile
 import tempfile
 import urllib.parse
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -426,17 +427,23 @@ def download_reports(api: Api, job: dict, dest: Path) -> Path | None:
                 log.warning("no reports at s3://%s/%s (%s)", bucket, key, e)
                 return None
             raise
-    dest.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=dest) as tmp:
-        with tarfile.open(fileobj=io.BytesIO(body), mode="r:gz") as tar:
-            artifacts.extract(tar, tmp)
-        # SageMaker's output.tar.gz holds /opt/ml/output/data; the SDK's local mode tars /opt/ml/output itself.
-        root = Path(tmp) / "data" if output_uri.startswith("file://") and (Path(tmp) / "data").is_dir() else Path(tmp)
-        for item in root.iterdir():
-            target = dest / item.name
-            if target.is_dir():
-                shutil.rmtree(target)
-            item.replace(target)
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=dest) as tmp:
+            with tarfile.open(fileobj=io.BytesIO(body), mode="r:gz") as tar:
+                artifacts.extract(tar, tmp)
+            # SageMaker's output.tar.gz holds /opt/ml/output/data; the SDK's local mode tars /opt/ml/output itself.
+            root = Path(tmp)
+            if output_uri.startswith("file://") and (root / "data").is_dir():
+                root = root / "data"
+            for item in root.iterdir():
+                target = dest / item.name
+                if target.is_dir():
+                    shutil.rmtree(target)
+                item.replace(target)
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:  # a corrupt or hostile archive, an unwritable dest
+        log.warning("no reports: %s not extracted into %s (%s)", output_uri, dest, e)
+        return None
     log.info("reports of %s in %s: %s", job["TrainingJobName"], dest,
              ", ".join(sorted(p.name for p in dest.iterdir())) or "(empty)")
     return dest

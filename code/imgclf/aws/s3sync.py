@@ -138,7 +138,7 @@ def sync(api: Api, files: list[LocalFile], bucket: str, prefix: str, workers: in
             api.call("s3", "PutObject", put_object_request(bucket, local.key, body, md5_hex))
         return True
 
-    with ThreadPoolExecutor(max_workers=min(max(1, workers), 32)) as pool:  # boto3 clients are thread-safe
+    with ThreadPoolExecutor(max_workers=workers) as pool:  # boto3 clients are thread-safe
         for local, uploaded in zip(files, pool.map(one, files)):
             if uploaded:
                 summary.uploaded.append(local.key)

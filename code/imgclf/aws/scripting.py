@@ -16,7 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import botocore.exceptions
+import botocore.parsers
 
+from imgclf.aws.arguments import positive_seconds
 from imgclf.aws.images import image_uri, local_image, resolve_digest
 from imgclf.aws.session import LOCAL_REGION, Api, AwsError, check_local_image, local_session, make_session
 from imgclf.errors import UserError
@@ -99,8 +101,8 @@ def add_wait_args(parser: argparse.ArgumentParser, what: str) -> None:
     only_for(CLOUD, group.add_argument("--no-wait", action="store_true", help=f"return once the {what} is accepted"))
     group.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
                        help=f"stop waiting after this long (exit 4); the {what} carries on (default: no limit)")
-    only_for(CLOUD, group.add_argument("--poll-interval", type=float, default=Waiting.poll_interval, metavar="SECONDS",
-                                       help="seconds between polls"))
+    only_for(CLOUD, group.add_argument("--poll-interval", type=positive_seconds, default=Waiting.poll_interval,
+                                       metavar="SECONDS", help="seconds between polls"))
 
 
 def make_api(access: Access) -> Api:
@@ -111,7 +113,7 @@ def make_api(access: Access) -> Api:
             raise UserError("--dry-run prints the requests for AWS; --local runs them here: choose one")
         return Api(None, local=local_session())
     try:
-        session = make_session(access.region, access.profile)
+        session = make_session(access.region, access.profile, access.endpoint_url)
     except AwsError as e:
         if not access.dry_run:
             raise
@@ -156,6 +158,20 @@ def role_arn(api: Api, role: str | None) -> str:
     region = api.session.region_name if api.session else ""
     partition = "aws-cn" if region.startswith("cn-") else "aws-us-gov" if region.startswith("us-gov-") else "aws"
     return f"arn:{partition}:iam::{account_of(api)}:role/{role}"
+
+
+def check_output_path(flag: str, path: Path, folder: bool) -> None:
+    """Refuse, before anything is sent, an output path that cannot be written: a file where a folder goes or a
+    folder where a file goes, or a place whose nearest existing folder is a file or not writable."""
+    if path.exists() and path.is_dir() != folder:
+        raise UserError(f"{flag} {path} is {'a file' if folder else 'a folder'}: give "
+                        f"{'a folder' if folder else 'a file name'}")
+    absolute = path.absolute()
+    existing = absolute if absolute.is_dir() else next(p for p in absolute.parents if p.exists())
+    if not existing.is_dir():
+        raise UserError(f"{flag} {path}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {path}: cannot write in {existing}; give another path")
 
 
 def local_uri(location: str, what: str, must_exist: bool = True) -> str:
@@ -284,6 +300,10 @@ def program(main: Callable[[list[str] | None], int]) -> Callable[..., int]:
             return EXIT_AWS
         except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as e:
             log.error("AWS: %s", e)
+            return EXIT_AWS
+        except botocore.parsers.ResponseParserError as e:  # an HTTP server that is not AWS (nor moto) answered
+            log.error("AWS: the answer is not AWS's (%.200s): check --endpoint-url / AWS_ENDPOINT_URL and any "
+                      "proxy (HTTPS_PROXY)", " ".join(str(e).split()))
             return EXIT_AWS
         except UserError as e:
             log.error("%s", e)

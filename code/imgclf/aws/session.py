@@ -8,20 +8,25 @@ them to the SageMaker SDK's local mode, which runs them on this machine's images
 from __future__ import annotations
 
 import contextlib
+import difflib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 from typing import Any
 
 import boto3
+import botocore
 import botocore.exceptions
 from botocore.config import Config
 from botocore.validate import validate_parameters
 
 from imgclf.errors import UserError
 from imgclf.exit_codes import JobFailed
+
+MAX_CONNECTIONS = 32  # a client's pooled connections: as many requests at once (upload_data.py --workers)
 
 
 def client_config(session: boto3.Session, retries: dict | None = None, **options) -> Config:
@@ -42,15 +47,19 @@ class AwsError(UserError):
         self.code = code  # the AWS error code (e.g. ValidationException) when the service answered one
 
 
-def make_session(region: str | None = None, profile: str | None = None) -> boto3.Session:
+def make_session(region: str | None = None, profile: str | None = None,
+                 endpoint_url: str | None = None) -> boto3.Session:
+    """A session for `region` (else AWS_REGION, which botocore does not read, else botocore's AWS_DEFAULT_REGION or
+    the profile's), with a region and credentials, or an AwsError saying what to set. Any region name goes with
+    another endpoint URL (`endpoint_url`, else AWS_ENDPOINT_URL: a moto server takes any)."""
     try:
-        session = boto3.Session(region_name=region, profile_name=profile)
+        session = boto3.Session(region_name=region or os.environ.get("AWS_REGION") or None, profile_name=profile)
     except botocore.exceptions.ProfileNotFound as e:
         raise AwsError(f"{e}; list profiles with `aws configure list-profiles` or drop --profile") from None
     if not session.region_name:
         raise AwsError("no AWS region: pass --region (e.g. us-east-1) or set AWS_REGION / AWS_DEFAULT_REGION")
-    if session.region_name not in session.get_available_regions("sagemaker") and not os.environ.get(
-        "AWS_ENDPOINT_URL"
+    if session.region_name not in session.get_available_regions("sagemaker") and not (
+        endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
     ):
         raise AwsError(f"unknown region {session.region_name!r}: SageMaker regions are "
                        + ", ".join(session.get_available_regions("sagemaker")))
@@ -128,22 +137,33 @@ class Api:
                 self._clients[service] = boto3.client(
                     service, region_name="us-east-1", aws_access_key_id="dry-run", aws_secret_access_key="dry-run")
             else:
-                # Enough pooled connections for parallel uploads (s3sync uses up to 32 threads).
-                config = client_config(self.session, max_pool_connections=32)
+                # Enough pooled connections for parallel uploads (upload_data.py --workers).
+                config = client_config(self.session, max_pool_connections=MAX_CONNECTIONS)
                 self._clients[service] = self.session.client(service, endpoint_url=self.endpoint_url, config=config)
         return self._clients[service]
 
     def validate(self, service: str, operation: str, params: dict) -> None:
-        """Raise botocore's ParamValidationError if `params` does not fit the operation's input shape."""
+        """Raise botocore's ParamValidationError if `params` does not fit the operation's input shape, or a UserError
+        for what botocore's validator leaves to AWS: a value outside its shape's enum (an instance type's typo) and a
+        job name outside SageMaker's pattern. Local mode's requests are the SDK's to check (instance type local)."""
+        if self.local is not None:
+            return
         client = self.client(service)
         model = client.meta.service_model.operation_model(operation)
         validate_parameters(params, model.input_shape)
+        for field, value in params.items():
+            pattern = model.input_shape.members[field].metadata.get("pattern") if field.endswith("JobName") else None
+            if pattern and isinstance(value, str) and not re.fullmatch(pattern, value):
+                raise UserError(f"{operation}: {field} {value!r} is not a SageMaker job name: letters, digits and "
+                                f"hyphens, not at either end ({pattern})")
+        _check_enums(operation, params, model.input_shape, "")
 
     def call(self, service: str, operation: str, params: dict | None = None, mutates: bool = True) -> dict:
         """Send `operation` (API name, e.g. CreateTrainingJob). In a dry run, mutating calls are printed instead."""
         params = params or {}
-        if self.dry_run and mutates:
+        if mutates:
             self.validate(service, operation, params)
+        if self.dry_run and mutates:
             print(json.dumps({"service": service, "operation": operation, "request": params},
                              default=_json_default, sort_keys=True), file=self.out, flush=True)
             return {}
@@ -177,6 +197,25 @@ class Api:
             raise JobFailed(f"local {operation} failed: {e} (the container's log above says why)") from None
         except TypeError as e:  # a field the local client does not take (e.g. DataCaptureConfig)
             raise UserError(f"{operation} in local mode: {e}; the SDK's local mode lacks this option") from None
+
+
+def _check_enums(operation: str, value: Any, shape, path: str) -> None:
+    """A UserError naming the first string in `value` that its shape's enum lacks (botocore checks no enums)."""
+    if shape.type_name == "structure" and isinstance(value, dict):
+        for name, item in value.items():
+            if name in shape.members:
+                _check_enums(operation, item, shape.members[name], f"{path}.{name}".lstrip("."))
+    elif shape.type_name == "list" and isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_enums(operation, item, shape.member, f"{path}[{i}]")
+    elif shape.type_name == "map" and isinstance(value, dict):
+        for item in value.values():
+            _check_enums(operation, item, shape.value, path)
+    elif getattr(shape, "enum", None) and isinstance(value, str) and value not in shape.enum:
+        close = difflib.get_close_matches(value, shape.enum, n=3)
+        raise UserError(f"{operation}: {path} {value!r} is not one of the {len(shape.enum)} values AWS takes"
+                        + (f" (did you mean {' or '.join(close)}?)" if close else "")
+                        + f"; if it is newer than botocore {botocore.__version__}, `pip install -U boto3`")
 
 
 def _snake(client, operation: str) -> str:

@@ -247,8 +247,10 @@ def tuning_job_request(name: str, spec: JobSpec, space: dict[str, dict[str, Any]
     objective's value at which SageMaker stops the tuning job) and `max_runtime_s` (the whole tuning job's limit)."""
     spec.check()
     check_disjoint(space, static_hyperparameters)
+    if max_jobs < 1:
+        raise UserError(f"--max-jobs {max_jobs}: give at least 1 training job")
     if not 1 <= max_parallel <= max_jobs:
-        raise UserError(f"max parallel jobs {max_parallel} must be between 1 and max jobs {max_jobs}")
+        raise UserError(f"--max-parallel {max_parallel}: must be from 1 to --max-jobs ({max_jobs})")
     metric, direction = OBJECTIVES[objective]
     config: dict[str, Any] = {
         "Strategy": strategy,

@@ -16,7 +16,7 @@ import logging
 import urllib.parse
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from imgclf import atomic, instances
@@ -241,6 +241,8 @@ def batch_predict(access: Access, *, input_location: str, model: endpoints.Model
         invocation_retries=invocation_retries, volume_kms_key=volume_kms_key, output_kms_key=output_kms_key,
         local=local)
     spec.check()  # the flags alone: before the model is created
+    placeholder = replace(spec, model_name=spec.model_name or "imgclf-batch")
+    api.validate("sagemaker", "CreateTransformJob", transform_job_request(name, placeholder))  # its instance type
     spec.model_name = create_model(api, model, spec.instance_type)
     api.call("sagemaker", "CreateTransformJob", transform_job_request(name, spec, scripting.tags_from(tags)))
     if api.dry_run:

@@ -46,7 +46,7 @@ class Search(FlagGroup):
     objective: str = "accuracy"
     strategy: str = "Bayesian"
     max_jobs: int = 10
-    max_parallel: int | None = None  # default 2
+    max_parallel: int | None = None  # default: 2, or max_jobs when fewer
     no_early_stopping: bool = False
     warm_start: Sequence[str] = ()
     warm_start_type: str = "IdenticalDataAndAlgorithm"
@@ -167,9 +167,10 @@ def create_tuning_job(access: Access, *, job_name: str | None, job: jobs.JobOpti
     name = job_name or scripting.resource_name("imgclf-hpo", suffix=scripting.timestamp()[2:], max_len=MAX_NAME)
     if len(name) > MAX_NAME:
         raise UserError(f"--job-name {name!r}: tuning job names have at most {MAX_NAME} characters")
+    max_parallel = min(2, search.max_jobs) if search.max_parallel is None else search.max_parallel
     request = tuning_job_request(
         name, jobs.job_spec(api, name, job, checkpoints=False), space, static, objective=search.objective,
-        max_jobs=search.max_jobs, max_parallel=search.max_parallel or 2, early_stopping=not search.no_early_stopping,
+        max_jobs=search.max_jobs, max_parallel=max_parallel, early_stopping=not search.no_early_stopping,
         strategy=search.strategy, warm_start_from=parents, warm_start_type=search.warm_start_type,
         tags=scripting.tags_from(tags), hyperband_min_epochs=search.hyperband_min_epochs,
         target_objective=search.target_objective, max_runtime_s=search.max_tuning_runtime,

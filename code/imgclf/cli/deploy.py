@@ -37,13 +37,14 @@ from imgclf.aws.images import image_tag_default
 from imgclf.errors import UserError
 from imgclf.exit_codes import EXIT_CODES_HELP
 
-# Flags SageMaker's local mode has no use for (one container, no updates, no CloudWatch), and what --promote-shadow
-# reads besides the endpoint's own settings.
+# Flags SageMaker's local mode has no use for (one container, no updates, no CloudWatch), what --promote-shadow
+# reads besides the endpoint's own settings, and what --delete reads.
 CLOUD_ONLY = {"model_package", "canary", "canary_wait", "linear", "linear_wait", "rollback_alarm", "shadow_model_data",
               "shadow_training_job", "shadow_percent", "promote_shadow"}
 PROMOTE_FLAGS = {"name", "promote_shadow", "canary", "canary_wait", "linear", "linear_wait", "rollback_alarm",
                  "no_wait", "timeout", "poll_interval", "region", "profile", "endpoint_url", "dry_run", "verbose",
                  "role", "local"}
+DELETE_FLAGS = {"name", "delete", "region", "profile", "endpoint_url", "dry_run", "verbose", "role", "local"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -152,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"{', '.join(cloud_only)}: not in SageMaker's local mode (one container per endpoint, no "
                         "updates to roll out, no shadow variants); drop them, or deploy on AWS")
     if args.delete:
+        if unused := given(parser, args, set(flags) - DELETE_FLAGS):
+            raise UserError(f"{', '.join(unused)}: --delete deletes the endpoint and what deploy.py made for it; "
+                            "drop them")
         return endpoints.delete(scripting.Access.from_flags(flags), args.name)
     if args.promote_shadow:
         if unused := given(parser, args, set(flags) - PROMOTE_FLAGS):

@@ -20,10 +20,12 @@ from functools import partial
 from pathlib import Path
 
 from imgclf.aws import invocations
+from imgclf.aws.arguments import positive_seconds
+from imgclf.exit_codes import EXIT_INTERRUPTED
 
 EPILOG = """exit status: 0 every image predicted; 1 the server refused or failed at least one image (the others
 are still printed); 2 bad arguments, unreadable image file, AWS credentials/region/endpoint problem;
-3 the server or endpoint cannot be reached."""
+3 the server or endpoint cannot be reached; 130 interrupted (Ctrl-C)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,16 +46,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--async", dest="async_inputs", metavar="S3PREFIX",
                         help="with --endpoint: an asynchronous endpoint (deploy.py --async-output): upload each "
                              "image under S3PREFIX, InvokeEndpointAsync, and wait for its answer in S3")
-    parser.add_argument("--async-wait", type=float, default=900.0, metavar="SECONDS",
+    parser.add_argument("--async-wait", type=positive_seconds, default=900.0, metavar="SECONDS",
                         help="with --async: how long to wait for each answer (default 900: an endpoint scaled to "
                              "zero starts an instance first)")
     parser.add_argument("--top-k", type=int, help="breeds per image (default: the server's, 5)")
     parser.add_argument("--json", action="store_true", help="print each raw JSON response on one line")
-    parser.add_argument("--timeout", type=float, default=60.0, help="seconds per request (default 60)")
+    parser.add_argument("--timeout", type=positive_seconds, default=60.0, help="seconds per request (default 60)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return predict(argv)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def predict(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.local and not args.endpoint:

@@ -54,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError("--local runs the job within this command (the SDK's local mode keeps no jobs between "
                         "commands): drop --attach / --no-wait")
 
+    reports = args.reports_dir or Path("reports")  # default: reports/<job>
+    if not (args.no_wait or args.dry_run):  # where the reports go, before anything is sent
+        scripting.check_output_path("--reports-dir", reports, folder=True)
     if args.attach:
         api = scripting.make_api(scripting.Access.from_flags(flags))
         name = args.attach
@@ -78,17 +81,15 @@ def main(argv: list[str] | None = None) -> int:
     if not jobs.waits(name, dry_run=args.dry_run, no_wait=args.no_wait, attached=bool(args.attach)):
         return EXIT_OK
 
-    reports = args.reports_dir or Path("reports") / name
+    reports = args.reports_dir or reports / name
     # On AWS, rules.json and the report are fetched into `reports` while the job runs, then replaced by the final
     # ones. Local mode: the job ran within CreateTrainingJob, its log went to stderr; there is no CloudWatch.
     job = jobs.wait_training_job(api, name, args.poll_interval, args.timeout, logs=not (args.no_logs or args.local),
                                  live=None if args.local else jobs.LiveReports(api, reports))
     try:  # whatever the job's end: a Failed or Stopped job's rules and profiler report say why
         jobs.download_reports(api, job, reports)
-    except AwsError as e:
-        if job["TrainingJobStatus"] == "Completed":
-            raise
-        log.warning("no reports: %s", e)  # the job's failure is the news, reported next
+    except AwsError as e:  # the job's end is the news, reported next: a Completed job's model URI is printed
+        log.warning("no reports: %s", e)
     jobs.report_training_job(job)  # raises JobFailed for a Failed or Stopped job
     print(job["ModelArtifacts"]["S3ModelArtifacts"])
     return EXIT_OK

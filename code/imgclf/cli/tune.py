@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"training jobs in all (default {tuning.Search.max_jobs})")
     space.add_argument("--no-early-stopping", action="store_true", help="let every training job run to the end")
     only_for(CLOUD,
-             space.add_argument("--max-parallel", type=int, default=None, help="training jobs at once (default 2)"),
+             space.add_argument("--max-parallel", type=int, default=None,
+                                help="training jobs at once (default 2, or --max-jobs when fewer)"),
              space.add_argument("--warm-start", action="append", default=[], metavar="TUNING_JOB",
                                 help="start from an earlier tuning job's results (repeat, up to 5)"),
              space.add_argument("--warm-start-type", choices=("IdenticalDataAndAlgorithm", "TransferLearning"),
@@ -102,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     job = jobs.check_job_options(jobs.JobOptions.from_flags(flags), local=args.local)
     check_paths(flags)
     local_search.check_flags(flags)
+    scripting.check_output_path("--best-out", args.best_out, folder=False)
     if args.local:
         return local_search.run(local_search.Options.from_flags(flags), tuning.Search.from_flags(flags).space(),
                                 jobs.hyperparameters_from(args.hyperparameters, args.hp))

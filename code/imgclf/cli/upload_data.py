@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 
 from imgclf.aws import s3sync, scripting
+from imgclf.aws.arguments import int_between
+from imgclf.aws.session import MAX_CONNECTIONS
 from imgclf.errors import UserError
 from imgclf.exit_codes import EXIT_CODES_HELP, EXIT_OK
 from imgclf.splits import find_split_dirs, validate_splits
@@ -26,7 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("data", type=Path, help="dataset folder holding train/, valid/ and optionally test/")
     parser.add_argument("destination", help="s3://bucket/prefix")
-    parser.add_argument("--workers", type=int, default=16, help="parallel uploads (default 16)")
+    parser.add_argument("--workers", type=int_between(1, MAX_CONNECTIONS), default=16,
+                        help=f"parallel uploads, 1-{MAX_CONNECTIONS} (default 16)")
     parser.add_argument("--no-decode-check", action="store_true",
                         help="skip decoding every image during validation (faster; corrupt files then fail training)")
     scripting.add_common_args(parser)

@@ -6,16 +6,14 @@ import json
 from pathlib import Path
 from typing import Any
 
+from imgclf import atomic
 from imgclf.errors import UserError
 
 
 def write_best_file(path: Path, tuning_job: str, training_job: str | None, objective: dict,
                     hyperparameters: dict[str, str], **extra: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"tuning_job": tuning_job, "training_job": training_job, "objective": objective,
-                               "hyperparameters": hyperparameters, **extra}, indent=2, default=str) + "\n")
-    tmp.replace(path)
+    atomic.write_text(path, json.dumps({"tuning_job": tuning_job, "training_job": training_job, "objective": objective,
+                                        "hyperparameters": hyperparameters, **extra}, indent=2, default=str) + "\n")
 
 
 def load_hyperparameters(path: Path) -> dict[str, Any]:
