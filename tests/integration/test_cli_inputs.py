@@ -249,3 +249,15 @@ def test_any_region_goes_with_endpoint_url_as_with_aws_endpoint_url(aws, monkeyp
     argv = ["--data", DATA, "--role", ROLE, "--dry-run", "--region", "mars-1", "--endpoint-url", aws]
     assert train.main(argv) == EXIT_OK
     assert not [r for r in caplog.records if "without AWS access" in r.getMessage()]  # the session was made
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--attach", "some-job", "--data", DATA, "--hp", "epochs=3"],
+     "--data, --hp: --attach waits for a job that exists"),
+    (["--channel", "train=s3://bkt/t", "--channel", "train=s3://bkt/t2", "--dry-run"],
+     "--channel train: given twice"),
+])
+def test_train_flags_that_would_be_ignored_exit_2(offline, caplog, argv, message):
+    assert train.main(["--role", ROLE, *argv]) == EXIT_USAGE
+    [line] = errors(caplog)
+    assert line.startswith(message)

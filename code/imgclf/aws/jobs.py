@@ -168,6 +168,10 @@ def hyperparameters_from(file: Path | None, pairs: Sequence[tuple[str, str]] = (
 def s3_channels(options: JobOptions) -> dict[str, str]:
     """Channel name -> S3 URI from --data / --channel / --weights (a folder's splits are found in the container)."""
     channels = dict(options.channel)
+    if len(channels) < len(options.channel):
+        names = [name for name, _ in options.channel]
+        raise UserError(f"--channel {', '.join(sorted({n for n in names if names.count(n) > 1}))}: given twice; "
+                        "give each channel once")
     if options.data:
         if channels.keys() - {"weights"}:
             raise UserError("give either --data or --channel train=/valid=/test=, not both")

@@ -11,7 +11,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,6 +103,12 @@ def add_wait_args(parser: argparse.ArgumentParser, what: str) -> None:
                        help=f"stop waiting after this long (exit 4); the {what} carries on (default: no limit)")
     only_for(CLOUD, group.add_argument("--poll-interval", type=positive_seconds, default=Waiting.poll_interval,
                                        metavar="SECONDS", help="seconds between polls"))
+
+
+def given(parser: argparse.ArgumentParser, args: argparse.Namespace, dests: Collection[str]) -> list[str]:
+    """The options among `dests` that the command line set (their value is not the default)."""
+    return [a.option_strings[0] for a in parser._actions
+            if a.dest in dests and a.option_strings and getattr(args, a.dest) != a.default]
 
 
 def make_api(access: Access) -> Api:

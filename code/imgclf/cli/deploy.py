@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Collection
 
 from imgclf import instances
 from imgclf.aws import endpoints, scripting
@@ -138,27 +137,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def given(parser: argparse.ArgumentParser, args: argparse.Namespace, dests: Collection[str]) -> list[str]:
-    """The options among `dests` that the command line set (their value is not the default)."""
-    return [a.option_strings[0] for a in parser._actions
-            if a.dest in dests and a.option_strings and getattr(args, a.dest) != a.default]
-
-
 @scripting.program
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     flags = vars(args)
-    if args.local and (cloud_only := given(parser, args, CLOUD_ONLY)):
+    if args.local and (cloud_only := scripting.given(parser, args, CLOUD_ONLY)):
         raise UserError(f"{', '.join(cloud_only)}: not in SageMaker's local mode (one container per endpoint, no "
                         "updates to roll out, no shadow variants); drop them, or deploy on AWS")
     if args.delete:
-        if unused := given(parser, args, set(flags) - DELETE_FLAGS):
+        if unused := scripting.given(parser, args, set(flags) - DELETE_FLAGS):
             raise UserError(f"{', '.join(unused)}: --delete deletes the endpoint and what deploy.py made for it; "
                             "drop them")
         return endpoints.delete(scripting.Access.from_flags(flags), args.name)
     if args.promote_shadow:
-        if unused := given(parser, args, set(flags) - PROMOTE_FLAGS):
+        if unused := scripting.given(parser, args, set(flags) - PROMOTE_FLAGS):
             raise UserError(f"{', '.join(unused)}: --promote-shadow keeps the endpoint's settings and takes the model "
                             "of its shadow variant; drop them")
         return endpoints.promote_shadow(scripting.Access.from_flags(flags), args.name,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 from imgclf import config
@@ -27,6 +28,8 @@ from imgclf.errors import UserError
 from imgclf.exit_codes import EXIT_CODES_HELP, EXIT_OK, JobFailed
 
 log = logging.getLogger("train")
+# What defines a new job, which --attach does not read (the role too, but SAGEMAKER_ROLE may set it for every run).
+ATTACH_IGNORES = {f.name for f in fields(jobs.JobOptions)} - {"role"} | {"hyperparameters", "hp", "job_name", "tag"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.no_wait or args.dry_run):  # where the reports go, before anything is sent
         scripting.check_output_path("--reports-dir", reports, folder=True)
     if args.attach:
+        if ignored := scripting.given(parser, args, ATTACH_IGNORES):
+            raise UserError(f"{', '.join(ignored)}: --attach waits for a job that exists, with its own settings; "
+                            "drop them")
         api = scripting.make_api(scripting.Access.from_flags(flags))
         name = args.attach
     else:
