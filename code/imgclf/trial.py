@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 import tarfile
@@ -267,7 +268,7 @@ def _open_local(path: Path, work: Path) -> Path:
 def _s3_client():
     import boto3
 
-    session = boto3.Session()
+    session = boto3.Session(region_name=os.environ.get("AWS_REGION") or None)  # botocore reads AWS_DEFAULT_REGION only
     if session.get_credentials() is None:
         raise TrialError("no AWS credentials to read S3: run `aws configure` or `aws sso login`, or set "
                          "AWS_PROFILE or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY")
