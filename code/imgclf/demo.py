@@ -4,6 +4,7 @@ predict -> stop.
 Training runs the training image's real `train` entrypoint and serving the serving image's real `serve`
 entrypoint, both in local mode (imgclf.local: host processes over a temporary /opt/ml tree); the predictions are
 predict.py's (imgclf.aws.invocations) over the served /invocations. `run` returns 0 only when every step worked;
+2 with an `error:` line when an option or the --data folder is bad (checked before anything runs or is written);
 otherwise it names the step that failed and returns that step's number (1-5).
 """
 
@@ -19,6 +20,7 @@ from pathlib import Path
 from imgclf import local, sample_data, splits
 from imgclf.aws import invocations
 from imgclf.errors import UserError
+from imgclf.processes import MAX_PORT
 
 STEPS = ("data", "train", "serve", "predict", "stop")
 # The built-in sample data: a model learns it from scratch in about a minute on 2 CPU cores.
@@ -35,11 +37,31 @@ def banner(number: int, text: str) -> None:
     print(f"\n==> [{number}/{len(STEPS)}] {text}", flush=True)
 
 
+def check(output: Path, data: Path | None, model: str | None, weights: Path | None, hp: Sequence[str],
+          port: int | None, images: int, startup_timeout: float) -> dict[str, str]:
+    """The hyperparameters to train with, once every option is checked; UserError naming the bad one."""
+    if images < 1:
+        raise UserError(f"--images {images}: give 1 or more test images to send")
+    if port is not None and not 0 < port <= MAX_PORT:
+        raise UserError(f"--port {port}: multi-model-server takes ports 1-{MAX_PORT}")
+    if not startup_timeout > 0:
+        raise UserError(f"--startup-timeout {startup_timeout:g}: give the seconds to wait for the server, above 0")
+    if weights is not None and not weights.exists():
+        raise UserError(f"--weights {weights}: no such file or folder")
+    if data is not None:
+        splits.split_channels(data.expanduser())  # the layout (DataError); step 1 checks every image
+    hps = hyperparameters(data, model, weights, hp)
+    local.check_hyperparameters(hps)
+    local.output_folder(output)
+    return hps
+
+
 def prepare_data(data: Path | None, output: Path) -> Path:
-    """`data` once checked, else the sample dataset (generated under `output` the first time)."""
+    """`data` once checked (a DataError, a UserError, names what is wrong), else the sample dataset (generated under
+    `output` the first time)."""
     if data:
         root = data.expanduser()
-        splits.validate_splits(splits.split_channels(root))  # a DataError (UserError) fails the step with its reason
+        splits.validate_splits(splits.split_channels(root))
         return root
     root = output / "data"
     if not (root / "train").is_dir():
@@ -53,10 +75,7 @@ def hyperparameters(data: Path | None, model: str | None, weights: Path | None, 
         hps = dict(SAMPLE_HPS)
     else:  # your data: fine-tune a pretrained backbone's new head, as the reference project did
         hps = {"model": model or "vgg16", "pretrained": "true" if weights else "false", "epochs": "5"}  # freeze: auto
-    for pair in hp:
-        key, _, value = pair.partition("=")
-        hps[key] = value
-    return hps
+    return {**hps, **local.parse_hp(list(hp))}
 
 
 def train(data_dir: Path, output: Path, hps: dict[str, str], weights: Path | None) -> dict:
@@ -87,16 +106,24 @@ def predict(url: str, data_dir: Path, count: int) -> None:
 
 def run(*, output: Path, data: Path | None = None, model: str | None = None, weights: Path | None = None,
         hp: Sequence[str] = (), port: int | None = None, images: int = 3, startup_timeout: float = 180.0) -> int:
-    """Every step in turn; 0 when all worked, else the number of the step that failed (130: interrupted)."""
-    output.mkdir(parents=True, exist_ok=True)
-    step = 0
+    """Every step in turn; 0 when all worked, 2 for a bad option or --data folder (nothing run), else the number of
+    the step that failed (130: interrupted)."""
     try:
-        step = 1
+        hps = check(output, data, model, weights, hp, port, images, startup_timeout)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    step = 1
+    try:
         banner(step, "data")
-        data_dir = prepare_data(data, output)
+        try:
+            data_dir = prepare_data(data, output)
+        except UserError as e:  # the user's --data: bad input, not a failed step
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         step = 2
         banner(step, "train (the training image's `train` entrypoint, local mode)")
-        train(data_dir, output, hyperparameters(data, model, weights, hp), weights)
+        train(data_dir, output, hps, weights)
         step = 3
         banner(step, "serve (the serving image's `serve` entrypoint, local mode)")
         log = output / "serve.log"

@@ -4,13 +4,17 @@
     python -m imgclf.local serve --model model.tar.gz|DIR [--port 8080] [--workers N] [--ui [--ui-port 8081]]
     python -m imgclf.local serve --models STORE [--port 8080] [--workers N]
 
-`train` lays out a temporary /opt/ml tree (config JSONs, channels linked to DIR's train/valid/test,
-resourceconfig for one host), runs the toolkit's `train` command with SAGEMAKER_BASE_DIR pointing at it,
-then packs /opt/ml/model as OUTPUT/model.tar.gz like SageMaker does. OUTPUT also receives model/ (the same
-files, unpacked), reports/ (output/data, what SageMaker packs as output.tar.gz: metrics, rules, the report,
-collected tensors, ...), checkpoints/ (running the same command again after an interruption resumes from
-them) and tensorboard/, the live folder SageMaker syncs with a TensorBoardOutputConfig: event files,
-rules.json and the report, current while the job runs.
+`train` checks its arguments (hyperparameters, data layout, weights, OUTPUT) before anything runs, lays out a
+temporary /opt/ml tree in OUTPUT (config JSONs, channels linked to DIR's train/valid/test, resourceconfig for
+one host), runs the toolkit's `train` command with SAGEMAKER_BASE_DIR pointing at it, then packs /opt/ml/model
+as OUTPUT/model.tar.gz like SageMaker does. OUTPUT also receives model/ (the same files, unpacked), reports/
+(output/data, what SageMaker packs as output.tar.gz: metrics, rules, the report, collected tensors, ...),
+checkpoints/ (running the same command again after an interruption resumes from them) and tensorboard/, the
+live folder SageMaker syncs with a TensorBoardOutputConfig: event files, rules.json and the report, current
+while the job runs. model.tar.gz, model/ and reports/ are replaced (by renames) only once a run succeeded with a
+model: a run that fails, is interrupted or writes no model leaves those of an earlier run as they were, writes
+OUTPUT/failure (what to fix, first line) and puts its own reports in failed-reports/ beside an earlier model
+(in reports/ when there is none).
 
 `serve` puts the model (a training output folder, or model.tar.gz extracted as SageMaker does) in a temporary
 /opt/ml/model and runs the serving image's `serve` entrypoint on it until Ctrl-C. With --ui, a page to try the
@@ -25,7 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
+import socket
 import subprocess
 import sys
 import tarfile
@@ -40,6 +44,7 @@ from pathlib import Path
 from imgclf import artifacts, atomic, splits
 from imgclf.errors import UserError
 from imgclf.processes import MAX_PORT, free_port, run_forwarding_signals, stop_group, venv_bin
+from imgclf.serving.settings import ServingSettings, SettingsError
 from imgclf.ui import server as ui_server
 
 # What the training images set (containers/train/Dockerfile.*): the public entry point, a shim of
@@ -65,6 +70,42 @@ def hyperparameters_file(path: Path | None) -> dict[str, str]:
     from imgclf.search.results import load_hyperparameters
 
     return {name: hp_string(value) for name, value in load_hyperparameters(path).items()}
+
+
+def check_hyperparameters(hps: dict[str, str]) -> None:
+    """HyperparameterError (a UserError) for what the job would refuse: its own validation, over the values as the
+    toolkit decodes hyperparameters.json (each string as JSON if it parses, else as it is)."""
+    from imgclf.config import parse_hyperparameters
+
+    def decoded(value: str):
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value
+
+    parse_hyperparameters({name: decoded(value) for name, value in hps.items()})
+
+
+# What `train` writes in OUTPUT: folders, then files. A file where a folder goes (or the reverse) is refused first.
+OUTPUT_FOLDERS = ("model", "reports", "failed-reports", "checkpoints", "tensorboard")
+OUTPUT_FILES = ("model.tar.gz", "failure")
+
+
+def output_folder(output: Path, flag: str = "--output") -> None:
+    """Create `output`, or a UserError if it cannot hold local mode's results (before anything runs)."""
+    if output.exists() and not output.is_dir():
+        raise UserError(f"{flag} {output}: is a file; give a folder (it is created if missing)")
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{flag} {output}: cannot create it ({e.strerror or e}); give a folder you can write") from None
+    if not os.access(output, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {output}: not writable; give a folder you can write")
+    wrong = [f"{name} is a file, not a folder" for name in OUTPUT_FOLDERS
+             if (output / name).exists() and not (output / name).is_dir()]
+    wrong += [f"{name} is a folder, not a file" for name in OUTPUT_FILES if (output / name).is_dir()]
+    if wrong:
+        raise UserError(f"{flag} {output}: {'; '.join(wrong)}; move it away or give another {flag}")
 
 
 def write_tree(base: Path, hps: dict[str, str], channels: dict[str, Path], hosts: list[str] | None = None,
@@ -114,14 +155,17 @@ def pack_model(model_dir: Path, tarball: Path) -> None:
 
 def train(data_dir: Path, output: Path, hps: dict[str, str], weights: Path | None = None,
           extra_env: dict[str, str] | None = None) -> int:
-    """Run the real `train` entrypoint over a temporary /opt/ml tree; return its exit code."""
+    """Run the real `train` entrypoint over a temporary /opt/ml tree; return its exit code (not 0 whenever no model
+    was written). UserError, with nothing run or written, for bad hyperparameters, data layout, weights or output."""
+    check_hyperparameters(hps)
     channels = splits.split_channels(data_dir)  # DataError (a UserError) names what is wrong with the folder
     if weights is not None:
         if not weights.exists():
-            raise UserError(f"--weights {weights}: no such file")
-        channels["weights"] = weights.parent if weights.is_dir() else weights
-    output.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="opt_ml.") as tmp:
+            raise UserError(f"--weights {weights}: no such file or folder")
+        channels["weights"] = weights  # a folder is the channel as it is; a file gets a folder of its own below
+    output_folder(output)
+    # The tree sits in OUTPUT: its model/ and output/data then move into place by renames.
+    with tempfile.TemporaryDirectory(prefix=".opt_ml.", dir=output, ignore_cleanup_errors=True) as tmp:
         base = Path(tmp)
         write_tree(base, hps, channels)
         if weights is not None and weights.is_file():  # the channel is a folder holding the file
@@ -132,24 +176,65 @@ def train(data_dir: Path, output: Path, hps: dict[str, str], weights: Path | Non
         env = training_env(base, output / "checkpoints",
                            {"IMGCLF_TENSORBOARD_DIR": str(output / "tensorboard"), **(extra_env or {})})
         code = run_forwarding_signals([venv_bin("train")], env)
-        reports = output / "reports"  # output/data: all that SageMaker uploads besides the model
-        if reports.exists():
-            shutil.rmtree(reports)
-        if (base / "output" / "data").is_dir():
-            shutil.copytree(base / "output" / "data", reports)
-        failure = base / "output" / "failure"
-        if code != 0 or failure.exists():
-            shutil.copy(failure, output / "failure") if failure.exists() else None
-            reason = failure.read_text().strip().splitlines()[0] if failure.exists() else "no failure file"
-            print(f"training failed (exit {code}): {reason}", file=sys.stderr)
-            return code or 1
-        (output / "failure").unlink(missing_ok=True)
-        if (output / "model").exists():
-            shutil.rmtree(output / "model")
-        shutil.copytree(base / "model", output / "model")
-        pack_model(base / "model", output / "model.tar.gz")
-    print(f"model: {output / 'model.tar.gz'} (unpacked in {output / 'model'}); reports: {reports}")
+        reason = failure_reason(base, code)
+        if reason is not None:
+            return keep_failure(base, output, code, users_paths(reason, base, channels))
+        publish(base, output)
+    print(f"model: {output / 'model.tar.gz'} (unpacked in {output / 'model'}); reports: {output / 'reports'}")
     return 0
+
+
+def failure_reason(base: Path, code: int) -> str | None:
+    """Why the run in the tree at `base` failed, or None if it succeeded and wrote a model."""
+    failure = base / "output" / "failure"
+    if failure.exists():
+        return failure.read_text(errors="replace").strip() or "an empty failure file"
+    if code != 0:
+        return "no failure file"
+    if not all((base / "model" / name).is_file() for name in (artifacts.CONFIG_FILE, artifacts.WEIGHTS_FILE)):
+        return f"the run ended without writing a model ({artifacts.CONFIG_FILE} and {artifacts.WEIGHTS_FILE}): " \
+               "was it interrupted? Run the same command again to resume"
+    return None
+
+
+def users_paths(text: str, base: Path, channels: dict[str, Path]) -> str:
+    """`text` naming the channels by the user's paths (--data's splits, --weights), not the temporary tree's."""
+    for name, path in sorted(channels.items(), key=lambda item: -len(item[0])):  # "training" before "train"
+        text = text.replace(str(base / "input" / "data" / name), str(path if path.is_dir() else path.parent))
+    return text
+
+
+def move_into_place(source: Path, target: Path, trash: Path) -> None:
+    """Replace the folder `target` with `source` by renames (the old one goes to `trash`, a folder that is removed
+    afterwards); without `source`, `target` only goes."""
+    if target.exists():
+        target.rename(trash / f"old-{target.name}")
+    if source.is_dir():
+        source.rename(target)
+
+
+def publish(base: Path, output: Path) -> None:
+    """A successful run's model.tar.gz, model/ and reports/ replace the earlier ones, each by a rename."""
+    pack_model(base / "model", base / "model.tar.gz")
+    move_into_place(base / "model", output / "model", base)
+    move_into_place(base / "output" / "data", output / "reports", base)
+    os.replace(base / "model.tar.gz", output / "model.tar.gz")
+    (output / "failure").unlink(missing_ok=True)
+    if (output / "failed-reports").exists():  # an earlier failure's
+        (output / "failed-reports").rename(base / "old-failed-reports")
+
+
+def keep_failure(base: Path, output: Path, code: int, reason: str) -> int:
+    """A failed run: its reason in OUTPUT/failure and on stderr, its reports in reports/, or failed-reports/ when
+    reports/ belongs to an earlier run's model, which stays as it was. Returns the exit code (never 0)."""
+    atomic.write_text(output / "failure", reason + "\n")
+    earlier = (output / "model").exists()
+    reports = output / ("failed-reports" if earlier else "reports")
+    move_into_place(base / "output" / "data", reports, base)
+    kept = f"; the earlier model ({output / 'model.tar.gz'}, model/) and its reports/ are kept" if earlier else ""
+    print(f"training failed (exit {code}): {reason.splitlines()[0]}\n"
+          f"(reason in {output / 'failure'}; this run's reports in {reports}{kept})", file=sys.stderr)
+    return code or 1
 
 
 def serve(model: Path, port: int = 8080, workers: int | None = None, extra_env: dict[str, str] | None = None,
@@ -163,8 +248,21 @@ def serve(model: Path, port: int = 8080, workers: int | None = None, extra_env: 
         raise UserError(f"--model {model}: no such file or folder (give model.tar.gz or a training output folder)")
     if not 0 < port <= MAX_PORT:
         raise UserError(f"--port {port}: multi-model-server takes ports 1-{MAX_PORT}")
+    if workers is not None:
+        extra_env = {**(extra_env or {}), "SAGEMAKER_MODEL_SERVER_WORKERS": str(workers)}
+    try:  # serve's own check, which would otherwise answer 503 until stopped
+        ServingSettings.from_environment({**os.environ, **(extra_env or {})})
+    except SettingsError as e:
+        named = workers is not None and str(e).startswith("SAGEMAKER_MODEL_SERVER_WORKERS=")
+        raise UserError(f"--workers: {e}" if named else str(e)) from None
+    with socket.socket() as s:  # as serve's front binds it
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("0.0.0.0", port))
+        except OSError as e:
+            raise UserError(f"--port {port}: cannot listen there ({e.strerror or e}); pick another --port") from None
     if ui_port is None:
-        return _serve(model, port, workers, extra_env, multi_model)
+        return _serve(model, port, extra_env, multi_model)
     if not 0 < ui_port <= 65535 or ui_port == port:
         raise UserError(f"--ui-port {ui_port}: give a free port other than --port {port}")
     try:
@@ -173,32 +271,37 @@ def serve(model: Path, port: int = 8080, workers: int | None = None, extra_env: 
         raise UserError(f"--ui-port {ui_port}: cannot serve the page there ({e}); pick another port") from None
     print(f"try the model in your browser: {page.url}", file=sys.stderr, flush=True)
     try:
-        return _serve(model, port, workers, extra_env)
+        return _serve(model, port, extra_env)
     finally:
         page.shutdown()
         page.server_close()
 
 
-def _serve(model: Path, port: int, workers: int | None, extra_env: dict[str, str] | None,
-           multi_model: bool = False) -> int:
+def _serve(model: Path, port: int, extra_env: dict[str, str] | None, multi_model: bool = False) -> int:
     with tempfile.TemporaryDirectory(prefix="opt_ml.") as tmp:
         target = Path(tmp) / ("models" if multi_model else "model")
         if multi_model:  # the store itself: models load from their folders where they are
             target.symlink_to(model.resolve(), target_is_directory=True)
             extra_env = {**(extra_env or {}), "SAGEMAKER_MULTI_MODEL": "true"}
-        elif model.is_dir():
-            target.mkdir()
-            for item in model.iterdir():  # links, not copies: weights can be large
-                (target / item.name).symlink_to(item.resolve())
         else:
             target.mkdir()
-            try:
-                with tarfile.open(model) as tar:
-                    artifacts.extract(tar, target)
-            except (tarfile.TarError, OSError) as e:
-                raise UserError(f"--model {model}: not a readable model.tar.gz ({e})") from None
+            if model.is_dir():  # the model folder, or a training --output folder holding it in model/
+                inner = (model / "model").is_dir() and not (model / artifacts.CONFIG_FILE).exists()
+                for item in (model / "model" if inner else model).iterdir():  # links, not copies: weights are large
+                    (target / item.name).symlink_to(item.resolve())
+            else:
+                try:
+                    with tarfile.open(model) as tar:
+                        artifacts.extract(tar, target)
+                except (tarfile.TarError, OSError) as e:
+                    raise UserError(f"--model {model}: not a readable model.tar.gz ({e})") from None
+            try:  # serve's own check of config.json, which would otherwise answer 503 until stopped
+                artifacts.read_config(target)
+            except UserError as e:
+                where = str(target / artifacts.CONFIG_FILE)
+                raise UserError(f"--model {model}: {str(e).replace(where, 'its ' + artifacts.CONFIG_FILE)}") from None
         env = {**os.environ, "SAGEMAKER_BASE_DIR": tmp, "SAGEMAKER_BIND_TO_PORT": str(port), "PYTHONUNBUFFERED": "1",
-               **({"SAGEMAKER_MODEL_SERVER_WORKERS": str(workers)} if workers else {}), **(extra_env or {})}
+               **(extra_env or {})}
         calls = "POST /models loads a model, POST /models/<name>/invoke" if multi_model else "POST /invocations"
         print(f"serving {model} on http://127.0.0.1:{port} (GET /ping, {calls}); Ctrl-C stops it",
               file=sys.stderr, flush=True)
@@ -296,18 +399,23 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train with the real `train` entrypoint over a temporary /opt/ml tree")
     t.add_argument("--data", type=Path, required=True, help="folder with train/, valid/ (and test/) sub-folders")
-    t.add_argument("--output", type=Path, required=True, help="where model.tar.gz, reports and checkpoints go")
+    t.add_argument("--output", type=Path, required=True,
+                   help="folder for model.tar.gz, model/, reports/ and checkpoints/ (created if missing); a failed "
+                        "run keeps an earlier run's model and reports there")
     t.add_argument("--hyperparameters", type=Path, metavar="FILE",
                    help="JSON {name: value}: a recipe (recipes/*.json) or what tune.py wrote; --hp overrides it")
     t.add_argument("--hp", action="append", default=[], metavar="NAME=VALUE", help="a hyperparameter (repeat)")
-    t.add_argument("--weights", type=Path, help="pretrained backbone weights (torchvision or timm state_dict file)")
+    t.add_argument("--weights", type=Path, metavar="FILE|DIR",
+                   help="pretrained backbone weights: a torchvision or timm state_dict file, or a folder of them (the "
+                        "file named after the model is used, as from a SageMaker weights channel)")
     srv = sub.add_parser("serve", help="serve a model with the real `serve` entrypoint over a temporary /opt/ml tree")
     what = srv.add_mutually_exclusive_group(required=True)
-    what.add_argument("--model", type=Path, help="model.tar.gz or a training output folder (model/)")
+    what.add_argument("--model", type=Path, help="model.tar.gz, a model folder (config.json + weights) or a "
+                      "training --output folder (its model/ is served)")
     what.add_argument("--models", type=Path, metavar="STORE", help="a multi-model endpoint: the folder whose model "
                       "folders SageMaker's calls load (POST /models) and invoke (POST /models/<name>/invoke)")
     srv.add_argument("--port", type=int, default=8080, help="port for /ping and /invocations (default 8080)")
-    srv.add_argument("--workers", type=int, help="model server workers (default: one per CPU)")
+    srv.add_argument("--workers", type=int, help="model server workers, 0-1024 (default 0: one per CPU)")
     srv.add_argument("--ui", action="store_true", help="also serve a page to try the model: drop a photo, see the "
                      "top-5 breeds (http://127.0.0.1:UI_PORT/)")
     srv.add_argument("--ui-port", type=int, help="port of the page (default: --port + 1)")

@@ -15,7 +15,8 @@ from tests.conftest import REPO
 PY = sys.executable
 SCRIPTS = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
 USAGE_ERRORS = {"imgclf-local": ["train", "--data", "x", "--output", "y", "--hp", "lr"],
-                "imgclf-export": ["/no/such/model"], "serve": ["--port", "8080"], "imgclf-serve": ["--port", "8080"]}
+                "imgclf-export": ["/no/such/model"], "serve": ["--port", "8080"], "imgclf-serve": ["--port", "8080"],
+                "imgclf-demo": ["--images", "0"]}  # refused before it creates ./demo-output
 # Each program, and a usage error of its own: every console script (make install puts them in the venv), the
 # development scripts, one launcher of a console script (all are the same three lines: tests/unit/test_packaging.py)
 # and the modules run with -m.

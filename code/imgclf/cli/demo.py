@@ -5,7 +5,8 @@
 
 Training runs the training image's real `train` entrypoint and serving the serving image's real `serve`
 entrypoint, both in local mode (host processes over a temporary /opt/ml tree). Exits 0 only when every
-step worked; otherwise it names the step that failed and exits with that step's number (1-5).
+step worked; 2 with an `error:` line when an option, a hyperparameter or the --data folder is bad (checked
+before anything runs); otherwise it names the step that failed and exits with that step's number (1-5).
 """
 
 from __future__ import annotations
@@ -21,13 +22,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, help="your ImageFolder dataset (train/, valid/, test/)")
     parser.add_argument("--model", help="torchvision model name (default: resnet18 on sample data, else vgg16)")
-    parser.add_argument("--weights", type=Path, help="pretrained weights file for --model (torchvision state_dict)")
+    parser.add_argument("--weights", type=Path, metavar="FILE|DIR",
+                        help="pretrained weights for --model: a torchvision state_dict file, or a folder of them")
     parser.add_argument("--hp", action="append", default=[], metavar="NAME=VALUE", help="extra hyperparameter")
     parser.add_argument("--output", type=Path, default=Path("demo-output"),
                         help="where everything goes (default: ./demo-output)")
-    parser.add_argument("--port", type=int, help="server port (default: a free one)")
-    parser.add_argument("--images", type=int, default=3, help="test images to send to the server")
-    parser.add_argument("--startup-timeout", type=float, default=180.0)
+    parser.add_argument("--port", type=int, help="server port, 1-32767 (default: a free one)")
+    parser.add_argument("--images", type=int, default=3, help="test images to send to the server, 1 or more")
+    parser.add_argument("--startup-timeout", type=float, default=180.0, metavar="SECONDS",
+                        help="how long to wait for the server to answer /ping (default 180)")
     return parser
 
 
