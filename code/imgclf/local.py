@@ -179,7 +179,12 @@ def train(data_dir: Path, output: Path, hps: dict[str, str], weights: Path | Non
         reason = failure_reason(base, code)
         if reason is not None:
             return keep_failure(base, output, code, users_paths(reason, base, channels))
-        publish(base, output)
+        try:
+            publish(base, output)
+        except OSError as e:  # a full disk while packing: nothing was replaced yet
+            print(f"training succeeded, but its results could not be put in {output} ({e}); free the space (or fix "
+                  "the permissions) and train again", file=sys.stderr)
+            return 1
     print(f"model: {output / 'model.tar.gz'} (unpacked in {output / 'model'}); reports: {output / 'reports'}")
     return 0
 

@@ -4,6 +4,7 @@ same --output as they were. In process (local.main) except where a signal is the
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import shutil
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import tarfile
 from pathlib import Path
+from unittest import mock
 
 import pytest
 from imgclf import local, sample_data
@@ -113,8 +115,9 @@ def test_a_failed_rerun_keeps_the_earlier_model_and_reports(data, tiny_run, tmp_
 
 def test_a_run_that_exits_0_without_a_model_is_a_failure_and_a_success_replaces_all(data, tiny_run, tmp_path,
                                                                                      capsys, monkeypatch):
-    """What Ctrl-C did once (the toolkit exited 0 with an empty model folder): exit 1 and nothing replaced. The next
-    successful run replaces model.tar.gz, model/ and reports/, and clears the failure's files."""
+    """What Ctrl-C did once (the toolkit exited 0 with an empty model folder): exit 1 and nothing replaced; so too
+    when the results cannot be written (a full disk). The next successful run replaces model.tar.gz, model/ and
+    reports/, and clears the failure's files."""
     out = copy_of(tiny_run, tmp_path)
     before = snapshot(out)
     monkeypatch.setattr(local, "venv_bin", lambda name: str(fake_train(tmp_path, "(base / 'model' / 'x').touch()")))
@@ -127,6 +130,11 @@ def test_a_run_that_exits_0_without_a_model_is_a_failure_and_a_success_replaces_
     writes = ("(base / 'model' / 'config.json').write_text('{}')\n(base / 'model' / 'model.safetensors')"
               ".write_text('new')\n(base / 'output' / 'data' / 'metrics.json').write_text('{\"new\": 1}')")
     monkeypatch.setattr(local, "venv_bin", lambda name: str(fake_train(tmp_path, writes)))
+    with mock.patch.object(local, "pack_model", side_effect=OSError(errno.ENOSPC, "No space left on device")):
+        assert local.main(["train", "--data", str(data), "--output", str(out), *HPS]) == 1
+    assert "training succeeded, but its results could not be put in" in capsys.readouterr().err
+    assert snapshot(out) == before
+
     assert local.main(["train", "--data", str(data), "--output", str(out), *HPS]) == 0
     assert sorted(p.name for p in (out / "model").iterdir()) == ["config.json", "model.safetensors"]
     assert [p.name for p in (out / "reports").iterdir()] == ["metrics.json"]
