@@ -85,19 +85,17 @@ def test_the_last_metric_lines_are_the_selected_epochs(tmp_path, sample_dataset,
         f"best_epoch={metrics['best_epoch']} ")
 
 
-def _failure(out: Path, result: subprocess.CompletedProcess) -> str:
-    assert result.returncode != 0, result.stdout[-2000:]
-    text = (out / "failure").read_text()
-    assert "Traceback" not in text.splitlines()[0]
-    return text
-
-
 def test_bad_hyperparameter_fails_the_job_clearly(tmp_path, sample_dataset):
-    result = local_train(sample_dataset, tmp_path, {**FAST_HPS, "epochs": "zero", "colour": "red"})
-    text = _failure(tmp_path, result)
-    assert text.startswith("HyperparameterError: unknown hyperparameter(s) colour; known: lr, batch-size")
-    assert "epochs='zero': expected int" in text
-    assert "training failed" in result.stderr
+    """Local mode refuses them before anything runs; the job itself (what SageMaker runs) fails with them."""
+    out = tmp_path / "out"
+    result = local_train(sample_dataset, out, {**FAST_HPS, "epochs": "zero", "colour": "red"})
+    assert result.returncode == 2 and not out.exists(), result.stderr[-2000:]
+    assert "error: unknown hyperparameter(s) colour; known: lr, batch-size" in result.stderr
+    assert "epochs='zero': expected int" in result.stderr and "Traceback" not in result.stderr
+    from imgclf.errors import HyperparameterError
+
+    with pytest.raises(HyperparameterError, match=r"^unknown hyperparameter\(s\) colour; known: lr, batch-size"):
+        train_in_process(tmp_path / "job", sample_dataset, {**FAST_HPS, "epochs": "zero", "colour": "red"})
 
 
 def test_pretrained_weights_from_channel_and_torch_home(tmp_path, sample_dataset, caplog, monkeypatch):
