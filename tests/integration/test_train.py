@@ -253,3 +253,15 @@ def test_a_last_batch_of_one_image_sits_the_epoch_out(tmp_path, sample_dataset, 
     tree = train_in_process(tmp_path, sample_dataset, hps)
     assert (tree / "model" / "model.safetensors").exists()
     assert "the last batch of one image is left out of each epoch" in caplog.text
+
+
+def test_a_stop_before_training_starts_says_so(tmp_path, sample_dataset):
+    """A stop while the data is checked or the model is built (before the loop's checkpointing handler) fails with
+    that reason and a failure file; it used to kill the job with no reason."""
+    out = tmp_path / "out"
+    proc = _start(sample_dataset, out, {**TINY_HPS, "model": "resnet50"})  # built in about half a second
+    _wait_for(proc, "test: ")  # the data is checked; the model (torchvision's import, building it) comes next
+    proc.send_signal(signal.SIGTERM)  # forwarded by local mode to `train`
+    proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert (out / "failure").read_text().startswith("TrainingInterrupted: stopped by SIGTERM before training started")

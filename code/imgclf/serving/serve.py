@@ -59,8 +59,10 @@ class Signals:
         self.server = server
 
     def on_signal(self, signum, frame) -> None:
-        if not self.front_ready.is_set():  # still checking the model: stop now
-            raise SystemExit(128 + signum)
+        if not self.front_ready.is_set():  # still checking the model: stop now, whatever the main thread is in
+            sys.stdout.flush()  # (an exception could be swallowed by a library's bare `except:` around an import)
+            sys.stderr.flush()
+            os._exit(128 + signum)
         self.stopped.set()
         if self.server is not None:
             self.server.stop()

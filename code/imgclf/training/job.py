@@ -15,6 +15,7 @@ select, checkpoint (imgclf.training.loop, imgclf.training.checkpoint); `finish` 
 from __future__ import annotations
 
 import logging
+import os
 import random
 import signal
 import sys
@@ -31,7 +32,7 @@ from imgclf.config import Hyperparameters
 from imgclf.debugging import classes as classes_report
 from imgclf.debugging import stop_action
 from imgclf.debugging.debugger import Debugger, DebugSettings
-from imgclf.errors import HyperparameterError, RuleStop, TrainingInterrupted, UserError
+from imgclf.errors import HyperparameterError, RuleStop, UserError
 from imgclf.preprocessing import Preprocessing
 from imgclf.training import checkpoint, cuda_check, distributed, ema, schedule
 from imgclf.training.accel import SpeedSettings
@@ -425,8 +426,12 @@ def main() -> None:
     failure = output_dir / "failure"
 
     def stopped_before_training(signum, frame):  # until build_setup's StopFlag takes over: nothing to checkpoint yet
-        raise TrainingInterrupted(f"stopped by {signal.Signals(signum).name} before training started (checking the "
-                                  "data, loading the model): nothing to resume, run the job again")
+        reason = (f"stopped by {signal.Signals(signum).name} before training started (checking the data, loading "
+                  "the model): nothing to resume, run the job again")
+        log.error("training failed: %s", reason)
+        write_failure(failure, f"TrainingInterrupted: {reason}")
+        sys.stdout.flush()
+        os._exit(128 + signum)  # not an exception: a library's `except Exception` around what runs now would eat it
 
     for stop in STOP_SIGNALS:
         signal.signal(stop, stopped_before_training)
