@@ -60,7 +60,7 @@ class Signals:
 
     def on_signal(self, signum, frame) -> None:
         if not self.front_ready.is_set():  # still checking the model: stop now, whatever the main thread is in
-            sys.stdout.flush()  # (an exception could be swallowed by a library's bare `except:` around an import)
+            sys.stdout.flush()  # (an exception raised here lands in a finalizer or broad except now and then)
             sys.stderr.flush()
             os._exit(128 + signum)
         self.stopped.set()

@@ -431,7 +431,7 @@ def main() -> None:
         log.error("training failed: %s", reason)
         write_failure(failure, f"TrainingInterrupted: {reason}")
         sys.stdout.flush()
-        os._exit(128 + signum)  # not an exception: a library's `except Exception` around what runs now would eat it
+        os._exit(128 + signum)  # not an exception: a finalizer or broad except could swallow it
 
     for stop in STOP_SIGNALS:
         signal.signal(stop, stopped_before_training)
