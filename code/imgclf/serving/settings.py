@@ -74,6 +74,7 @@ BOUNDS = {
     "idle_timeout_s": (1, DAY), "max_connections": (1, 1_000_000), "max_models": (0, 100_000),
     "min_free_memory_mb": (0, None),
 }
+SCALES = {"max_payload_bytes": MB}  # settings whose variable counts a larger unit (the payload limit: MB)
 UNITS = {"max_payload_bytes": " (MB)", "max_batch_delay_ms": " (milliseconds)", "model_server_timeout": " (seconds)",
          "unhealthy_after_s": " (seconds)", "body_timeout_s": " (seconds)", "idle_timeout_s": " (seconds)",
          "torch_threads": " (0: automatic)", "workers": " (0: automatic)", "batch_size": " (0: automatic)",
@@ -111,7 +112,7 @@ class ServingSettings:
         for name, (lowest, highest) in BOUNDS.items():
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or not lowest <= value <= (highest or value):
-                unit = MB if name == "max_payload_bytes" else 1  # the variable counts MB
+                unit = SCALES.get(name, 1)
                 shown = repr(value) if not isinstance(value, int) else value if unit == 1 else f"{value / unit:g}"
                 allowed = f"{-(-lowest // unit)}-{highest // unit}" if highest else f"at least {lowest}"
                 raise SettingsError(f"{VARIABLES[name]}={shown}: must be {allowed}{UNITS.get(name, '')}")
@@ -125,8 +126,8 @@ class ServingSettings:
         """The documented variables (module docstring); unset or empty ones take the defaults."""
         env = os.environ if environ is None else environ
         default = cls()
-        ints = {name: _int(env, variable, getattr(default, name)) for name, variable in VARIABLES.items()}
-        ints["max_payload_bytes"] = _int(env, PAYLOAD_ENV, default.max_payload_bytes // MB) * MB
+        ints = {name: _int(env, variable, getattr(default, name) // SCALES.get(name, 1)) * SCALES.get(name, 1)
+                for name, variable in VARIABLES.items()}
         ints["model_server_timeout"] = _int(env, "SAGEMAKER_MODEL_SERVER_TIMEOUT_SECONDS",
                                             ints["model_server_timeout"])  # the toolkit's name wins
         return cls(
